@@ -1,0 +1,33 @@
+"""tieta: Training-Inference Efficient Task Adaptation for timm Vision Transformers.
+
+The public verbs, each usable on its own and composable::
+
+    import timm, tieta
+    model = tieta.load_backbone("vit_base_patch16_224", num_classes=10)
+    tieta.add_lora(model, rank=8)           # or tieta.add_adapter(model, dim=8)
+    tieta.freeze_backbone(model)
+    tieta.trainable_parameters(model)      # (trainable, total)
+    tieta.merge_lora(model)                # after training: a plain timm model again
+"""
+
+from tieta.backbone import load_backbone
+from tieta.errors import TietaError
+from tieta.measure.flops import count_flops
+from tieta.measure.throughput import measure_throughput
+from tieta.methods.adapter import add_adapter
+from tieta.methods.lora import add_lora, merge_lora
+from tieta.methods.params import freeze_backbone, trainable_parameters
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "TietaError",
+    "add_adapter",
+    "add_lora",
+    "count_flops",
+    "freeze_backbone",
+    "load_backbone",
+    "measure_throughput",
+    "merge_lora",
+    "trainable_parameters",
+]

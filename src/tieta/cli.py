@@ -1,0 +1,173 @@
+"""The ``tieta`` command: thin subcommands over the Python surface.
+
+Every subcommand turns bad input into one sentence on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from tieta.errors import TietaError
+
+# command-line flag -> config key, for the settings people change most
+FLAG_KEYS = {
+    "model": "model",
+    "weights": "weights",
+    "data": "data.path",
+    "method": "method",
+    "img_size": "img_size",
+    "epochs": "optim.epochs",
+    "warmup_epochs": "optim.warmup_epochs",
+    "lr": "optim.lr",
+    "batch_size": "optim.batch_size",
+    "weight_decay": "optim.weight_decay",
+    "lora_rank": "lora.rank",
+    "adapter_dim": "adapter.dim",
+    "seed": "seed",
+    "device": "device",
+    "eval_every": "eval_every",
+}
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser, data_required: bool) -> None:
+    parser.add_argument("--config", type=Path, help="YAML file of settings (command-line flags override it)")
+    parser.add_argument("--model", help="timm model name (default vit_base_patch16_224)")
+    parser.add_argument("--weights", help="weights file (.safetensors/.pth/.bin/.npz), 'random', or "
+                        "'dinov2_vits14_saliency'; default: timm's published weights from the hub")
+    parser.add_argument("--method", help="methods joined by '+', e.g. lora, adapter, lora+adapter (default lora)")
+    parser.add_argument("--img-size", type=int, help="input resolution (default: the model's)")
+    parser.add_argument("--lora-rank", type=int, help="LoRA rank (default 8)")
+    parser.add_argument("--adapter-dim", type=int, help="adapter bottleneck width (default 8)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="any config setting, e.g. --set optim.lr_groups.head=1e-2 (repeatable)")
+    if data_required is not None:
+        parser.add_argument("--data", required=data_required, help="task folder: VTAB-1k layout or train/<class>/ folders")
+
+
+def _config_from(args: argparse.Namespace):
+    from tieta.train.config import load_config, parse_override
+
+    overrides: dict[str, Any] = {}
+    for flag, key in FLAG_KEYS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides[key] = value
+    if getattr(args, "bf16", False):
+        overrides["bf16"] = True
+    overrides.update(dict(parse_override(item) for item in args.set))
+    return load_config(args.config, overrides)
+
+
+def _print_summary(rows: list[dict[str, Any]]) -> None:
+    from tieta.report.tables import SUMMARY_COLUMNS, format_table
+
+    print(format_table(rows, SUMMARY_COLUMNS))
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from tieta.train.fit import fit
+
+    config = _config_from(args)
+    summary = fit(config, args.output, overwrite=args.overwrite)
+    _print_summary([summary])
+    print(f"run folder: {args.output}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from tieta.train.fit import evaluate_checkpoint
+
+    result = evaluate_checkpoint(args.run, args.data, args.split, args.batch_size)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_flops(args: argparse.Namespace) -> int:
+    import torch
+
+    from tieta.methods.params import trainable_parameters
+    from tieta.train.fit import image_size_of
+    from tieta.train.model import build_model
+
+    config = _config_from(args)
+    model = build_model(config, args.num_classes, weights="random")  # costs do not depend on weights
+    size = image_size_of(model)
+    from tieta.measure.flops import count_flops
+
+    flops = count_flops(model, torch.randn(1, 3, size, size))
+    trainable, total = trainable_parameters(model)
+    print(f"{config.model} + {config.method} at {size} px, per image:")
+    print(f"  GMACs (the field's GFLOPs, MACs/1e9): {flops['gmacs']:.3f}")
+    print(f"  GFLOPs in the PYRA paper's unit (MACs/2^30): {flops['pyra_gflops']:.3f}")
+    print(f"  parameters: {total:,} ({trainable:,} trainable, {100 * trainable / total:.3f}%)")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from tieta.demo import default_output, run_demo
+
+    output = args.output or default_output()
+    summaries = run_demo(output, args.epochs)
+    print()
+    print("tieta demo: DINOv2 ViT-S/14 (saliency-tuned) on ELPV solar cells, 4 classes, 112 px, CPU")
+    _print_summary(summaries)
+    print(f"run folders: {output}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tieta", description="Parameter- and token-efficient fine-tuning of timm ViTs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="fine-tune a ViT on a task folder and write a run folder")
+    _add_config_arguments(train, data_required=False)
+    train.add_argument("--output", required=True, type=Path, help="run folder to create")
+    train.add_argument("--overwrite", action="store_true", help="reuse an existing run folder")
+    train.add_argument("--epochs", type=int, help="training epochs (default 100)")
+    train.add_argument("--warmup-epochs", type=int, help="linear warm-up epochs (default 10)")
+    train.add_argument("--lr", type=float, help="base learning rate (default 1e-3)")
+    train.add_argument("--batch-size", type=int, help="training batch size (default 64)")
+    train.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 1e-4)")
+    train.add_argument("--eval-every", type=int, help="epochs between evaluations (default 1)")
+    train.add_argument("--seed", type=int, help="random seed (default 0)")
+    train.add_argument("--device", help="auto, cpu or cuda[:N] (default auto)")
+    train.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    train.set_defaults(func=cmd_train)
+
+    evaluate = sub.add_parser("eval", help="evaluate a trained checkpoint")
+    evaluate.add_argument("run", type=Path, help="a run folder or its checkpoint.safetensors")
+    evaluate.add_argument("--data", help="task folder (default: the one it was trained on)")
+    evaluate.add_argument("--split", help="split to evaluate (default: the run's eval split, test)")
+    evaluate.add_argument("--batch-size", type=int, help="evaluation batch size")
+    evaluate.set_defaults(func=cmd_eval)
+
+    flops = sub.add_parser("flops", help="per-image GMACs and parameters of a configured model")
+    _add_config_arguments(flops, data_required=None)
+    flops.add_argument("--num-classes", type=int, default=1000, help="classes of the head (default 1000)")
+    flops.set_defaults(func=cmd_flops)
+
+    demo = sub.add_parser("demo", help="the built-in default: fine-tune on offline assets (no arguments needed)")
+    demo.add_argument("--output", type=Path, help="folder for the run folders (default: a new one under $TIETA_HOME/demo)")
+    demo.add_argument("--epochs", type=int, help="training epochs per method (default 3)")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except TietaError as error:
+        print(f"tieta: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tieta: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""FLOPs of what actually executes, counted by torch's own FlopCounterMode.
+
+The field's "GFLOPs" are multiply-accumulates / 1e9 (ViT-B/16 at 224 px: 17.58); the PYRA paper
+divides MACs by 2**30 instead (ViT-B/16: 16.37). Both are reported, labelled. As in fvcore and the
+papers, only matrix products, convolutions and attention count; norms, activations and softmax do
+not.
+
+torch's counter knows the CUDA fused-attention kernels but not the CPU one
+(``aten._scaled_dot_product_flash_attention_for_cpu``), so a CPU count would silently drop all of
+attention; it is mapped here with torch's own attention formula.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+aten = torch.ops.aten
+
+
+def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """Args: query (B, H, N, d), key (B, H, M, d), value (B, H, M, dv) shapes. Returns FLOPs (2 per MAC)."""
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+CUSTOM_FLOP_FORMULAS = {aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
+
+
+def flop_counter() -> FlopCounterMode:
+    """A silent FlopCounterMode that also counts CPU fused attention."""
+    return FlopCounterMode(display=False, custom_mapping=CUSTOM_FLOP_FORMULAS)
+
+
+@torch.no_grad()
+def count_flops(model: nn.Module, images: torch.Tensor) -> dict[str, float]:
+    """Per-image cost of one evaluation forward pass on ``images``.
+
+    Args:
+        model: any module; it is run in eval mode and left in the mode it had.
+        images: (B, 3, H, W) inputs, on the model's device. Where the executed path depends on the
+            data, the count is the average over these images.
+
+    Returns:
+        {"gmacs": MACs / 1e9 per image (the field's "GFLOPs"),
+         "pyra_gflops": MACs / 2**30 per image (the PYRA paper's unit),
+         "flops": FLOPs (2 per MAC) per image}
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        with flop_counter() as counter:
+            model(images)
+    finally:
+        model.train(was_training)
+    flops = counter.get_total_flops() / images.shape[0]
+    macs = flops / 2
+    return {"gmacs": macs / 1e9, "pyra_gflops": macs / 2**30, "flops": flops}

@@ -1,0 +1,59 @@
+"""AdaptFormer: a small bottleneck MLP parallel to each block's MLP (the adapter DyT uses)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from tieta.errors import TietaError
+from tieta.methods.blocks import patch_blocks
+
+
+class Adapter(nn.Module):
+    """``scale * up(dropout(relu(down(x))))`` without the residual.
+
+    down: D -> dim (kaiming-uniform, bias 0); up: dim -> D (zeros), so a fresh adapter outputs 0.
+    It cannot be merged into the backbone (ReLU), so its cost counts at inference.
+    """
+
+    def __init__(self, width: int, dim: int = 8, scale: float = 1.0, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.down = nn.Linear(width, dim)
+        self.act = nn.ReLU()
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.up = nn.Linear(dim, width)
+        self.scale = scale
+        nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.down.bias)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Args: x: (B, N, D). Returns: (B, N, D)."""
+        return self.up(self.dropout(self.act(self.down(x)))) * self.scale
+
+
+def add_adapter(model: nn.Module, dim: int = 8, scale: float = 1.0, dropout: float = 0.1) -> nn.Module:
+    """Put an AdaptFormer adapter beside the MLP of every block of a timm ViT, in place.
+
+    Each block then computes ``x = x + attn(norm1(x)); x = x + mlp(norm2(x)) + adapter(x)``.
+
+    Args:
+        model: a timm VisionTransformer.
+        dim: bottleneck width (8 gives about 0.16M parameters on ViT-B, the DyT budget).
+        scale: the adapter output's multiplier s.
+        dropout: dropout after the ReLU.
+
+    Returns:
+        The same model.
+    """
+    if dim < 1:
+        raise TietaError(f"adapter dim must be a positive integer, got {dim}")
+    for block in patch_blocks(model):
+        if block.adapter is not None:
+            raise TietaError("this model already has adapters")
+        like = next(block.parameters())
+        block.adapter = Adapter(model.embed_dim, dim, scale, dropout).to(like.device, like.dtype)
+    return model

@@ -1,0 +1,39 @@
+"""Plain-text tables for the terminal."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+
+def _cell(value: Any, fmt: str) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return format(value, fmt)
+    return str(value)
+
+
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, str]]) -> str:
+    """Render rows as an aligned table.
+
+    Args:
+        rows: one dict per row.
+        columns: (key, header, float format) triples, e.g. ("acc", "acc %", ".2f").
+    """
+    cells = [[header for _, header, _ in columns]]
+    cells += [[_cell(row.get(key), fmt) for key, _, fmt in columns] for row in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    lines = ["  ".join(text.rjust(width) if i else text.ljust(width) for i, (text, width) in enumerate(zip(line, widths)))
+             for line in cells]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+
+SUMMARY_COLUMNS = (
+    ("method", "method", ""),
+    ("acc", "acc %", ".2f"),
+    ("best_acc", "best %", ".2f"),
+    ("trainable_percent", "trainable %", ".3f"),
+    ("gmacs", "GFLOPs (MACs/1e9)", ".3f"),
+    ("eval_images_per_s", "eval img/s", ".1f"),
+)

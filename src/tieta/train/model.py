@@ -1,0 +1,45 @@
+"""From a RunConfig to a ready model: backbone, then each method in the order named, then freezing."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+from torch import nn
+
+from tieta.backbone import load_backbone
+from tieta.methods.adapter import add_adapter
+from tieta.methods.lora import add_lora
+from tieta.methods.params import freeze_backbone
+from tieta.train.config import RunConfig
+
+# method name -> how to attach it to a model from its config section
+METHODS: dict[str, Callable[[nn.Module, RunConfig], nn.Module]] = {
+    "lora": lambda model, config: add_lora(model, **dataclasses.asdict(config.lora)),
+    "adapter": lambda model, config: add_adapter(model, **dataclasses.asdict(config.adapter)),
+}
+
+
+def apply_methods(model: nn.Module, config: RunConfig) -> nn.Module:
+    """Attach the configured methods in order and freeze everything else."""
+    for name in config.methods:
+        METHODS[name](model, config)
+    return freeze_backbone(model)
+
+
+def build_model(config: RunConfig, num_classes: int, weights: str | None | bool = True) -> nn.Module:
+    """The configured backbone with its methods attached, backbone frozen.
+
+    Args:
+        num_classes: the task's classes.
+        weights: True for the configured weights; otherwise the value to use instead (e.g. "random"
+            when the backbone's weights are about to be replaced or do not matter, as for FLOPs).
+    """
+    model = load_backbone(
+        config.model,
+        weights=config.weights if weights is True else weights,
+        num_classes=num_classes,
+        img_size=config.img_size,
+        drop_path_rate=config.drop_path,
+    )
+    return apply_methods(model, config)

@@ -1,0 +1,94 @@
+"""Shared fixtures: small random timm ViT variants and task folders made on the fly."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from timm.models.deit import VisionTransformerDistilled
+from timm.models.vision_transformer import VisionTransformer
+
+SMALL = dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3, num_classes=5, qkv_bias=True)
+
+# name -> builder of a small, random ViT of that family (the variants tieta must support)
+VIT_VARIANTS = {
+    "plain": lambda: VisionTransformer(**SMALL),
+    "layerscale": lambda: VisionTransformer(**SMALL, init_values=0.3),
+    "qk_norm": lambda: VisionTransformer(**SMALL, qk_norm=True),
+    "registers": lambda: VisionTransformer(**SMALL, reg_tokens=4, no_embed_class=True, init_values=0.3),
+    "distilled": lambda: VisionTransformerDistilled(**SMALL),
+    "avg_pool": lambda: VisionTransformer(**SMALL, class_token=False, global_pool="avg", fc_norm=True),
+}
+
+
+def make_vit(variant: str, seed: int = 0) -> VisionTransformer:
+    """A small random ViT in eval mode, with non-trivial norm and LayerScale parameters."""
+    torch.manual_seed(seed)
+    model = VIT_VARIANTS[variant]()
+    with torch.no_grad():  # timm initialises norms to 1/0 and some heads to 0; randomise them
+        for name, param in model.named_parameters():
+            if "norm" in name or "ls" in name or "head" in name:
+                param.add_(torch.randn_like(param) * 0.1)
+    return model.eval()
+
+
+@pytest.fixture(params=list(VIT_VARIANTS))
+def vit_variant(request) -> str:
+    return request.param
+
+
+def write_vtab_task(root: Path, num_classes: int = 3, per_class: int = 4, test_per_class: int = 2,
+                    size: int = 20, seed: int = 0) -> Path:
+    """A synthetic VTAB-1k task folder whose classes differ by colour (so they can be learned)."""
+    rng = np.random.default_rng(seed)
+    lists: dict[str, list[str]] = {"train": [], "test": []}
+    for split, count in (("train", per_class), ("test", test_per_class)):
+        (root / "images" / split).mkdir(parents=True, exist_ok=True)
+        index = 0
+        for label in range(num_classes):
+            for _ in range(count):
+                pixels = rng.integers(0, 60, size=(size, size, 3), dtype=np.uint8)
+                pixels[..., label % 3] += 150
+                name = f"images/{split}/{index:06d}.jpg"
+                Image.fromarray(pixels).save(root / name)
+                lists[split].append(f"{name} {label}")
+                index += 1
+    train = lists["train"]
+    (root / "train800val200.txt").write_text("\n".join(train) + "\n")
+    (root / "train800.txt").write_text("\n".join(train[: len(train) * 4 // 5]) + "\n")
+    (root / "val200.txt").write_text("\n".join(train[len(train) * 4 // 5:]) + "\n")
+    (root / "test.txt").write_text("\n".join(lists["test"]) + "\n")
+    return root
+
+
+@pytest.fixture
+def vtab_task(tmp_path) -> Path:
+    return write_vtab_task(tmp_path / "task")
+
+
+VTAB_MINI = Path(os.environ.get("TIETA_VTAB_MINI", Path(__file__).resolve().parents[2] / "shared" / "data" / "vtab-mini"))
+
+
+@pytest.fixture
+def vtab_mini() -> Path:
+    if not VTAB_MINI.is_dir():
+        pytest.skip(f"vtab-mini data not found at {VTAB_MINI} (set TIETA_VTAB_MINI)")
+    return VTAB_MINI
+
+
+@pytest.fixture(scope="session")
+def home(tmp_path_factory) -> Path:
+    """TIETA_HOME for the built-in assets: $TIETA_TEST_HOME, else $TIETA_HOME, else a new folder.
+
+    Set TIETA_TEST_HOME to keep the downloaded wheels and built assets between test runs.
+    """
+    path = Path(os.environ.get("TIETA_TEST_HOME") or os.environ.get("TIETA_HOME")
+                or tmp_path_factory.mktemp("tieta-home"))
+    patch = pytest.MonkeyPatch()
+    patch.setenv("TIETA_HOME", str(path))
+    yield path
+    patch.undo()

@@ -1,0 +1,82 @@
+"""The command line: every subcommand's happy path, and bad input as one sentence with exit 2."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tieta.cli import main
+
+TINY = ["--model", "test_vit", "--weights", "random", "--img-size", "32", "--lora-rank", "2"]
+
+
+def _run(*args):
+    """Run the CLI in a subprocess, as a user would (to see tracebacks, if any)."""
+    return subprocess.run([sys.executable, "-m", "tieta.cli", *args], capture_output=True, text=True)
+
+
+def test_train_then_eval(vtab_task, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--data", str(vtab_task), "--output", str(run), "--epochs", "2",
+                 "--warmup-epochs", "1", "--batch-size", "4", "--set", "optim.lr=3e-3"]) == 0
+    out = capsys.readouterr().out
+    assert "acc %" in out and "lora" in out
+    assert main(["eval", str(run)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    summary = json.loads((run / "summary.json").read_text())
+    assert result["acc"] == pytest.approx(summary["acc"])
+
+
+def test_flops(capsys):
+    assert main(["flops", "--model", "vit_base_patch16_224", "--method", "lora", "--num-classes", "10"]) == 0
+    out = capsys.readouterr().out
+    assert "17.6" in out and "16.4" in out and "0.351%" in out
+
+
+def test_config_file_and_help(tmp_path):
+    (tmp_path / "c.yaml").write_text("model: test_vit\nweights: random\nimg_size: 32\n")
+    assert main(["flops", "--config", str(tmp_path / "c.yaml")]) == 0
+    for command in ("train", "eval", "flops", "demo"):
+        result = _run(command, "--help")
+        assert result.returncode == 0 and "usage" in result.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["train", *TINY, "--data", "/no/such/task", "--output", "{tmp}/r"], "does not exist"),
+    (["train", "--model", "no_such_vit", "--weights", "random", "--data", "{task}", "--output", "{tmp}/r"], "no model named"),
+    (["train", *TINY[:2], "--weights", "{tmp}/w.safetensors", "--data", "{task}", "--output", "{tmp}/r"], "does not exist"),
+    (["train", *TINY, "--data", "{task}", "--output", "{tmp}/r", "--method", "lora+nope"], "unknown method"),
+    (["train", *TINY, "--data", "{task}", "--output", "{tmp}/r", "--set", "optim.nope=1"], "unknown config key"),
+    (["eval", "{tmp}/missing"], "does not exist"),
+    (["flops", "--model", "resnet18", "--weights", "random"], "VisionTransformer"),
+])
+def test_bad_input_is_one_sentence_and_exit_2(vtab_task, tmp_path, args, message):
+    args = [a.format(tmp=tmp_path, task=vtab_task) for a in args]
+    result = _run(*args)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert message in result.stderr and result.stderr.startswith("tieta: error: ")
+
+
+def test_malformed_task_and_wrong_weights(vtab_task, tmp_path):
+    (vtab_task / "test.txt").write_text("images/test/000000.jpg\n")
+    result = _run("train", *TINY, "--data", str(vtab_task), "--output", str(tmp_path / "r"))
+    assert result.returncode == 2 and "test.txt:1" in result.stderr and "Traceback" not in result.stderr
+    import timm
+    from safetensors.torch import save_file
+
+    save_file(timm.create_model("test_vit2").state_dict(), str(tmp_path / "w.safetensors"))
+    result = _run("flops", "--model", "test_vit", "--weights", str(tmp_path / "w.safetensors"))
+    assert result.returncode == 0  # flops never loads weights
+    result = _run("train", "--model", "test_vit", "--weights", str(tmp_path / "w.safetensors"),
+                  "--data", str(tmp_path / "absent"), "--output", str(tmp_path / "r"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+
+
+def test_existing_run_folder_is_refused(vtab_task, tmp_path):
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "keep.txt").write_text("x")
+    result = _run("train", *TINY, "--data", str(vtab_task), "--output", str(tmp_path / "r"))
+    assert result.returncode == 2 and "already exists" in result.stderr
+    assert (tmp_path / "r" / "keep.txt").read_text() == "x"
