@@ -5,6 +5,7 @@ The public verbs, each usable on its own and composable::
     import timm, tieta
     model = tieta.load_backbone("vit_base_patch16_224", num_classes=10)
     tieta.add_lora(model, rank=8)           # or tieta.add_adapter(model, dim=8)
+    tieta.add_pyra(model, r="low")          # token merging with PYRA (tieta.add_tome: plain ToMe)
     tieta.freeze_backbone(model)
     tieta.trainable_parameters(model)      # (trainable, total)
     tieta.merge_lora(model)                # after training: a plain timm model again
@@ -17,6 +18,9 @@ from tieta.measure.throughput import measure_throughput
 from tieta.methods.adapter import add_adapter
 from tieta.methods.lora import add_lora, merge_lora
 from tieta.methods.params import freeze_backbone, trainable_parameters
+from tieta.methods.pyra import add_pyra
+from tieta.methods.schedules import schedule
+from tieta.methods.tome import add_tome
 
 __version__ = "0.1.0"
 
@@ -24,10 +28,13 @@ __all__ = [
     "TietaError",
     "add_adapter",
     "add_lora",
+    "add_pyra",
+    "add_tome",
     "count_flops",
     "freeze_backbone",
     "load_backbone",
     "measure_throughput",
     "merge_lora",
+    "schedule",
     "trainable_parameters",
 ]

@@ -1,13 +1,19 @@
-"""The one place that changes how a timm ViT block runs.
+"""The one place that changes how a timm ViT runs.
 
 tieta never copies timm's attention or MLP code: a block keeps its own ``norm1``, ``attn``, ``ls1``,
-``drop_path1``, ``norm2``, ``mlp``, ``ls2`` and ``drop_path2`` modules, and only the order in which the
-block calls them is restated here, with room for tieta's additions. With every addition switched
-off, a patched block computes exactly what timm's ``Block.forward`` computes.
+``drop_path1``, ``norm2``, ``mlp``, ``ls2`` and ``drop_path2`` modules, and only the order in which
+the block calls them is restated here, with room for tieta's additions:
+
+    x = x + attn(norm1(x), attn_mask = log(size) if proportional attention)
+    x, size = merge(x, size)            # ToMe / PYRA, when the block merges (r > 0)
+    x = x + mlp(norm2(x)) + adapter(x)  # adapter: AdaptFormer, when attached
+
+With every addition switched off, a patched model computes exactly what timm computes.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -15,25 +21,108 @@ from torch import nn
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from tieta.errors import TietaError
+from tieta.methods.tome import max_merges, bipartite_soft_matching, merge_source, merge_wavg
+
+
+@dataclass
+class TokenState:
+    """What the blocks of one forward pass share about the current tokens.
+
+    Attributes:
+        size: (B, N, 1) input patches per token, None until the first merge.
+        source: (B, N, N0) input tokens held by each token, when ``trace_source`` is on.
+        prop_attn: add log(size) to the attention logits (proportional attention).
+        trace_source: keep ``source`` (for visualising merges; costs memory).
+    """
+
+    prop_attn: bool = True
+    trace_source: bool = False
+    size: Optional[torch.Tensor] = None
+    source: Optional[torch.Tensor] = None
+
+    def reset(self) -> None:
+        self.size, self.source = None, None
 
 
 class TietaBlock(Block):
-    """timm's pre-norm ``Block`` with an optional AdaptFormer adapter beside the MLP.
+    """timm's pre-norm ``Block`` with optional token merging and an optional adapter.
 
-    ``x = x + attn(norm1(x)); x = x + mlp(norm2(x)) + adapter(x)`` where ``adapter`` sees the block
-    stream after the attention residual (AdaptFormer's parallel form) and is not subject to
-    LayerScale or drop-path, as in the reference code.
+    Attributes (set by the methods, absent ones mean "off"):
+        adapter: AdaptFormer module, fed the stream after the attention residual; not under
+            LayerScale or drop-path (as in the reference code).
+        merge_r: tokens this block merges away (ToMe); 0 for none.
+        pyra: PYRA's re-activation of the merged tokens, or None.
+        token_state: the model's shared TokenState, when token reduction is attached.
     """
 
     adapter: Optional[nn.Module]
+    pyra: Optional[nn.Module]
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, **attn_kwargs) -> torch.Tensor:
-        """Args: x: (B, N, D) tokens. Returns: (B, N, D)."""
+        """Args: x: (B, N, D) tokens. Returns: (B, N - merge_r, D)."""
+        state = self.token_state
+        if state is not None and state.prop_attn and state.size is not None:
+            attn_mask = _add_mask(attn_mask, _size_bias(state.size, x))
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, **attn_kwargs)))
+        if self.merge_r > 0 and state is not None:
+            x = self._merge(x, state)
         out = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         if self.adapter is not None:
             out = out + self.adapter(x)
         return out
+
+    def _merge(self, x: torch.Tensor, state: TokenState) -> torch.Tensor:
+        k_norm = self.attn.k_norm
+        keys, k_norm.tieta_keys = k_norm.tieta_keys, None  # (B, H, N, hd), kept by the k_norm hook
+        num_prefix = self.num_prefix_tokens
+        matching = bipartite_soft_matching(keys.mean(dim=1), self.merge_r, num_prefix)
+        if state.trace_source:
+            state.source = merge_source(matching, state.source, x.shape[1])
+        x, state.size = merge_wavg(matching, x, state.size, self.pyra)
+        return x
+
+
+def _size_bias(size: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """log(size) per key as an additive attention mask (B, 1, 1, N), in the dtype attention runs in."""
+    bias = size.log()[:, None, None, :, 0]
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return bias.to(torch.get_autocast_dtype(device_type))
+    return bias.to(x.dtype)
+
+
+def _add_mask(mask: Optional[torch.Tensor], bias: torch.Tensor) -> torch.Tensor:
+    return bias if mask is None else mask + bias
+
+
+class TietaViTMixin:
+    """Turns a timm VisionTransformer's forward into one that resets the shared token state first,
+    and weights average pooling by token size (the MAE-style heads need it once tokens are merged)."""
+
+    token_state: Optional[TokenState]
+
+    def forward(self, *args, **kwargs):
+        if self.token_state is not None:
+            self.token_state.reset()
+        return super().forward(*args, **kwargs)
+
+    def pool(self, x: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tensor:
+        pool_type = self.global_pool if pool_type is None else pool_type
+        size = None if self.token_state is None else self.token_state.size
+        if size is None or pool_type != "avg" or self.attn_pool is not None:
+            return super().pool(x, pool_type)
+        prefix = self.num_prefix_tokens
+        weights = size[:, prefix:]  # (B, N - prefix, 1)
+        return (x[:, prefix:] * weights).sum(dim=1) / weights.sum(dim=1)
+
+
+_VIT_CLASSES: dict[type, type] = {}
+
+
+def _tieta_vit_class(cls: type) -> type:
+    if cls not in _VIT_CLASSES:
+        _VIT_CLASSES[cls] = type(f"Tieta{cls.__name__}", (TietaViTMixin, cls), {"__module__": __name__})
+    return _VIT_CLASSES[cls]
 
 
 def check_vit(model: nn.Module) -> None:
@@ -43,28 +132,63 @@ def check_vit(model: nn.Module) -> None:
             f"tieta works on timm VisionTransformer models, and this model is a {type(model).__name__}"
         )
     for index, block in enumerate(model.blocks):
-        if not isinstance(block, Block):
+        if type(block) not in (Block, TietaBlock):
             raise TietaError(
                 f"block {index} of this ViT is a {type(block).__name__}; tieta supports timm's pre-norm "
                 "vision_transformer.Block only"
             )
-        if type(block) not in (Block, TietaBlock):
-            raise TietaError(
-                f"block {index} is a {type(block).__name__}, a subclass of timm's Block whose forward tieta "
-                "cannot vouch for"
-            )
 
 
 def patch_blocks(model: nn.Module) -> list[TietaBlock]:
-    """Turn every block of a timm ViT into a TietaBlock in place (idempotent) and return them.
+    """Make the model and its blocks tieta's (idempotent, in place) and return the blocks.
 
-    The class swap keeps every submodule, parameter and state-dict key as timm made it.
+    The class swaps keep every submodule, parameter and state-dict key as timm made them.
     """
     check_vit(model)
+    if not isinstance(model, TietaViTMixin):
+        model.__class__ = _tieta_vit_class(type(model))
+        model.token_state = None
     blocks = []
     for block in model.blocks:
         if type(block) is Block:
             block.__class__ = TietaBlock
             block.adapter = None
+            block.pyra = None
+            block.merge_r = 0
+            block.token_state = None
+            block.num_prefix_tokens = model.num_prefix_tokens
         blocks.append(block)
     return blocks
+
+
+def _keep_keys(k_norm: nn.Module, inputs, output: torch.Tensor) -> None:
+    """Forward hook on ``attn.k_norm``: keep the keys attention uses, after q/k norm (B, H, N, hd).
+
+    A plain function storing on the hooked module itself, so that copies of the model stay correct.
+    """
+    k_norm.tieta_keys = output
+
+
+def enable_token_merging(model: nn.Module, schedule: list[int], prop_attn: bool = True) -> TokenState:
+    """Give the blocks their per-layer merge counts and a shared TokenState (in place).
+
+    Args:
+        schedule: r per block (validated by the caller).
+    """
+    blocks = patch_blocks(model)
+    state = model.token_state or TokenState()
+    state.prop_attn = prop_attn
+    model.token_state = state
+    for block, r in zip(blocks, schedule):
+        block.merge_r = int(r)
+        block.token_state = state
+        handle = getattr(block, "_tieta_key_hook", None)
+        if r > 0 and handle is None:
+            block._tieta_key_hook = block.attn.k_norm.register_forward_hook(_keep_keys)
+        elif r == 0 and handle is not None:
+            handle.remove()
+            block._tieta_key_hook = None
+    return state
+
+
+__all__ = ["TietaBlock", "TokenState", "check_vit", "patch_blocks", "enable_token_merging", "max_merges"]
