@@ -27,6 +27,8 @@ FLAG_KEYS = {
     "weight_decay": "optim.weight_decay",
     "lora_rank": "lora.rank",
     "adapter_dim": "adapter.dim",
+    "schedule": "merge.schedule",
+    "pyra_lr": "pyra.lr",
     "seed": "seed",
     "device": "device",
     "eval_every": "eval_every",
@@ -38,14 +40,32 @@ def _add_config_arguments(parser: argparse.ArgumentParser, data_required: bool) 
     parser.add_argument("--model", help="timm model name (default vit_base_patch16_224)")
     parser.add_argument("--weights", help="weights file (.safetensors/.pth/.bin/.npz), 'random', or "
                         "'dinov2_vits14_saliency'; default: timm's published weights from the hub")
-    parser.add_argument("--method", help="methods joined by '+', e.g. lora, adapter, lora+adapter (default lora)")
+    parser.add_argument("--method", help="methods joined by '+': lora, adapter, tome, pyra, e.g. pyra+lora (default lora)")
+    parser.add_argument("--schedule", type=_schedule_value,
+                        help="merge schedule for tome/pyra: low, high, an int r, or a list like [16,16,8] (default low)")
     parser.add_argument("--img-size", type=int, help="input resolution (default: the model's)")
     parser.add_argument("--lora-rank", type=int, help="LoRA rank (default 8)")
     parser.add_argument("--adapter-dim", type=int, help="adapter bottleneck width (default 8)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="any config setting, e.g. --set optim.lr_groups.head=1e-2 (repeatable)")
+    parser.add_argument("--pyra-lr", type=_pyra_lr_value,
+                        help="PYRA's lr: reference (the base lr, as the published runs), paper (1e-4) or a number")
     if data_required is not None:
         parser.add_argument("--data", required=data_required, help="task folder: VTAB-1k layout or train/<class>/ folders")
+
+
+def _schedule_value(text: str):
+    import yaml
+
+    value = yaml.safe_load(text)
+    return value if isinstance(value, (int, list)) else text
+
+
+def _pyra_lr_value(text: str):
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def _config_from(args: argparse.Namespace):
@@ -90,7 +110,7 @@ def cmd_flops(args: argparse.Namespace) -> int:
     import torch
 
     from tieta.methods.params import trainable_parameters
-    from tieta.train.fit import image_size_of
+    from tieta.train.fit import image_size_of, merge_summary
     from tieta.train.model import build_model
 
     config = _config_from(args)
@@ -104,6 +124,10 @@ def cmd_flops(args: argparse.Namespace) -> int:
     print(f"  GMACs (the field's GFLOPs, MACs/1e9): {flops['gmacs']:.3f}")
     print(f"  GFLOPs in the PYRA paper's unit (MACs/2^30): {flops['pyra_gflops']:.3f}")
     print(f"  parameters: {total:,} ({trainable:,} trainable, {100 * trainable / total:.3f}%)")
+    summary = merge_summary(model)
+    if summary:
+        print(f"  merge schedule (r per block): {summary['schedule']}")
+        print(f"  tokens entering each block, then leaving the last: {summary['token_counts']}")
     return 0
 
 

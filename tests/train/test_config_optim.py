@@ -59,3 +59,21 @@ def test_param_groups_no_decay_on_norms_and_biases_and_own_lr():
     assert all(p.ndim == 1 for p in groups[("adapter", False)]["params"])
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert sum(p.numel() for g in optimizer.param_groups for p in g["params"]) == n_trainable
+
+
+@pytest.mark.parametrize("choice,expected", [("reference", None), ("paper", 1e-4), (3e-4, 3e-4)])
+def test_pyra_learning_rate_by_name(choice, expected):
+    from tieta.train.config import group_learning_rates
+
+    config = load_config(overrides={"method": "pyra+lora", "pyra.lr": choice})
+    assert group_learning_rates(config).get("pyra") == expected
+    with pytest.raises(TietaError, match="pyra.lr"):
+        load_config(overrides={"pyra.lr": "fast"})
+
+
+def test_merge_schedule_forms_in_config():
+    from tieta.train.model import merge_schedule
+
+    assert merge_schedule(load_config(overrides={"merge.schedule": {"r": 8, "inflection": -0.5}})) == (8, -0.5)
+    assert merge_schedule(load_config(overrides={"merge.schedule": [4, 4]})) == [4, 4]
+    assert load_config().merge.schedule == "low" and load_config().merge.prop_attn is True

@@ -81,3 +81,13 @@ def test_existing_run_folder_is_refused_and_kept(vtab_task, tmp_path):
 def test_bf16_autocast_runs(vtab_task, tmp_path):
     summary = fit(_config(vtab_task, bf16=True, **{"optim.epochs": 1}), tmp_path / "run")
     assert 0 <= summary["acc"] <= 100
+
+
+def test_pyra_lora_run_records_schedule_and_tokens(vtab_task, tmp_path):
+    config = _config(vtab_task, method="pyra+lora", **{"merge.schedule": [2, 1], "optim.epochs": 1})
+    summary = fit(config, tmp_path / "run")
+    assert summary["schedule"] == [2, 1, 0, 0, 0, 0]  # test_vit has 6 blocks
+    assert summary["token_counts"] == [5, 3, 2, 2, 2, 2, 2]  # 2 x 2 patches + class token at 32 px
+    with safe_open(str(tmp_path / "run" / "checkpoint.safetensors"), "pt") as handle:
+        assert any(".pyra." in key for key in handle.keys())
+    assert evaluate_checkpoint(tmp_path / "run")["acc"] == pytest.approx(summary["acc"])

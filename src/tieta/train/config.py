@@ -32,6 +32,25 @@ class AdapterConfig:
 
 
 @dataclass
+class MergeConfig:
+    """Token merging (ToMe, and PYRA on top of it)."""
+
+    # "low" / "high" (the PYRA paper's), an int r, a per-block list, or {r: R, inflection: F}
+    schedule: Any = field(default="low", metadata={"any_type": True})
+    prop_attn: bool = True  # proportional attention, as the PYRA code (training and evaluation)
+
+
+# PYRA's learning rate by name: the published runs trained PYRA at the base lr (the reference
+# code's separate flag never reached its optimizer); the script meant 1e-4
+PYRA_LRS = {"reference": None, "paper": 1e-4}
+
+
+@dataclass
+class PyraConfig:
+    lr: Any = field(default="reference", metadata={"any_type": True})  # "reference", "paper" or a number
+
+
+@dataclass
 class DataConfig:
     path: Optional[str] = None  # a VTAB-1k task folder or an image folder
     train_split: str = "train"  # train800val200 in VTAB-1k
@@ -62,6 +81,8 @@ class RunConfig:
     method: str = "lora"  # methods joined by "+", applied in order, e.g. "lora+adapter"
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    merge: MergeConfig = field(default_factory=MergeConfig)
+    pyra: PyraConfig = field(default_factory=PyraConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval_every: int = 1  # epochs between evaluations on the eval split (the last epoch always)
@@ -88,7 +109,9 @@ def from_dict(cls, values: dict[str, Any], where: str = ""):
         if key not in fields:
             raise TietaError(f"unknown config key {where}{key!r}; known: {', '.join(fields)}")
         default = getattr(cls(), key)
-        if dataclasses.is_dataclass(default):
+        if fields[key].metadata.get("any_type"):
+            pass
+        elif dataclasses.is_dataclass(default):
             value = from_dict(type(default), value, f"{where}{key}.")
         elif isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
@@ -163,3 +186,16 @@ def validate(config: RunConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise TietaError(message)
+    lr = config.pyra.lr
+    if not (lr in PYRA_LRS or (isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr > 0)):
+        raise TietaError(f"pyra.lr must be 'reference' (the base lr), 'paper' (1e-4) or a positive number, got {lr!r}")
+
+
+def group_learning_rates(config: RunConfig) -> dict[str, float]:
+    """Per-method learning rates: optim.lr_groups, plus PYRA's named choice."""
+    groups = dict(config.optim.lr_groups)
+    if "pyra" in config.methods and "pyra" not in groups:
+        lr = PYRA_LRS.get(config.pyra.lr, config.pyra.lr) if isinstance(config.pyra.lr, str) else config.pyra.lr
+        if lr is not None:
+            groups["pyra"] = float(lr)
+    return groups

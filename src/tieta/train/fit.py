@@ -20,7 +20,8 @@ from tieta.measure.flops import count_flops
 from tieta.measure.throughput import measure_throughput
 from tieta.methods.params import trainable_parameters
 from tieta.train.checkpoint import load_trained, read_checkpoint, save_checkpoint
-from tieta.train.config import RunConfig, from_dict, validate
+from tieta.methods.schedules import token_counts, vit_shape
+from tieta.train.config import RunConfig, from_dict, group_learning_rates, validate
 from tieta.train.loop import evaluate, train_one_epoch
 from tieta.train.model import build_model
 from tieta.train.optim import build_optimizer, lr_multiplier
@@ -61,6 +62,14 @@ def measure_cost(model: nn.Module, dataset: ImageDataset, normalize: nn.Module, 
             "throughput_batch_size": batch_size}
 
 
+def merge_summary(model: nn.Module) -> dict[str, Any]:
+    """The merge schedule and the tokens entering each block (then leaving the last), if merging."""
+    schedule = getattr(model, "token_schedule", None)
+    if schedule is None:
+        return {}
+    return {"schedule": list(schedule), "token_counts": token_counts(vit_shape(model), schedule)}
+
+
 def fit(config: RunConfig, output: str | Path, overwrite: bool = False) -> dict[str, Any]:
     """Fine-tune as configured, evaluate, and write the run folder. Returns the summary.
 
@@ -85,7 +94,7 @@ def fit(config: RunConfig, output: str | Path, overwrite: bool = False) -> dict[
     optim = config.optim
     train_loader = make_loader(train_set, optim.batch_size, True, config.seed, config.data.num_workers)
     eval_loader = make_loader(eval_set, config.eval_batch_size, False, config.seed, config.data.num_workers)
-    optimizer = build_optimizer(model, optim.lr, optim.weight_decay, optim.lr_groups)
+    optimizer = build_optimizer(model, optim.lr, optim.weight_decay, group_learning_rates(config))
     steps_per_epoch = len(train_loader)
     total_steps, warmup_steps = optim.epochs * steps_per_epoch, optim.warmup_epochs * steps_per_epoch
     min_ratio = optim.min_lr / optim.lr
@@ -124,6 +133,7 @@ def fit(config: RunConfig, output: str | Path, overwrite: bool = False) -> dict[
         "trainable_params": trainable,
         "total_params": total,
         "trainable_percent": 100.0 * trainable / total,
+        **merge_summary(model),
         **measure_cost(model, eval_set, normalize, device, min(config.eval_batch_size, 32), config.bf16),
         "train_images_per_s": record["train_images_per_s"],
         "device": str(device),

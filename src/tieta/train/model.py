@@ -8,8 +8,11 @@ from typing import Callable
 from torch import nn
 
 from tieta.backbone import load_backbone
+from tieta.errors import TietaError
 from tieta.methods.adapter import add_adapter
 from tieta.methods.lora import add_lora
+from tieta.methods.pyra import add_pyra
+from tieta.methods.tome import add_tome
 from tieta.methods.params import freeze_backbone
 from tieta.train.config import RunConfig
 
@@ -17,7 +20,19 @@ from tieta.train.config import RunConfig
 METHODS: dict[str, Callable[[nn.Module, RunConfig], nn.Module]] = {
     "lora": lambda model, config: add_lora(model, **dataclasses.asdict(config.lora)),
     "adapter": lambda model, config: add_adapter(model, **dataclasses.asdict(config.adapter)),
+    "tome": lambda model, config: add_tome(model, merge_schedule(config), config.merge.prop_attn),
+    "pyra": lambda model, config: add_pyra(model, merge_schedule(config), config.merge.prop_attn),
 }
+
+
+def merge_schedule(config: RunConfig):
+    """The configured schedule in the form add_tome takes ({r, inflection} becomes a tuple)."""
+    schedule = config.merge.schedule
+    if isinstance(schedule, dict):
+        if set(schedule) != {"r", "inflection"}:
+            raise TietaError("a schedule mapping takes exactly the keys r and inflection")
+        return (schedule["r"], schedule["inflection"])
+    return schedule
 
 
 def apply_methods(model: nn.Module, config: RunConfig) -> nn.Module:
