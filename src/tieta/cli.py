@@ -143,6 +143,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from tieta.measure.bench_suite import run_suite
+    from tieta.report.tables import BENCH_COLUMNS, format_table
+
+    rows = run_suite(args.model, args.img_size, args.batch_size, args.dtype, args.schedules, args.rounds,
+                     args.train, args.device)
+    kind = "training steps" if args.train else "evaluation"
+    print(f"{args.model}, {kind}, batch {args.batch_size}, {args.dtype}, {args.device}, "
+          f"median of {args.rounds} interleaved rounds (speedup: per-round ratio to the first row)")
+    columns = BENCH_COLUMNS if not args.train else BENCH_COLUMNS[:5]
+    print(format_table(rows, columns))
+    if args.output is not None:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"}
+        args.output.write_text(json.dumps({"settings": settings, "rows": rows}, indent=2) + "\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tieta", description="Parameter- and token-efficient fine-tuning of timm ViTs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -173,6 +191,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_arguments(flops, data_required=None)
     flops.add_argument("--num-classes", type=int, default=1000, help="classes of the head (default 1000)")
     flops.set_defaults(func=cmd_flops)
+
+    bench = sub.add_parser("bench", help="throughput of unpatched timm, ToMe and PYRA side by side")
+    bench.add_argument("--model", default="vit_small_patch16_224", help="timm ViT name (default vit_small_patch16_224)")
+    bench.add_argument("--img-size", type=int, help="input resolution (default: the model's)")
+    bench.add_argument("--batch-size", type=int, default=32)
+    bench.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    bench.add_argument("--schedules", nargs="+", default=["low", "high"], help="merge schedules (default low high)")
+    bench.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (default 7)")
+    bench.add_argument("--train", action="store_true", help="time training steps of LoRA, ToMe+LoRA, PYRA+LoRA")
+    bench.add_argument("--device", default="cpu")
+    bench.add_argument("--output", type=Path, help="also write the rows as JSON here")
+    bench.set_defaults(func=cmd_bench)
 
     demo = sub.add_parser("demo", help="the built-in default: fine-tune on offline assets (no arguments needed)")
     demo.add_argument("--output", type=Path, help="folder for the run folders (default: a new one under $TIETA_HOME/demo)")

@@ -73,9 +73,9 @@ class TietaBlock(Block):
 
     def _merge(self, x: torch.Tensor, state: TokenState) -> torch.Tensor:
         k_norm = self.attn.k_norm
-        keys, k_norm.tieta_keys = k_norm.tieta_keys, None  # (B, H, N, hd), kept by the k_norm hook
-        num_prefix = self.num_prefix_tokens
-        matching = bipartite_soft_matching(keys.mean(dim=1), self.merge_r, num_prefix)
+        keys, k_norm.tieta_keys = k_norm.tieta_keys, None  # (B, H, N, hd), kept by KeepKeys
+        # the sum over heads is the spec's mean up to a factor that the cosine similarity ignores
+        matching = bipartite_soft_matching(keys.sum(dim=1), self.merge_r, self.num_prefix_tokens)
         if state.trace_source:
             state.source = merge_source(matching, state.source, x.shape[1])
         x, state.size = merge_wavg(matching, x, state.size, self.pyra)
@@ -161,12 +161,32 @@ def patch_blocks(model: nn.Module) -> list[TietaBlock]:
     return blocks
 
 
-def _keep_keys(k_norm: nn.Module, inputs, output: torch.Tensor) -> None:
-    """Forward hook on ``attn.k_norm``: keep the keys attention uses, after q/k norm (B, H, N, hd).
+class KeepKeys:
+    """Mixed into the class of ``attn.k_norm`` (Identity or a norm): keeps the keys attention uses,
+    after q/k norm, (B, H, N, hd), for the block's merge.
 
-    A plain function storing on the hooked module itself, so that copies of the model stay correct.
+    A class swap rather than a forward hook: hooks send every call through torch's slow path, and
+    storing on the module itself keeps copies of the model correct.
     """
-    k_norm.tieta_keys = output
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.tieta_keys = super().forward(x)
+        return self.tieta_keys
+
+
+_KEEP_KEYS_CLASSES: dict[type, type] = {}
+
+
+def _keep_keys(module: nn.Module, keep: bool) -> None:
+    cls = type(module)
+    if keep and not isinstance(module, KeepKeys):
+        if cls not in _KEEP_KEYS_CLASSES:
+            _KEEP_KEYS_CLASSES[cls] = type(f"KeepKeys{cls.__name__}", (KeepKeys, cls), {"__module__": __name__})
+        module.__class__ = _KEEP_KEYS_CLASSES[cls]
+        module.tieta_keys = None
+    elif not keep and isinstance(module, KeepKeys):
+        module.__class__ = cls.__mro__[2]  # the original class, after KeepKeys
+        del module.tieta_keys
 
 
 def enable_token_merging(model: nn.Module, schedule: list[int], prop_attn: bool = True) -> TokenState:
@@ -182,12 +202,7 @@ def enable_token_merging(model: nn.Module, schedule: list[int], prop_attn: bool 
     for block, r in zip(blocks, schedule):
         block.merge_r = int(r)
         block.token_state = state
-        handle = getattr(block, "_tieta_key_hook", None)
-        if r > 0 and handle is None:
-            block._tieta_key_hook = block.attn.k_norm.register_forward_hook(_keep_keys)
-        elif r == 0 and handle is not None:
-            handle.remove()
-            block._tieta_key_hook = None
+        _keep_keys(block.attn.k_norm, keep=r > 0)
     return state
 
 

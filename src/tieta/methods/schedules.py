@@ -19,7 +19,7 @@ from torch import nn
 
 from tieta.errors import TietaError
 from tieta.methods.blocks import check_vit
-from tieta.methods.tome import max_merges
+from tieta.methods.tome import bipartite_starts, max_merges
 
 Schedule = Union[int, tuple, Sequence[int], str]
 
@@ -98,7 +98,8 @@ def model_macs(shape: ViTShape, r: Sequence[int]) -> int:
         total += 4 * n * width * width + 2 * n * n * width  # qkv, proj, q k^T and attn v
         total += 2 * (n - merges) * width * shape.hidden  # MLP after the merge
         if merges:
-            total += ((n + 1) // 2) * (n // 2) * head_dim  # bipartite scores
+            a_start, b_start = bipartite_starts(shape.prefix)
+            total += len(range(a_start, n, 2)) * len(range(b_start, n, 2)) * head_dim  # bipartite scores
     return total
 
 

@@ -9,8 +9,8 @@ Pure tensor functions, testable on random tensors:
 Rules (as ``docs/methods.md`` states them): the tokens are split by position into A (even
 indices) and B (odd); each A token finds its most similar B token by the cosine of the metric
 (attention keys averaged over heads); the r A tokens with the best matches are merged into them.
-Prefix tokens (class, distillation, registers) are protected: their rows (in A) or columns (in B)
-of the score matrix are -inf, so they are never merged away nor merged into.
+Prefix tokens (class, distillation, registers) are protected: never merged away nor merged into
+(the spec's -inf rows and columns, done by leaving them out of the score matrix).
 
 Output order: the prefix tokens first, in their original order, then the unmerged A tokens in
 original order, then the B tokens. With a single class token this is ToMe's order exactly
@@ -20,10 +20,12 @@ code moves a distillation token behind the A tokens) is what lets timm's heads f
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 
 # PYRA's hook: (sources, their destinations) -> modulated sources, all (B, r, C)
 Modulation = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -31,29 +33,37 @@ Modulation = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 @dataclass
 class Matching:
-    """One layer's merge decision for a batch.
+    """One layer's merge decision for a batch, as rows of the flattened tokens.
+
+    With x of shape (B, N, C) seen as (B * N, C) rows and the output as (B * (N - r), C) rows:
 
     Attributes:
-        unmerged: (B, Na - r, 1) indices into A of the A tokens that stay (prefix ones excluded),
-            in original order.
-        sources: (B, r, 1) indices into A of the merged tokens, best match first.
-        destinations: (B, r, 1) indices into B of each source's match.
-        num_prefix: prefix tokens kept in front, untouched.
+        kept_rows: (B * (N - r),) the input row each output row starts from, in the output order
+            [prefix, unmerged A, B].
+        source_rows: (B * r,) the input rows merged away, best match first within each image.
+        destination_rows: (B * r,) the output row each of them is added into.
+        r: tokens merged away per image.
     """
 
-    unmerged: torch.Tensor
-    sources: torch.Tensor
-    destinations: torch.Tensor
-    num_prefix: int
-
-    @property
-    def r(self) -> int:
-        return self.sources.shape[1]
+    kept_rows: torch.Tensor
+    source_rows: torch.Tensor
+    destination_rows: torch.Tensor
+    r: int
 
 
 def max_merges(num_tokens: int, num_prefix: int) -> int:
     """The most tokens one layer can merge away: half of the unprotected tokens."""
     return max(0, (num_tokens - num_prefix) // 2)
+
+
+def bipartite_starts(num_prefix: int) -> tuple[int, int]:
+    """Positions of the first unprotected A (even) and B (odd) tokens.
+
+    Leaving the prefix out of the sets is the same as giving its rows / columns a score of -inf:
+    those tokens can neither be merged nor receive a merge.
+    """
+    odd_prefix = num_prefix % 2
+    return num_prefix + odd_prefix, num_prefix + 1 - odd_prefix
 
 
 @torch.no_grad()
@@ -65,44 +75,74 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, num_prefix: int = 1) -
         r: tokens to remove; clipped to ``max_merges(N, num_prefix)``.
         num_prefix: leading tokens that are never merged (class, distillation, registers).
     """
+    batch, num_tokens, _ = metric.shape
+    r = min(r, max_merges(num_tokens, num_prefix))
+    a_start, b_start = bipartite_starts(num_prefix)
     metric = metric / metric.norm(dim=-1, keepdim=True)
-    a, b = metric[:, ::2], metric[:, 1::2]
-    scores = a @ b.transpose(-1, -2)  # (B, Na, Nb) cosine similarities
-    prefix_a, prefix_b = (num_prefix + 1) // 2, num_prefix // 2
-    if prefix_a:
-        scores[:, :prefix_a, :] = -torch.inf
-    if prefix_b:
-        scores[:, :, :prefix_b] = -torch.inf
-    r = min(r, max_merges(metric.shape[1], num_prefix))
-    best_score, best_match = scores.max(dim=-1)  # (B, Na)
-    order = best_score.argsort(dim=-1, descending=True)[..., None]  # (B, Na, 1)
-    # prefix A rows are -inf, so they sort last and stay; they are dropped here and re-added in front
-    unmerged = order[:, r:].sort(dim=1).values[:, prefix_a:]
+    a, b = metric[:, a_start::2], metric[:, b_start::2]
+    best_score, best_match = (a @ b.transpose(-1, -2)).max(dim=-1)  # cosine scores (B, Na, Nb) -> (B, Na)
+    order = best_score.argsort(dim=-1, descending=True)  # (B, Na)
     sources = order[:, :r]
-    destinations = best_match[..., None].gather(dim=1, index=sources)
-    return Matching(unmerged, sources, destinations, num_prefix)
+    unmerged = order[:, r:].sort(dim=1).values
+    destinations = best_match.gather(dim=1, index=sources)  # index into B
+    rows = _row_layout(batch, num_tokens, num_prefix, a.shape[1], b.shape[1], r, metric.device)
+    return Matching(
+        kept_rows=torch.cat([rows.prefix, 2 * unmerged + rows.a_offset, rows.b], dim=1).flatten(),
+        source_rows=(2 * sources + rows.a_offset).flatten(),
+        destination_rows=(destinations + rows.destination_offset).flatten(),
+        r=r,
+    )
 
 
-def merge(matching: Matching, x: torch.Tensor, modulation: Optional[Modulation] = None) -> torch.Tensor:
+@dataclass
+class _RowLayout:
+    prefix: torch.Tensor  # (B, P) rows of the prefix tokens
+    b: torch.Tensor  # (B, Nb) rows of the B tokens
+    a_offset: torch.Tensor  # (B, 1): row of A token i is 2 * i + a_offset
+    destination_offset: torch.Tensor  # (B, 1): output row of B token j is j + destination_offset
+
+
+@functools.lru_cache(maxsize=256)
+def _row_layout(batch: int, num_tokens: int, num_prefix: int, num_a: int, num_b: int, r: int,
+                device: torch.device) -> _RowLayout:
+    """The index arithmetic that depends only on shapes, made once per shape: at batch 1 every
+    small operation saved per block is time saved."""
+    a_start, b_start = bipartite_starts(num_prefix)
+    image = torch.arange(batch, device=device)[:, None]
+    return _RowLayout(
+        prefix=(torch.arange(num_prefix, device=device) + image * num_tokens),
+        b=(b_start + 2 * torch.arange(num_b, device=device) + image * num_tokens),
+        a_offset=a_start + image * num_tokens,
+        destination_offset=num_prefix + num_a - r + image * (num_tokens - r),
+    )
+
+
+def merge(
+    matching: Matching, x: torch.Tensor, modulation: Optional[Modulation] = None, features: Optional[int] = None,
+) -> torch.Tensor:
     """Sum each merged token into its destination.
 
     Args:
         x: (B, N, C).
-        modulation: optional PYRA re-activation applied to the sources before they are added.
+        modulation: optional PYRA re-activation of the sources (given their destinations) before
+            they are added; it sees the first ``features`` channels (all if None), the rest pass.
 
     Returns:
         (B, N - r, C) in the order [prefix, unmerged A, B].
     """
-    batch, _, channels = x.shape
-    prefix = matching.num_prefix
-    a, b = x[:, ::2], x[:, 1::2]
-    kept = a.gather(dim=1, index=matching.unmerged.expand(-1, -1, channels))
-    src = a.gather(dim=1, index=matching.sources.expand(-1, -1, channels))
-    destinations = matching.destinations.expand(-1, -1, channels)
+    batch, num_tokens, channels = x.shape
+    rows = x.reshape(batch * num_tokens, channels)
+    out = rows.index_select(0, matching.kept_rows)  # (B * (N - r), C)
+    src = rows.index_select(0, matching.source_rows)  # (B * r, C)
     if modulation is not None:
-        src = modulation(src, b.gather(dim=1, index=destinations))
-    b = b.scatter_reduce(1, destinations, src, reduce="sum")
-    return torch.cat([x[:, :prefix], kept, b[:, prefix // 2:]], dim=1)
+        features = features or channels
+        dst = out.index_select(0, matching.destination_rows).view(batch, -1, channels)
+        src = src.view(batch, -1, channels)
+        moved = modulation(src[..., :features], dst[..., :features])
+        src = moved if features == channels else torch.cat([moved, src[..., features:]], dim=-1)
+        src = src.reshape(-1, channels)
+    out = out.index_add(0, matching.destination_rows, src)
+    return out.view(batch, num_tokens - matching.r, channels)
 
 
 def merge_wavg(
@@ -110,6 +150,9 @@ def merge_wavg(
     modulation: Optional[Modulation] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge as a size-weighted average: ``x <- merge(x * size) / merge(size)``.
+
+    Tokens and sizes travel together as one (B, N, C + 1) tensor, so that one set of gathers and
+    one scatter serve both (at batch 1 the number of small operations is what costs).
 
     Args:
         x: (B, N, C) tokens.
@@ -119,11 +162,14 @@ def merge_wavg(
     Returns:
         ((B, N - r, C) tokens, (B, N - r, 1) sizes).
     """
+    channels = x.shape[-1]
     if size is None:
-        size = x.new_ones(x.shape[0], x.shape[1], 1)
-    x = merge(matching, x * size, modulation)
-    size = merge(matching, size)
-    return x / size, size
+        weighted = F.pad(x, (0, 1), value=1.0)
+    else:
+        weighted = torch.cat([x * size, size], dim=-1)
+    merged = merge(matching, weighted, modulation, features=channels)
+    size = merged[..., channels:]
+    return merged[..., :channels] / size, size
 
 
 def merge_source(matching: Matching, source: Optional[torch.Tensor], num_tokens: int) -> torch.Tensor:
@@ -137,10 +183,9 @@ def merge_source(matching: Matching, source: Optional[torch.Tensor], num_tokens:
         (B, N - r, N0).
     """
     if source is None:
-        batch = matching.sources.shape[0]
-        source = torch.eye(num_tokens, device=matching.sources.device)[None].expand(batch, -1, -1)
+        batch = matching.kept_rows.shape[0] // (num_tokens - matching.r)
+        source = torch.eye(num_tokens, device=matching.kept_rows.device)[None].expand(batch, -1, -1)
     return merge(matching, source)
-
 
 def add_tome(model, r="low", prop_attn: bool = True):
     """Merge tokens inside every block of a timm ViT, in place (ToMe, used in training and evaluation).

@@ -37,3 +37,14 @@ SUMMARY_COLUMNS = (
     ("gmacs", "GFLOPs (MACs/1e9)", ".3f"),
     ("eval_images_per_s", "eval img/s", ".1f"),
 )
+
+BENCH_COLUMNS = (
+    ("name", "model", ""),
+    ("gmacs", "GMACs", ".3f"),
+    ("flops_ratio", "FLOPs ratio", ".3f"),
+    ("images_per_s", "img/s", ".1f"),
+    ("speedup", "speedup", ".3f"),
+    ("efficiency", "efficiency", ".3f"),
+    ("ceiling_speedup", "ceiling speedup", ".3f"),
+    ("ceiling_efficiency", "ceiling efficiency", ".3f"),
+)
