@@ -82,10 +82,10 @@ def _config_from(args: argparse.Namespace):
     return load_config(args.config, overrides)
 
 
-def _print_summary(rows: list[dict[str, Any]]) -> None:
-    from tieta.report.tables import SUMMARY_COLUMNS, format_table
+def _print_summary(rows: list[dict[str, Any]], demo: bool = False) -> None:
+    from tieta.report.tables import DEMO_COLUMNS, SUMMARY_COLUMNS, format_table
 
-    print(format_table(rows, SUMMARY_COLUMNS))
+    print(format_table(rows, DEMO_COLUMNS if demo else SUMMARY_COLUMNS))
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -137,8 +137,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     output = args.output or default_output()
     summaries = run_demo(output, args.epochs)
     print()
-    print("tieta demo: DINOv2 ViT-S/14 (saliency-tuned) on ELPV solar cells, 4 classes, 112 px, CPU")
-    _print_summary(summaries)
+    from tieta.demo import BENCH_BATCH_SIZE, DEMO_SETTINGS
+
+    print(f"tieta demo: DINOv2 ViT-S/14 (saliency-tuned) on ELPV solar cells, 4 classes, {DEMO_SETTINGS['img_size']} px, "
+          f"{summaries[0]['device']}; PYRA at the '{DEMO_SETTINGS['merge.schedule']}' merge schedule")
+    print(f"eval img/s and speedup measured side by side at batch {BENCH_BATCH_SIZE}")
+    _print_summary(summaries, demo=True)
     print(f"run folders: {output}")
     return 0
 
@@ -158,6 +162,43 @@ def cmd_bench(args: argparse.Namespace) -> int:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"}
         args.output.write_text(json.dumps({"settings": settings, "rows": rows}, indent=2) + "\n")
+    return 0
+
+
+def cmd_show_merges(args: argparse.Namespace) -> int:
+    import torch
+
+    from tieta.data.transforms import Normalize
+    from tieta.data.vtab import ImageDataset, open_task
+    from tieta.report.visualize import merge_groups, save_merge_figure
+    from tieta.train.fit import image_size_of, load_run_model, seed_everything
+    from tieta.train.model import build_model
+
+    if args.output.exists() and not args.overwrite:
+        raise TietaError(f"{args.output} already exists; pick another path or pass --overwrite")
+    if args.run is not None:
+        model, config, _ = load_run_model(args.run)
+        if getattr(model, "token_state", None) is None:
+            raise TietaError(f"the run {args.run} merges no tokens (method {config.method})")
+    else:
+        if args.data is None:
+            raise TietaError("give --data (a task folder) for the images to show, or --run")
+        config = _config_from(args)
+        if not {"tome", "pyra"} & set(config.methods):
+            config.method = "tome"
+        seed_everything(config.seed)
+        model = build_model(config, num_classes=1000)
+    task = open_task(args.data or config.data.path)
+    items = task.split(args.split)
+    step = max(1, len(items) // args.count)
+    chosen = items[::step][: args.count]
+    dataset = ImageDataset(chosen, image_size_of(model), max(label for _, label in chosen) + 1, cache=True)
+    images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    groups = merge_groups(model, Normalize(config.data.normalization)(images))
+    schedule = getattr(model, "token_schedule", [])
+    caption = f"{config.model} + {config.method}, r per block {schedule}"
+    save_merge_figure(images, groups, args.output, [path.name for path, _ in chosen], caption)
+    print(f"wrote {args.output}")
     return 0
 
 
@@ -204,9 +245,18 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--output", type=Path, help="also write the rows as JSON here")
     bench.set_defaults(func=cmd_bench)
 
+    show = sub.add_parser("show-merges", help="paint each final token's patch group over a few images (PNG)")
+    _add_config_arguments(show, data_required=False)
+    show.add_argument("--run", type=Path, help="a trained run folder (its model, schedule and data)")
+    show.add_argument("--split", default="test", help="split to take images from (default test)")
+    show.add_argument("--count", type=int, default=4, help="number of images (default 4)")
+    show.add_argument("--output", type=Path, default=Path("merges.png"), help="PNG to write (default merges.png)")
+    show.add_argument("--overwrite", action="store_true", help="replace an existing PNG")
+    show.set_defaults(func=cmd_show_merges)
+
     demo = sub.add_parser("demo", help="the built-in default: fine-tune on offline assets (no arguments needed)")
     demo.add_argument("--output", type=Path, help="folder for the run folders (default: a new one under $TIETA_HOME/demo)")
-    demo.add_argument("--epochs", type=int, help="training epochs per method (default 3)")
+    demo.add_argument("--epochs", type=int, help="training epochs per method (default 2)")
     demo.set_defaults(func=cmd_demo)
     return parser
 

@@ -30,6 +30,7 @@ class TokenState:
 
     Attributes:
         size: (B, N, 1) input patches per token, None until the first merge.
+        attn_bias: (B, 1, 1, N) log(size), the proportional-attention mask for the next block.
         source: (B, N, N0) input tokens held by each token, when ``trace_source`` is on.
         prop_attn: add log(size) to the attention logits (proportional attention).
         trace_source: keep ``source`` (for visualising merges; costs memory).
@@ -38,10 +39,11 @@ class TokenState:
     prop_attn: bool = True
     trace_source: bool = False
     size: Optional[torch.Tensor] = None
+    attn_bias: Optional[torch.Tensor] = None
     source: Optional[torch.Tensor] = None
 
     def reset(self) -> None:
-        self.size, self.source = None, None
+        self.size, self.attn_bias, self.source = None, None, None
 
 
 class TietaBlock(Block):
@@ -61,8 +63,8 @@ class TietaBlock(Block):
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, **attn_kwargs) -> torch.Tensor:
         """Args: x: (B, N, D) tokens. Returns: (B, N - merge_r, D)."""
         state = self.token_state
-        if state is not None and state.prop_attn and state.size is not None:
-            attn_mask = _add_mask(attn_mask, _size_bias(state.size, x))
+        if state is not None and state.attn_bias is not None:
+            attn_mask = state.attn_bias if attn_mask is None else attn_mask + state.attn_bias
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, **attn_kwargs)))
         if self.merge_r > 0 and state is not None:
             x = self._merge(x, state)
@@ -79,20 +81,17 @@ class TietaBlock(Block):
         if state.trace_source:
             state.source = merge_source(matching, state.source, x.shape[1])
         x, state.size = merge_wavg(matching, x, state.size, self.pyra)
+        if state.prop_attn:
+            state.attn_bias = _size_bias(state.size, x)
         return x
 
 
 def _size_bias(size: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """log(size) per key as an additive attention mask (B, 1, 1, N), in the dtype attention runs in."""
-    bias = size.log()[:, None, None, :, 0]
+    bias = size.log().view(size.shape[0], 1, 1, size.shape[1])
     device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        return bias.to(torch.get_autocast_dtype(device_type))
-    return bias.to(x.dtype)
-
-
-def _add_mask(mask: Optional[torch.Tensor], bias: torch.Tensor) -> torch.Tensor:
-    return bias if mask is None else mask + bias
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+    return bias if bias.dtype == dtype else bias.to(dtype)
 
 
 class TietaViTMixin:

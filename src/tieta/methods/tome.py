@@ -141,7 +141,7 @@ def merge(
         moved = modulation(src[..., :features], dst[..., :features])
         src = moved if features == channels else torch.cat([moved, src[..., features:]], dim=-1)
         src = src.reshape(-1, channels)
-    out = out.index_add(0, matching.destination_rows, src)
+    out.index_add_(0, matching.destination_rows, src)  # in place: out is a fresh copy from index_select
     return out.view(batch, num_tokens - matching.r, channels)
 
 

@@ -1,0 +1,101 @@
+"""Pictures of token merging: each final token's group of patches painted over the input image
+(ToMe's source tracing)."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from tieta.errors import TietaError
+
+
+@torch.inference_mode()
+def merge_groups(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Which final token holds each input patch.
+
+    Args:
+        model: a ViT with token merging attached (ToMe or PYRA).
+        images: (B, 3, H, W) normalised inputs.
+
+    Returns:
+        (B, gh, gw) integer group ids over the patch grid.
+    """
+    state = getattr(model, "token_state", None)
+    if state is None:
+        raise TietaError("this model merges no tokens; attach ToMe or PYRA first")
+    was_training, tracing = model.training, state.trace_source
+    model.eval()
+    state.trace_source = True
+    try:
+        model(images)
+        source = state.source  # (B, N_final, N0)
+    finally:
+        state.trace_source = tracing
+        model.train(was_training)
+    if source is None:
+        raise TietaError("no block merged any token at this schedule")
+    prefix = model.num_prefix_tokens
+    groups = source[:, :, prefix:].argmax(dim=1)  # (B, patches): index of the holding token
+    grid_h, grid_w = model.patch_embed.grid_size
+    return groups.view(-1, grid_h, grid_w)
+
+
+def paint_groups(image: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Paint each group with its mean colour and darken the borders between groups.
+
+    Args:
+        image: (H, W, 3) uint8.
+        groups: (gh, gw) group ids; H and W are multiples of gh and gw.
+
+    Returns:
+        (H, W, 3) uint8.
+    """
+    height, width, _ = image.shape
+    cell_h, cell_w = height // groups.shape[0], width // groups.shape[1]
+    pixel_groups = np.kron(groups, np.ones((cell_h, cell_w), dtype=groups.dtype))
+    painted = np.zeros_like(image, dtype=np.float32)
+    for group in np.unique(pixel_groups):
+        where = pixel_groups == group
+        painted[where] = image[where].mean(axis=0)
+    border = np.zeros(pixel_groups.shape, dtype=bool)
+    border[:-1] |= pixel_groups[:-1] != pixel_groups[1:]
+    border[:, :-1] |= pixel_groups[:, :-1] != pixel_groups[:, 1:]
+    painted[border] *= 0.35
+    return painted.astype(np.uint8)
+
+
+def save_merge_figure(images: torch.Tensor, groups: torch.Tensor, path: Path, titles: Sequence[str] = (),
+                      caption: str = "") -> None:
+    """Write a PNG: each image beside its merged groups.
+
+    Args:
+        images: (B, 3, S, S) uint8 images as the model saw them (resized, not normalised).
+        groups: (B, gh, gw) from :func:`merge_groups`.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    count = images.shape[0]
+    figure, axes = plt.subplots(count, 2, figsize=(6, 3 * count), squeeze=False)
+    for index in range(count):
+        picture = images[index].permute(1, 2, 0).numpy()
+        grid = groups[index].numpy()
+        axes[index, 0].imshow(picture)
+        axes[index, 0].set_title(titles[index] if index < len(titles) else "input", fontsize=8)
+        axes[index, 1].imshow(paint_groups(picture, grid))
+        axes[index, 1].set_title(f"{len(np.unique(grid))} patch groups", fontsize=8)
+        for axis in axes[index]:
+            axis.axis("off")
+    if caption:
+        figure.suptitle(textwrap.fill(caption, 70), fontsize=8)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
