@@ -80,3 +80,38 @@ def test_existing_run_folder_is_refused(vtab_task, tmp_path):
     result = _run("train", *TINY, "--data", str(vtab_task), "--output", str(tmp_path / "r"))
     assert result.returncode == 2 and "already exists" in result.stderr
     assert (tmp_path / "r" / "keep.txt").read_text() == "x"
+
+
+def test_bench_prints_and_writes_rows(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--model", "test_vit", "--img-size", "64", "--batch-size", "2", "--rounds", "1",
+                 "--schedules", "low", "--output", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "efficiency" in text and "pyra low" in text and "ceiling" in text
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["name"] for r in rows] == ["timm", "tome r=0", "tome low", "pyra low"]
+    assert rows[0]["speedup"] == 1.0 and rows[2]["flops_ratio"] < 1
+
+
+def test_show_merges_writes_a_png_and_keeps_existing_files(vtab_task, tmp_path):
+    png = tmp_path / "m.png"
+    args = ["show-merges", "--model", "test_vit", "--weights", "random", "--img-size", "64", "--schedule", "[3, 2]",
+            "--data", str(vtab_task), "--count", "2", "--output", str(png)]
+    assert main(args) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    result = _run(*args)
+    assert result.returncode == 2 and "already exists" in result.stderr
+
+
+def test_train_with_merging_flags(vtab_task, tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--img-size", "64", "--data", str(vtab_task), "--output", str(run),
+                 "--epochs", "1", "--batch-size", "4", "--method", "pyra+lora", "--schedule", "[3, 2]",
+                 "--pyra-lr", "paper"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["schedule"][:2] == [3, 2] and summary["token_counts"][:3] == [17, 14, 12]
+
+
+def test_schedule_too_large_is_refused(vtab_task, tmp_path):
+    result = _run("flops", "--model", "test_vit", "--img-size", "64", "--method", "tome", "--schedule", "9")
+    assert result.returncode == 2 and "at most 8" in result.stderr and "Traceback" not in result.stderr

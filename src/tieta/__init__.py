@@ -13,6 +13,7 @@ The public verbs, each usable on its own and composable::
 
 from tieta.backbone import load_backbone
 from tieta.errors import TietaError
+from tieta.measure.benchmark import benchmark
 from tieta.measure.flops import count_flops
 from tieta.measure.throughput import measure_throughput
 from tieta.methods.adapter import add_adapter
@@ -30,6 +31,7 @@ __all__ = [
     "add_lora",
     "add_pyra",
     "add_tome",
+    "benchmark",
     "count_flops",
     "freeze_backbone",
     "load_backbone",

@@ -1,0 +1,66 @@
+"""Token-merging throughput on this machine: unpatched timm vs ToMe vs PYRA (evaluation, batch 32
+and 1) and LoRA vs ToMe+LoRA vs PYRA+LoRA (training steps), each measured side by side in one
+interleaved run. Writes a Markdown report (and the raw rows as JSON) with the command that made it.
+
+    python benchmarks/token_merging.py --output benchmarks/results/token_merging_cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import timm
+import torch
+
+from tieta.measure.bench_suite import run_suite
+from tieta.report.tables import BENCH_COLUMNS, format_table
+
+SETTINGS = [
+    # (title, batch size, train, rounds)
+    ("evaluation, batch 32", 32, False, 7),
+    ("evaluation, batch 1 (latency)", 1, False, 9),
+    ("training steps (forward, backward, AdamW), batch 32", 32, True, 5),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="vit_small_patch16_224")
+    parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--output", type=Path, required=True, help="path without suffix for .md and .json")
+    args = parser.parse_args()
+    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    sections, raw = [], {}
+    for title, batch_size, train, rounds in SETTINGS:
+        started = time.perf_counter()
+        rows = run_suite(args.model, None, batch_size, args.dtype, ["low", "high"], rounds, train, args.device)
+        columns = BENCH_COLUMNS[:5] if train else BENCH_COLUMNS
+        sections.append(f"## {title}\n\n```\n{format_table(rows, columns)}\n```\n"
+                        f"({rounds} interleaved rounds, {time.perf_counter() - started:.0f} s)\n")
+        raw[title] = rows
+        print(sections[-1], flush=True)
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or platform.machine()
+    header = (
+        f"# Token merging throughput: {args.model}, {args.dtype}, {args.device}\n\n"
+        f"Command: `{command}`\n\n"
+        f"Machine: {device}, {torch.get_num_threads()} threads; torch {torch.__version__}, timm {timm.__version__}; "
+        f"{time.strftime('%Y-%m-%d')}\n\n"
+        "speedup: median over rounds of (model img/s / first row's img/s), measured in turn within each round. "
+        "efficiency = speedup x FLOPs ratio (1.0: every saved FLOP became time). ceiling: the model's own "
+        "attention and MLP timed at the token counts the schedule leaves, with merging free; it shows what "
+        "the hardware gives for small token counts.\n\n"
+    )
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.with_suffix(".md").write_text(header + "\n".join(sections))
+    args.output.with_suffix(".json").write_text(json.dumps({"command": command, "results": raw}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,25 @@
+import torch
+
+import tieta
+from tieta.measure.benchmark import shape_ceiling
+from tests.conftest import make_vit
+
+
+def test_benchmark_rows_side_by_side():
+    models = {"plain": make_vit("plain"), "tome": tieta.add_tome(make_vit("plain"), r=[4, 2, 1])}
+    rows = tieta.benchmark(models, batch_size=2, rounds=2, image_size=32)
+    assert [r["name"] for r in rows] == ["plain", "tome"]
+    assert rows[0]["speedup"] == 1.0 and rows[0]["efficiency"] == 1.0
+    assert rows[1]["flops_ratio"] < 1 and rows[1]["images_per_s"] > 0
+    assert rows[1]["efficiency"] == rows[1]["speedup"] * rows[1]["flops_ratio"]
+
+
+def test_training_benchmark_steps_the_trainable_parameters():
+    model = tieta.freeze_backbone(tieta.add_lora(make_vit("plain"), rank=2))
+    before = model.blocks[0].attn.qkv.lora_B.detach().clone()
+    tieta.benchmark({"lora": model}, batch_size=2, rounds=1, image_size=32, train=True)
+    assert not torch.equal(before, model.blocks[0].attn.qkv.lora_B)
+
+
+def test_shape_ceiling_is_a_speedup():
+    assert shape_ceiling(make_vit("plain"), [4, 2, 1], batch_size=2, rounds=1) > 0
