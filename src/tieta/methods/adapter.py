@@ -35,6 +35,36 @@ class Adapter(nn.Module):
         return self.up(self.dropout(self.act(self.down(x)))) * self.scale
 
 
+class MoEAdapter(nn.Module):
+    """An adapter whose weights are a per-image mix of ``experts`` adapters (DyT's MoE-adapter).
+
+    A router looks at the image's mean token and gives softmax weights over the experts; the
+    experts' down and up matrices are mixed with them, so the tokens pass through one adapter's
+    worth of compute. Each expert is initialised like :class:`Adapter` (up = 0: output 0).
+    """
+
+    def __init__(self, width: int, dim: int = 8, experts: int = 4, scale: float = 1.0, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.router = nn.Linear(width, experts)
+        self.down_weight = nn.Parameter(torch.empty(experts, dim, width))
+        self.down_bias = nn.Parameter(torch.zeros(experts, dim))
+        self.up_weight = nn.Parameter(torch.zeros(experts, width, dim))
+        self.up_bias = nn.Parameter(torch.zeros(experts, width))
+        self.act = nn.ReLU()
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.scale = scale
+        for expert in range(experts):
+            nn.init.kaiming_uniform_(self.down_weight[expert], a=math.sqrt(5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Args: x: (B, N, D). Returns: (B, N, D)."""
+        weights = torch.softmax(self.router(x.mean(dim=1)), dim=-1)  # (B, E)
+        down = torch.einsum("be,edD->bdD", weights, self.down_weight)  # (B, dim, D)
+        up = torch.einsum("be,eDd->bDd", weights, self.up_weight)  # (B, D, dim)
+        hidden = self.dropout(self.act(x @ down.transpose(1, 2) + (weights @ self.down_bias)[:, None]))
+        return (hidden @ up.transpose(1, 2) + (weights @ self.up_bias)[:, None]) * self.scale
+
+
 def add_adapter(model: nn.Module, dim: int = 8, scale: float = 1.0, dropout: float = 0.1) -> nn.Module:
     """Put an AdaptFormer adapter beside the MLP of every block of a timm ViT, in place.
 

@@ -5,8 +5,10 @@ tieta never copies timm's attention or MLP code: a block keeps its own ``norm1``
 the block calls them is restated here, with room for tieta's additions:
 
     x = x + attn(norm1(x), attn_mask = log(size) if proportional attention)
-    x, size = merge(x, size)            # ToMe / PYRA, when the block merges (r > 0)
-    x = x + mlp(norm2(x)) + adapter(x)  # adapter: AdaptFormer, when attached
+    x, size = merge(x, size)                # ToMe / PYRA, when the block merges (r > 0)
+    x = x + m * mlp(norm2(x)) + adapter(x)  # m: DyT's dispatch (1 without DyT); adapter: AdaptFormer
+
+(DyT's other variants gate attention, or both, with the same kind of mask.)
 
 With every addition switched off, a patched model computes exactly what timm computes.
 """
@@ -21,7 +23,8 @@ from torch import nn
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from tieta.errors import TietaError
-from tieta.methods.tome import max_merges, bipartite_soft_matching, merge_source, merge_wavg
+from tieta.methods.dyt import attend_on_active, dispatch_mask, key_mask, run_on_active, with_prefix
+from tieta.methods.tome import bipartite_soft_matching, max_merges, merge_source, merge_wavg
 
 
 @dataclass
@@ -47,28 +50,44 @@ class TokenState:
 
 
 class TietaBlock(Block):
-    """timm's pre-norm ``Block`` with optional token merging and an optional adapter.
+    """timm's pre-norm ``Block`` with optional token merging, token dispatch and an adapter.
 
-    Attributes (set by the methods, absent ones mean "off"):
-        adapter: AdaptFormer module, fed the stream after the attention residual; not under
-            LayerScale or drop-path (as in the reference code).
+    Attributes (set by the methods; None / 0 means "off"):
+        adapter: AdaptFormer module, fed the stream after the attention residual (and merge); not
+            under LayerScale or drop-path (as in the reference code).
         merge_r: tokens this block merges away (ToMe); 0 for none.
-        pyra: PYRA's re-activation of the merged tokens, or None.
-        token_state: the model's shared TokenState, when token reduction is attached.
+        pyra: PYRA's re-activation of the merged tokens.
+        token_state: the model's shared TokenState, when token merging is attached.
+        dispatcher, mlp_dispatcher: DyT's token dispatchers (nn.Linear(D, 1)); which module each
+            one gates depends on ``dyt_variant`` ("mlp", "attn", "attn_mlp", "layer").
+        dispatch_state: the model's shared DispatchState, when DyT is attached.
     """
 
     adapter: Optional[nn.Module]
     pyra: Optional[nn.Module]
+    dispatcher: Optional[nn.Module]
+    mlp_dispatcher: Optional[nn.Module]
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, **attn_kwargs) -> torch.Tensor:
         """Args: x: (B, N, D) tokens. Returns: (B, N - merge_r, D)."""
         state = self.token_state
         if state is not None and state.attn_bias is not None:
             attn_mask = state.attn_bias if attn_mask is None else attn_mask + state.attn_bias
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, **attn_kwargs)))
+        variant = self.dyt_variant
+        if variant is None or variant == "mlp":
+            x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, **attn_kwargs)))
+            active = None
+        else:
+            active = self._dispatch(x, self.dispatcher)
+            x = x + self._gated_attention(x, active, attn_mask)
         if self.merge_r > 0 and state is not None:
             x = self._merge(x, state)
-        out = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        if variant is None or variant == "attn":
+            out = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        else:
+            if variant != "layer":  # "layer" reuses the block's one decision
+                active = self._dispatch(x, self.mlp_dispatcher if variant == "attn_mlp" else self.dispatcher)
+            out = x + self._gated_mlp(x, active)
         if self.adapter is not None:
             out = out + self.adapter(x)
         return out
@@ -84,6 +103,41 @@ class TietaBlock(Block):
         if state.prop_attn:
             state.attn_bias = _size_bias(state.size, x)
         return x
+
+    def _dispatch(self, x: torch.Tensor, dispatcher: nn.Module) -> Optional[torch.Tensor]:
+        """(B, N, 1) 0/1 mask of active tokens (prefix always active), or None when all are."""
+        dispatch = self.dispatch_state
+        if dispatch.full:
+            return None
+        prefix = self.num_prefix_tokens
+        mask = dispatch_mask(dispatcher(x[:, prefix:]).squeeze(-1), dispatch.tau, self.training)
+        dispatch.masks.append(mask)
+        return with_prefix(mask, prefix)
+
+    def _really_skips(self) -> bool:
+        return not self.training and self.dispatch_state.real_skip
+
+    def _gated_attention(self, x: torch.Tensor, active: Optional[torch.Tensor],
+                         attn_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        def branch(tokens: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+            return self.drop_path1(self.ls1(self.attn(self.norm1(tokens), attn_mask=mask)))
+
+        if active is None:
+            return branch(x, attn_mask)
+        if self._really_skips():
+            return attend_on_active(branch, x, active[..., 0] > 0, attn_mask)
+        keys = key_mask(active[..., 0] > 0, x.dtype)
+        return active * branch(x, keys if attn_mask is None else attn_mask + keys)
+
+    def _gated_mlp(self, x: torch.Tensor, active: Optional[torch.Tensor]) -> torch.Tensor:
+        def branch(tokens: torch.Tensor) -> torch.Tensor:
+            return self.drop_path2(self.ls2(self.mlp(self.norm2(tokens))))
+
+        if active is None:
+            return branch(x)
+        if self._really_skips():
+            return run_on_active(branch, x, active[..., 0] > 0)
+        return active * branch(x)
 
 
 def _size_bias(size: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -103,6 +157,8 @@ class TietaViTMixin:
     def forward(self, *args, **kwargs):
         if self.token_state is not None:
             self.token_state.reset()
+        if self.dispatch_state is not None:
+            self.dispatch_state.reset()
         return super().forward(*args, **kwargs)
 
     def pool(self, x: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tensor:
@@ -147,6 +203,7 @@ def patch_blocks(model: nn.Module) -> list[TietaBlock]:
     if not isinstance(model, TietaViTMixin):
         model.__class__ = _tieta_vit_class(type(model))
         model.token_state = None
+        model.dispatch_state = None
     blocks = []
     for block in model.blocks:
         if type(block) is Block:
@@ -155,6 +212,10 @@ def patch_blocks(model: nn.Module) -> list[TietaBlock]:
             block.pyra = None
             block.merge_r = 0
             block.token_state = None
+            block.dispatcher = None
+            block.mlp_dispatcher = None
+            block.dyt_variant = None
+            block.dispatch_state = None
             block.num_prefix_tokens = model.num_prefix_tokens
         blocks.append(block)
     return blocks

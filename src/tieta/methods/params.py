@@ -1,7 +1,8 @@
 """Which parameters belong to which method: freezing, counting and optimizer groups.
 
 Every method names its parameters recognisably (a contract that checkpoints and tools rely on):
-``lora_A`` / ``lora_B`` for LoRA, submodules called ``adapter`` and ``pyra`` for adapters and PYRA, and the classifier
+``lora_A`` / ``lora_B`` for LoRA, submodules called ``adapter``, ``pyra``, ``dispatcher`` and ``mlp_dispatcher`` for adapters,
+PYRA and DyT, and the classifier
 ``head`` (``head_dist`` for distilled ViTs). Everything else is the pretrained backbone.
 """
 
@@ -12,12 +13,12 @@ from typing import Iterator, Optional
 from torch import nn
 
 # submodule name -> group, for methods that live in a submodule of their own
-_MODULE_GROUPS = {"adapter": "adapter", "pyra": "pyra"}
+_MODULE_GROUPS = {"adapter": "adapter", "pyra": "pyra", "dispatcher": "dyt", "mlp_dispatcher": "dyt"}
 _HEAD_MODULES = ("head", "head_dist")
 
 
 def parameter_group(name: str) -> Optional[str]:
-    """The method a parameter belongs to ("lora", "adapter", "pyra", "head"), or None for the backbone.
+    """The method a parameter belongs to ("lora", "adapter", "pyra", "dyt", "head"), or None for the backbone.
 
     Args:
         name: a name from ``model.named_parameters()``, e.g. "blocks.3.attn.qkv.lora_A".

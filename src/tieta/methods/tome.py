@@ -204,9 +204,11 @@ def add_tome(model, r="low", prop_attn: bool = True):
     """
     # imported here: blocks.py builds on the functions above
     from tieta.methods.blocks import enable_token_merging
+    from tieta.methods.dyt import check_dispatch_with_merging
     from tieta.methods.schedules import resolve_schedule
 
     schedule = resolve_schedule(model, r)
     enable_token_merging(model, schedule, prop_attn)
+    check_dispatch_with_merging(model)
     model.token_schedule = schedule
     return model
