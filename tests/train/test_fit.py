@@ -91,3 +91,22 @@ def test_pyra_lora_run_records_schedule_and_tokens(vtab_task, tmp_path):
     with safe_open(str(tmp_path / "run" / "checkpoint.safetensors"), "pt") as handle:
         assert any(".pyra." in key for key in handle.keys())
     assert evaluate_checkpoint(tmp_path / "run")["acc"] == pytest.approx(summary["acc"])
+
+
+def test_dyt_run_trains_with_its_loss_and_reports_rates(vtab_task, tmp_path):
+    config = _config(vtab_task, method="dyt", **{"optim.epochs": 2, "dyt.adapter_dim": 2, "dyt.tau_end": 0.1,
+                                                  "img_size": 64})
+    summary = fit(config, tmp_path / "run")
+    epochs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [e["tau"] for e in epochs] == pytest.approx([5.0, 0.1])
+    assert len(summary["activation_rates"]) == 6 and 0 <= summary["activation_rate"] <= 1
+    with safe_open(str(tmp_path / "run" / "checkpoint.safetensors"), "pt") as handle:
+        keys = set(handle.keys())
+    assert any(".dispatcher." in k for k in keys) and any(".adapter." in k for k in keys)
+    assert evaluate_checkpoint(tmp_path / "run")["acc"] == pytest.approx(summary["acc"])
+
+
+def test_dyt_with_tome(vtab_task, tmp_path):
+    summary = fit(_config(vtab_task, method="tome+dyt", img_size=64,
+                          **{"merge.schedule": [3, 2], "optim.epochs": 1}), tmp_path / "run")
+    assert summary["token_counts"][:3] == [17, 14, 12] and "activation_rate" in summary

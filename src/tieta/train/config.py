@@ -51,6 +51,21 @@ class PyraConfig:
 
 
 @dataclass
+class DyTConfig:
+    """Dynamic Tuning: token dispatch with adapters (the DyT paper's defaults)."""
+
+    rho: float = 0.5  # target share of active tokens
+    variant: str = "mlp"  # "mlp", "attn", "attn_mlp" or "layer"
+    adapter_dim: int = 8
+    experts: int = 1  # > 1: MoE-adapter
+    tau: float = 5.0  # Gumbel-sigmoid temperature
+    tau_end: Optional[float] = None  # e.g. 0.1: anneal tau linearly over the epochs
+    rate_weight: float = 2.0
+    full_weight: float = 1.0
+    distill_weight: float = 1.0
+
+
+@dataclass
 class DataConfig:
     path: Optional[str] = None  # a VTAB-1k task folder or an image folder
     train_split: str = "train"  # train800val200 in VTAB-1k
@@ -83,6 +98,7 @@ class RunConfig:
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
     pyra: PyraConfig = field(default_factory=PyraConfig)
+    dyt: DyTConfig = field(default_factory=DyTConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval_every: int = 1  # epochs between evaluations on the eval split (the last epoch always)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -22,7 +22,8 @@ from tieta.methods.params import trainable_parameters
 from tieta.train.checkpoint import load_trained, read_checkpoint, save_checkpoint
 from tieta.methods.schedules import token_counts, vit_shape
 from tieta.train.config import RunConfig, from_dict, group_learning_rates, validate
-from tieta.train.loop import evaluate, train_one_epoch
+from tieta.methods.dyt import activation_rates, dyt_forward, dyt_loss
+from tieta.train.loop import cross_entropy_step, evaluate, train_one_epoch
 from tieta.train.model import build_model
 from tieta.train.optim import build_optimizer, lr_multiplier
 from tieta.train.rundir import CHECKPOINT, RunDir
@@ -52,14 +53,42 @@ def make_loader(dataset: ImageDataset, batch_size: int, shuffle: bool, seed: int
 
 
 def measure_cost(model: nn.Module, dataset: ImageDataset, normalize: nn.Module, device: torch.device,
-                 batch_size: int, bf16: bool) -> dict[str, float]:
-    """GFLOPs per image (on real evaluation images) and evaluation throughput."""
-    sample = normalize(torch.stack([dataset[i][0] for i in range(min(8, len(dataset)))]).to(device))
+                 batch_size: int, bf16: bool, flops_images: int = 64) -> dict[str, Any]:
+    """GFLOPs per image, averaged over real evaluation images (the executed path can depend on
+    them), evaluation throughput, and DyT's activation rates where it dispatches."""
+    step = max(1, len(dataset) // flops_images)
+    indices = list(range(0, len(dataset), step))[:flops_images]
+    sample = normalize(torch.stack([dataset[i][0] for i in indices]).to(device))
     flops = count_flops(model, sample)
     size = image_size_of(model)
     throughput = measure_throughput(model, size, batch_size, device, torch.bfloat16 if bf16 else None)
-    return {"gmacs": flops["gmacs"], "pyra_gflops": flops["pyra_gflops"], "eval_images_per_s": throughput,
+    cost = {"gmacs": flops["gmacs"], "pyra_gflops": flops["pyra_gflops"], "eval_images_per_s": throughput,
             "throughput_batch_size": batch_size}
+    if getattr(model, "dispatch_state", None) is not None:
+        rates = activation_rates(model, sample)
+        cost.update(activation_rates=rates, activation_rate=sum(rates) / len(rates))
+    return cost
+
+
+def training_objective(config: RunConfig) -> Callable:
+    """Cross-entropy, or DyT's loss (dynamic and full passes) when DyT is among the methods."""
+    if "dyt" not in config.methods:
+        return cross_entropy_step
+    weights = config.dyt
+
+    def dyt_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return dyt_loss(dyt_forward(model, images), labels, weights.rho, weights.rate_weight,
+                        weights.full_weight, weights.distill_weight)
+
+    return dyt_step
+
+
+def dispatch_temperature(config: RunConfig, epoch: int) -> float:
+    """DyT's tau for an epoch: fixed, or annealed linearly from tau to tau_end."""
+    start, end = config.dyt.tau, config.dyt.tau_end
+    if end is None or config.optim.epochs == 1:
+        return start
+    return start + (end - start) * epoch / (config.optim.epochs - 1)
 
 
 def merge_summary(model: nn.Module) -> dict[str, Any]:
@@ -106,10 +135,13 @@ def fit(config: RunConfig, output: str | Path, overwrite: bool = False) -> dict[
     resolved["data"]["path"] = str(task.root)
     run.start(resolved)
     best, last_eval = None, None
+    objective = training_objective(config)
     for epoch in tqdm(range(optim.epochs), desc="epochs", disable=None):
         record = {"epoch": epoch + 1}
+        if getattr(model, "dispatch_state", None) is not None:
+            model.dispatch_state.tau = record["tau"] = dispatch_temperature(config, epoch)
         record.update(train_one_epoch(model, train_loader, normalize, optimizer, lr_at, epoch * steps_per_epoch,
-                                      device, config.bf16, optim.clip_grad, description=f"epoch {epoch + 1}"))
+                                      device, config.bf16, optim.clip_grad, objective, f"epoch {epoch + 1}"))
         if (epoch + 1) % config.eval_every == 0 or epoch + 1 == optim.epochs:
             last_eval = evaluate(model, eval_loader, normalize, device, config.bf16)
             record.update(last_eval)

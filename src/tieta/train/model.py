@@ -10,6 +10,7 @@ from torch import nn
 from tieta.backbone import load_backbone
 from tieta.errors import TietaError
 from tieta.methods.adapter import add_adapter
+from tieta.methods.dyt import add_dyt
 from tieta.methods.lora import add_lora
 from tieta.methods.pyra import add_pyra
 from tieta.methods.tome import add_tome
@@ -22,6 +23,9 @@ METHODS: dict[str, Callable[[nn.Module, RunConfig], nn.Module]] = {
     "adapter": lambda model, config: add_adapter(model, **dataclasses.asdict(config.adapter)),
     "tome": lambda model, config: add_tome(model, merge_schedule(config), config.merge.prop_attn),
     "pyra": lambda model, config: add_pyra(model, merge_schedule(config), config.merge.prop_attn),
+    "dyt": lambda model, config: add_dyt(model, config.dyt.rho, config.dyt.variant, config.dyt.adapter_dim,
+                                         config.dyt.experts, config.dyt.tau, config.adapter.scale,
+                                         config.adapter.dropout),
 }
 
 
