@@ -115,3 +115,18 @@ def test_train_with_merging_flags(vtab_task, tmp_path):
 def test_schedule_too_large_is_refused(vtab_task, tmp_path):
     result = _run("flops", "--model", "test_vit", "--img-size", "64", "--method", "tome", "--schedule", "9")
     assert result.returncode == 2 and "at most 8" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_dyt_train_then_show_tokens(vtab_task, tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--img-size", "64", "--data", str(vtab_task), "--output", str(run),
+                 "--epochs", "1", "--batch-size", "4", "--method", "dyt", "--rho", "0.4",
+                 "--dyt-variant", "layer", "--experts", "2"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["method"] == "dyt" and len(summary["activation_rates"]) == 6
+    pictures = tmp_path / "pictures"
+    assert main(["show-tokens", str(run), "--count", "2", "--output", str(pictures)]) == 0
+    for name in ("activation_rates.png", "active_tokens.png"):
+        assert (pictures / name).read_bytes()[:4] == b"\x89PNG"
+    result = _run("show-tokens", str(run), "--output", str(pictures))
+    assert result.returncode == 2 and "already exists" in result.stderr

@@ -17,6 +17,7 @@ from tieta.measure.benchmark import benchmark
 from tieta.measure.flops import count_flops
 from tieta.measure.throughput import measure_throughput
 from tieta.methods.adapter import add_adapter
+from tieta.methods.dyt import activation_rates, add_dyt, dyt_forward, dyt_loss
 from tieta.methods.lora import add_lora, merge_lora
 from tieta.methods.params import freeze_backbone, trainable_parameters
 from tieta.methods.pyra import add_pyra
@@ -27,12 +28,16 @@ __version__ = "0.1.0"
 
 __all__ = [
     "TietaError",
+    "activation_rates",
     "add_adapter",
+    "add_dyt",
     "add_lora",
     "add_pyra",
     "add_tome",
     "benchmark",
     "count_flops",
+    "dyt_forward",
+    "dyt_loss",
     "freeze_backbone",
     "load_backbone",
     "measure_throughput",

@@ -29,6 +29,9 @@ FLAG_KEYS = {
     "adapter_dim": "adapter.dim",
     "schedule": "merge.schedule",
     "pyra_lr": "pyra.lr",
+    "rho": "dyt.rho",
+    "dyt_variant": "dyt.variant",
+    "experts": "dyt.experts",
     "seed": "seed",
     "device": "device",
     "eval_every": "eval_every",
@@ -40,7 +43,7 @@ def _add_config_arguments(parser: argparse.ArgumentParser, data_required: bool) 
     parser.add_argument("--model", help="timm model name (default vit_base_patch16_224)")
     parser.add_argument("--weights", help="weights file (.safetensors/.pth/.bin/.npz), 'random', or "
                         "'dinov2_vits14_saliency'; default: timm's published weights from the hub")
-    parser.add_argument("--method", help="methods joined by '+': lora, adapter, tome, pyra, e.g. pyra+lora (default lora)")
+    parser.add_argument("--method", help="methods joined by '+': lora, adapter, tome, pyra, dyt, e.g. pyra+lora (default lora)")
     parser.add_argument("--schedule", type=_schedule_value,
                         help="merge schedule for tome/pyra: low, high, an int r, or a list like [16,16,8] (default low)")
     parser.add_argument("--img-size", type=int, help="input resolution (default: the model's)")
@@ -50,6 +53,10 @@ def _add_config_arguments(parser: argparse.ArgumentParser, data_required: bool) 
                         help="any config setting, e.g. --set optim.lr_groups.head=1e-2 (repeatable)")
     parser.add_argument("--pyra-lr", type=_pyra_lr_value,
                         help="PYRA's lr: reference (the base lr, as the published runs), paper (1e-4) or a number")
+    parser.add_argument("--rho", type=float, help="DyT: target share of active tokens (default 0.5)")
+    parser.add_argument("--dyt-variant", choices=("mlp", "attn", "attn_mlp", "layer"),
+                        help="DyT: what inactive tokens skip (default mlp)")
+    parser.add_argument("--experts", type=int, help="DyT: adapter experts; > 1 makes an MoE-adapter (default 1)")
     if data_required is not None:
         parser.add_argument("--data", required=data_required, help="task folder: VTAB-1k layout or train/<class>/ folders")
 
@@ -140,7 +147,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from tieta.demo import BENCH_BATCH_SIZE, DEMO_SETTINGS
 
     print(f"tieta demo: DINOv2 ViT-S/14 (saliency-tuned) on ELPV solar cells, 4 classes, {DEMO_SETTINGS['img_size']} px, "
-          f"{summaries[0]['device']}; PYRA at the '{DEMO_SETTINGS['merge.schedule']}' merge schedule")
+          f"{summaries[0]['device']}; PYRA at the '{DEMO_SETTINGS['merge.schedule']}' merge schedule, "
+          f"DyT with MLP dispatch (rho 0.5)")
     print(f"eval img/s and speedup measured side by side at batch {BENCH_BATCH_SIZE}")
     _print_summary(summaries, demo=True)
     print(f"run folders: {output}")
@@ -166,10 +174,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_show_merges(args: argparse.Namespace) -> int:
-    import torch
-
-    from tieta.data.transforms import Normalize
-    from tieta.data.vtab import ImageDataset, open_task
     from tieta.report.visualize import merge_groups, save_merge_figure
     from tieta.train.fit import image_size_of, load_run_model, seed_everything
     from tieta.train.model import build_model
@@ -188,17 +192,54 @@ def cmd_show_merges(args: argparse.Namespace) -> int:
             config.method = "tome"
         seed_everything(config.seed)
         model = build_model(config, num_classes=1000)
-    task = open_task(args.data or config.data.path)
-    items = task.split(args.split)
-    step = max(1, len(items) // args.count)
-    chosen = items[::step][: args.count]
-    dataset = ImageDataset(chosen, image_size_of(model), max(label for _, label in chosen) + 1, cache=True)
-    images = torch.stack([dataset[i][0] for i in range(len(dataset))])
-    groups = merge_groups(model, Normalize(config.data.normalization)(images))
-    schedule = getattr(model, "token_schedule", [])
-    caption = f"{config.model} + {config.method}, r per block {schedule}"
-    save_merge_figure(images, groups, args.output, [path.name for path, _ in chosen], caption)
+    images, inputs, names = _sample_images(args.data or config.data.path, args.split, args.count,
+                                           image_size_of(model), config.data.normalization)
+    groups = merge_groups(model, inputs)
+    caption = f"{config.model} + {config.method}, r per block {getattr(model, 'token_schedule', [])}"
+    save_merge_figure(images, groups, args.output, names, caption)
     print(f"wrote {args.output}")
+    return 0
+
+
+def _sample_images(task_dir: str, split: str, count: int, image_size: int, normalization: str):
+    """A few evenly spaced images of a split: (uint8 images, normalised images, their paths)."""
+    import torch
+
+    from tieta.data.transforms import Normalize
+    from tieta.data.vtab import ImageDataset, open_task
+
+    items = open_task(task_dir).split(split)
+    chosen = items[:: max(1, len(items) // count)][:count]
+    dataset = ImageDataset(chosen, image_size, max(label for _, label in chosen) + 1, cache=True)
+    images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    return images, Normalize(normalization)(images), [path.name for path, _ in chosen]
+
+
+def cmd_show_tokens(args: argparse.Namespace) -> int:
+    from tieta.report.visualize import dispatch_masks, save_active_tokens, save_rate_chart
+    from tieta.train.fit import image_size_of, load_run_model
+
+    rates_png, tokens_png = args.output / "activation_rates.png", args.output / "active_tokens.png"
+    for path in (rates_png, tokens_png):
+        if path.exists() and not args.overwrite:
+            raise TietaError(f"{path} already exists; pick another --output or pass --overwrite")
+    model, config, _ = load_run_model(args.run)
+    if getattr(model, "dispatch_state", None) is None:
+        raise TietaError(f"the run {args.run} has no DyT dispatchers (method {config.method})")
+    images, inputs, names = _sample_images(args.data or config.data.path, args.split, args.count,
+                                           image_size_of(model), config.data.normalization)
+    masks = dispatch_masks(model, inputs)
+    rates = [float(mask.float().mean()) for mask in masks]
+    caption = f"{config.model} + {config.method} ({config.dyt.variant} dispatch), {len(names)} {args.split} images"
+    save_rate_chart(rates, rates_png, caption)
+    written = [rates_png]
+    if getattr(model, "token_state", None) is None:
+        layers = sorted({round(i * (len(masks) - 1) / 3) for i in range(4)})
+        save_active_tokens(images, masks, tuple(model.patch_embed.grid_size), tokens_png, layers, caption)
+        written.append(tokens_png)
+    else:
+        print("tokens are merged in this model, so they no longer map to patches: no active-token picture")
+    print("wrote " + ", ".join(str(p) for p in written))
     return 0
 
 
@@ -253,6 +294,15 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--output", type=Path, default=Path("merges.png"), help="PNG to write (default merges.png)")
     show.add_argument("--overwrite", action="store_true", help="replace an existing PNG")
     show.set_defaults(func=cmd_show_merges)
+
+    tokens = sub.add_parser("show-tokens", help="DyT: activation rate per layer and active tokens over images (PNGs)")
+    tokens.add_argument("run", type=Path, help="a trained DyT run folder")
+    tokens.add_argument("--data", help="task folder for the images (default: the run's)")
+    tokens.add_argument("--split", default="test", help="split to take images from (default test)")
+    tokens.add_argument("--count", type=int, default=4, help="number of images (default 4)")
+    tokens.add_argument("--output", type=Path, default=Path("."), help="folder for the two PNGs (default .)")
+    tokens.add_argument("--overwrite", action="store_true", help="replace existing PNGs")
+    tokens.set_defaults(func=cmd_show_tokens)
 
     demo = sub.add_parser("demo", help="the built-in default: fine-tune on offline assets (no arguments needed)")
     demo.add_argument("--output", type=Path, help="folder for the run folders (default: a new one under $TIETA_HOME/demo)")

@@ -31,7 +31,7 @@ DEMO_SETTINGS: dict[str, Any] = {
     "eval_every": 2,
 }
 # (run folder, method): the rows of the demo's comparison; the first is the speedup's baseline
-DEMO_RUNS = (("lora", "lora"), ("pyra-lora", "pyra+lora"))
+DEMO_RUNS = (("lora", "lora"), ("pyra-lora", "pyra+lora"), ("dyt", "dyt"))
 BENCH_BATCH_SIZE = 32
 
 

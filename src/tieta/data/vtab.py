@@ -12,6 +12,7 @@ ImageFolder layout::
 
 from __future__ import annotations
 
+import functools
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +71,7 @@ def open_task(path: str | Path) -> Task:
         root = root.parent / TASK_ALIASES[root.name]
     if not root.is_dir():
         raise TietaError(f"data folder {path} does not exist")
+    root = root.resolve()  # run configs record it, and must still find it from another folder
     if (root / VTAB_SPLITS["train"]).is_file() or (root / VTAB_SPLITS["train800"]).is_file():
         labels = [label for file in sorted(set(VTAB_SPLITS.values())) if (root / file).is_file()
                   for _, label in _read_list(root, root / file)]
@@ -126,6 +128,19 @@ def _read_folder_split(root: Path, split: str, classes: list[str]) -> list[tuple
     return items
 
 
+@functools.lru_cache(maxsize=2)
+def _decode_all(paths: tuple[Path, ...], image_size: int, description: str) -> torch.Tensor:
+    """All images of a split, resized, as one (n, 3, S, S) uint8 tensor; the last two splits decoded
+    stay in memory, so runs one after another in one process (the demo) decode them once.
+    (Images are read-only here: nothing writes into the returned tensor.)"""
+    images = torch.empty(len(paths), 3, image_size, image_size, dtype=torch.uint8)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        decoded = pool.map(lambda path: load_resized(path, image_size), paths)
+        for index, image in enumerate(tqdm(decoded, total=len(paths), desc=description, leave=False, disable=None)):
+            images[index] = image
+    return images
+
+
 class ImageDataset(Dataset):
     """(uint8 image (3, S, S), label) pairs, decoded once and kept in memory when ``cache`` is set.
 
@@ -151,11 +166,7 @@ class ImageDataset(Dataset):
         self.labels = torch.tensor([label for _, label in items])
         self.images: Optional[torch.Tensor] = None
         if cache:
-            self.images = torch.empty(len(items), 3, image_size, image_size, dtype=torch.uint8)
-            with ThreadPoolExecutor(max_workers=4) as pool:
-                decoded = pool.map(lambda item: load_resized(item[0], image_size), items)
-                for index, image in enumerate(tqdm(decoded, total=len(items), desc=description, leave=False, disable=None)):
-                    self.images[index] = image
+            self.images = _decode_all(tuple(path for path, _ in items), image_size, description)
 
     def __len__(self) -> int:
         return len(self.items)

@@ -47,6 +47,37 @@ def train_models(name: str, img_size: Optional[int], schedules: list[str], rank:
     return models
 
 
+@torch.inference_mode()
+def calibrate_dispatchers(model: nn.Module, images: torch.Tensor, rho: float) -> nn.Module:
+    """Set each DyT dispatcher's bias so that a share ``rho`` of the patch tokens of ``images`` is
+    active in every layer: random weights then dispatch like a trained model that met its target."""
+    model.eval()
+    for block in model.blocks:
+        inputs = []
+        handle = block.dispatcher.register_forward_hook(lambda module, args, out: inputs.append(out))
+        model(images)
+        handle.remove()
+        logits = inputs[0].flatten() - block.dispatcher.bias
+        block.dispatcher.bias.fill_(-float(torch.quantile(logits, 1 - rho)))
+    return model
+
+
+def dyt_models(name: str, img_size: Optional[int], rho: float = 0.5, adapter_dim: int = 8,
+               batch_size: int = 32) -> dict[str, nn.Module]:
+    """The dense adapter model (the baseline), DyT (MLP dispatch) and DyT + ToMe ("low")."""
+    from tieta.methods.adapter import add_adapter
+    from tieta.methods.dyt import add_dyt
+
+    probe = _vit(name, img_size)
+    size = int(probe.patch_embed.img_size[0])
+    images = torch.randn(batch_size, 3, size, size, generator=torch.Generator().manual_seed(1))
+    dyt = calibrate_dispatchers(add_dyt(_vit(name, img_size), rho=rho, adapter_dim=adapter_dim), images, rho)
+    both = calibrate_dispatchers(add_tome(add_dyt(_vit(name, img_size), rho=rho, adapter_dim=adapter_dim), "low"),
+                                 images, rho)
+    return {"adapter": add_adapter(_vit(name, img_size), dim=adapter_dim), "dyt": dyt, "dyt+tome low": both,
+            "adapter+tome low": add_tome(add_adapter(_vit(name, img_size), dim=adapter_dim), "low")}
+
+
 def run_suite(model: str, img_size: Optional[int], batch_size: int, dtype: str, schedules: list[str],
               rounds: int, train: bool, device: str = "cpu") -> list[dict]:
     """Rows of the benchmark table, with each merged schedule's shape-limited ceiling (evaluation)."""

@@ -171,13 +171,14 @@ class TietaViTMixin:
         return (x[:, prefix:] * weights).sum(dim=1) / weights.sum(dim=1)
 
 
-_VIT_CLASSES: dict[type, type] = {}
+_MIXED_CLASSES: dict[tuple[type, type], type] = {}
 
 
-def _tieta_vit_class(cls: type) -> type:
-    if cls not in _VIT_CLASSES:
-        _VIT_CLASSES[cls] = type(f"Tieta{cls.__name__}", (TietaViTMixin, cls), {"__module__": __name__})
-    return _VIT_CLASSES[cls]
+def mixed_class(mixin: type, cls: type, prefix: str) -> type:
+    """``class <prefix><cls>(mixin, cls)``, made once per pair (for in-place class swaps)."""
+    if (mixin, cls) not in _MIXED_CLASSES:
+        _MIXED_CLASSES[mixin, cls] = type(f"{prefix}{cls.__name__}", (mixin, cls), {"__module__": __name__})
+    return _MIXED_CLASSES[mixin, cls]
 
 
 def check_vit(model: nn.Module) -> None:
@@ -201,7 +202,7 @@ def patch_blocks(model: nn.Module) -> list[TietaBlock]:
     """
     check_vit(model)
     if not isinstance(model, TietaViTMixin):
-        model.__class__ = _tieta_vit_class(type(model))
+        model.__class__ = mixed_class(TietaViTMixin, type(model), "Tieta")
         model.token_state = None
         model.dispatch_state = None
     blocks = []
@@ -234,15 +235,10 @@ class KeepKeys:
         return self.tieta_keys
 
 
-_KEEP_KEYS_CLASSES: dict[type, type] = {}
-
-
 def _keep_keys(module: nn.Module, keep: bool) -> None:
     cls = type(module)
     if keep and not isinstance(module, KeepKeys):
-        if cls not in _KEEP_KEYS_CLASSES:
-            _KEEP_KEYS_CLASSES[cls] = type(f"KeepKeys{cls.__name__}", (KeepKeys, cls), {"__module__": __name__})
-        module.__class__ = _KEEP_KEYS_CLASSES[cls]
+        module.__class__ = mixed_class(KeepKeys, cls, "KeepKeys")
         module.tieta_keys = None
     elif not keep and isinstance(module, KeepKeys):
         module.__class__ = cls.__mro__[2]  # the original class, after KeepKeys

@@ -37,7 +37,7 @@ SUMMARY_COLUMNS = (
     ("gmacs", "GFLOPs (MACs/1e9)", ".3f"),
     ("eval_images_per_s", "eval img/s", ".1f"),
 )
-DEMO_COLUMNS = SUMMARY_COLUMNS + (("speedup", "speedup", ".2f"),)
+DEMO_COLUMNS = SUMMARY_COLUMNS + (("speedup", "speedup", ".2f"), ("activation_rate", "active tokens", ".2f"))
 
 BENCH_COLUMNS = (
     ("name", "model", ""),

@@ -99,3 +99,74 @@ def save_merge_figure(images: torch.Tensor, groups: torch.Tensor, path: Path, ti
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+@torch.inference_mode()
+def dispatch_masks(model: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
+    """DyT's evaluation masks for ``images``: one (B, N_patch) bool tensor per dispatcher, in block order."""
+    state = getattr(model, "dispatch_state", None)
+    if state is None:
+        raise TietaError("this model has no DyT dispatchers")
+    was_training = model.training
+    model.eval()
+    try:
+        model(images)
+        return [mask > 0 for mask in state.masks]
+    finally:
+        model.train(was_training)
+
+
+def save_rate_chart(rates: Sequence[float], path: Path, caption: str = "") -> None:
+    """Bar chart of the share of active tokens per dispatcher (as the DyT paper's Figure 5)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(max(4, 0.45 * len(rates) + 1.5), 3))
+    axis.bar(range(1, len(rates) + 1), rates, color="#4C72B0")
+    axis.set_xlabel("dispatcher (block order)")
+    axis.set_ylabel("active tokens")
+    axis.set_ylim(0, 1)
+    axis.set_xticks(range(1, len(rates) + 1))
+    if caption:
+        axis.set_title(textwrap.fill(caption, 70), fontsize=8)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def save_active_tokens(images: torch.Tensor, masks: list[torch.Tensor], grid: tuple[int, int], path: Path,
+                       layers: Sequence[int], caption: str = "") -> None:
+    """Active tokens over sample images (as the DyT paper's Figure 6): inactive patches greyed out.
+
+    Args:
+        images: (B, 3, S, S) uint8; masks: per dispatcher (B, gh * gw) bool; layers: which to show.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    count = images.shape[0]
+    figure, axes = plt.subplots(count, len(layers) + 1, figsize=(2.2 * (len(layers) + 1), 2.2 * count), squeeze=False)
+    for row in range(count):
+        picture = images[row].permute(1, 2, 0).numpy().astype(np.float32)
+        axes[row, 0].imshow(picture.astype(np.uint8))
+        axes[row, 0].set_title("input", fontsize=8)
+        for column, layer in enumerate(layers, start=1):
+            active = masks[layer][row].view(grid).numpy()
+            cells = np.kron(active, np.ones((picture.shape[0] // grid[0], picture.shape[1] // grid[1]), dtype=bool))
+            shown = picture.copy()
+            shown[~cells] = shown[~cells] * 0.15 + 255 * 0.25
+            axes[row, column].imshow(shown.astype(np.uint8))
+            axes[row, column].set_title(f"dispatcher {layer + 1}: {active.mean():.0%} active", fontsize=8)
+    for axis in axes.flat:
+        axis.axis("off")
+    if caption:
+        figure.suptitle(textwrap.fill(caption, 90), fontsize=8)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

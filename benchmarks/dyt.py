@@ -1,0 +1,63 @@
+"""DyT throughput on this machine: the dense model with the same adapter vs DyT (rho 0.5, MLP
+dispatch, real skipping) vs DyT + ToMe, evaluation at batch 32 and 1, on ViT-S/16 and ViT-B/16
+shapes, each measured side by side in one interleaved run. Dispatchers are calibrated so that
+half of the tokens are active in every layer (random weights otherwise).
+
+    python benchmarks/dyt.py --output benchmarks/results/dyt_cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import timm
+import torch
+
+from tieta.measure.bench_suite import dyt_models
+from tieta.measure.benchmark import benchmark
+from tieta.report.tables import BENCH_COLUMNS, format_table
+
+SETTINGS = [  # (model, batch size, rounds)
+    ("vit_small_patch16_224", 32, 5),
+    ("vit_small_patch16_224", 1, 9),
+    ("vit_base_patch16_224", 32, 3),
+    ("vit_base_patch16_224", 1, 7),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output", type=Path, required=True, help="path without suffix for .md and .json")
+    args = parser.parse_args()
+    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    sections, raw = [], {}
+    for model, batch_size, rounds in SETTINGS:
+        started = time.perf_counter()
+        rows = benchmark(dyt_models(model, None), batch_size=batch_size, rounds=rounds)
+        title = f"{model}, evaluation, batch {batch_size}"
+        sections.append(f"## {title}\n\n```\n{format_table(rows, BENCH_COLUMNS[:6])}\n```\n"
+                        f"({rounds} interleaved rounds, {time.perf_counter() - started:.0f} s)\n")
+        raw[title] = rows
+        print(sections[-1], flush=True)
+    header = (
+        "# DyT throughput, fp32, cpu\n\n"
+        f"Command: `{command}`\n\n"
+        f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; "
+        f"torch {torch.__version__}, timm {timm.__version__}; {time.strftime('%Y-%m-%d')}\n\n"
+        "GMACs: the executed path (inactive tokens skip the MLP), averaged over the benchmark batch. "
+        "speedup: median over rounds of (img/s / the dense adapter model's img/s), measured in turn within "
+        "each round. efficiency = speedup x FLOPs ratio.\n\n"
+    )
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.with_suffix(".md").write_text(header + "\n".join(sections))
+    args.output.with_suffix(".json").write_text(json.dumps({"command": command, "results": raw}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
