@@ -9,18 +9,12 @@ half of the tokens are active in every layer (random weights otherwise).
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import shlex
-import sys
 import time
 from pathlib import Path
 
-import timm
-import torch
-
 from tieta.measure.bench_suite import dyt_models
 from tieta.measure.benchmark import benchmark
+from tieta.report.bench_report import section, write_report
 from tieta.report.tables import BENCH_COLUMNS, format_table
 
 SETTINGS = [  # (model, batch size, rounds)
@@ -35,28 +29,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", type=Path, required=True, help="path without suffix for .md and .json")
     args = parser.parse_args()
-    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     sections, raw = [], {}
     for model, batch_size, rounds in SETTINGS:
         started = time.perf_counter()
         rows = benchmark(dyt_models(model, None), batch_size=batch_size, rounds=rounds)
         title = f"{model}, evaluation, batch {batch_size}"
-        sections.append(f"## {title}\n\n```\n{format_table(rows, BENCH_COLUMNS[:6])}\n```\n"
-                        f"({rounds} interleaved rounds, {time.perf_counter() - started:.0f} s)\n")
+        sections.append(section(title, format_table(rows, BENCH_COLUMNS[:6]), rounds, time.perf_counter() - started))
         raw[title] = rows
         print(sections[-1], flush=True)
-    header = (
-        "# DyT throughput, fp32, cpu\n\n"
-        f"Command: `{command}`\n\n"
-        f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; "
-        f"torch {torch.__version__}, timm {timm.__version__}; {time.strftime('%Y-%m-%d')}\n\n"
+    write_report(args.output, "DyT throughput, fp32, cpu", (
         "GMACs: the executed path (inactive tokens skip the MLP), averaged over the benchmark batch. "
         "speedup: median over rounds of (img/s / the dense adapter model's img/s), measured in turn within "
-        "each round. efficiency = speedup x FLOPs ratio.\n\n"
-    )
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.with_suffix(".md").write_text(header + "\n".join(sections))
-    args.output.with_suffix(".json").write_text(json.dumps({"command": command, "results": raw}, indent=2) + "\n")
+        "each round. efficiency = speedup x FLOPs ratio."), sections, raw)
 
 
 if __name__ == "__main__":

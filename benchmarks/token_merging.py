@@ -8,17 +8,11 @@ interleaved run. Writes a Markdown report (and the raw rows as JSON) with the co
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import shlex
-import sys
 import time
 from pathlib import Path
 
-import timm
-import torch
-
 from tieta.measure.bench_suite import run_suite
+from tieta.report.bench_report import section, write_report
 from tieta.report.tables import BENCH_COLUMNS, format_table
 
 SETTINGS = [
@@ -36,30 +30,19 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--output", type=Path, required=True, help="path without suffix for .md and .json")
     args = parser.parse_args()
-    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     sections, raw = [], {}
     for title, batch_size, train, rounds in SETTINGS:
         started = time.perf_counter()
         rows = run_suite(args.model, None, batch_size, args.dtype, ["low", "high"], rounds, train, args.device)
         columns = BENCH_COLUMNS[:5] if train else BENCH_COLUMNS
-        sections.append(f"## {title}\n\n```\n{format_table(rows, columns)}\n```\n"
-                        f"({rounds} interleaved rounds, {time.perf_counter() - started:.0f} s)\n")
+        sections.append(section(title, format_table(rows, columns), rounds, time.perf_counter() - started))
         raw[title] = rows
         print(sections[-1], flush=True)
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or platform.machine()
-    header = (
-        f"# Token merging throughput: {args.model}, {args.dtype}, {args.device}\n\n"
-        f"Command: `{command}`\n\n"
-        f"Machine: {device}, {torch.get_num_threads()} threads; torch {torch.__version__}, timm {timm.__version__}; "
-        f"{time.strftime('%Y-%m-%d')}\n\n"
+    write_report(args.output, f"Token merging throughput: {args.model}, {args.dtype}, {args.device}", (
         "speedup: median over rounds of (model img/s / first row's img/s), measured in turn within each round. "
         "efficiency = speedup x FLOPs ratio (1.0: every saved FLOP became time). ceiling: the model's own "
         "attention and MLP timed at the token counts the schedule leaves, with merging free; it shows what "
-        "the hardware gives for small token counts.\n\n"
-    )
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.with_suffix(".md").write_text(header + "\n".join(sections))
-    args.output.with_suffix(".json").write_text(json.dumps({"command": command, "results": raw}, indent=2) + "\n")
+        "the hardware gives for small token counts."), sections, raw, args.device)
 
 
 if __name__ == "__main__":

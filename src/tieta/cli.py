@@ -216,7 +216,8 @@ def _sample_images(task_dir: str, split: str, count: int, image_size: int, norma
 
 
 def cmd_show_tokens(args: argparse.Namespace) -> int:
-    from tieta.report.visualize import dispatch_masks, save_active_tokens, save_rate_chart
+    from tieta.methods.dyt import evaluation_masks
+    from tieta.report.visualize import save_active_tokens, save_rate_chart
     from tieta.train.fit import image_size_of, load_run_model
 
     rates_png, tokens_png = args.output / "activation_rates.png", args.output / "active_tokens.png"
@@ -228,7 +229,7 @@ def cmd_show_tokens(args: argparse.Namespace) -> int:
         raise TietaError(f"the run {args.run} has no DyT dispatchers (method {config.method})")
     images, inputs, names = _sample_images(args.data or config.data.path, args.split, args.count,
                                            image_size_of(model), config.data.normalization)
-    masks = dispatch_masks(model, inputs)
+    masks = evaluation_masks(model, inputs)
     rates = [float(mask.float().mean()) for mask in masks]
     caption = f"{config.model} + {config.method} ({config.dyt.variant} dispatch), {len(names)} {args.split} images"
     save_rate_chart(rates, rates_png, caption)

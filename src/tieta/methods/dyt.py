@@ -255,9 +255,9 @@ def dyt_loss(
 
 
 @torch.inference_mode()
-def activation_rates(model: nn.Module, images: torch.Tensor) -> list[float]:
-    """Share of active patch tokens at each dispatcher (block order; "attn_mlp" has two per block),
-    averaged over ``images`` in evaluation mode."""
+def evaluation_masks(model: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
+    """DyT's evaluation decisions for ``images``: one (B, N_patch) bool tensor per dispatcher, in
+    block order ("attn_mlp" has two per block)."""
     state = getattr(model, "dispatch_state", None)
     if state is None:
         raise TietaError("this model has no DyT dispatchers")
@@ -265,6 +265,11 @@ def activation_rates(model: nn.Module, images: torch.Tensor) -> list[float]:
     model.eval()
     try:
         model(images)
-        return [float(mask.float().mean()) for mask in state.masks]
+        return [mask > 0 for mask in state.masks]
     finally:
         model.train(was_training)
+
+
+def activation_rates(model: nn.Module, images: torch.Tensor) -> list[float]:
+    """Share of active patch tokens at each dispatcher, averaged over ``images`` in evaluation mode."""
+    return [float(mask.float().mean()) for mask in evaluation_masks(model, images)]

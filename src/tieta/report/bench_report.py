@@ -1,0 +1,40 @@
+"""Benchmark reports: Markdown with the exact command and the machine, plus the raw rows as JSON."""
+
+from __future__ import annotations
+
+import json
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+
+
+def invoked_command() -> str:
+    """The command line that is running, as a user would retype it."""
+    return "python " + " ".join(shlex.quote(argument) for argument in sys.argv)
+
+
+def section(title: str, table: str, rounds: int, seconds: float) -> str:
+    """One Markdown section: a heading and the table, with how it was timed."""
+    return f"## {title}\n\n```\n{table}\n```\n({rounds} interleaved rounds, {seconds:.0f} s)\n"
+
+
+def write_report(output: Path, title: str, explanation: str, sections: list[str], raw: dict[str, Any],
+                 device: str = "cpu") -> None:
+    """Write ``output``.md (title, command, machine, explanation, sections) and ``output``.json."""
+    machine = torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or platform.machine()
+    header = (
+        f"# {title}\n\n"
+        f"Command: `{invoked_command()}`\n\n"
+        f"Machine: {machine}, {torch.get_num_threads()} threads; torch {torch.__version__}, "
+        f"timm {timm.__version__}; {time.strftime('%Y-%m-%d')}\n\n"
+        f"{explanation}\n\n"
+    )
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.with_suffix(".md").write_text(header + "\n".join(sections))
+    output.with_suffix(".json").write_text(json.dumps({"command": invoked_command(), "results": raw}, indent=2) + "\n")
