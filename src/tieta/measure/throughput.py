@@ -24,18 +24,24 @@ def measure_throughput(
     warmup: int = 2,
     min_seconds: float = 2.0,
     max_steps: int = 50,
+    images: Optional[torch.Tensor] = None,
 ) -> float:
-    """Images per second of ``model`` in eval mode on random (batch_size, 3, S, S) inputs.
+    """Images per second of ``model`` in eval mode on (batch_size, 3, S, S) inputs.
 
     Args:
         dtype: None for float32, or e.g. torch.bfloat16 for autocast.
         warmup: untimed passes first (allocator, kernels' first-call costs).
         min_seconds / max_steps: time at least this long (and at least 3 steps) but no more steps.
+        images: the inputs (repeated up to batch_size), for models whose cost depends on them;
+            random ones by default.
     """
     device = torch.device(device)
     was_training = model.training
     model.eval()
-    images = torch.randn(batch_size, 3, image_size, image_size, device=device)
+    if images is None:
+        images = torch.randn(batch_size, 3, image_size, image_size, device=device)
+    else:
+        images = images.to(device).repeat((batch_size + len(images) - 1) // len(images), 1, 1, 1)[:batch_size]
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
     try:
         with autocast:

@@ -14,15 +14,15 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from tieta.data.transforms import Normalize
-from tieta.errors import TietaError
 from tieta.data.vtab import ImageDataset, Task, open_task
+from tieta.errors import TietaError
 from tieta.measure.flops import count_flops
 from tieta.measure.throughput import measure_throughput
-from tieta.methods.params import trainable_parameters
-from tieta.train.checkpoint import load_trained, read_checkpoint, save_checkpoint
-from tieta.methods.schedules import token_counts, vit_shape
-from tieta.train.config import RunConfig, from_dict, group_learning_rates, validate
 from tieta.methods.dyt import activation_rates, dyt_forward, dyt_loss
+from tieta.methods.params import trainable_parameters
+from tieta.methods.schedules import token_counts, vit_shape
+from tieta.train.checkpoint import load_trained, read_checkpoint, save_checkpoint
+from tieta.train.config import RunConfig, from_dict, group_learning_rates, validate
 from tieta.train.loop import cross_entropy_step, evaluate, train_one_epoch
 from tieta.train.model import build_model
 from tieta.train.optim import build_optimizer, lr_multiplier
@@ -61,7 +61,9 @@ def measure_cost(model: nn.Module, dataset: ImageDataset, normalize: nn.Module, 
     sample = normalize(torch.stack([dataset[i][0] for i in indices]).to(device))
     flops = count_flops(model, sample)
     size = image_size_of(model)
-    throughput = measure_throughput(model, size, batch_size, device, torch.bfloat16 if bf16 else None)
+    # real images: where DyT dispatches, what it skips (and so the speed) depends on them
+    throughput = measure_throughput(model, size, batch_size, device, torch.bfloat16 if bf16 else None,
+                                    images=sample[:batch_size])
     cost = {"gmacs": flops["gmacs"], "pyra_gflops": flops["pyra_gflops"], "eval_images_per_s": throughput,
             "throughput_batch_size": batch_size}
     if getattr(model, "dispatch_state", None) is not None:
