@@ -116,6 +116,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_flops(args: argparse.Namespace) -> int:
     import torch
 
+    from tieta.measure.flops import count_flops
     from tieta.methods.params import trainable_parameters
     from tieta.train.fit import image_size_of, merge_summary
     from tieta.train.model import build_model
@@ -123,8 +124,6 @@ def cmd_flops(args: argparse.Namespace) -> int:
     config = _config_from(args)
     model = build_model(config, args.num_classes, weights="random")  # costs do not depend on weights
     size = image_size_of(model)
-    from tieta.measure.flops import count_flops
-
     flops = count_flops(model, torch.randn(1, 3, size, size))
     trainable, total = trainable_parameters(model)
     print(f"{config.model} + {config.method} at {size} px, per image:")
@@ -135,6 +134,9 @@ def cmd_flops(args: argparse.Namespace) -> int:
     if summary:
         print(f"  merge schedule (r per block): {summary['schedule']}")
         print(f"  tokens entering each block, then leaving the last: {summary['token_counts']}")
+    if "dyt" in config.methods:
+        print("  DyT's cost depends on the images and the trained dispatchers: this is one random image with "
+              "untrained ones; a trained run's summary.json counts the executed path on real test images")
     return 0
 
 
