@@ -21,7 +21,7 @@ from tieta.train.fit import fit, load_run_model
 DEMO_SETTINGS: dict[str, Any] = {
     "model": assets.SALIENCY_DINOV2_VITS14_MODEL,
     "weights": assets.SALIENCY_DINOV2_VITS14,
-    "img_size": 84,  # 6 x 6 patches of 14 px
+    "img_size": 70,  # 5 x 5 patches of 14 px
     "lora.rank": 4,  # the papers' rank for ViT-S
     "merge.schedule": "low",
     "optim.epochs": 2,
