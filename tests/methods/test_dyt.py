@@ -8,6 +8,14 @@ from tieta.methods.adapter import Adapter, MoEAdapter
 from tieta.methods.dyt import VARIANTS, activation_rates, add_dyt, dispatch_mask, dyt_forward, dyt_loss
 from tests.conftest import make_vit
 
+def _assert_real_skipping_equals_masked(model, x):
+    with torch.no_grad():
+        model.dispatch_state.real_skip = False
+        masked = model(x)
+        model.dispatch_state.real_skip = True
+        torch.testing.assert_close(model(x), masked, rtol=1e-5, atol=1e-5)
+
+
 def _randomise(model, seed=0):
     """Trained-looking DyT: non-zero adapters and dispatchers that keep about half the tokens."""
     torch.manual_seed(seed)
@@ -23,14 +31,9 @@ def _randomise(model, seed=0):
 def test_real_skipping_equals_masked_computation(vit_variant, variant, batch):
     model = _randomise(add_dyt(make_vit(vit_variant), variant=variant, adapter_dim=4))
     x = torch.randn(batch, 3, 32, 32)
-    with torch.no_grad():
-        model.dispatch_state.real_skip = False
-        masked = model(x)
-        model.dispatch_state.real_skip = True
-        real = model(x)
     rates = activation_rates(model, x)
     assert 0 < min(rates) and max(rates) < 1, "the test needs some skipped and some active tokens"
-    torch.testing.assert_close(real, masked, rtol=1e-5, atol=1e-5)
+    _assert_real_skipping_equals_masked(model, x)
 
 
 def test_full_network_is_the_dense_adapter_model(vit_variant):
@@ -113,12 +116,7 @@ def test_moe_adapter_mixes_expert_weights_per_image():
 def test_moe_variant_counts_and_skips():
     model = _randomise(add_dyt(make_vit("plain"), experts=4, adapter_dim=4))
     assert isinstance(model.blocks[0].adapter, MoEAdapter)
-    x = torch.randn(3, 3, 32, 32)
-    with torch.no_grad():
-        model.dispatch_state.real_skip = False
-        masked = model(x)
-        model.dispatch_state.real_skip = True
-        torch.testing.assert_close(model(x), masked)
+    _assert_real_skipping_equals_masked(model, torch.randn(3, 3, 32, 32))
 
 
 def test_flops_count_the_executed_path():
@@ -135,12 +133,7 @@ def test_flops_count_the_executed_path():
 
 def test_with_tome_merging_and_dispatch_share_blocks():
     model = _randomise(tieta.add_tome(add_dyt(make_vit("plain"), adapter_dim=4), r=[3, 2, 1]))
-    x = torch.randn(3, 3, 32, 32)
-    with torch.no_grad():
-        model.dispatch_state.real_skip = False
-        masked = model(x)
-        model.dispatch_state.real_skip = True
-        torch.testing.assert_close(model(x), masked)
+    _assert_real_skipping_equals_masked(model, torch.randn(3, 3, 32, 32))
     assert [m.shape[1] for m in model.dispatch_state.masks] == [13, 11, 10]  # dispatch after each merge
     with pytest.raises(TietaError, match="merging"):
         tieta.add_tome(add_dyt(make_vit("plain"), variant="attn"), r=2)
