@@ -6,9 +6,10 @@ The public verbs, each usable on its own and composable::
     model = tieta.load_backbone("vit_base_patch16_224", num_classes=10)
     tieta.add_lora(model, rank=8)           # or tieta.add_adapter(model, dim=8)
     tieta.add_pyra(model, r="low")          # token merging with PYRA (tieta.add_tome: plain ToMe)
+    # or, for dynamic token skipping: tieta.add_dyt(model, rho=0.5) with tieta.dyt_loss in training
     tieta.freeze_backbone(model)
     tieta.trainable_parameters(model)      # (trainable, total)
-    tieta.merge_lora(model)                # after training: a plain timm model again
+    tieta.merge_lora(model)                # after training: LoRA folded into the qkv weights
 """
 
 from tieta.backbone import load_backbone
