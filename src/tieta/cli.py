@@ -75,6 +75,12 @@ def _pyra_lr_value(text: str):
         return text
 
 
+def _add_image_sample_arguments(parser: argparse.ArgumentParser, overwrite_help: str) -> None:
+    parser.add_argument("--split", default="test", help="split to take images from (default test)")
+    parser.add_argument("--count", type=int, default=4, help="number of images (default 4)")
+    parser.add_argument("--overwrite", action="store_true", help=overwrite_help)
+
+
 def _config_from(args: argparse.Namespace):
     from tieta.train.config import load_config, parse_override
 
@@ -292,19 +298,15 @@ def build_parser() -> argparse.ArgumentParser:
     show = sub.add_parser("show-merges", help="paint each final token's patch group over a few images (PNG)")
     _add_config_arguments(show, data_required=False)
     show.add_argument("--run", type=Path, help="a trained run folder (its model, schedule and data)")
-    show.add_argument("--split", default="test", help="split to take images from (default test)")
-    show.add_argument("--count", type=int, default=4, help="number of images (default 4)")
+    _add_image_sample_arguments(show, "replace an existing PNG")
     show.add_argument("--output", type=Path, default=Path("merges.png"), help="PNG to write (default merges.png)")
-    show.add_argument("--overwrite", action="store_true", help="replace an existing PNG")
     show.set_defaults(func=cmd_show_merges)
 
     tokens = sub.add_parser("show-tokens", help="DyT: activation rate per layer and active tokens over images (PNGs)")
     tokens.add_argument("run", type=Path, help="a trained DyT run folder")
     tokens.add_argument("--data", help="task folder for the images (default: the run's)")
-    tokens.add_argument("--split", default="test", help="split to take images from (default test)")
-    tokens.add_argument("--count", type=int, default=4, help="number of images (default 4)")
+    _add_image_sample_arguments(tokens, "replace existing PNGs")
     tokens.add_argument("--output", type=Path, default=Path("."), help="folder for the two PNGs (default .)")
-    tokens.add_argument("--overwrite", action="store_true", help="replace existing PNGs")
     tokens.set_defaults(func=cmd_show_tokens)
 
     demo = sub.add_parser("demo", help="the built-in default: fine-tune on offline assets (no arguments needed)")

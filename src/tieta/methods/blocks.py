@@ -24,7 +24,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 
 from tieta.errors import TietaError
 from tieta.methods.dyt import attend_on_active, dispatch_mask, key_mask, run_on_active, with_prefix
-from tieta.methods.tome import bipartite_soft_matching, max_merges, merge_source, merge_wavg
+from tieta.methods.tome import bipartite_soft_matching, merge_source, merge_wavg
 
 
 @dataclass
@@ -262,4 +262,4 @@ def enable_token_merging(model: nn.Module, schedule: list[int], prop_attn: bool 
     return state
 
 
-__all__ = ["TietaBlock", "TokenState", "check_vit", "patch_blocks", "enable_token_merging", "max_merges"]
+__all__ = ["TietaBlock", "TokenState", "check_vit", "patch_blocks", "enable_token_merging"]

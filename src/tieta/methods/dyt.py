@@ -176,7 +176,7 @@ def add_dyt(
         raise TietaError("this model already has DyT")
     if any(block.adapter is not None for block in blocks):
         raise TietaError("DyT brings its own adapter; add DyT to a model without adapters")
-    check_dispatch_with_merging(model, variant)
+    check_dispatch_with_merging(variant, any(block.merge_r > 0 for block in blocks))
     state = DispatchState(tau=tau)
     model.dispatch_state = state
     model.dyt_rho = rho
@@ -194,10 +194,13 @@ def add_dyt(
     return model
 
 
-def check_dispatch_with_merging(model: nn.Module, variant: Optional[str] = None) -> None:
-    """Token merging needs every token's attention keys, so only MLP dispatch combines with it."""
-    variant = variant or next((b.dyt_variant for b in model.blocks if getattr(b, "dyt_variant", None)), None)
-    merging = any(getattr(block, "merge_r", 0) > 0 for block in model.blocks)
+def check_dispatch_with_merging(variant: Optional[str], merging: bool) -> None:
+    """Token merging needs every token's attention keys, so only MLP dispatch combines with it.
+
+    Args:
+        variant: the model's DyT variant, None without DyT.
+        merging: whether any block merges tokens.
+    """
     if merging and variant not in (None, "mlp"):
         raise TietaError(f"DyT's {variant!r} dispatch cannot be combined with token merging; use variant 'mlp'")
 

@@ -187,6 +187,7 @@ def merge_source(matching: Matching, source: Optional[torch.Tensor], num_tokens:
         source = torch.eye(num_tokens, device=matching.kept_rows.device)[None].expand(batch, -1, -1)
     return merge(matching, source)
 
+
 def add_tome(model, r="low", prop_attn: bool = True):
     """Merge tokens inside every block of a timm ViT, in place (ToMe, used in training and evaluation).
 
@@ -208,7 +209,8 @@ def add_tome(model, r="low", prop_attn: bool = True):
     from tieta.methods.schedules import resolve_schedule
 
     schedule = resolve_schedule(model, r)
+    # refuse before touching the model, so that a refused call leaves it as it was
+    check_dispatch_with_merging(getattr(model.blocks[0], "dyt_variant", None), any(merges > 0 for merges in schedule))
     enable_token_merging(model, schedule, prop_attn)
-    check_dispatch_with_merging(model)
     model.token_schedule = schedule
     return model
