@@ -299,7 +299,7 @@ def _write_elpv(wheel: Path, out: Path) -> None:
         jobs = [(split, i, k) for split, idx in (("train", train), ("test", test)) for i, k in enumerate(idx)]
         for split in lines:
             (out / "images" / split).mkdir(parents=True)
-        for split, i, k in tqdm(jobs, desc="elpv: writing images", unit="img"):
+        for split, i, k in tqdm(jobs, desc="elpv: writing images", unit="img", disable=None):
             rel = f"images/{split}/{i:06d}.png"
             (out / rel).write_bytes(zf.read(ELPV_DATA + files[k]))  # the original PNG bytes
             lines[split].append(f"{rel} {labels[k]}\n")
