@@ -24,7 +24,8 @@ from timm.models.vision_transformer import Block, VisionTransformer
 
 from tieta.errors import TietaError
 from tieta.methods.dyt import attend_on_active, dispatch_mask, key_mask, run_on_active, with_prefix
-from tieta.methods.tome import bipartite_soft_matching, merge_source, merge_wavg
+from tieta.methods.tome import bipartite_soft_matching, max_merges, merge_source, merge_wavg
+from tieta.native.tome_merge import native_merge, native_merge_applies
 
 
 @dataclass
@@ -93,8 +94,15 @@ class TietaBlock(Block):
         return out
 
     def _merge(self, x: torch.Tensor, state: TokenState) -> torch.Tensor:
-        k_norm = self.attn.k_norm
-        keys, k_norm.tieta_keys = k_norm.tieta_keys, None  # (B, H, N, hd), kept by KeepKeys
+        kept = self.attn.k_norm.__dict__  # KeepKeys stores there directly (see there)
+        keys, kept["tieta_keys"] = kept["tieta_keys"], None  # (B, H, N, hd)
+        if not state.trace_source and native_merge_applies(keys, x, state.size, self.pyra):
+            r = min(self.merge_r, max_merges(x.shape[1], self.num_prefix_tokens))
+            merged = native_merge(keys, x, state.size, r, self.num_prefix_tokens, self.pyra)
+            if merged is not None:  # None: no compiler here; the tensor code below does the same
+                x, state.size, size_bias = merged
+                state.attn_bias = size_bias if state.prop_attn else None
+                return x
         # the sum over heads is the spec's mean up to a factor that the cosine similarity ignores
         matching = bipartite_soft_matching(keys.sum(dim=1), self.merge_r, self.num_prefix_tokens)
         if state.trace_source:
@@ -231,8 +239,10 @@ class KeepKeys:
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.tieta_keys = super().forward(x)
-        return self.tieta_keys
+        keys = super().forward(x)
+        # into the instance dict: nn.Module.__setattr__ costs microseconds that batch-1 latency feels
+        self.__dict__["tieta_keys"] = keys
+        return keys
 
 
 def _keep_keys(module: nn.Module, keep: bool) -> None:
