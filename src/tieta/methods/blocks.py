@@ -96,7 +96,7 @@ class TietaBlock(Block):
     def _merge(self, x: torch.Tensor, state: TokenState) -> torch.Tensor:
         kept = self.attn.k_norm.__dict__  # KeepKeys stores there directly (see there)
         keys, kept["tieta_keys"] = kept["tieta_keys"], None  # (B, H, N, hd)
-        if not state.trace_source and native_merge_applies(keys, x, state.size, self.pyra):
+        if not state.trace_source and native_merge_applies(keys, x, self.pyra):
             r = min(self.merge_r, max_merges(x.shape[1], self.num_prefix_tokens))
             merged = native_merge(keys, x, state.size, r, self.num_prefix_tokens, self.pyra)
             if merged is not None:  # None: no compiler here; the tensor code below does the same

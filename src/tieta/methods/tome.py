@@ -81,7 +81,7 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, num_prefix: int = 1) -
     metric = metric / metric.norm(dim=-1, keepdim=True)
     a, b = metric[:, a_start::2], metric[:, b_start::2]
     best_score, best_match = (a @ b.transpose(-1, -2)).max(dim=-1)  # cosine scores (B, Na, Nb) -> (B, Na)
-    order = best_score.argsort(dim=-1, descending=True)  # (B, Na)
+    order = best_score.argsort(dim=-1, descending=True, stable=True)  # (B, Na); ties: lower index first
     sources = order[:, :r]
     unmerged = order[:, r:].sort(dim=1).values
     destinations = best_match.gather(dim=1, index=sources)  # index into B

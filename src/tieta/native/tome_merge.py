@@ -39,13 +39,11 @@ def _load_kernel():
     return _kernel
 
 
-def native_merge_applies(keys: torch.Tensor, x: torch.Tensor, size: Optional[torch.Tensor],
-                         pyra: Optional[torch.nn.Module]) -> bool:
+def native_merge_applies(keys: torch.Tensor, x: torch.Tensor, pyra: Optional[torch.nn.Module]) -> bool:
     """True when the native merge can stand in for the tensor one: CPU float32 evaluation with
     no gradient to carry and no autocast, and the kernel not switched off (``TIETA_NATIVE=0``)."""
     return (
-        x.is_cpu and x.dtype is torch.float32 and keys.dtype is torch.float32 and x.is_contiguous()
-        and (size is None or size.is_contiguous())
+        x.is_cpu and x.dtype is torch.float32 and keys.dtype is torch.float32
         and not (torch.is_grad_enabled()
                  and (x.requires_grad or (pyra is not None and any(p.requires_grad for p in pyra.parameters()))))
         and not torch.is_autocast_enabled("cpu") and _kernel is not False and native_enabled()
@@ -60,8 +58,8 @@ def native_merge(
 
     Args:
         keys: (B, H, N, hd) the block's attention keys (after q/k norm), any strides.
-        x: (B, N, C) contiguous tokens.
-        size: (B, N, 1) contiguous token sizes, or None for all ones.
+        x: (B, N, C) tokens.
+        size: (B, N, 1) token sizes, or None for all ones.
         r: tokens to merge away, at most ``max_merges(N, num_prefix)``.
         num_prefix: protected leading tokens.
         pyra: the block's PyraModulation (float32, CPU), or None.
@@ -74,6 +72,8 @@ def native_merge(
         return None
     batch, tokens, channels = x.shape
     kept = tokens - r
+    x = x.contiguous()  # no copy when it already is (a model without class token starts transposed)
+    size = None if size is None else size.contiguous()
     out_x, out_size, out_log_size = torch.empty(batch, kept, channels), torch.empty(batch, kept, 1), \
         torch.empty(batch, 1, 1, kept)
     pyra_args = _NO_PYRA if pyra is None else (
