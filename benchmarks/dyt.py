@@ -15,7 +15,7 @@ from pathlib import Path
 from tieta.measure.bench_suite import dyt_models
 from tieta.measure.benchmark import benchmark
 from tieta.report.bench_report import section, write_report
-from tieta.report.tables import BENCH_COLUMNS, format_table
+from tieta.report.tables import bench_columns, format_table
 
 SETTINGS = [  # (model, batch size, rounds)
     ("vit_small_patch16_224", 32, 5),
@@ -34,7 +34,7 @@ def main() -> None:
         started = time.perf_counter()
         rows = benchmark(dyt_models(model, None), batch_size=batch_size, rounds=rounds)
         title = f"{model}, evaluation, batch {batch_size}"
-        sections.append(section(title, format_table(rows, BENCH_COLUMNS[:6]), rounds, time.perf_counter() - started))
+        sections.append(section(title, format_table(rows, bench_columns(rows)), rounds, time.perf_counter() - started))
         raw[title] = rows
         print(sections[-1], flush=True)
     write_report(args.output, "DyT throughput, fp32, cpu", (

@@ -13,12 +13,12 @@ from pathlib import Path
 
 from tieta.measure.bench_suite import run_suite
 from tieta.report.bench_report import section, write_report
-from tieta.report.tables import BENCH_COLUMNS, format_table
+from tieta.report.tables import bench_columns, format_table
 
 SETTINGS = [
     # (title, batch size, train, rounds)
     ("evaluation, batch 32", 32, False, 7),
-    ("evaluation, batch 1 (latency)", 1, False, 9),
+    ("evaluation, batch 1 (latency)", 1, False, 25),  # short rounds: more of them for a steady median
     ("training steps (forward, backward, AdamW), batch 32", 32, True, 5),
 ]
 
@@ -34,13 +34,14 @@ def main() -> None:
     for title, batch_size, train, rounds in SETTINGS:
         started = time.perf_counter()
         rows = run_suite(args.model, None, batch_size, args.dtype, ["low", "high"], rounds, train, args.device)
-        columns = BENCH_COLUMNS[:5] if train else BENCH_COLUMNS
-        sections.append(section(title, format_table(rows, columns), rounds, time.perf_counter() - started))
+        table = format_table(rows, bench_columns(rows, efficiency=not train))
+        sections.append(section(title, table, rounds, time.perf_counter() - started))
         raw[title] = rows
         print(sections[-1], flush=True)
     write_report(args.output, f"Token merging throughput: {args.model}, {args.dtype}, {args.device}", (
         "speedup: median over rounds of (model img/s / first row's img/s), measured in turn within each round. "
-        "efficiency = speedup x FLOPs ratio (1.0: every saved FLOP became time). ceiling: the model's own "
+        "efficiency = speedup x FLOPs ratio (1.0: every saved FLOP became time). PYRA / ToMe: median over "
+        "rounds of PYRA's img/s / ToMe's at the same schedule. ceiling: the model's own "
         "attention and MLP timed at the token counts the schedule leaves, with merging free; it shows what "
         "the hardware gives for small token counts."), sections, raw, args.device)
 

@@ -165,15 +165,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from tieta.measure.bench_suite import run_suite
-    from tieta.report.tables import BENCH_COLUMNS, format_table
+    from tieta.report.tables import bench_columns, format_table
 
     rows = run_suite(args.model, args.img_size, args.batch_size, args.dtype, args.schedules, args.rounds,
                      args.train, args.device)
     kind = "training steps" if args.train else "evaluation"
     print(f"{args.model}, {kind}, batch {args.batch_size}, {args.dtype}, {args.device}, "
           f"median of {args.rounds} interleaved rounds (speedup: per-round ratio to the first row)")
-    columns = BENCH_COLUMNS if not args.train else BENCH_COLUMNS[:5]
-    print(format_table(rows, columns))
+    print(format_table(rows, bench_columns(rows, efficiency=not args.train)))
     if args.output is not None:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"}

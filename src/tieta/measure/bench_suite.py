@@ -4,6 +4,7 @@ schedules (evaluation), or LoRA with and without merging (training), built from 
 
 from __future__ import annotations
 
+import statistics
 from typing import Optional
 
 import timm
@@ -78,11 +79,22 @@ def dyt_models(name: str, img_size: Optional[int], rho: float = 0.5, adapter_dim
             "adapter+tome low": add_tome(add_adapter(_vit(name, img_size), dim=adapter_dim), "low")}
 
 
+def _pyra_against_tome(rows: list[dict]) -> None:
+    """Give each PYRA row ``vs_tome``: the median over rounds of its throughput / ToMe's at the same
+    schedule, a paired ratio (steadier than a ratio of two medians on a noisy machine)."""
+    by_name = {row["name"]: row for row in rows}
+    for row in rows:
+        tome = by_name.get(row["name"].replace("pyra", "tome", 1)) if row["name"].startswith("pyra") else None
+        if tome is not None:
+            row["vs_tome"] = statistics.median(p / t for p, t in zip(row["round_rates"], tome["round_rates"]))
+
+
 def run_suite(model: str, img_size: Optional[int], batch_size: int, dtype: str, schedules: list[str],
               rounds: int, train: bool, device: str = "cpu") -> list[dict]:
     """Rows of the benchmark table, with each merged schedule's shape-limited ceiling (evaluation)."""
     models = (train_models if train else eval_models)(model, img_size, schedules)
     rows = benchmark(models, batch_size, DTYPES[dtype], device, rounds=rounds, train=train)
+    _pyra_against_tome(rows)
     if not train:
         plain = models["timm"]
         ceilings = {s: shape_ceiling(plain, resolve_schedule(plain, s), batch_size, device, DTYPES[dtype], rounds)

@@ -73,7 +73,8 @@ def benchmark(
 
     Returns:
         One dict per model: name, gmacs, flops_ratio (to the baseline), images_per_s (median),
-        speedup (median of per-round ratios to the baseline), efficiency (speedup * flops_ratio).
+        speedup (median of per-round ratios to the baseline), efficiency (speedup * flops_ratio),
+        round_rates (calls/s per round).
     """
     device = torch.device(device)
     first = next(iter(models.values()))
@@ -121,6 +122,7 @@ def benchmark(
             "images_per_s": statistics.median(rates[name]) * batch_size,
             "speedup": speedup,
             "speedup_spread": (min(ratios), max(ratios)),
+            "round_rates": rates[name],  # calls/s in each round, for paired comparisons between rows
             "efficiency": speedup * flops_ratio,
         })
     return rows

@@ -46,8 +46,8 @@ static int by_score(const void *left, const void *right) {
  * of LANES. Tiles of ROWS A rows x LANES B columns are summed in registers over the whole dim. */
 #define ROWS 4
 #define LANES 16
-ALWAYS_INLINE static inline void match_rows(const float *a, const float *b_t, int64_t num_a, int64_t num_b, int64_t padded_b,
-                              int64_t dim, Ranked *best, int64_t *best_match) {
+ALWAYS_INLINE static inline void match_rows(const float *a, const float *b_t, int64_t num_a, int64_t num_b,
+                                            int64_t padded_b, int64_t dim, Ranked *best, int64_t *best_match) {
     for (int64_t first = 0; first < num_a; first += ROWS) {
         const int64_t rows = num_a - first < ROWS ? num_a - first : ROWS;
         float top[ROWS][LANES];
@@ -115,12 +115,12 @@ ALWAYS_INLINE static inline float sigmoid(float value) { return 1.0f / (1.0f + e
 /* LayerNorm of one row (biased variance), as torch.nn.LayerNorm; centred is scratch. */
 ALWAYS_INLINE static inline void layer_norm(const float *row, int64_t channels, const float *weight,
                                             const float *bias, double eps, float *centred, float *out) {
-    float ones[LANES];
-    for (int64_t l = 0; l < LANES; l++) ones[l] = 1.0f;
-    float total = 0.0f;
+    float partial[LANES] = {0.0f}, total = 0.0f;
     int64_t c = 0;
-    for (; c + LANES <= channels; c += LANES) total += dot(row + c, ones, LANES);
+    for (; c + LANES <= channels; c += LANES)
+        for (int64_t l = 0; l < LANES; l++) partial[l] += row[c + l];
     for (; c < channels; c++) total += row[c];
+    for (int64_t l = 0; l < LANES; l++) total += partial[l];
     const float mean = total / (float)channels;
     for (c = 0; c < channels; c++) centred[c] = row[c] - mean;
     const float var = dot(centred, centred, channels) / (float)channels;
@@ -130,10 +130,10 @@ ALWAYS_INLINE static inline void layer_norm(const float *row, int64_t channels, 
 
 /* The metric of one image: keys summed over heads (the spec's mean up to a factor that the
  * cosine ignores), L2-normalised; A tokens as rows of a, B tokens as columns of b_t. */
-ALWAYS_INLINE static inline void metric_rows(const float *keys, int64_t heads, int64_t tokens, int64_t head_dim,
-                               int64_t stride_h, int64_t stride_n, int64_t stride_d, int64_t prefix,
-                               int64_t a_start, int64_t b_start, int64_t padded_b, float *a, float *b_t,
-                               float *metric) {
+ALWAYS_INLINE static inline void metric_rows(const float *keys, int64_t heads, int64_t tokens,
+                                             int64_t head_dim, int64_t stride_h, int64_t stride_n,
+                                             int64_t stride_d, int64_t prefix, int64_t a_start, int64_t b_start,
+                                             int64_t padded_b, float *a, float *b_t, float *metric) {
     for (int64_t n = prefix; n < tokens; n++) {
         for (int64_t d = 0; d < head_dim; d++) metric[d] = 0.0f;
         for (int64_t h = 0; h < heads; h++) {
@@ -158,12 +158,14 @@ ALWAYS_INLINE static inline void metric_rows(const float *keys, int64_t heads, i
 /* PYRA's weights for the r sources, from the weighted destinations before any source is added:
  * M_k = LN(src_k + dst_k); token_weight[k] = 2 sigmoid(M_k . W_D) - 1;
  * channel_weight = 2 sigmoid(sum_k W_r[k] M_k). */
-ALWAYS_INLINE static inline void pyra_weights(const float *image_x, const float *image_size, const float *image_out,
-                                const Ranked *ranked, const int64_t *best_match, int64_t r, int64_t channels,
-                                int64_t a_start, int64_t first_b_row, const float *pyra_channel,
-                                const float *pyra_token, const float *norm_weight, const float *norm_bias,
-                                double norm_eps, float *mixed, float *centred, float *source,
-                                float *channel_weight, float *token_weight) {
+ALWAYS_INLINE static inline void pyra_weights(const float *image_x, const float *image_size,
+                                              const float *image_out, const Ranked *ranked,
+                                              const int64_t *best_match, int64_t r, int64_t channels,
+                                              int64_t a_start, int64_t first_b_row, const float *pyra_channel,
+                                              const float *pyra_token, const float *norm_weight,
+                                              const float *norm_bias, double norm_eps, float *mixed,
+                                              float *centred, float *source, float *channel_weight,
+                                              float *token_weight) {
     for (int64_t c = 0; c < channels; c++) channel_weight[c] = 0.0f;
     for (int64_t k = 0; k < r; k++) {
         const int64_t in_row = a_start + 2 * ranked[k].index;
@@ -195,8 +197,7 @@ int64_t tieta_tome_merge(
     const int64_t kept = tokens - r;
 
     /* one allocation for every scratch buffer */
-    const size_t floats = (size_t)(num_a * head_dim + head_dim * padded_b + head_dim
-                                   + 4 * channels + r);
+    const size_t floats = (size_t)(num_a * head_dim + head_dim * padded_b + head_dim + 4 * channels + r);
     const size_t bytes = floats * sizeof(float) + (size_t)num_a * (sizeof(Ranked) + 2 * sizeof(int64_t));
     char *scratch = malloc(bytes);
     if (!scratch) return -1;

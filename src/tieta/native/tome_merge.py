@@ -39,6 +39,15 @@ def _load_kernel():
     return _kernel
 
 
+def _pyra_args(pyra: torch.nn.Module) -> tuple:
+    """The kernel's PYRA arguments, read from the module's own dicts (nn.Module attribute lookup
+    goes through a failed normal lookup first, slow at this scale)."""
+    params, norm = pyra._parameters, pyra._modules["norm"]
+    norm_params = norm._parameters
+    return (params["channel_weight"].data_ptr(), params["token_weight"].data_ptr(), norm_params["weight"].data_ptr(),
+            norm_params["bias"].data_ptr(), norm.eps)
+
+
 def native_merge_applies(keys: torch.Tensor, x: torch.Tensor, pyra: Optional[torch.nn.Module]) -> bool:
     """True when the native merge can stand in for the tensor one: CPU float32 evaluation with
     no gradient to carry and no autocast, and the kernel not switched off (``TIETA_NATIVE=0``)."""
@@ -76,9 +85,7 @@ def native_merge(
     size = None if size is None else size.contiguous()
     out_x, out_size, out_log_size = torch.empty(batch, kept, channels), torch.empty(batch, kept, 1), \
         torch.empty(batch, 1, 1, kept)
-    pyra_args = _NO_PYRA if pyra is None else (
-        pyra.channel_weight.data_ptr(), pyra.token_weight.data_ptr(), pyra.norm.weight.data_ptr(),
-        pyra.norm.bias.data_ptr(), pyra.norm.eps)
+    pyra_args = _NO_PYRA if pyra is None else _pyra_args(pyra)
     if kernel(keys.data_ptr(), batch, keys.shape[1], tokens, keys.shape[3], *keys.stride(), x.data_ptr(), channels,
               None if size is None else size.data_ptr(), r, num_prefix, *pyra_args,
               out_x.data_ptr(), out_size.data_ptr(), out_log_size.data_ptr()):

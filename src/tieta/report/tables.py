@@ -46,6 +46,16 @@ BENCH_COLUMNS = (
     ("images_per_s", "img/s", ".1f"),
     ("speedup", "speedup", ".3f"),
     ("efficiency", "efficiency", ".3f"),
+    ("vs_tome", "PYRA / ToMe", ".3f"),
     ("ceiling_speedup", "ceiling speedup", ".3f"),
     ("ceiling_efficiency", "ceiling efficiency", ".3f"),
 )
+_OPTIONAL_BENCH_KEYS = {"vs_tome", "ceiling_speedup", "ceiling_efficiency"}
+
+
+def bench_columns(rows: Sequence[dict[str, Any]], efficiency: bool = True) -> list[tuple[str, str, str]]:
+    """The benchmark table's columns: the fixed ones (without efficiency where it means nothing, as
+    for training steps), then the optional ones that some row fills."""
+    return [column for column in BENCH_COLUMNS
+            if (efficiency or column[0] != "efficiency")
+            and (column[0] not in _OPTIONAL_BENCH_KEYS or any(column[0] in row for row in rows))]
