@@ -17,6 +17,7 @@ from tieta.methods.params import freeze_backbone
 from tieta.methods.pyra import add_pyra
 from tieta.methods.schedules import resolve_schedule
 from tieta.methods.tome import add_tome
+from tieta.native import tensor_code
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
@@ -29,11 +30,29 @@ def _vit(name: str, img_size: Optional[int], seed: int = 0) -> nn.Module:
     return load_backbone(name, weights="random", num_classes=1000, **kwargs).eval()
 
 
-def eval_models(name: str, img_size: Optional[int], schedules: list[str]) -> dict[str, nn.Module]:
+class TensorMerge(nn.Module):
+    """A model run with the tensor implementation of the merge instead of the native one, to show
+    what the native merge saves."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.patch_embed = model.patch_embed
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        with tensor_code():
+            return self.model(images)
+
+
+def eval_models(name: str, img_size: Optional[int], schedules: list[str],
+                tensor_merge: bool = False) -> dict[str, nn.Module]:
+    """timm, ToMe at r=0, then ToMe and PYRA at each schedule (and ToMe with the tensor merge)."""
     models = {"timm": _vit(name, img_size), "tome r=0": add_tome(_vit(name, img_size), 0)}
     for schedule in schedules:
         models[f"tome {schedule}"] = add_tome(_vit(name, img_size), schedule)
         models[f"pyra {schedule}"] = add_pyra(_vit(name, img_size), schedule)
+        if tensor_merge:
+            models[f"tome {schedule}, tensor merge"] = TensorMerge(add_tome(_vit(name, img_size), schedule))
     return models
 
 
@@ -90,9 +109,13 @@ def _pyra_against_tome(rows: list[dict]) -> None:
 
 
 def run_suite(model: str, img_size: Optional[int], batch_size: int, dtype: str, schedules: list[str],
-              rounds: int, train: bool, device: str = "cpu") -> list[dict]:
-    """Rows of the benchmark table, with each merged schedule's shape-limited ceiling (evaluation)."""
-    models = (train_models if train else eval_models)(model, img_size, schedules)
+              rounds: int, train: bool, device: str = "cpu", tensor_merge: bool = False) -> list[dict]:
+    """Rows of the benchmark table, with each merged schedule's shape-limited ceiling (evaluation);
+    ``tensor_merge`` adds ToMe run with the tensor merge beside the native one (evaluation)."""
+    if train:
+        models = train_models(model, img_size, schedules)
+    else:
+        models = eval_models(model, img_size, schedules, tensor_merge)
     rows = benchmark(models, batch_size, DTYPES[dtype], device, rounds=rounds, train=train)
     _pyra_against_tome(rows)
     if not train:

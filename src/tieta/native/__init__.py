@@ -69,8 +69,8 @@ def load_library(name: str) -> Optional[ctypes.CDLL]:
                     os.unlink(partial)
         return ctypes.CDLL(str(target))
     except (OSError, subprocess.SubprocessError) as error:
-        detail = getattr(error, "stderr", b"") or b""
-        warnings.warn(
-            f"tieta: could not build its {name} kernel ({error}{': ' + detail.decode(errors='replace')[:200] if detail else ''}); "
-            "using the slower tensor implementation", RuntimeWarning, stacklevel=2)
+        compiler_said = (getattr(error, "stderr", None) or b"").decode(errors="replace").strip()
+        reason = f"{error}: {compiler_said[:200]}" if compiler_said else str(error)
+        warnings.warn(f"tieta: could not build its {name} kernel ({reason}); using the slower tensor implementation",
+                      RuntimeWarning, stacklevel=2)
         return None
