@@ -34,7 +34,7 @@ def main() -> None:
     for title, batch_size, train, rounds in SETTINGS:
         started = time.perf_counter()
         rows = run_suite(args.model, None, batch_size, args.dtype, ["low", "high"], rounds, train, args.device,
-                         tensor_merge=not train)
+                         merge_variants=not train)
         table = format_table(rows, bench_columns(rows, efficiency=not train))
         sections.append(section(title, table, rounds, time.perf_counter() - started))
         raw[title] = rows
@@ -43,7 +43,10 @@ def main() -> None:
         "speedup: median over rounds of (model img/s / first row's img/s), measured in turn within each round. "
         "efficiency = speedup x FLOPs ratio (1.0: every saved FLOP became time). PYRA / ToMe: median over "
         "rounds of PYRA's img/s / ToMe's at the same schedule. \"tensor merge\": ToMe with the merge done "
-        "as tensor operations instead of the native call (what the native merge saves). ceiling: the model's own "
+        "as tensor operations instead of the native call (what the native merge saves). \"free merge\": ToMe "
+        "whose blocks drop their last r tokens instead of merging (no merge, no proportional attention); "
+        "ToMe / free: median over rounds of ToMe's img/s / the free merge's, so 1 - ToMe / free is what "
+        "merging costs. ceiling: the model's own "
         "attention and MLP timed at the token counts the schedule leaves, with merging free; it shows what "
         "the hardware gives for small token counts."), sections, raw, args.device)
 

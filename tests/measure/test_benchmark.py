@@ -23,3 +23,20 @@ def test_training_benchmark_steps_the_trainable_parameters():
 
 def test_shape_ceiling_is_a_speedup():
     assert shape_ceiling(make_vit("plain"), [4, 2, 1], batch_size=2, rounds=1) > 0
+
+
+def test_merge_variants_keep_the_token_counts_and_pair_with_tome():
+    from tieta.measure.bench_suite import TensorMerge, _paired_ratios, free_merge
+
+    x = torch.randn(1, 3, 32, 32)
+    tome = tieta.add_tome(make_vit("plain"), r=[4, 2, 1])
+    free = free_merge(tieta.add_tome(make_vit("plain"), r=[4, 2, 1]))
+    with torch.no_grad():
+        features = free.forward_features(x)
+        torch.testing.assert_close(TensorMerge(tome)(x), tome(x), rtol=1e-5, atol=1e-5)
+    assert features.shape[1] == 17 - 4 - 2 - 1
+    rows = [{"name": "tome low", "round_rates": [2.0, 3.0, 4.0]},
+            {"name": "pyra low", "round_rates": [1.0, 3.0, 2.0]},
+            {"name": "tome low, free merge", "round_rates": [4.0, 3.0, 4.0]}]
+    _paired_ratios(rows)
+    assert rows[1]["vs_tome"] == 0.5 and rows[0]["vs_free_merge"] == 1.0 and "vs_free_merge" not in rows[2]

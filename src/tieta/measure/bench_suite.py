@@ -16,7 +16,8 @@ from tieta.methods.lora import add_lora
 from tieta.methods.params import freeze_backbone
 from tieta.methods.pyra import add_pyra
 from tieta.methods.schedules import resolve_schedule
-from tieta.methods.tome import add_tome
+from tieta.methods.blocks import TietaBlock
+from tieta.methods.tome import add_tome, max_merges
 from tieta.native import tensor_code
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
@@ -44,15 +45,33 @@ class TensorMerge(nn.Module):
             return self.model(images)
 
 
+class _FreeMergeBlock(TietaBlock):
+    """A merging block whose merge costs nothing: it drops its last r tokens instead (and so has no
+    sizes for proportional attention). Timed beside ToMe, it leaves exactly the merge's cost."""
+
+    def _merge(self, x: torch.Tensor, state) -> torch.Tensor:
+        self.attn.k_norm.__dict__["tieta_keys"] = None
+        return x[:, : x.shape[1] - min(self.merge_r, max_merges(x.shape[1], self.num_prefix_tokens))]
+
+
+def free_merge(model: nn.Module) -> nn.Module:
+    """A ToMe model's merges made free (see _FreeMergeBlock), in place; for measurement only."""
+    for block in model.blocks:
+        block.__class__ = _FreeMergeBlock
+    return model
+
+
 def eval_models(name: str, img_size: Optional[int], schedules: list[str],
-                tensor_merge: bool = False) -> dict[str, nn.Module]:
-    """timm, ToMe at r=0, then ToMe and PYRA at each schedule (and ToMe with the tensor merge)."""
+                merge_variants: bool = False) -> dict[str, nn.Module]:
+    """timm, ToMe at r=0, then ToMe and PYRA at each schedule; with ``merge_variants`` also ToMe
+    with the tensor merge and with a free merge."""
     models = {"timm": _vit(name, img_size), "tome r=0": add_tome(_vit(name, img_size), 0)}
     for schedule in schedules:
         models[f"tome {schedule}"] = add_tome(_vit(name, img_size), schedule)
         models[f"pyra {schedule}"] = add_pyra(_vit(name, img_size), schedule)
-        if tensor_merge:
+        if merge_variants:
             models[f"tome {schedule}, tensor merge"] = TensorMerge(add_tome(_vit(name, img_size), schedule))
+            models[f"tome {schedule}, free merge"] = free_merge(add_tome(_vit(name, img_size), schedule))
     return models
 
 
@@ -98,26 +117,35 @@ def dyt_models(name: str, img_size: Optional[int], rho: float = 0.5, adapter_dim
             "adapter+tome low": add_tome(add_adapter(_vit(name, img_size), dim=adapter_dim), "low")}
 
 
-def _pyra_against_tome(rows: list[dict]) -> None:
-    """Give each PYRA row ``vs_tome``: the median over rounds of its throughput / ToMe's at the same
-    schedule, a paired ratio (steadier than a ratio of two medians on a noisy machine)."""
+def _paired_ratios(rows: list[dict]) -> None:
+    """Paired ratios (medians over rounds of one row's throughput / another's, steadier than a ratio
+    of two medians on a noisy machine): each PYRA row's ``vs_tome`` (ToMe at the same schedule),
+    and each ToMe row's ``vs_free_merge`` (the same schedule with a free merge)."""
     by_name = {row["name"]: row for row in rows}
+
+    def paired(row: dict, other: Optional[dict]) -> Optional[float]:
+        if other is None:
+            return None
+        return statistics.median(a / b for a, b in zip(row["round_rates"], other["round_rates"]))
+
     for row in rows:
-        tome = by_name.get(row["name"].replace("pyra", "tome", 1)) if row["name"].startswith("pyra") else None
-        if tome is not None:
-            row["vs_tome"] = statistics.median(p / t for p, t in zip(row["round_rates"], tome["round_rates"]))
+        name = row["name"]
+        if name.startswith("pyra") and (ratio := paired(row, by_name.get(name.replace("pyra", "tome", 1)))):
+            row["vs_tome"] = ratio
+        if name.startswith("tome ") and (ratio := paired(row, by_name.get(f"{name}, free merge"))):
+            row["vs_free_merge"] = ratio
 
 
 def run_suite(model: str, img_size: Optional[int], batch_size: int, dtype: str, schedules: list[str],
-              rounds: int, train: bool, device: str = "cpu", tensor_merge: bool = False) -> list[dict]:
+              rounds: int, train: bool, device: str = "cpu", merge_variants: bool = False) -> list[dict]:
     """Rows of the benchmark table, with each merged schedule's shape-limited ceiling (evaluation);
-    ``tensor_merge`` adds ToMe run with the tensor merge beside the native one (evaluation)."""
+    ``merge_variants`` adds ToMe with the tensor merge and with a free merge (evaluation)."""
     if train:
         models = train_models(model, img_size, schedules)
     else:
-        models = eval_models(model, img_size, schedules, tensor_merge)
+        models = eval_models(model, img_size, schedules, merge_variants)
     rows = benchmark(models, batch_size, DTYPES[dtype], device, rounds=rounds, train=train)
-    _pyra_against_tome(rows)
+    _paired_ratios(rows)
     if not train:
         plain = models["timm"]
         ceilings = {s: shape_ceiling(plain, resolve_schedule(plain, s), batch_size, device, DTYPES[dtype], rounds)

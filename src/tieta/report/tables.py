@@ -47,10 +47,11 @@ BENCH_COLUMNS = (
     ("speedup", "speedup", ".3f"),
     ("efficiency", "efficiency", ".3f"),
     ("vs_tome", "PYRA / ToMe", ".3f"),
+    ("vs_free_merge", "ToMe / free", ".3f"),
     ("ceiling_speedup", "ceiling speedup", ".3f"),
     ("ceiling_efficiency", "ceiling efficiency", ".3f"),
 )
-_OPTIONAL_BENCH_KEYS = {"vs_tome", "ceiling_speedup", "ceiling_efficiency"}
+_OPTIONAL_BENCH_KEYS = {"vs_tome", "vs_free_merge", "ceiling_speedup", "ceiling_efficiency"}
 
 
 def bench_columns(rows: Sequence[dict[str, Any]], efficiency: bool = True) -> list[tuple[str, str, str]]:
