@@ -43,19 +43,31 @@ def reference_merge(x, keys, size, r, num_prefix, pyra=None):
     return out_x, out_size
 
 
-@pytest.mark.parametrize("n,r,num_prefix", [(17, 4, 1), (18, 8, 1), (20, 5, 2), (21, 3, 5), (16, 8, 0), (9, 10, 1)])
-@pytest.mark.parametrize("with_pyra", [False, True])
-def test_merge_follows_the_spec_token_for_token(n, r, num_prefix, with_pyra):
+def spec_case(n: int, r: int, with_pyra: bool, heads: int):
+    """Random inputs for one merge: x (3, n, 12), keys (3, heads, n, 6), size (3, n, 1), and a PYRA
+    module with weights away from its identity initialisation (or None)."""
     torch.manual_seed(n + r)
-    batch, channels = 3, 12
-    x, keys = torch.randn(batch, n, channels), torch.randn(batch, n, 6)
-    size = torch.randint(1, 4, (batch, n, 1)).float()
+    x, keys = torch.randn(3, n, 12), torch.randn(3, heads, n, 6)
+    size = torch.randint(1, 4, (3, n, 1)).float()
     pyra = None
     if with_pyra:
-        pyra = PyraModulation(r, channels)
+        pyra = PyraModulation(r, 12)
         with torch.no_grad():
             pyra.token_weight.normal_()
             pyra.norm.weight.normal_()
+    return x, keys, size, pyra
+
+
+# (tokens, r, prefix tokens): odd and even counts, several prefixes, and an r that must be clipped
+SPEC_CASES = [(17, 4, 1), (18, 8, 1), (20, 5, 2), (21, 3, 5), (16, 8, 0), (9, 10, 1)]
+
+
+@pytest.mark.parametrize("n,r,num_prefix", SPEC_CASES)
+@pytest.mark.parametrize("with_pyra", [False, True])
+def test_merge_follows_the_spec_token_for_token(n, r, num_prefix, with_pyra):
+    x, keys, size, pyra = spec_case(n, r, with_pyra, heads=1)
+    keys = keys[:, 0]
+    batch = x.shape[0]
     matching = bipartite_soft_matching(keys, r, num_prefix)
     merged, merged_size = merge_wavg(matching, x, size, pyra)
     for image in range(batch):

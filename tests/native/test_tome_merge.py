@@ -8,10 +8,9 @@ import torch
 import tieta
 import tieta.native as native
 from tieta.methods import blocks
-from tieta.methods.pyra import PyraModulation
 from tieta.native import tensor_code, tome_merge
 from tests.conftest import make_vit
-from tests.methods.test_tome import reference_merge
+from tests.methods.test_tome import SPEC_CASES, reference_merge, spec_case
 
 
 @pytest.fixture
@@ -39,19 +38,11 @@ def _randomise(pyra_model) -> None:
                 block.pyra.norm.bias.normal_(0.0, 0.2)
 
 
-@pytest.mark.parametrize("n,r,num_prefix", [(17, 4, 1), (18, 8, 1), (20, 5, 2), (21, 3, 5), (16, 8, 0), (9, 4, 1)])
+@pytest.mark.parametrize("n,r,num_prefix", SPEC_CASES)
 @pytest.mark.parametrize("with_pyra", [False, True])
 def test_native_merge_follows_the_spec_token_for_token(n, r, num_prefix, with_pyra):
-    torch.manual_seed(n + r)
-    batch, heads, channels = 3, 2, 12
-    x, keys = torch.randn(batch, n, channels), torch.randn(batch, heads, n, 6)
-    size = torch.randint(1, 4, (batch, n, 1)).float()
-    pyra = None
-    if with_pyra:
-        pyra = PyraModulation(r, channels)
-        with torch.no_grad():
-            pyra.token_weight.normal_()
-            pyra.norm.weight.normal_()
+    x, keys, size, pyra = spec_case(n, r, with_pyra, heads=2)
+    (batch, _, channels), r = x.shape, min(r, (n - num_prefix) // 2)
     with torch.no_grad():
         merged, merged_size, log_size = tome_merge.native_merge(keys, x, size, r, num_prefix, pyra)
     assert merged.shape == (batch, n - r, channels) and log_size.shape == (batch, 1, 1, n - r)
