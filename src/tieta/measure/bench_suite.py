@@ -12,11 +12,11 @@ import torch
 from torch import nn
 
 from tieta.measure.benchmark import benchmark, shape_ceiling
+from tieta.methods.blocks import TietaBlock
 from tieta.methods.lora import add_lora
 from tieta.methods.params import freeze_backbone
 from tieta.methods.pyra import add_pyra
 from tieta.methods.schedules import resolve_schedule
-from tieta.methods.blocks import TietaBlock
 from tieta.methods.tome import add_tome, max_merges
 from tieta.native import tensor_code
 
@@ -50,7 +50,7 @@ class _FreeMergeBlock(TietaBlock):
     sizes for proportional attention). Timed beside ToMe, it leaves exactly the merge's cost."""
 
     def _merge(self, x: torch.Tensor, state) -> torch.Tensor:
-        self.attn.k_norm.__dict__["tieta_keys"] = None
+        self._take_keys()
         return x[:, : x.shape[1] - min(self.merge_r, max_merges(x.shape[1], self.num_prefix_tokens))]
 
 

@@ -93,9 +93,14 @@ class TietaBlock(Block):
             out = out + self.adapter(x)
         return out
 
-    def _merge(self, x: torch.Tensor, state: TokenState) -> torch.Tensor:
+    def _take_keys(self) -> torch.Tensor:
+        """(B, H, N, hd) the keys this block's attention just used, kept by KeepKeys (and let go)."""
         kept = self.attn.k_norm.__dict__  # KeepKeys stores there directly (see there)
-        keys, kept["tieta_keys"] = kept["tieta_keys"], None  # (B, H, N, hd)
+        keys, kept["tieta_keys"] = kept["tieta_keys"], None
+        return keys
+
+    def _merge(self, x: torch.Tensor, state: TokenState) -> torch.Tensor:
+        keys = self._take_keys()
         if not state.trace_source and native_merge_applies(keys, x, self.pyra):
             r = min(self.merge_r, max_merges(x.shape[1], self.num_prefix_tokens))
             merged = native_merge(keys, x, state.size, r, self.num_prefix_tokens, self.pyra)
