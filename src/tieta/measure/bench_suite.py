@@ -17,7 +17,7 @@ from tieta.methods.lora import add_lora
 from tieta.methods.params import freeze_backbone
 from tieta.methods.pyra import add_pyra
 from tieta.methods.schedules import resolve_schedule
-from tieta.methods.tome import add_tome, max_merges
+from tieta.methods.tome import add_tome
 from tieta.native import tensor_code
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
@@ -38,7 +38,6 @@ class TensorMerge(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
-        self.patch_embed = model.patch_embed
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         with tensor_code():
@@ -51,7 +50,7 @@ class _FreeMergeBlock(TietaBlock):
 
     def _merge(self, x: torch.Tensor, state) -> torch.Tensor:
         self._take_keys()
-        return x[:, : x.shape[1] - min(self.merge_r, max_merges(x.shape[1], self.num_prefix_tokens))]
+        return x[:, : x.shape[1] - self._merges_for(x.shape[1])]
 
 
 def free_merge(model: nn.Module) -> nn.Module:

@@ -93,6 +93,10 @@ class TietaBlock(Block):
             out = out + self.adapter(x)
         return out
 
+    def _merges_for(self, num_tokens: int) -> int:
+        """merge_r, clipped to what ``num_tokens`` tokens allow."""
+        return min(self.merge_r, max_merges(num_tokens, self.num_prefix_tokens))
+
     def _take_keys(self) -> torch.Tensor:
         """(B, H, N, hd) the keys this block's attention just used, kept by KeepKeys (and let go)."""
         kept = self.attn.k_norm.__dict__  # KeepKeys stores there directly (see there)
@@ -102,8 +106,7 @@ class TietaBlock(Block):
     def _merge(self, x: torch.Tensor, state: TokenState) -> torch.Tensor:
         keys = self._take_keys()
         if not state.trace_source and native_merge_applies(keys, x, self.pyra):
-            r = min(self.merge_r, max_merges(x.shape[1], self.num_prefix_tokens))
-            merged = native_merge(keys, x, state.size, r, self.num_prefix_tokens, self.pyra)
+            merged = native_merge(keys, x, state.size, self._merges_for(x.shape[1]), self.num_prefix_tokens, self.pyra)
             if merged is not None:  # None: no compiler here; the tensor code below does the same
                 x, state.size, size_bias = merged
                 state.attn_bias = size_bias if state.prop_attn else None

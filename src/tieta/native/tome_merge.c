@@ -198,12 +198,14 @@ int64_t tieta_tome_merge(
 
     /* one allocation for every scratch buffer */
     const size_t floats = (size_t)(num_a * head_dim + head_dim * padded_b + head_dim + 4 * channels + r);
-    const size_t bytes = floats * sizeof(float) + (size_t)num_a * (sizeof(Ranked) + 2 * sizeof(int64_t));
+    const size_t bytes = floats * sizeof(float) + (size_t)num_a * (sizeof(Ranked) + 2 * sizeof(int64_t))
+                         + (size_t)tokens * sizeof(int64_t);
     char *scratch = malloc(bytes);
     if (!scratch) return -1;
     Ranked *ranked = (Ranked *)scratch;
-    int64_t *best_match = (int64_t *)(ranked + num_a), *out_row_of_a = best_match + num_a;
-    float *a = (float *)(out_row_of_a + num_a), *b_t = a + num_a * head_dim;
+    int64_t *best_match = (int64_t *)(ranked + num_a), *merged_away = best_match + num_a;
+    int64_t *input_row = merged_away + num_a;
+    float *a = (float *)(input_row + tokens), *b_t = a + num_a * head_dim;
     float *metric = b_t + head_dim * padded_b;
     float *mixed = metric + head_dim, *centred = mixed + channels, *source = centred + channels;
     float *channel_weight = source + channels;
@@ -222,27 +224,19 @@ int64_t tieta_tome_merge(
         match_rows(a, b_t, num_a, num_b, padded_b, head_dim, ranked, best_match);
         qsort(ranked, (size_t)num_a, sizeof(Ranked), by_score);
 
-        /* output rows: prefix, unmerged A in original order, then B */
-        for (int64_t i = 0; i < num_a; i++) out_row_of_a[i] = 0;
-        for (int64_t k = 0; k < r; k++) out_row_of_a[ranked[k].index] = -1; /* merged away */
-        int64_t out_row = prefix;
+        /* output rows: prefix, unmerged A in original order, then B; input_row maps them back */
+        for (int64_t i = 0; i < num_a; i++) merged_away[i] = 0;
+        for (int64_t k = 0; k < r; k++) merged_away[ranked[k].index] = 1;
+        int64_t out_row = 0;
+        for (int64_t p = 0; p < prefix; p++) input_row[out_row++] = p;
         for (int64_t i = 0; i < num_a; i++)
-            if (out_row_of_a[i] == 0) out_row_of_a[i] = out_row++;
+            if (!merged_away[i]) input_row[out_row++] = a_start + 2 * i;
         const int64_t first_b_row = out_row; /* prefix + num_a - r */
+        for (int64_t j = 0; j < num_b; j++) input_row[out_row++] = b_start + 2 * j;
 
         /* every kept token weighted by its size (x * size), and the sizes */
-        for (int64_t p = 0; p < prefix; p++) {
-            scaled_copy(image_out + p * channels, image_x + p * channels, SIZE_OF(p), channels);
-            image_sizes[p] = SIZE_OF(p);
-        }
-        for (int64_t i = 0; i < num_a; i++) {
-            const int64_t row = out_row_of_a[i], in_row = a_start + 2 * i;
-            if (row < 0) continue;
-            scaled_copy(image_out + row * channels, image_x + in_row * channels, SIZE_OF(in_row), channels);
-            image_sizes[row] = SIZE_OF(in_row);
-        }
-        for (int64_t j = 0; j < num_b; j++) {
-            const int64_t row = first_b_row + j, in_row = b_start + 2 * j;
+        for (int64_t row = 0; row < kept; row++) {
+            const int64_t in_row = input_row[row];
             scaled_copy(image_out + row * channels, image_x + in_row * channels, SIZE_OF(in_row), channels);
             image_sizes[row] = SIZE_OF(in_row);
         }
