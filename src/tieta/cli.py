@@ -13,7 +13,8 @@ from typing import Any, Optional, Sequence
 
 from tieta.errors import TietaError
 
-# command-line flag -> config key, for the settings people change most
+# command-line flag -> config key, for the general settings people change most (each method
+# declares its own flags in the registry)
 FLAG_KEYS = {
     "model": "model",
     "weights": "weights",
@@ -25,17 +26,17 @@ FLAG_KEYS = {
     "lr": "optim.lr",
     "batch_size": "optim.batch_size",
     "weight_decay": "optim.weight_decay",
-    "lora_rank": "lora.rank",
-    "adapter_dim": "adapter.dim",
-    "schedule": "merge.schedule",
-    "pyra_lr": "pyra.lr",
-    "rho": "dyt.rho",
-    "dyt_variant": "dyt.variant",
-    "experts": "dyt.experts",
     "seed": "seed",
     "device": "device",
     "eval_every": "eval_every",
 }
+
+
+def _method_flags() -> dict[str, Any]:
+    """argparse dest -> the registry's Flag, for every method's flags."""
+    from tieta.methods import registry
+
+    return {flag.option.lstrip("-").replace("-", "_"): flag for flag in registry.flags()}
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser, data_required: bool) -> None:
@@ -43,36 +44,17 @@ def _add_config_arguments(parser: argparse.ArgumentParser, data_required: bool) 
     parser.add_argument("--model", help="timm model name (default vit_base_patch16_224)")
     parser.add_argument("--weights", help="weights file (.safetensors/.pth/.bin/.npz), 'random', or "
                         "'dinov2_vits14_saliency'; default: timm's published weights from the hub")
-    parser.add_argument("--method", help="methods joined by '+': lora, adapter, tome, pyra, dyt, e.g. pyra+lora (default lora)")
-    parser.add_argument("--schedule", type=_schedule_value,
-                        help="merge schedule for tome/pyra: low, high, an int r, or a list like [16,16,8] (default low)")
+    from tieta.methods import registry
+
+    parser.add_argument("--method", help=f"methods joined by '+': {', '.join(registry.METHODS)}, e.g. pyra+lora "
+                        "(default lora)")
     parser.add_argument("--img-size", type=int, help="input resolution (default: the model's)")
-    parser.add_argument("--lora-rank", type=int, help="LoRA rank (default 8)")
-    parser.add_argument("--adapter-dim", type=int, help="adapter bottleneck width (default 8)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="any config setting, e.g. --set optim.lr_groups.head=1e-2 (repeatable)")
-    parser.add_argument("--pyra-lr", type=_pyra_lr_value,
-                        help="PYRA's lr: reference (the base lr, as the published runs), paper (1e-4) or a number")
-    parser.add_argument("--rho", type=float, help="DyT: target share of active tokens (default 0.5)")
-    parser.add_argument("--dyt-variant", choices=("mlp", "attn", "attn_mlp", "layer"),
-                        help="DyT: what inactive tokens skip (default mlp)")
-    parser.add_argument("--experts", type=int, help="DyT: adapter experts; > 1 makes an MoE-adapter (default 1)")
+    for flag in registry.flags():
+        parser.add_argument(flag.option, type=flag.parse, choices=flag.choices, help=flag.help)
     if data_required is not None:
         parser.add_argument("--data", required=data_required, help="task folder: VTAB-1k layout or train/<class>/ folders")
-
-
-def _schedule_value(text: str):
-    import yaml
-
-    value = yaml.safe_load(text)
-    return value if isinstance(value, (int, list)) else text
-
-
-def _pyra_lr_value(text: str):
-    try:
-        return float(text)
-    except ValueError:
-        return text
 
 
 def _add_image_sample_arguments(parser: argparse.ArgumentParser, overwrite_help: str) -> None:
@@ -85,8 +67,9 @@ def _config_from(args: argparse.Namespace):
     from tieta.train.config import load_config, parse_override
 
     overrides: dict[str, Any] = {}
-    for flag, key in FLAG_KEYS.items():
-        value = getattr(args, flag, None)
+    keys = {**FLAG_KEYS, **{dest: flag.key for dest, flag in _method_flags().items()}}
+    for dest, key in keys.items():
+        value = getattr(args, dest, None)
         if value is not None:
             overrides[key] = value
     if getattr(args, "bf16", False):
@@ -124,11 +107,12 @@ def cmd_flops(args: argparse.Namespace) -> int:
 
     from tieta.measure.flops import count_flops
     from tieta.methods.params import trainable_parameters
-    from tieta.train.fit import image_size_of, merge_summary
+    from tieta.report.tables import fact_label
+    from tieta.train.fit import describe_methods, image_size_of
     from tieta.train.model import build_model
 
     config = _config_from(args)
-    model = build_model(config, args.num_classes, weights="random")  # costs do not depend on weights
+    model = build_model(config, args.num_classes, random_weights=True)  # costs do not depend on weights
     size = image_size_of(model)
     flops = count_flops(model, torch.randn(1, 3, size, size))
     trainable, total = trainable_parameters(model)
@@ -136,13 +120,12 @@ def cmd_flops(args: argparse.Namespace) -> int:
     print(f"  GMACs (the field's GFLOPs, MACs/1e9): {flops['gmacs']:.3f}")
     print(f"  GFLOPs in the PYRA paper's unit (MACs/2^30): {flops['pyra_gflops']:.3f}")
     print(f"  parameters: {total:,} ({trainable:,} trainable, {100 * trainable / total:.3f}%)")
-    summary = merge_summary(model)
-    if summary:
-        print(f"  merge schedule (r per block): {summary['schedule']}")
-        print(f"  tokens entering each block, then leaving the last: {summary['token_counts']}")
-    if "dyt" in config.methods:
-        print("  DyT's cost depends on the images and the trained dispatchers: this is one random image with "
-              "untrained ones; a trained run's summary.json counts the executed path on real test images")
+    for key, value in describe_methods(model, config).items():
+        print(f"  {fact_label(key)}: {value}")
+    dependent = [method.name for method in config.method_list if method.data_dependent_cost]
+    if dependent:
+        print(f"  {', '.join(dependent)}: the cost depends on the images and the trained weights; this is one random "
+              "image with untrained ones; a trained run's summary.json counts the executed path on real test images")
     return 0
 
 

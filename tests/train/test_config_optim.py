@@ -28,7 +28,7 @@ def test_yaml_then_overrides(tmp_path):
 
 @pytest.mark.parametrize("text,message", [
     ("optim:\n  learning_rate: 1\n", "unknown config key"),
-    ("lora:\n  rank: eight\n", "should be a int"),
+    ("lora:\n  rank: eight\n", "should be an integer"),
     ("method: foo\n", "unknown method"),
     ("[1, 2\n", "not valid YAML"),
     ("optim:\n  epochs: 0\n", "at least 1"),
@@ -72,8 +72,8 @@ def test_pyra_learning_rate_by_name(choice, expected):
 
 
 def test_merge_schedule_forms_in_config():
-    from tieta.train.model import merge_schedule
+    from tieta.methods.schedules import schedule_setting
 
-    assert merge_schedule(load_config(overrides={"merge.schedule": {"r": 8, "inflection": -0.5}})) == (8, -0.5)
-    assert merge_schedule(load_config(overrides={"merge.schedule": [4, 4]})) == [4, 4]
+    assert schedule_setting(load_config(overrides={"merge.schedule": {"r": 8, "inflection": -0.5}}).merge) == (8, -0.5)
+    assert schedule_setting(load_config(overrides={"merge.schedule": [4, 4]}).merge) == [4, 4]
     assert load_config().merge.schedule == "low" and load_config().merge.prop_attn is True

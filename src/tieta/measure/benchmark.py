@@ -18,6 +18,7 @@ from torch import nn
 
 from tieta.measure.flops import count_flops
 from tieta.measure.throughput import synchronize
+from tieta.methods.schedules import token_counts, vit_shape
 
 Step = Callable[[], None]
 
@@ -142,8 +143,6 @@ def shape_ceiling(
     Returns:
         full-token time / merged-token time of a whole forward pass.
     """
-    from tieta.methods.schedules import token_counts, vit_shape
-
     device = torch.device(device)
     counts = token_counts(vit_shape(model), schedule)
     width = model.embed_dim

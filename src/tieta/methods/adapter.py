@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from tieta.errors import TietaError
 from tieta.methods.blocks import patch_blocks
+from tieta.methods.method import Flag, Method
 
 
 class Adapter(nn.Module):
@@ -87,3 +89,31 @@ def add_adapter(model: nn.Module, dim: int = 8, scale: float = 1.0, dropout: flo
         like = next(block.parameters())
         block.adapter = Adapter(model.embed_dim, dim, scale, dropout).to(like.device, like.dtype)
     return model
+
+
+@dataclass
+class AdapterConfig:
+    """AdaptFormer settings (the config section "adapter"; DyT's adapters use its scale and dropout)."""
+
+    dim: int = 8
+    scale: float = 1.0
+    dropout: float = 0.1
+
+
+def _validate(config) -> None:
+    adapter = config.adapter
+    if adapter.dim < 1:
+        raise TietaError(f"adapter.dim must be a positive integer, got {adapter.dim}")
+    if not 0 <= adapter.dropout < 1:
+        raise TietaError(f"adapter.dropout must be in [0, 1), got {adapter.dropout}")
+
+
+METHOD = Method(
+    name="adapter",
+    summary="AdaptFormer: a bottleneck MLP parallel to every block's MLP",
+    sections={"adapter": AdapterConfig},
+    attach=lambda model, config: add_adapter(model, config.adapter.dim, config.adapter.scale, config.adapter.dropout),
+    modules=("adapter",),
+    flags=(Flag("--adapter-dim", "adapter.dim", int, "adapter bottleneck width (default 8)"),),
+    validate=_validate,
+)

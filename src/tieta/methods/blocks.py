@@ -1,31 +1,42 @@
-"""The one place that changes how a timm ViT runs.
+"""The one place that changes how a timm ViT runs: a block with slots that methods fill.
 
 tieta never copies timm's attention or MLP code: a block keeps its own ``norm1``, ``attn``, ``ls1``,
 ``drop_path1``, ``norm2``, ``mlp``, ``ls2`` and ``drop_path2`` modules, and only the order in which
-the block calls them is restated here, with room for tieta's additions:
+the block calls them is restated here, with a slot for each kind of addition:
 
-    x = x + attn(norm1(x), attn_mask = log(size) if proportional attention)
-    x, size = merge(x, size)                # ToMe / PYRA, when the block merges (r > 0)
-    x = x + m * mlp(norm2(x)) + adapter(x)  # m: DyT's dispatch (1 without DyT); adapter: AdaptFormer
+    x = select(x)                                   # before the block: DynamicViT's pruning
+    x = x + attn_gate(x, attention, mask)           # attention on every token, or DyT's dispatch
+    x = reduce(x)                                   # after the attention residual: ToMe, PYRA, EViT, DiffRate
+    x = x + mlp_gate(x, feed_forward) + adapter(x)  # the MLP on every token, or DyT's dispatch; AdaptFormer
 
-(DyT's other variants gate attention, or both, with the same kind of mask.)
+A method fills its slot when it is attached (timm's way: an empty slot is a pass-through module),
+so the forward pass has no switches. ``attention`` adds the token state's attention bias (log size,
+for proportional attention) and, while a pruning policy masks tokens in training, runs the masked
+softmax that the policy's gradient needs. ``adapter`` is None when off: a parallel branch that is
+off adds nothing, not zeros.
 
-With every addition switched off, a patched model computes exactly what timm computes.
+With every slot empty, a patched model computes exactly what timm computes.
+
+The model itself gets :class:`TietaViT` mixed into its class: it resets the per-pass state
+(token sizes, masks) whenever a new token sequence starts, whichever timm entry point started it,
+and weights average pooling by token size.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from tieta.errors import TietaError
-from tieta.methods.dyt import attend_on_active, dispatch_mask, key_mask, run_on_active, with_prefix
-from tieta.methods.tome import bipartite_soft_matching, max_merges, merge_source, merge_wavg
-from tieta.native.tome_merge import native_merge, native_merge_applies
+from tieta.methods.attention import masked_attention
+from tieta.methods.swap import Swappable, swap_in, swap_out
+
+Branch = Callable[..., torch.Tensor]
 
 
 @dataclass
@@ -36,6 +47,8 @@ class TokenState:
         size: (B, N, 1) input patches per token, None until the first merge.
         attn_bias: (B, 1, 1, N) log(size), the proportional-attention mask for the next block.
         source: (B, N, N0) input tokens held by each token, when ``trace_source`` is on.
+        policy: (B, N) 0/1 keep mask of a pruning method in training (tokens stay in the tensor
+            and are masked out of attention), with its straight-through gradient; None otherwise.
         prop_attn: add log(size) to the attention logits (proportional attention).
         trace_source: keep ``source`` (for visualising merges; costs memory).
     """
@@ -45,156 +58,141 @@ class TokenState:
     size: Optional[torch.Tensor] = None
     attn_bias: Optional[torch.Tensor] = None
     source: Optional[torch.Tensor] = None
+    policy: Optional[torch.Tensor] = None
 
     def reset(self) -> None:
-        self.size, self.attn_bias, self.source = None, None, None
+        self.size, self.attn_bias, self.source, self.policy = None, None, None, None
+
+    def pool_weights(self) -> Optional[torch.Tensor]:
+        """(B, N, 1) weights of each token in an average pool (size x policy), None for uniform."""
+        weights = self.size
+        if self.policy is not None:
+            policy = self.policy[..., None].to(self.policy.dtype)
+            weights = policy if weights is None else weights * policy
+        return weights
+
+
+class Unchanged(nn.Module):
+    """An empty ``select`` or ``reduce`` slot: tokens pass unchanged (nn.Identity, with the block as
+    context, which the filled slots read)."""
+
+    def forward(self, x: torch.Tensor, block: "TietaBlock") -> torch.Tensor:
+        return x
+
+
+class EveryToken(nn.Module):
+    """An empty gate: the branch runs on every token."""
+
+    def forward(self, x: torch.Tensor, branch: Branch, mask: Optional[torch.Tensor], block: "TietaBlock") -> torch.Tensor:
+        return branch(x, mask)
 
 
 class TietaBlock(Block):
-    """timm's pre-norm ``Block`` with optional token merging, token dispatch and an adapter.
+    """timm's pre-norm ``Block`` with slots for tieta's methods (see the module docstring).
 
-    Attributes (set by the methods; None / 0 means "off"):
-        adapter: AdaptFormer module, fed the stream after the attention residual (and merge); not
-            under LayerScale or drop-path (as in the reference code).
-        merge_r: tokens this block merges away (ToMe); 0 for none.
-        pyra: PYRA's re-activation of the merged tokens.
-        token_state: the model's shared TokenState, when token merging is attached.
-        dispatcher, mlp_dispatcher: DyT's token dispatchers (nn.Linear(D, 1)); which module each
-            one gates depends on ``dyt_variant`` ("mlp", "attn", "attn_mlp", "layer").
-        dispatch_state: the model's shared DispatchState, when DyT is attached.
+    Attributes:
+        select, reduce: token selection before the block and token reduction after the attention
+            residual, called as ``slot(x, block)``; :class:`Unchanged` when empty.
+        attn_gate, mlp_gate: which tokens the attention / MLP branch runs on, called as
+            ``gate(x, branch, mask, block)``; :class:`EveryToken` when empty.
+        adapter: a module parallel to the MLP, fed the stream after the attention residual (and
+            reduction); not under LayerScale or drop-path (as in AdaptFormer's code). None when off.
+        token_state: the model's shared TokenState, once a method that changes tokens is attached.
+        num_prefix_tokens: leading tokens (class, distillation, registers) that methods protect.
     """
 
     adapter: Optional[nn.Module]
-    pyra: Optional[nn.Module]
-    dispatcher: Optional[nn.Module]
-    mlp_dispatcher: Optional[nn.Module]
+    token_state: Optional[TokenState]
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, **attn_kwargs) -> torch.Tensor:
-        """Args: x: (B, N, D) tokens. Returns: (B, N - merge_r, D)."""
+        """Args: x: (B, N, D) tokens. Returns: (B, N', D), N' the tokens the slots leave."""
+        x = self.select(x, self)
         state = self.token_state
         if state is not None and state.attn_bias is not None:
             attn_mask = state.attn_bias if attn_mask is None else attn_mask + state.attn_bias
-        variant = self.dyt_variant
-        if variant is None or variant == "mlp":
-            x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, **attn_kwargs)))
-            active = None
-        else:
-            active = self._dispatch(x, self.dispatcher)
-            x = x + self._gated_attention(x, active, attn_mask)
-        if self.merge_r > 0 and state is not None:
-            x = self._merge(x, state)
-        if variant is None or variant == "attn":
-            out = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-        else:
-            if variant != "layer":  # "layer" reuses the block's one decision
-                active = self._dispatch(x, self.mlp_dispatcher if variant == "attn_mlp" else self.dispatcher)
-            out = x + self._gated_mlp(x, active)
+        attention = functools.partial(self.attention, **attn_kwargs) if attn_kwargs else self.attention
+        x = x + self.attn_gate(x, attention, attn_mask, self)
+        x = self.reduce(x, self)
+        out = x + self.mlp_gate(x, self.feed_forward, None, self)
         if self.adapter is not None:
             out = out + self.adapter(x)
         return out
 
-    def _merges_for(self, num_tokens: int) -> int:
-        """merge_r, clipped to what ``num_tokens`` tokens allow."""
-        return min(self.merge_r, max_merges(num_tokens, self.num_prefix_tokens))
+    def attention(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, **attn_kwargs) -> torch.Tensor:
+        """The attention branch, ``drop_path1(ls1(attn(norm1(x))))``, on the tokens it is given.
 
-    def _take_keys(self) -> torch.Tensor:
-        """(B, H, N, hd) the keys this block's attention just used, kept by KeepKeys (and let go)."""
-        kept = self.attn.k_norm.__dict__  # KeepKeys stores there directly (see there)
-        keys, kept["tieta_keys"] = kept["tieta_keys"], None
-        return keys
+        Args: x: (B, N, D); attn_mask: additive (B, 1, 1, N) or (B, H, N, N) mask, or None.
+        """
+        state = self.token_state
+        if state is not None and state.policy is not None:
+            out = masked_attention(self.attn, self.norm1(x), state.policy, attn_mask)
+        else:
+            out = self.attn(self.norm1(x), attn_mask=attn_mask, **attn_kwargs)
+        return self.drop_path1(self.ls1(out))
 
-    def _merge(self, x: torch.Tensor, state: TokenState) -> torch.Tensor:
-        keys = self._take_keys()
-        if not state.trace_source and native_merge_applies(keys, x, self.pyra):
-            merged = native_merge(keys, x, state.size, self._merges_for(x.shape[1]), self.num_prefix_tokens, self.pyra)
-            if merged is not None:  # None: no compiler here; the tensor code below does the same
-                x, state.size, size_bias = merged
-                state.attn_bias = size_bias if state.prop_attn else None
-                return x
-        # the sum over heads is the spec's mean up to a factor that the cosine similarity ignores
-        matching = bipartite_soft_matching(keys.sum(dim=1), self.merge_r, self.num_prefix_tokens)
-        if state.trace_source:
-            state.source = merge_source(matching, state.source, x.shape[1])
-        x, state.size = merge_wavg(matching, x, state.size, self.pyra)
-        if state.prop_attn:
-            state.attn_bias = _size_bias(state.size, x)
-        return x
-
-    def _dispatch(self, x: torch.Tensor, dispatcher: nn.Module) -> Optional[torch.Tensor]:
-        """(B, N, 1) 0/1 mask of active tokens (prefix always active), or None when all are."""
-        dispatch = self.dispatch_state
-        if dispatch.full:
-            return None
-        prefix = self.num_prefix_tokens
-        mask = dispatch_mask(dispatcher(x[:, prefix:]).squeeze(-1), dispatch.tau, self.training)
-        dispatch.masks.append(mask)
-        return with_prefix(mask, prefix)
-
-    def _really_skips(self) -> bool:
-        return not self.training and self.dispatch_state.real_skip
-
-    def _gated_attention(self, x: torch.Tensor, active: Optional[torch.Tensor],
-                         attn_mask: Optional[torch.Tensor]) -> torch.Tensor:
-        def branch(tokens: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-            return self.drop_path1(self.ls1(self.attn(self.norm1(tokens), attn_mask=mask)))
-
-        if active is None:
-            return branch(x, attn_mask)
-        if self._really_skips():
-            return attend_on_active(branch, x, active[..., 0] > 0, attn_mask)
-        keys = key_mask(active[..., 0] > 0, x.dtype)
-        return active * branch(x, keys if attn_mask is None else attn_mask + keys)
-
-    def _gated_mlp(self, x: torch.Tensor, active: Optional[torch.Tensor]) -> torch.Tensor:
-        def branch(tokens: torch.Tensor) -> torch.Tensor:
-            return self.drop_path2(self.ls2(self.mlp(self.norm2(tokens))))
-
-        if active is None:
-            return branch(x)
-        if self._really_skips():
-            return run_on_active(branch, x, active[..., 0] > 0)
-        return active * branch(x)
+    def feed_forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The MLP branch, ``drop_path2(ls2(mlp(norm2(x))))`` (``mask`` is unused: gates share one call form)."""
+        return self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
-def _size_bias(size: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """log(size) per key as an additive attention mask (B, 1, 1, N), in the dtype attention runs in."""
-    bias = size.log().view(size.shape[0], 1, 1, size.shape[1])
-    device_type = x.device.type
-    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
-    return bias if bias.dtype == dtype else bias.to(dtype)
+class TietaViT(Swappable):
+    """Mixed into a timm VisionTransformer's class by :func:`patch_blocks`.
 
+    - Every timm entry point (``forward``, ``forward_features``, ``forward_intermediates``,
+      ``get_intermediate_layers``) starts a token sequence in ``_pos_embed``; the per-pass states
+      (token sizes, masks, decisions) are reset there, so entry points can be used in any order.
+    - Average pooling weights each token by its size (and a training policy's mask).
+    - ``forward_intermediates`` gives the tokens as they are after merging or pruning (NLC); the
+      NCHW format needs the full patch grid, so it is refused once a block has changed the tokens.
+    """
 
-class TietaViTMixin:
-    """Turns a timm VisionTransformer's forward into one that resets the shared token state first,
-    and weights average pooling by token size (the MAE-style heads need it once tokens are merged)."""
-
-    token_state: Optional[TokenState]
-
-    def forward(self, *args, **kwargs):
-        if self.token_state is not None:
-            self.token_state.reset()
-        if self.dispatch_state is not None:
-            self.dispatch_state.reset()
-        return super().forward(*args, **kwargs)
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        for state in self.__dict__.get("tieta_pass_states", ()):
+            state.reset()
+        return super()._pos_embed(x)
 
     def pool(self, x: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tensor:
         pool_type = self.global_pool if pool_type is None else pool_type
-        size = None if self.token_state is None else self.token_state.size
-        if size is None or pool_type != "avg" or self.attn_pool is not None:
+        state = getattr(self, "token_state", None)
+        weights = None if state is None else state.pool_weights()
+        if weights is None or pool_type != "avg" or self.attn_pool is not None or weights.shape[1] != x.shape[1]:
             return super().pool(x, pool_type)
         prefix = self.num_prefix_tokens
-        weights = size[:, prefix:]  # (B, N - prefix, 1)
+        weights = weights[:, prefix:].to(x.dtype)  # (B, N - prefix, 1)
         return (x[:, prefix:] * weights).sum(dim=1) / weights.sum(dim=1)
 
+    def forward_intermediates(self, x: torch.Tensor, *args, output_fmt: str = "NCHW", **kwargs):
+        if output_fmt != "NCHW":
+            return super().forward_intermediates(x, *args, output_fmt=output_fmt, **kwargs)
+        out = super().forward_intermediates(x, *args, output_fmt="NLC", **kwargs)
+        return _to_nchw(out, self, x.shape[-2:])
 
-_MIXED_CLASSES: dict[tuple[type, type], type] = {}
 
+def _to_nchw(out: Any, model: VisionTransformer, image_size: tuple[int, int]) -> Any:
+    """Reshape forward_intermediates' NLC patch tokens (B, L, C) to (B, C, H, W), refusing tokens
+    that no longer form the patch grid."""
+    grid_h, grid_w = model.patch_embed.dynamic_feat_size(tuple(image_size))
 
-def mixed_class(mixin: type, cls: type, prefix: str) -> type:
-    """``class <prefix><cls>(mixin, cls)``, made once per pair (for in-place class swaps)."""
-    if (mixin, cls) not in _MIXED_CLASSES:
-        _MIXED_CLASSES[mixin, cls] = type(f"{prefix}{cls.__name__}", (mixin, cls), {"__module__": __name__})
-    return _MIXED_CLASSES[mixin, cls]
+    def reshape(tokens: torch.Tensor) -> torch.Tensor:
+        if tokens.shape[1] != grid_h * grid_w:
+            raise TietaError(
+                f"an intermediate holds {tokens.shape[1]} tokens after merging or pruning, not the "
+                f"{grid_h}x{grid_w} patch grid; use forward_intermediates(..., output_fmt='NLC')"
+            )
+        return tokens.reshape(tokens.shape[0], grid_h, grid_w, -1).permute(0, 3, 1, 2).contiguous()
+
+    def convert(item: Any) -> Any:
+        if isinstance(item, tuple):  # (patch tokens, prefix tokens) with return_prefix_tokens
+            return (reshape(item[0]), item[1])
+        return reshape(item)
+
+    if isinstance(out, dict):
+        out["image_intermediates"] = [convert(i) for i in out["image_intermediates"]]
+        return out
+    if isinstance(out, tuple):
+        final, intermediates = out
+        return final, [convert(i) for i in intermediates]
+    return [convert(i) for i in out]
 
 
 def check_vit(model: nn.Module) -> None:
@@ -217,67 +215,105 @@ def patch_blocks(model: nn.Module) -> list[TietaBlock]:
     The class swaps keep every submodule, parameter and state-dict key as timm made them.
     """
     check_vit(model)
-    if not isinstance(model, TietaViTMixin):
-        model.__class__ = mixed_class(TietaViTMixin, type(model), "Tieta")
-        model.token_state = None
-        model.dispatch_state = None
+    if not isinstance(model, TietaViT):
+        swap_in(model, TietaViT)
+        model.__dict__["tieta_pass_states"] = []
     blocks = []
     for block in model.blocks:
         if type(block) is Block:
             block.__class__ = TietaBlock
+            block.select, block.reduce = Unchanged(), Unchanged()
+            block.attn_gate, block.mlp_gate = EveryToken(), EveryToken()
             block.adapter = None
-            block.pyra = None
-            block.merge_r = 0
             block.token_state = None
-            block.dispatcher = None
-            block.mlp_dispatcher = None
-            block.dyt_variant = None
-            block.dispatch_state = None
             block.num_prefix_tokens = model.num_prefix_tokens
         blocks.append(block)
     return blocks
 
 
-class KeepKeys:
-    """Mixed into the class of ``attn.k_norm`` (Identity or a norm): keeps the keys attention uses,
-    after q/k norm, (B, H, N, hd), for the block's merge.
+def pass_state(model: nn.Module, name: str, factory: Callable[[], Any]) -> Any:
+    """The model's per-pass state called ``name`` (``model.<name>``), made by ``factory`` and
+    registered for the reset at the start of every pass if the model has none yet.
+
+    A state is any object with a ``reset()`` method, shared by the blocks that read or write it.
+    """
+    patch_blocks(model)
+    state = getattr(model, name, None)
+    if state is None:
+        state = factory()
+        setattr(model, name, state)
+        model.__dict__["tieta_pass_states"].append(state)
+    return state
+
+
+def token_state(model: nn.Module) -> TokenState:
+    """The model's shared TokenState (made on first use) and each block's reference to it."""
+    state = pass_state(model, "token_state", TokenState)
+    for block in model.blocks:
+        block.token_state = state
+    return state
+
+
+def reducing_method(model: nn.Module) -> Optional[str]:
+    """The name of the method that already changes the token count of ``model``, if any."""
+    return getattr(model, "tieta_reduction", None)
+
+
+def claim_reduction(model: nn.Module, method: str) -> None:
+    """Record that ``method`` changes the token count; refuse a second such method, whose token
+    bookkeeping (sizes, orders, masks) would contradict the first's, and a gate that lets only some
+    tokens attend (reduction needs every token's attention)."""
+    current = reducing_method(model)
+    if current is not None and current != method:
+        raise TietaError(f"this model already reduces tokens with {current}; one token-reduction method per model")
+    gate = getattr(model, "tieta_attention_gate", None)
+    if gate is not None:
+        raise TietaError(f"{gate} cannot be combined with token merging or pruning ({method}); use DyT's variant 'mlp'")
+    model.tieta_reduction = method
+
+
+def claim_attention_gate(model: nn.Module, what: str) -> None:
+    """Record that ``what`` lets only some tokens attend, refusing it on a model that reduces tokens."""
+    current = reducing_method(model)
+    if current is not None:
+        raise TietaError(f"{what} cannot be combined with token merging or pruning ({current}); use DyT's variant 'mlp'")
+    model.tieta_attention_gate = what
+
+
+class KeepOutput(Swappable):
+    """Mixed into the class of ``attn.k_norm`` / ``attn.q_norm`` (Identity or a norm): keeps the
+    keys or queries attention uses, after q/k norm, (B, H, N, hd), for a step later in the block.
 
     A class swap rather than a forward hook: hooks send every call through torch's slow path, and
     storing on the module itself keeps copies of the model correct.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        keys = super().forward(x)
+        out = super().forward(x)
         # into the instance dict: nn.Module.__setattr__ costs microseconds that batch-1 latency feels
-        self.__dict__["tieta_keys"] = keys
-        return keys
+        self.__dict__["tieta_output"] = out
+        return out
 
 
-def _keep_keys(module: nn.Module, keep: bool) -> None:
-    cls = type(module)
-    if keep and not isinstance(module, KeepKeys):
-        module.__class__ = mixed_class(KeepKeys, cls, "KeepKeys")
-        module.tieta_keys = None
-    elif not keep and isinstance(module, KeepKeys):
-        module.__class__ = cls.__mro__[2]  # the original class, after KeepKeys
-        del module.tieta_keys
+def keep_output(module: nn.Module) -> None:
+    """Make ``module`` (a q_norm or k_norm) keep its last output for :func:`take_output`."""
+    if not isinstance(module, KeepOutput):
+        swap_in(module, KeepOutput)
+        module.__dict__["tieta_output"] = None
 
 
-def enable_token_merging(model: nn.Module, schedule: list[int], prop_attn: bool = True) -> TokenState:
-    """Give the blocks their per-layer merge counts and a shared TokenState (in place).
-
-    Args:
-        schedule: r per block (validated by the caller).
-    """
-    blocks = patch_blocks(model)
-    state = model.token_state or TokenState()
-    state.prop_attn = prop_attn
-    model.token_state = state
-    for block, r in zip(blocks, schedule):
-        block.merge_r = int(r)
-        block.token_state = state
-        _keep_keys(block.attn.k_norm, keep=r > 0)
-    return state
+def release_output(module: nn.Module) -> None:
+    """Undo :func:`keep_output`."""
+    if isinstance(module, KeepOutput):
+        swap_out(module, KeepOutput)
+        module.__dict__.pop("tieta_output", None)
 
 
-__all__ = ["TietaBlock", "TokenState", "check_vit", "patch_blocks", "enable_token_merging"]
+def take_output(module: nn.Module) -> torch.Tensor:
+    """The tensor ``module`` kept in this pass (and let go of it)."""
+    kept = module.__dict__
+    out, kept["tieta_output"] = kept["tieta_output"], None
+    return out
+
+
+__all__ = ["TietaBlock", "TietaViT", "TokenState", "check_vit", "patch_blocks", "pass_state", "token_state"]

@@ -1,12 +1,11 @@
 """DyT: Dynamic Tuning (Zhao et al., NeurIPS 2024): a token dispatcher per block decides which
 patch tokens a module processes; the rest skip it.
 
-Pure functions, and one verb:
+The verb, and the gates it puts in the blocks' attention and MLP slots (the tensor functions are
+in ``tieta.ops.dispatch``):
 
-    mask = dispatch_mask(logits, tau, training)       # (B, N) Gumbel-sigmoid, straight-through
-    x = run_on_active(fn, x, active)                  # real skipping of a token-wise module
-    x = attend_on_active(attn, x, active, bias)       # real skipping of attention (ragged batches)
     add_dyt(model, rho=0.5, variant="mlp", adapter_dim=8, experts=1, tau=5.0)
+    loss = dyt_loss(dyt_forward(model, images), labels)   # trains toward the model's rho
 
 Variants: "mlp" (the default: the MLP runs on active tokens only), "attn" (inactive tokens skip
 attention: they are neither queries nor keys), "attn_mlp" (a dispatcher before each), "layer"
@@ -21,12 +20,18 @@ agree (a test proves it).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from tieta.errors import TietaError
+from tieta.methods.adapter import Adapter, AdapterConfig, MoEAdapter
+from tieta.methods.blocks import EveryToken, TietaBlock, claim_attention_gate, pass_state, patch_blocks
+from tieta.methods.method import Flag, Method
+from tieta.ops.dispatch import (attend_on_active, dispatch_mask, key_mask, run_on_active,  # noqa: F401 (public)
+                                with_prefix)
 
 VARIANTS = ("mlp", "attn", "attn_mlp", "layer")
 
@@ -52,90 +57,84 @@ class DispatchState:
         self.masks = []
 
 
-def dispatch_mask(logits: torch.Tensor, tau: float, training: bool) -> torch.Tensor:
-    """Which tokens are active.
+class Dispatch(nn.Module):
+    """A gate that runs its branch on the tokens a dispatcher of the block activates.
+
+    Training computes the masked form (every token through the branch, the output multiplied by the
+    0/1 mask, so that the straight-through gradient reaches the dispatcher); evaluation really
+    skips, gathering the active tokens, running the branch on them and scattering the result back.
 
     Args:
-        logits: (B, N) dispatcher outputs.
-        tau: temperature of the Gumbel-sigmoid in training.
-        training: Gumbel noise, hard threshold and straight-through gradient
-            (``hard - y.detach() + y``); otherwise ``sigmoid(logits) > 0.5``, no noise.
-
-    Returns:
-        (B, N) float mask of exact 0s and 1s (carrying y's gradient in training).
+        dispatcher: the name of the block's nn.Linear(D, 1) that decides ("dispatcher" or
+            "mlp_dispatcher"; it lives on the block, so its state-dict key is the block's).
     """
-    if not training:
-        return (logits > 0).to(logits.dtype)  # sigmoid(l) > 0.5 <=> l > 0
-    uniform = torch.rand(2, *logits.shape, device=logits.device, dtype=logits.dtype).clamp_(1e-6, 1 - 1e-6)
-    gumbel = -torch.log(-torch.log(uniform))
-    soft = torch.sigmoid((logits + gumbel[0] - gumbel[1]) / tau)
-    hard = (soft > 0.5).to(soft.dtype)
-    return hard - soft.detach() + soft
+
+    def __init__(self, dispatcher: str = "dispatcher") -> None:
+        super().__init__()
+        self.dispatcher = dispatcher
+
+    def extra_repr(self) -> str:
+        return f"dispatcher={self.dispatcher}"
+
+    def decide(self, x: torch.Tensor, block: TietaBlock) -> Optional[torch.Tensor]:
+        """(B, N, 1) 0/1 mask of active tokens (prefix always active), or None when all are."""
+        state = block.dispatch_state
+        if state.full:
+            return None
+        prefix = block.num_prefix_tokens
+        mask = dispatch_mask(getattr(block, self.dispatcher)(x[:, prefix:]).squeeze(-1), state.tau, block.training)
+        state.masks.append(mask)
+        return with_prefix(mask, prefix)
 
 
-def with_prefix(mask: torch.Tensor, num_prefix: int) -> torch.Tensor:
-    """(B, N_patch) mask -> (B, N, 1) with the prefix tokens always active."""
-    if num_prefix:
-        mask = torch.cat([mask.new_ones(mask.shape[0], num_prefix), mask], dim=1)
-    return mask[..., None]
+def _run_token_wise(active: Optional[torch.Tensor], x: torch.Tensor, branch, block: TietaBlock) -> torch.Tensor:
+    if active is None:
+        return branch(x)
+    if not block.training and block.dispatch_state.real_skip:
+        return run_on_active(branch, x, active[..., 0] > 0)
+    return active * branch(x)
 
 
-def run_on_active(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
-    """``fn`` (token-wise) on the active tokens only, zeros elsewhere: all images' active tokens
-    are packed into one (T, D) batch, so ragged counts cost nothing extra.
+class MlpDispatch(Dispatch):
+    """The MLP slot's gate: inactive tokens skip the MLP."""
 
-    Args:
-        x: (B, N, D); active: (B, N) bool.
+    def forward(self, x: torch.Tensor, branch, mask: Optional[torch.Tensor], block: TietaBlock) -> torch.Tensor:
+        return _run_token_wise(self.decide(x, block), x, branch, block)
 
-    Returns:
-        (B, N, D'): fn's output at active tokens, 0 at the others.
+
+class AttentionDispatch(Dispatch):
+    """The attention slot's gate: inactive tokens are neither queries nor keys.
+
+    Its decision is kept on the block for :class:`SameDecision` (layer dispatch).
     """
-    batch, tokens, width = x.shape
-    rows = active.reshape(-1).nonzero().squeeze(1)
-    out = fn(x.reshape(batch * tokens, width).index_select(0, rows))
-    full = out.new_zeros(batch * tokens, out.shape[-1])
-    return full.index_copy_(0, rows, out).view(batch, tokens, -1)
+
+    def forward(self, x: torch.Tensor, branch, mask: Optional[torch.Tensor], block: TietaBlock) -> torch.Tensor:
+        active = self.decide(x, block)
+        block.__dict__["tieta_active"] = active
+        if active is None:
+            return branch(x, mask)
+        if not block.training and block.dispatch_state.real_skip:
+            return attend_on_active(branch, x, active[..., 0] > 0, mask)
+        keys = key_mask(active[..., 0] > 0, x.dtype)
+        return active * branch(x, keys if mask is None else mask + keys)
 
 
-def attend_on_active(attn: Callable[..., torch.Tensor], x: torch.Tensor, active: torch.Tensor,
-                     bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Self-attention among each image's active tokens only; zeros at inactive tokens.
+class SameDecision(nn.Module):
+    """The MLP slot's gate of layer dispatch: the attention gate's decision again, so inactive
+    tokens skip the whole block."""
 
-    Active tokens are packed to the front of a (B, L, D) tensor, L the largest active count;
-    padding is masked out of the keys (batch 1 has no padding at all).
-
-    Args:
-        attn: the attention branch, called as ``attn(tokens, additive_mask_or_None)``.
-        x: (B, N, D) normalised tokens; active: (B, N) bool.
-        bias: optional (B, 1, 1, N) additive key bias (proportional attention).
-    """
-    batch, tokens, width = x.shape
-    counts = active.sum(dim=1)
-    length = int(counts.max())
-    if length == 0:
-        return x.new_zeros(x.shape)
-    order = active.to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, :length]  # actives first
-    packed = x.gather(1, order[..., None].expand(-1, -1, width))
-    valid = torch.arange(length, device=x.device)[None] < counts[:, None]  # (B, L)
-    mask = None
-    if bias is not None:
-        mask = bias.gather(3, order[:, None, None, :])
-    if not bool(valid.all()):
-        padding = key_mask(valid, x.dtype)
-        mask = padding if mask is None else mask + padding
-    out = attn(packed, mask)
-    out = out * valid[..., None].to(out.dtype)
-    return x.new_zeros(batch, tokens, out.shape[-1]).scatter_(1, order[..., None].expand(-1, -1, out.shape[-1]), out)
+    def forward(self, x: torch.Tensor, branch, mask: Optional[torch.Tensor], block: TietaBlock) -> torch.Tensor:
+        return _run_token_wise(block.__dict__["tieta_active"], x, branch, block)
 
 
-# excludes a key from attention: exp(-1e4) is 0 in every float type, yet a row with no active key
-# at all gets uniform weights instead of NaN (its output is multiplied by 0 or dropped anyway)
-EXCLUDED = -1e4
-
-
-def key_mask(active: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(B, N) bool -> (B, 1, 1, N) additive mask that excludes the inactive keys."""
-    return torch.zeros(active.shape, dtype=dtype, device=active.device).masked_fill_(~active, EXCLUDED)[:, None, None, :]
+# variant -> (attention gate, MLP gate, the dispatchers it needs)
+_GATES = {
+    "mlp": (lambda: EveryToken(), lambda: MlpDispatch("dispatcher"), ("dispatcher",)),
+    "attn": (lambda: AttentionDispatch("dispatcher"), lambda: EveryToken(), ("dispatcher",)),
+    "attn_mlp": (lambda: AttentionDispatch("dispatcher"), lambda: MlpDispatch("mlp_dispatcher"),
+                 ("dispatcher", "mlp_dispatcher")),
+    "layer": (lambda: AttentionDispatch("dispatcher"), lambda: SameDecision(), ("dispatcher",)),
+}
 
 
 def add_dyt(
@@ -162,9 +161,6 @@ def add_dyt(
         The same model. Each block gets ``dispatcher`` (nn.Linear(D, 1)) and ``adapter``;
         variant "attn_mlp" adds ``mlp_dispatcher`` for the MLP.
     """
-    from tieta.methods.adapter import Adapter, MoEAdapter
-    from tieta.methods.blocks import TietaViTMixin, patch_blocks
-
     if variant not in VARIANTS:
         raise TietaError(f"DyT variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
     if not 0 < rho <= 1:
@@ -172,37 +168,26 @@ def add_dyt(
     if experts < 1:
         raise TietaError(f"experts must be at least 1, got {experts}")
     blocks = patch_blocks(model)
-    if any(block.dispatcher is not None for block in blocks):
+    if getattr(model, "dispatch_state", None) is not None:
         raise TietaError("this model already has DyT")
     if any(block.adapter is not None for block in blocks):
         raise TietaError("DyT brings its own adapter; add DyT to a model without adapters")
-    check_dispatch_with_merging(variant, any(block.merge_r > 0 for block in blocks))
-    state = DispatchState(tau=tau)
-    model.dispatch_state = state
+    attention_gate, mlp_gate, dispatchers = _GATES[variant]
+    if variant != "mlp":  # refuse before changing anything
+        claim_attention_gate(model, f"DyT's {variant!r} dispatch")
+    state = pass_state(model, "dispatch_state", lambda: DispatchState(tau=tau))
     model.dyt_rho = rho
     width = model.embed_dim
     for block in blocks:
         like = next(block.parameters())
-        block.dispatcher = nn.Linear(width, 1).to(like.device, like.dtype)
-        if variant == "attn_mlp":
-            block.mlp_dispatcher = nn.Linear(width, 1).to(like.device, like.dtype)
+        for name in dispatchers:
+            setattr(block, name, nn.Linear(width, 1).to(like.device, like.dtype))
         adapter = (MoEAdapter(width, adapter_dim, experts, adapter_scale, adapter_dropout) if experts > 1
                    else Adapter(width, adapter_dim, adapter_scale, adapter_dropout))
         block.adapter = adapter.to(like.device, like.dtype)
-        block.dyt_variant = variant
+        block.attn_gate, block.mlp_gate = attention_gate(), mlp_gate()
         block.dispatch_state = state
     return model
-
-
-def check_dispatch_with_merging(variant: Optional[str], merging: bool) -> None:
-    """Token merging needs every token's attention keys, so only MLP dispatch combines with it.
-
-    Args:
-        variant: the model's DyT variant, None without DyT.
-        merging: whether any block merges tokens.
-    """
-    if merging and variant not in (None, "mlp"):
-        raise TietaError(f"DyT's {variant!r} dispatch cannot be combined with token merging; use variant 'mlp'")
 
 
 @dataclass
@@ -213,11 +198,13 @@ class DyTOutputs:
         logits: (B, classes) of the dynamic network.
         full_logits: (B, classes) of the same network with every token active.
         masks: the dynamic pass's dispatch masks, (B, N_patch) each, with straight-through gradients.
+        rho: the target share of active tokens the model was built with (``add_dyt``'s rho).
     """
 
     logits: torch.Tensor
     full_logits: torch.Tensor
     masks: list[torch.Tensor]
+    rho: Optional[float] = None
 
 
 def dyt_forward(model: nn.Module, images: torch.Tensor) -> DyTOutputs:
@@ -230,13 +217,13 @@ def dyt_forward(model: nn.Module, images: torch.Tensor) -> DyTOutputs:
         full_logits = model(images)
     finally:
         state.full = False
-    return DyTOutputs(logits, full_logits, masks)
+    return DyTOutputs(logits, full_logits, masks, model.dyt_rho)
 
 
 def dyt_loss(
     outputs: DyTOutputs,
     targets: torch.Tensor,
-    rho: float = 0.5,
+    rho: Optional[float] = None,
     rate_weight: float = 2.0,
     full_weight: float = 1.0,
     distill_weight: float = 1.0,
@@ -246,9 +233,13 @@ def dyt_loss(
     mean(mask) is over batch, layers and tokens. The distillation term pulls the dynamic
     prediction towards the full network's (detached), computed as torch's
     ``kl_div(log_softmax(dyn), softmax(full))``.
-    """
-    import torch.nn.functional as F
 
+    Args:
+        rho: the target share of active tokens; None: the model's own (``outputs.rho``, the rho
+            given to ``add_dyt``), or the paper's 0.5 for outputs made without one.
+    """
+    if rho is None:
+        rho = 0.5 if outputs.rho is None else outputs.rho
     rate = torch.cat([mask.reshape(-1) for mask in outputs.masks]).mean()
     loss = F.cross_entropy(outputs.logits, targets) + rate_weight * (rate - rho) ** 2
     loss = loss + full_weight * F.cross_entropy(outputs.full_logits, targets)
@@ -276,3 +267,82 @@ def evaluation_masks(model: nn.Module, images: torch.Tensor) -> list[torch.Tenso
 def activation_rates(model: nn.Module, images: torch.Tensor) -> list[float]:
     """Share of active patch tokens at each dispatcher, averaged over ``images`` in evaluation mode."""
     return [float(mask.float().mean()) for mask in evaluation_masks(model, images)]
+
+
+@dataclass
+class DyTConfig:
+    """Dynamic Tuning settings (the DyT paper's defaults)."""
+
+    rho: float = 0.5  # target share of active tokens
+    variant: str = "mlp"  # "mlp", "attn", "attn_mlp" or "layer"
+    adapter_dim: int = 8
+    experts: int = 1  # > 1: MoE-adapter
+    tau: float = 5.0  # Gumbel-sigmoid temperature
+    tau_end: Optional[float] = None  # e.g. 0.1: anneal tau linearly over the epochs
+    rate_weight: float = 2.0
+    full_weight: float = 1.0
+    distill_weight: float = 1.0
+
+
+def _attach(model: nn.Module, config: Any) -> nn.Module:
+    dyt, adapter = config.dyt, config.adapter
+    return add_dyt(model, dyt.rho, dyt.variant, dyt.adapter_dim, dyt.experts, dyt.tau, adapter.scale, adapter.dropout)
+
+
+def _objective(config: Any):
+    weights = config.dyt
+
+    def dyt_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return dyt_loss(dyt_forward(model, images), labels, rate_weight=weights.rate_weight,
+                        full_weight=weights.full_weight, distill_weight=weights.distill_weight)
+
+    return dyt_step
+
+
+def temperature_at(config: Any, epoch: int, epochs: int) -> float:
+    """DyT's tau for an epoch: fixed, or annealed linearly from tau to tau_end."""
+    start, end = config.dyt.tau, config.dyt.tau_end
+    if end is None or epochs == 1:
+        return start
+    return start + (end - start) * epoch / (epochs - 1)
+
+
+def _epoch_update(model: nn.Module, config: Any, epoch: int, epochs: int) -> dict[str, Any]:
+    model.dispatch_state.tau = tau = temperature_at(config, epoch, epochs)
+    return {"tau": tau}
+
+
+def _measure(model: nn.Module, images: torch.Tensor) -> dict[str, Any]:
+    rates = activation_rates(model, images)
+    return {"activation_rates": rates, "activation_rate": sum(rates) / len(rates)}
+
+
+def _validate(config: Any) -> None:
+    dyt = config.dyt
+    if dyt.variant not in VARIANTS:
+        raise TietaError(f"dyt.variant must be one of {', '.join(VARIANTS)}, got {dyt.variant!r}")
+    if not 0 < dyt.rho <= 1:
+        raise TietaError(f"dyt.rho, the target share of active tokens, must be in (0, 1], got {dyt.rho}")
+    if dyt.experts < 1 or dyt.adapter_dim < 1:
+        raise TietaError("dyt.experts and dyt.adapter_dim must be at least 1")
+    if dyt.tau <= 0 or (dyt.tau_end is not None and dyt.tau_end <= 0):
+        raise TietaError("dyt.tau and dyt.tau_end must be positive")
+
+
+METHOD = Method(
+    name="dyt",
+    summary="DyT: token dispatchers skip the MLP (or attention, or the block) for inactive tokens (Zhao et al., NeurIPS 2024)",
+    sections={"dyt": DyTConfig, "adapter": AdapterConfig},
+    attach=_attach,
+    modules=("dispatcher", "mlp_dispatcher"),  # its adapters are in the adapter group
+    flags=(
+        Flag("--rho", "dyt.rho", float, "DyT: target share of active tokens (default 0.5)"),
+        Flag("--dyt-variant", "dyt.variant", str, "DyT: what inactive tokens skip (default mlp)", VARIANTS),
+        Flag("--experts", "dyt.experts", int, "DyT: adapter experts; > 1 makes an MoE-adapter (default 1)"),
+    ),
+    objective=_objective,
+    epoch_update=_epoch_update,
+    measure=_measure,
+    data_dependent_cost=True,
+    validate=_validate,
+)

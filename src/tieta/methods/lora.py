@@ -14,6 +14,7 @@ Initialisation: A kaiming-uniform (a = sqrt 5), B zeros, so a fresh LoRA is the 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence, Union
 
 import torch
@@ -22,6 +23,7 @@ from torch import nn
 
 from tieta.errors import TietaError
 from tieta.methods.blocks import patch_blocks
+from tieta.methods.method import Flag, Method
 
 Targets = Union[str, Sequence[str]]
 _SLOTS = {"q": 0, "k": 1, "v": 2}
@@ -163,3 +165,32 @@ def merge_lora(model: nn.Module) -> nn.Module:
             del module.lora_row_starts, module.lora_scale
             module.__class__ = nn.Linear
     return model
+
+
+@dataclass
+class LoRAConfig:
+    rank: int = 8
+    targets: str = "qkv"  # "qkv": one fused pair (NOAH/PYRA); or letters of q, k, v: one pair each
+    alpha: Optional[float] = None  # None: scale 1 (reference code); else alpha / rank
+    dropout: float = 0.1
+
+
+def _validate(config) -> None:
+    lora = config.lora
+    if lora.rank < 1:
+        raise TietaError(f"lora.rank must be a positive integer, got {lora.rank}")
+    parse_targets(lora.targets)
+    if not 0 <= lora.dropout < 1:
+        raise TietaError(f"lora.dropout must be in [0, 1), got {lora.dropout}")
+
+
+METHOD = Method(
+    name="lora",
+    summary="LoRA on every block's qkv projection (NOAH/PYRA style, or per q/k/v with alpha)",
+    sections={"lora": LoRAConfig},
+    attach=lambda model, config: add_lora(model, config.lora.rank, config.lora.targets, config.lora.alpha,
+                                          config.lora.dropout),
+    modules=("lora_A", "lora_B"),
+    flags=(Flag("--lora-rank", "lora.rank", int, "LoRA rank (default 8)"),),
+    validate=_validate,
+)

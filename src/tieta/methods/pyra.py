@@ -15,13 +15,17 @@ model is exactly the ToMe model.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
 from tieta.errors import TietaError
-from tieta.methods.blocks import patch_blocks
-from tieta.methods.tome import add_tome
+from tieta.methods.blocks import TietaBlock, patch_blocks
+from tieta.methods.method import Flag, Method
+from tieta.methods.schedules import MergeConfig, resolve_schedule, schedule_setting
+from tieta.methods.tome import SCHEDULE_FLAG, TokenMerge, attach_merging, describe_merging
 
 
 class PyraModulation(nn.Module):
@@ -55,7 +59,14 @@ class PyraModulation(nn.Module):
         return src + (src * channel) * token
 
 
-def add_pyra(model: nn.Module, r="low", prop_attn: bool = True) -> nn.Module:
+class ReactivatedMerge(TokenMerge):
+    """ToMe's merge step with the block's PYRA re-activation (``block.pyra``)."""
+
+    def modulation(self, block: TietaBlock) -> Optional[nn.Module]:
+        return block.pyra
+
+
+def add_pyra(model: nn.Module, r: Any = "low", prop_attn: bool = True) -> nn.Module:
     """ToMe with PYRA's trainable re-activation in every merging block, in place.
 
     Args:
@@ -68,9 +79,52 @@ def add_pyra(model: nn.Module, r="low", prop_attn: bool = True) -> nn.Module:
     """
     if any(getattr(block, "pyra", None) is not None for block in patch_blocks(model)):
         raise TietaError("this model already has PYRA")
-    add_tome(model, r, prop_attn)
-    for block, merges in zip(model.blocks, model.token_schedule):
+    schedule = resolve_schedule(model, r)
+    attach_merging(model, schedule, prop_attn, step=ReactivatedMerge)
+    for block, merges in zip(model.blocks, schedule):
         if merges > 0:
             like = next(block.parameters())
             block.pyra = PyraModulation(merges, model.embed_dim).to(like.device, like.dtype)
     return model
+
+
+# PYRA's learning rate by name: the published runs trained PYRA at the base lr (the reference
+# code's separate flag never reached its optimizer); the script meant 1e-4
+PYRA_LRS = {"reference": None, "paper": 1e-4}
+
+
+@dataclass
+class PyraConfig:
+    lr: Any = field(default="reference", metadata={"any_type": True})  # "reference", "paper" or a number
+
+
+def _check_lr(config: Any) -> None:
+    lr = config.pyra.lr
+    if not (lr in PYRA_LRS or (isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr > 0)):
+        raise TietaError(f"pyra.lr must be 'reference' (the base lr), 'paper' (1e-4) or a positive number, got {lr!r}")
+
+
+def _learning_rates(config: Any) -> dict[str, float]:
+    lr = PYRA_LRS[config.pyra.lr] if isinstance(config.pyra.lr, str) else config.pyra.lr
+    return {} if lr is None else {"pyra": float(lr)}
+
+
+def _lr_flag(text: str) -> Any:
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+METHOD = Method(
+    name="pyra",
+    summary="PYRA: ToMe with trainable re-activation of the merged tokens (Xiong et al., ECCV 2024)",
+    sections={"merge": MergeConfig, "pyra": PyraConfig},
+    attach=lambda model, config: add_pyra(model, schedule_setting(config.merge), config.merge.prop_attn),
+    modules=("pyra",),
+    flags=(SCHEDULE_FLAG, Flag("--pyra-lr", "pyra.lr", _lr_flag,
+                               "PYRA's lr: reference (the base lr, as the published runs), paper (1e-4) or a number")),
+    learning_rates=_learning_rates,
+    describe=describe_merging,
+    validate=_check_lr,
+)

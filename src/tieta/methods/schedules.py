@@ -12,16 +12,45 @@ A schedule is given as
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Sequence, Union
+from dataclasses import dataclass, field
+from typing import Any, Sequence, Union
 
+import yaml
 from torch import nn
 
 from tieta.errors import TietaError
 from tieta.methods.blocks import check_vit
-from tieta.methods.tome import bipartite_starts, max_merges
+from tieta.ops.merging import bipartite_starts, max_merges
 
 Schedule = Union[int, tuple, Sequence[int], str]
+
+@dataclass
+class MergeConfig:
+    """Token merging settings (the config section "merge", shared by ToMe and PYRA)."""
+
+    # "low" / "high" (the PYRA paper's), an int r, a per-block list, or {r: R, inflection: F}
+    schedule: Any = field(default="low", metadata={"any_type": True})
+    prop_attn: bool = True  # proportional attention, as the PYRA code (training and evaluation)
+
+
+def schedule_setting(merge: MergeConfig) -> Schedule:
+    """The configured schedule in the form add_tome takes ({r, inflection} becomes a tuple)."""
+    schedule = merge.schedule
+    if isinstance(schedule, dict):
+        if set(schedule) != {"r", "inflection"}:
+            raise TietaError("a schedule mapping takes exactly the keys r and inflection")
+        return (schedule["r"], schedule["inflection"])
+    return schedule
+
+
+def parse_schedule_flag(text: str) -> Schedule:
+    """``--schedule`` text: an int or a list (read as YAML), else the text (a name such as "low")."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise TietaError(f"cannot read the schedule {text!r}: {str(error).splitlines()[0]}") from error
+    return value if isinstance(value, (int, list)) and not isinstance(value, bool) else text
+
 
 _VIT_B_HIGH = [40, 34, 30, 24, 18, 14, 10, 8, 4, 4, 3, 3]
 # (depth, width, patches, prefix tokens) of the paper's backbones at 224 px -> named schedules

@@ -1,200 +1,104 @@
-"""ToMe: bipartite soft matching and size-weighted merging (Bolya et al., ICLR 2023).
+"""ToMe: token merging inside every block of a timm ViT (Bolya et al., ICLR 2023).
 
-Pure tensor functions, testable on random tensors:
-
-    matching = bipartite_soft_matching(metric, r, num_prefix)   # who merges into whom
-    x, size = merge_wavg(matching, x, size)                     # size-weighted average
-    source = merge_source(matching, source)                     # which input patches each token holds
-
-Rules (as ``docs/methods.md`` states them): the tokens are split by position into A (even
-indices) and B (odd); each A token finds its most similar B token by the cosine of the metric
-(attention keys averaged over heads); the r A tokens with the best matches are merged into them.
-Prefix tokens (class, distillation, registers) are protected: never merged away nor merged into
-(the spec's -inf rows and columns, done by leaving them out of the score matrix).
-
-Output order: the prefix tokens first, in their original order, then the unmerged A tokens in
-original order, then the B tokens. With a single class token this is ToMe's order exactly
-([unmerged A, B] with the class token first); keeping every prefix token in front (the reference
-code moves a distillation token behind the A tokens) is what lets timm's heads find them.
+Each block with r > 0 merges r tokens after its attention residual and before its MLP, by the
+bipartite soft matching of ``tieta.ops.merging`` on the keys its attention just used; the tokens
+carry their sizes, and proportional attention adds log(size) to the next blocks' logits. It
+merges in training too, as the papers do. On the CPU in float32 evaluation the merge runs as
+one native call (``tieta.native.tome_merge``), which computes what the tensor code computes.
 """
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
+from torch import nn
 
-# PYRA's hook: (sources, their destinations) -> modulated sources, all (B, r, C)
-Modulation = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-@dataclass
-class Matching:
-    """One layer's merge decision for a batch, as rows of the flattened tokens.
-
-    With x of shape (B, N, C) seen as (B * N, C) rows and the output as (B * (N - r), C) rows:
-
-    Attributes:
-        kept_rows: (B * (N - r),) the input row each output row starts from, in the output order
-            [prefix, unmerged A, B].
-        source_rows: (B * r,) the input rows merged away, best match first within each image.
-        destination_rows: (B * r,) the output row each of them is added into.
-        r: tokens merged away per image.
-    """
-
-    kept_rows: torch.Tensor
-    source_rows: torch.Tensor
-    destination_rows: torch.Tensor
-    r: int
+from tieta.methods.blocks import (TietaBlock, Unchanged, claim_reduction, keep_output, patch_blocks, release_output,
+                                  take_output, token_state)
+from tieta.methods.method import Flag, Method
+from tieta.methods.schedules import MergeConfig, parse_schedule_flag, resolve_schedule, schedule_setting, token_counts, vit_shape
+from tieta.native.tome_merge import native_merge, native_merge_applies
+from tieta.ops.merging import (Matching, bipartite_soft_matching, max_merges, merge_source,  # noqa: F401 (public)
+                               merge_wavg)
 
 
-def max_merges(num_tokens: int, num_prefix: int) -> int:
-    """The most tokens one layer can merge away: half of the unprotected tokens."""
-    return max(0, (num_tokens - num_prefix) // 2)
-
-
-def bipartite_starts(num_prefix: int) -> tuple[int, int]:
-    """Positions of the first unprotected A (even) and B (odd) tokens.
-
-    Leaving the prefix out of the sets is the same as giving its rows / columns a score of -inf:
-    those tokens can neither be merged nor receive a merge.
-    """
-    odd_prefix = num_prefix % 2
-    return num_prefix + odd_prefix, num_prefix + 1 - odd_prefix
-
-
-@torch.no_grad()
-def bipartite_soft_matching(metric: torch.Tensor, r: int, num_prefix: int = 1) -> Matching:
-    """Decide which r tokens merge into which.
+class TokenMerge(nn.Module):
+    """A merging block's ``reduce`` step: merge ``r`` tokens (fewer where the tokens run short).
 
     Args:
-        metric: (B, N, C) similarity features (keys averaged over heads).
-        r: tokens to remove; clipped to ``max_merges(N, num_prefix)``.
-        num_prefix: leading tokens that are never merged (class, distillation, registers).
+        r: tokens this block merges away.
     """
-    batch, num_tokens, _ = metric.shape
-    r = min(r, max_merges(num_tokens, num_prefix))
-    a_start, b_start = bipartite_starts(num_prefix)
-    metric = metric / metric.norm(dim=-1, keepdim=True)
-    a, b = metric[:, a_start::2], metric[:, b_start::2]
-    best_score, best_match = (a @ b.transpose(-1, -2)).max(dim=-1)  # cosine scores (B, Na, Nb) -> (B, Na)
-    order = best_score.argsort(dim=-1, descending=True, stable=True)  # (B, Na); ties: lower index first
-    sources = order[:, :r]
-    unmerged = order[:, r:].sort(dim=1).values
-    destinations = best_match.gather(dim=1, index=sources)  # index into B
-    rows = _row_layout(batch, num_tokens, num_prefix, a.shape[1], b.shape[1], r, metric.device)
-    return Matching(
-        kept_rows=torch.cat([rows.prefix, 2 * unmerged + rows.a_offset, rows.b], dim=1).flatten(),
-        source_rows=(2 * sources + rows.a_offset).flatten(),
-        destination_rows=(destinations + rows.destination_offset).flatten(),
-        r=r,
-    )
+
+    def __init__(self, r: int) -> None:
+        super().__init__()
+        self.r = r
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}"
+
+    def modulation(self, block: TietaBlock) -> Optional[nn.Module]:
+        """What re-activates the merged tokens before they are added (PYRA's step overrides it)."""
+        return None
+
+    def forward(self, x: torch.Tensor, block: TietaBlock) -> torch.Tensor:
+        """Args: x: (B, N, D) after the attention residual. Returns: (B, N - r, D)."""
+        state = block.token_state
+        keys = take_output(block.attn.k_norm)  # (B, H, N, hd)
+        modulation = self.modulation(block)
+        prefix = block.num_prefix_tokens
+        if not state.trace_source and native_merge_applies(keys, x, modulation):
+            r = min(self.r, max_merges(x.shape[1], prefix))
+            merged = native_merge(keys, x, state.size, r, prefix, modulation)
+            if merged is not None:  # None: no compiler here; the tensor code below does the same
+                x, state.size, size_bias = merged
+                state.attn_bias = size_bias if state.prop_attn else None
+                return x
+        # the sum over heads is the spec's mean up to a factor that the cosine similarity ignores
+        matching = bipartite_soft_matching(keys.sum(dim=1), self.r, prefix)
+        if state.trace_source:
+            state.source = merge_source(matching, state.source, x.shape[1])
+        x, state.size = merge_wavg(matching, x, state.size, modulation)
+        if state.prop_attn:
+            state.attn_bias = size_bias_mask(state.size, x)
+        return x
 
 
-@dataclass
-class _RowLayout:
-    prefix: torch.Tensor  # (B, P) rows of the prefix tokens
-    b: torch.Tensor  # (B, Nb) rows of the B tokens
-    a_offset: torch.Tensor  # (B, 1): row of A token i is 2 * i + a_offset
-    destination_offset: torch.Tensor  # (B, 1): output row of B token j is j + destination_offset
+def size_bias_mask(size: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """log(size) per key as an additive attention mask (B, 1, 1, N), in the dtype attention runs in."""
+    bias = size.log().view(size.shape[0], 1, 1, size.shape[1])
+    device_type = x.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+    return bias if bias.dtype == dtype else bias.to(dtype)
 
 
-@functools.lru_cache(maxsize=256)
-def _row_layout(batch: int, num_tokens: int, num_prefix: int, num_a: int, num_b: int, r: int,
-                device: torch.device) -> _RowLayout:
-    """The index arithmetic that depends only on shapes, made once per shape: at batch 1 every
-    small operation saved per block is time saved."""
-    a_start, b_start = bipartite_starts(num_prefix)
-    image = torch.arange(batch, device=device)[:, None]
-    return _RowLayout(
-        prefix=(torch.arange(num_prefix, device=device) + image * num_tokens),
-        b=(b_start + 2 * torch.arange(num_b, device=device) + image * num_tokens),
-        a_offset=a_start + image * num_tokens,
-        destination_offset=num_prefix + num_a - r + image * (num_tokens - r),
-    )
-
-
-def merge(
-    matching: Matching, x: torch.Tensor, modulation: Optional[Modulation] = None, features: Optional[int] = None,
-) -> torch.Tensor:
-    """Sum each merged token into its destination.
+def attach_merging(model: nn.Module, schedule: list[int], prop_attn: bool, step: type = TokenMerge) -> None:
+    """Give each block with r > 0 a ``step(r)`` as its reduce slot (in place).
 
     Args:
-        x: (B, N, C).
-        modulation: optional PYRA re-activation of the sources (given their destinations) before
-            they are added; it sees the first ``features`` channels (all if None), the rest pass.
-
-    Returns:
-        (B, N - r, C) in the order [prefix, unmerged A, B].
+        schedule: r per block, as resolve_schedule returns it.
+        step: TokenMerge or a subclass (PYRA's).
     """
-    batch, num_tokens, channels = x.shape
-    rows = x.reshape(batch * num_tokens, channels)
-    out = rows.index_select(0, matching.kept_rows)  # (B * (N - r), C)
-    src = rows.index_select(0, matching.source_rows)  # (B * r, C)
-    if modulation is not None:
-        features = features or channels
-        dst = out.index_select(0, matching.destination_rows).view(batch, -1, channels)
-        src = src.view(batch, -1, channels)
-        moved = modulation(src[..., :features], dst[..., :features])
-        src = moved if features == channels else torch.cat([moved, src[..., features:]], dim=-1)
-        src = src.reshape(-1, channels)
-    out.index_add_(0, matching.destination_rows, src)  # in place: out is a fresh copy from index_select
-    return out.view(batch, num_tokens - matching.r, channels)
+    if any(schedule):  # refuse before changing anything, so that a refused call leaves the model as it was
+        claim_reduction(model, "ToMe")
+    blocks = patch_blocks(model)
+    state = token_state(model)
+    state.prop_attn = prop_attn
+    for block, r in zip(blocks, schedule):
+        block.reduce = step(int(r)) if r > 0 else Unchanged()
+        if r > 0:
+            keep_output(block.attn.k_norm)
+        else:
+            release_output(block.attn.k_norm)
+    model.token_schedule = list(schedule)
 
 
-def merge_wavg(
-    matching: Matching, x: torch.Tensor, size: Optional[torch.Tensor] = None,
-    modulation: Optional[Modulation] = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merge as a size-weighted average: ``x <- merge(x * size) / merge(size)``.
-
-    Tokens and sizes travel together as one (B, N, C + 1) tensor, so that one set of gathers and
-    one scatter serve both (at batch 1 the number of small operations is what costs).
-
-    Args:
-        x: (B, N, C) tokens.
-        size: (B, N, 1) how many input patches each token stands for; None means all ones.
-        modulation: PYRA's re-activation, applied to the size-weighted sources; sizes are not modulated.
-
-    Returns:
-        ((B, N - r, C) tokens, (B, N - r, 1) sizes).
-    """
-    channels = x.shape[-1]
-    if size is None:
-        weighted = F.pad(x, (0, 1), value=1.0)
-    else:
-        weighted = torch.cat([x * size, size], dim=-1)
-    merged = merge(matching, weighted, modulation, features=channels)
-    size = merged[..., channels:]
-    return merged[..., :channels] / size, size
-
-
-def merge_source(matching: Matching, source: Optional[torch.Tensor], num_tokens: int) -> torch.Tensor:
-    """Track which input tokens each token holds (ToMe's source tracing, for visualisation).
-
-    Args:
-        source: (B, N, N0) 0/1 membership of the N0 input tokens; None means the identity (N = N0).
-        num_tokens: N, used when source is None.
-
-    Returns:
-        (B, N - r, N0).
-    """
-    if source is None:
-        batch = matching.kept_rows.shape[0] // (num_tokens - matching.r)
-        source = torch.eye(num_tokens, device=matching.kept_rows.device)[None].expand(batch, -1, -1)
-    return merge(matching, source)
-
-
-def add_tome(model, r="low", prop_attn: bool = True):
+def add_tome(model: nn.Module, r: Any = "low", prop_attn: bool = True) -> nn.Module:
     """Merge tokens inside every block of a timm ViT, in place (ToMe, used in training and evaluation).
 
-    Each block with r > 0 merges r tokens after its attention residual and before its MLP.
-
     Args:
-        model: a timm VisionTransformer (LoRA, adapters and PYRA can be attached before or after).
+        model: a timm VisionTransformer (LoRA, adapters, DyT's MLP dispatch and PYRA can be
+            attached before or after).
         r: the schedule: an int, (r, inflection), a per-block list, or "low" / "high"
             (see ``tieta.methods.schedules``).
         prop_attn: proportional attention, log(size) added to the attention logits (the PYRA code
@@ -203,14 +107,24 @@ def add_tome(model, r="low", prop_attn: bool = True):
     Returns:
         The same model; ``model.token_schedule`` holds the r per block.
     """
-    # imported here: blocks.py builds on the functions above
-    from tieta.methods.blocks import enable_token_merging
-    from tieta.methods.dyt import check_dispatch_with_merging
-    from tieta.methods.schedules import resolve_schedule
-
-    schedule = resolve_schedule(model, r)
-    # refuse before touching the model, so that a refused call leaves it as it was
-    check_dispatch_with_merging(getattr(model.blocks[0], "dyt_variant", None), any(merges > 0 for merges in schedule))
-    enable_token_merging(model, schedule, prop_attn)
-    model.token_schedule = schedule
+    attach_merging(model, resolve_schedule(model, r), prop_attn)
     return model
+
+
+def describe_merging(model: nn.Module) -> dict[str, Any]:
+    """The merge schedule and the tokens entering each block (then leaving the last)."""
+    schedule = model.token_schedule
+    return {"schedule": list(schedule), "token_counts": token_counts(vit_shape(model), schedule)}
+
+
+SCHEDULE_FLAG = Flag("--schedule", "merge.schedule", parse_schedule_flag,
+                     "merge schedule for tome/pyra: low, high, an int r, or a list like [16,16,8] (default low)")
+
+METHOD = Method(
+    name="tome",
+    summary="ToMe: merge r similar tokens in every block (Bolya et al., ICLR 2023)",
+    sections={"merge": MergeConfig},
+    attach=lambda model, config: add_tome(model, schedule_setting(config.merge), config.merge.prop_attn),
+    flags=(SCHEDULE_FLAG,),
+    describe=describe_merging,
+)

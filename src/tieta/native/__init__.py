@@ -20,7 +20,7 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
-from tieta.data.assets import tieta_home
+from tieta.home import tieta_home
 
 _SOURCES = Path(__file__).parent
 _held_off = 0  # depth of open tensor_code() contexts

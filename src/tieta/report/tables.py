@@ -60,3 +60,15 @@ def bench_columns(rows: Sequence[dict[str, Any]], efficiency: bool = True) -> li
     return [column for column in BENCH_COLUMNS
             if (efficiency or column[0] != "efficiency")
             and (column[0] not in _OPTIONAL_BENCH_KEYS or any(column[0] in row for row in rows))]
+
+
+# what the methods' facts (Method.describe) mean, for the terminal
+FACT_LABELS = {
+    "schedule": "merge schedule (r per block)",
+    "token_counts": "tokens entering each block, then leaving the last",
+}
+
+
+def fact_label(key: str) -> str:
+    """A readable name for a fact key of a run summary."""
+    return FACT_LABELS.get(key, key.replace("_", " "))

@@ -1,12 +1,15 @@
 """The run configuration: nested dataclasses, read from YAML, overridden from the command line.
 
-Defaults are the papers' recipe (AdamW, lr 1e-3, weight decay 1e-4, 100 epochs, 10 warm-up epochs,
-cosine to 1e-5, batch 64, LoRA rank 8 on qkv).
+The general settings are here; each method brings its own sections (``Method.sections``), so a
+run's config is these fields plus one section per registered method, e.g. ``lora.rank`` or
+``merge.schedule``. Defaults are the papers' recipe (AdamW, lr 1e-3, weight decay 1e-4, 100
+epochs, 10 warm-up epochs, cosine to 1e-5, batch 64, LoRA rank 8 on qkv).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -14,55 +17,8 @@ from typing import Any, Optional, Union
 import yaml
 
 from tieta.errors import TietaError
-
-
-@dataclass
-class LoRAConfig:
-    rank: int = 8
-    targets: str = "qkv"  # "qkv": one fused pair (NOAH/PYRA); or letters of q, k, v: one pair each
-    alpha: Optional[float] = None  # None: scale 1 (reference code); else alpha / rank
-    dropout: float = 0.1
-
-
-@dataclass
-class AdapterConfig:
-    dim: int = 8
-    scale: float = 1.0
-    dropout: float = 0.1
-
-
-@dataclass
-class MergeConfig:
-    """Token merging (ToMe, and PYRA on top of it)."""
-
-    # "low" / "high" (the PYRA paper's), an int r, a per-block list, or {r: R, inflection: F}
-    schedule: Any = field(default="low", metadata={"any_type": True})
-    prop_attn: bool = True  # proportional attention, as the PYRA code (training and evaluation)
-
-
-# PYRA's learning rate by name: the published runs trained PYRA at the base lr (the reference
-# code's separate flag never reached its optimizer); the script meant 1e-4
-PYRA_LRS = {"reference": None, "paper": 1e-4}
-
-
-@dataclass
-class PyraConfig:
-    lr: Any = field(default="reference", metadata={"any_type": True})  # "reference", "paper" or a number
-
-
-@dataclass
-class DyTConfig:
-    """Dynamic Tuning: token dispatch with adapters (the DyT paper's defaults)."""
-
-    rho: float = 0.5  # target share of active tokens
-    variant: str = "mlp"  # "mlp", "attn", "attn_mlp" or "layer"
-    adapter_dim: int = 8
-    experts: int = 1  # > 1: MoE-adapter
-    tau: float = 5.0  # Gumbel-sigmoid temperature
-    tau_end: Optional[float] = None  # e.g. 0.1: anneal tau linearly over the epochs
-    rate_weight: float = 2.0
-    full_weight: float = 1.0
-    distill_weight: float = 1.0
+from tieta.methods import registry
+from tieta.methods.method import Method
 
 
 @dataclass
@@ -88,17 +44,14 @@ class OptimConfig:
 
 
 @dataclass
-class RunConfig:
+class GeneralConfig:
+    """The settings that do not belong to one method."""
+
     model: str = "vit_base_patch16_224"
     weights: Optional[str] = None  # None: timm's published weights; "random"; a built-in name; a file
     img_size: Optional[int] = None  # None: the model's own
     drop_path: float = 0.1
     method: str = "lora"  # methods joined by "+", applied in order, e.g. "lora+adapter"
-    lora: LoRAConfig = field(default_factory=LoRAConfig)
-    adapter: AdapterConfig = field(default_factory=AdapterConfig)
-    merge: MergeConfig = field(default_factory=MergeConfig)
-    pyra: PyraConfig = field(default_factory=PyraConfig)
-    dyt: DyTConfig = field(default_factory=DyTConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval_every: int = 1  # epochs between evaluations on the eval split (the last epoch always)
@@ -111,30 +64,64 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     @property
+    def method_list(self) -> list[Method]:
+        """The methods named by ``method``, in order."""
+        return registry.parse_methods(self.method)
+
+    @property
     def methods(self) -> list[str]:
-        return [name for name in self.method.split("+") if name]
+        return [method.name for method in self.method_list]
+
+
+# the general settings, then one section per method (``config.lora``, ``config.merge``, ...)
+RunConfig = dataclasses.make_dataclass(
+    "RunConfig",
+    [(name, cls, field(default_factory=cls)) for name, cls in registry.config_sections().items()],
+    bases=(GeneralConfig,),
+    namespace={"__module__": __name__, "__doc__": "A run's settings: the general ones and every method's sections."},
+)
 
 
 def from_dict(cls, values: dict[str, Any], where: str = ""):
-    """Build the dataclass ``cls`` from a (nested) dict, refusing unknown keys by name."""
+    """Build the dataclass ``cls`` from a (nested) dict, refusing unknown keys and wrong types by name."""
     if not isinstance(values, dict):
         raise TietaError(f"config section {where or 'top'} should be a mapping, got {values!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in values.items():
         if key not in fields:
             raise TietaError(f"unknown config key {where}{key!r}; known: {', '.join(fields)}")
-        default = getattr(cls(), key)
         if fields[key].metadata.get("any_type"):
             pass
-        elif dataclasses.is_dataclass(default):
-            value = from_dict(type(default), value, f"{where}{key}.")
-        elif isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        elif default is not None and value is not None and type(value) is not type(default):
-            raise TietaError(f"config key {where}{key} should be a {type(default).__name__}, got {value!r}")
+        elif dataclasses.is_dataclass(hints[key]):
+            value = from_dict(hints[key], value, f"{where}{key}.")
+        else:
+            value = _typed(value, hints[key], f"{where}{key}")
         kwargs[key] = value
     return cls(**kwargs)
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def _typed(value: Any, hint: Any, key: str) -> Any:
+    """``value`` checked against the field's type (an int is taken for a float), or a TietaError."""
+    optional = type(None) in typing.get_args(hint) and typing.get_origin(hint) is Union
+    if optional:
+        if value is None:
+            return None
+        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+    if typing.get_origin(hint) is dict:
+        key_type, value_type = typing.get_args(hint)
+        if not isinstance(value, dict):
+            raise TietaError(f"config key {key} should be a mapping, got {value!r}")
+        return {_typed(k, key_type, key): _typed(v, value_type, f"{key}.{k}") for k, v in value.items()}
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if type(value) is not hint:  # bool is an int subclass: compare exact types
+        raise TietaError(f"config key {key} should be {_TYPE_NAMES.get(hint, hint)}, got {value!r}")
+    return value
 
 
 def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[dict[str, Any]] = None) -> RunConfig:
@@ -182,36 +169,36 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def validate(config: RunConfig) -> None:
-    """Refuse settings that cannot work, each with one sentence."""
-    from tieta.train.model import METHODS  # the registry of method names
-
-    for name in config.methods:
-        if name not in METHODS:
-            raise TietaError(f"unknown method {name!r}; choose from {', '.join(METHODS)} (join several with '+')")
-    if not config.methods:
-        raise TietaError("method must name at least one method, e.g. 'lora'")
+    """Refuse settings that cannot work, each with one sentence (every method's sections are
+    checked, used or not, so that a bad setting never waits for the run that uses it)."""
+    config.method_list  # unknown or repeated method names
     checks = [
         (config.optim.epochs >= 1, "optim.epochs must be at least 1"),
         (0 <= config.optim.warmup_epochs, "optim.warmup_epochs cannot be negative"),
         (config.optim.batch_size >= 1, "optim.batch_size must be at least 1"),
         (config.optim.lr > 0, "optim.lr must be positive"),
         (config.eval_every >= 1, "eval_every must be at least 1"),
+        (config.eval_batch_size >= 1, "eval_batch_size must be at least 1"),
         (config.img_size is None or config.img_size > 0, "img_size must be positive"),
+        (0 <= config.drop_path < 1, "drop_path must be in [0, 1)"),
         (config.device in ("auto", "cpu") or config.device.startswith("cuda"), "device must be auto, cpu or cuda[:N]"),
     ]
     for ok, message in checks:
         if not ok:
             raise TietaError(message)
-    lr = config.pyra.lr
-    if not (lr in PYRA_LRS or (isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr > 0)):
-        raise TietaError(f"pyra.lr must be 'reference' (the base lr), 'paper' (1e-4) or a positive number, got {lr!r}")
+    for method in registry.METHODS.values():
+        if method.validate is not None:
+            method.validate(config)
+    objectives = [method.name for method in config.method_list if method.objective is not None]
+    if len(objectives) > 1:
+        raise TietaError(f"{' and '.join(objectives)} each train with their own loss; combine at most one of them")
 
 
 def group_learning_rates(config: RunConfig) -> dict[str, float]:
-    """Per-method learning rates: optim.lr_groups, plus PYRA's named choice."""
-    groups = dict(config.optim.lr_groups)
-    if "pyra" in config.methods and "pyra" not in groups:
-        lr = PYRA_LRS.get(config.pyra.lr, config.pyra.lr) if isinstance(config.pyra.lr, str) else config.pyra.lr
-        if lr is not None:
-            groups["pyra"] = float(lr)
+    """Per-group base learning rates: the methods' own (e.g. PYRA's named lr), then optim.lr_groups."""
+    groups: dict[str, float] = {}
+    for method in config.method_list:
+        if method.learning_rates is not None:
+            groups.update(method.learning_rates(config))
+    groups.update(config.optim.lr_groups)
     return groups

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -18,9 +18,8 @@ from tieta.data.vtab import ImageDataset, Task, open_task
 from tieta.errors import TietaError
 from tieta.measure.flops import count_flops
 from tieta.measure.throughput import measure_throughput
-from tieta.methods.dyt import activation_rates, dyt_forward, dyt_loss
+from tieta.methods.method import LossFn
 from tieta.methods.params import trainable_parameters
-from tieta.methods.schedules import token_counts, vit_shape
 from tieta.train.checkpoint import load_trained, read_checkpoint, save_checkpoint
 from tieta.train.config import RunConfig, from_dict, group_learning_rates, validate
 from tieta.train.loop import cross_entropy_step, evaluate, train_one_epoch
@@ -52,53 +51,50 @@ def make_loader(dataset: ImageDataset, batch_size: int, shuffle: bool, seed: int
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=num_workers)
 
 
-def measure_cost(model: nn.Module, dataset: ImageDataset, normalize: nn.Module, device: torch.device,
-                 batch_size: int, bf16: bool, flops_images: int = 64) -> dict[str, Any]:
+def measure_cost(model: nn.Module, config: RunConfig, dataset: ImageDataset, normalize: nn.Module,
+                 device: torch.device, batch_size: int, flops_images: int = 64) -> dict[str, Any]:
     """GFLOPs per image, averaged over real evaluation images (the executed path can depend on
-    them), evaluation throughput, and DyT's activation rates where it dispatches."""
+    them), evaluation throughput, and what each method measures on those images."""
     step = max(1, len(dataset) // flops_images)
     indices = list(range(0, len(dataset), step))[:flops_images]
     sample = normalize(torch.stack([dataset[i][0] for i in indices]).to(device))
     flops = count_flops(model, sample)
     size = image_size_of(model)
-    # real images: where DyT dispatches, what it skips (and so the speed) depends on them
-    throughput = measure_throughput(model, size, batch_size, device, torch.bfloat16 if bf16 else None,
+    # real images: where a method's path depends on them (DyT), so does the speed
+    throughput = measure_throughput(model, size, batch_size, device, torch.bfloat16 if config.bf16 else None,
                                     images=sample[:batch_size])
     cost = {"gmacs": flops["gmacs"], "pyra_gflops": flops["pyra_gflops"], "eval_images_per_s": throughput,
             "throughput_batch_size": batch_size}
-    if getattr(model, "dispatch_state", None) is not None:
-        rates = activation_rates(model, sample)
-        cost.update(activation_rates=rates, activation_rate=sum(rates) / len(rates))
+    for method in config.method_list:
+        if method.measure is not None:
+            cost.update(method.measure(model, sample))
     return cost
 
 
-def training_objective(config: RunConfig) -> Callable:
-    """Cross-entropy, or DyT's loss (dynamic and full passes) when DyT is among the methods."""
-    if "dyt" not in config.methods:
-        return cross_entropy_step
-    weights = config.dyt
-
-    def dyt_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return dyt_loss(dyt_forward(model, images), labels, weights.rho, weights.rate_weight,
-                        weights.full_weight, weights.distill_weight)
-
-    return dyt_step
+def training_objective(config: RunConfig) -> LossFn:
+    """Cross-entropy, or the loss of the method that brings its own (validate allows one)."""
+    for method in config.method_list:
+        if method.objective is not None:
+            return method.objective(config)
+    return cross_entropy_step
 
 
-def dispatch_temperature(config: RunConfig, epoch: int) -> float:
-    """DyT's tau for an epoch: fixed, or annealed linearly from tau to tau_end."""
-    start, end = config.dyt.tau, config.dyt.tau_end
-    if end is None or config.optim.epochs == 1:
-        return start
-    return start + (end - start) * epoch / (config.optim.epochs - 1)
+def epoch_updates(model: nn.Module, config: RunConfig, epoch: int) -> dict[str, Any]:
+    """Apply every method's per-epoch schedule (a temperature, a keep rate); returns what to log."""
+    values: dict[str, Any] = {}
+    for method in config.method_list:
+        if method.epoch_update is not None:
+            values.update(method.epoch_update(model, config, epoch, config.optim.epochs))
+    return values
 
 
-def merge_summary(model: nn.Module) -> dict[str, Any]:
-    """The merge schedule and the tokens entering each block (then leaving the last), if merging."""
-    schedule = getattr(model, "token_schedule", None)
-    if schedule is None:
-        return {}
-    return {"schedule": list(schedule), "token_counts": token_counts(vit_shape(model), schedule)}
+def describe_methods(model: nn.Module, config: RunConfig) -> dict[str, Any]:
+    """What each method says about the built model (a merge schedule, tokens per block)."""
+    facts: dict[str, Any] = {}
+    for method in config.method_list:
+        if method.describe is not None:
+            facts.update(method.describe(model))
+    return facts
 
 
 def fit(config: RunConfig, output: str | Path, overwrite: bool = False) -> dict[str, Any]:
@@ -139,9 +135,7 @@ def fit(config: RunConfig, output: str | Path, overwrite: bool = False) -> dict[
     best, last_eval = None, None
     objective = training_objective(config)
     for epoch in tqdm(range(optim.epochs), desc="epochs", disable=None):
-        record = {"epoch": epoch + 1}
-        if getattr(model, "dispatch_state", None) is not None:
-            model.dispatch_state.tau = record["tau"] = dispatch_temperature(config, epoch)
+        record = {"epoch": epoch + 1, **epoch_updates(model, config, epoch)}
         record.update(train_one_epoch(model, train_loader, normalize, optimizer, lr_at, epoch * steps_per_epoch,
                                       device, config.bf16, optim.clip_grad, objective, f"epoch {epoch + 1}"))
         if (epoch + 1) % config.eval_every == 0 or epoch + 1 == optim.epochs:
@@ -167,8 +161,8 @@ def fit(config: RunConfig, output: str | Path, overwrite: bool = False) -> dict[
         "trainable_params": trainable,
         "total_params": total,
         "trainable_percent": 100.0 * trainable / total,
-        **merge_summary(model),
-        **measure_cost(model, eval_set, normalize, device, min(config.eval_batch_size, 32), config.bf16),
+        **describe_methods(model, config),
+        **measure_cost(model, config, eval_set, normalize, device, min(config.eval_batch_size, 32)),
         "train_images_per_s": record["train_images_per_s"],
         "device": str(device),
         "wall_time_s": time.perf_counter() - started,
@@ -177,20 +171,16 @@ def fit(config: RunConfig, output: str | Path, overwrite: bool = False) -> dict[
     return summary
 
 
-def load_run_model(checkpoint: str | Path, weights: Optional[str] = "config") -> tuple[nn.Module, RunConfig, int]:
-    """Rebuild a trained model from a checkpoint file (or a run folder holding one).
-
-    Args:
-        weights: "config" to rebuild the backbone from the weights named in the run config, or
-            another value for ``load_backbone`` (a file, "random", ...).
-    """
+def load_run_model(checkpoint: str | Path) -> tuple[nn.Module, RunConfig, int]:
+    """Rebuild a trained model from a checkpoint file (or a run folder holding one): the backbone
+    from the weights its config names, the methods, then the trained tensors."""
     path = Path(checkpoint)
     if path.is_dir():
         path = path / CHECKPOINT
     tensors, config_dict, num_classes = read_checkpoint(path)
     config = from_dict(RunConfig, config_dict)
     seed_everything(config.seed)  # as in fit, so that a "random" backbone comes back the same
-    model = build_model(config, num_classes, True if weights == "config" else weights)
+    model = build_model(config, num_classes)
     load_trained(model, tensors)
     return model, config, num_classes
 
@@ -208,5 +198,4 @@ def evaluate_checkpoint(checkpoint: str | Path, data: Optional[str] = None, spli
     loader = make_loader(dataset, batch_size or config.eval_batch_size, False, config.seed, config.data.num_workers)
     result = evaluate(model, loader, normalize, device, config.bf16)
     return {"acc": result["acc"], "eval_loss": result["eval_loss"], "images": len(dataset),
-            **measure_cost(model, dataset, normalize, device, min(batch_size or config.eval_batch_size, 32),
-                           config.bf16)}
+            **measure_cost(model, config, dataset, normalize, device, min(batch_size or config.eval_batch_size, 32))}

@@ -1,0 +1,78 @@
+"""What a method declares about itself, so that training, config, CLI, reports and FLOP counting
+can use it without naming it (see ``docs/adding-a-method.md``).
+
+Each method module ends with one ``METHOD = Method(...)``; ``tieta.methods.registry`` lists them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+# the run configuration, seen by a method through the sections it declared: ``config.<section>``
+Settings = Any
+# one training step's loss: (model, images (B, 3, H, W), labels (B,)) -> scalar
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Flag:
+    """A command-line flag for one config key, e.g. ``Flag("--rho", "dyt.rho", float, "...")``.
+
+    Attributes:
+        option: the flag, e.g. "--schedule".
+        key: the dotted config key it sets.
+        parse: turns the text into the value (e.g. float, or a YAML reader for lists).
+        help: one line for ``--help``.
+        choices: the allowed values, if a closed set.
+    """
+
+    option: str
+    key: str
+    parse: Callable[[str], Any]
+    help: str
+    choices: Optional[tuple] = None
+
+
+@dataclass(frozen=True)
+class Method:
+    """One method, as the rest of tieta sees it.
+
+    Attributes:
+        name: what ``--method`` calls it (joined with "+" to combine, e.g. "pyra+lora").
+        summary: one line for listings.
+        sections: config sections it reads: name -> dataclass; each field is a ``--set
+            section.field`` key. Methods may share a section (ToMe and PYRA share "merge").
+        attach: ``attach(model, config) -> model`` puts the method on a timm ViT, in place.
+        modules: names of the submodules (or parameter-name prefixes) that hold its parameters;
+            they form its parameter group (trained, counted and given an lr together).
+        flags: command-line flags for its most used settings.
+        objective: ``objective(config) -> LossFn`` if it trains with its own loss (one per run).
+        epoch_update: ``epoch_update(model, config, epoch, epochs) -> {name: value}`` called before
+            each training epoch for a per-epoch schedule (a temperature, a keep rate); the values
+            are logged with the epoch's metrics.
+        learning_rates: ``learning_rates(config) -> {group: lr}`` for its own groups' base lr.
+        describe: ``describe(model) -> {name: value}`` facts for the run summary and ``tieta flops``
+            (e.g. tokens per block), or None.
+        measure: ``measure(model, images) -> {name: value}`` data-dependent facts measured on real
+            evaluation images (e.g. DyT's share of active tokens), or None.
+        data_dependent_cost: its FLOPs depend on the images (say so where one random image is counted).
+        validate: ``validate(config)`` raises a TietaError for settings that cannot work.
+    """
+
+    name: str
+    summary: str
+    sections: dict[str, type]
+    attach: Callable[[nn.Module, Settings], nn.Module]
+    modules: tuple[str, ...] = ()
+    flags: tuple[Flag, ...] = ()
+    objective: Optional[Callable[[Settings], LossFn]] = None
+    epoch_update: Optional[Callable[[nn.Module, Settings, int, int], dict[str, Any]]] = None
+    learning_rates: Optional[Callable[[Settings], dict[str, float]]] = None
+    describe: Optional[Callable[[nn.Module], dict[str, Any]]] = None
+    measure: Optional[Callable[[nn.Module, torch.Tensor], dict[str, Any]]] = None
+    data_dependent_cost: bool = False
+    validate: Optional[Callable[[Settings], None]] = None
