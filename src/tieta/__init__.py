@@ -18,7 +18,9 @@ from tieta.measure.benchmark import benchmark
 from tieta.measure.flops import count_flops
 from tieta.measure.throughput import measure_throughput
 from tieta.methods.adapter import add_adapter
+from tieta.methods.dynamicvit import add_dynamicvit, dynamicvit_loss
 from tieta.methods.dyt import activation_rates, add_dyt, dyt_forward, dyt_loss
+from tieta.methods.evit import add_evit
 from tieta.methods.lora import add_lora, merge_lora
 from tieta.methods.params import freeze_backbone, trainable_parameters
 from tieta.methods.pyra import add_pyra
@@ -31,12 +33,15 @@ __all__ = [
     "TietaError",
     "activation_rates",
     "add_adapter",
+    "add_dynamicvit",
     "add_dyt",
+    "add_evit",
     "add_lora",
     "add_pyra",
     "add_tome",
     "benchmark",
     "count_flops",
+    "dynamicvit_loss",
     "dyt_forward",
     "dyt_loss",
     "freeze_backbone",

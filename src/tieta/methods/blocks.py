@@ -159,7 +159,8 @@ class TietaViT(Swappable):
             return super().pool(x, pool_type)
         prefix = self.num_prefix_tokens
         weights = weights[:, prefix:].to(x.dtype)  # (B, N - prefix, 1)
-        return (x[:, prefix:] * weights).sum(dim=1) / weights.sum(dim=1)
+        # the floor only acts when a training policy masked every token of an image (0, not NaN)
+        return (x[:, prefix:] * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1e-6)
 
     def forward_intermediates(self, x: torch.Tensor, *args, output_fmt: str = "NCHW", **kwargs):
         if output_fmt != "NCHW":

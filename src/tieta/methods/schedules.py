@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import yaml
 from torch import nn
@@ -221,3 +221,20 @@ def check_schedule(shape: ViTShape, r: Sequence[int]) -> None:
                 f"({n} tokens, {shape.prefix} protected)"
             )
         n -= merges
+
+
+def stage_blocks(depth: int, locations: Optional[Sequence[int]] = None,
+                 default: Sequence[int] = (3, 6, 9)) -> list[int]:
+    """The blocks where a staged token-reduction method (EViT, DynamicViT) acts.
+
+    Args:
+        depth: the model's blocks.
+        locations: block indices as given (validated); None: ``default``, which is given for
+            depth 12 and taken at the same fractions of depth elsewhere (depth 24: 6, 12, 18).
+    """
+    if locations is None:
+        return sorted({location * depth // 12 for location in default})
+    chosen = sorted(set(int(location) for location in locations))
+    if not chosen or chosen[0] < 0 or chosen[-1] >= depth:
+        raise TietaError(f"locations must be block indices in 0..{depth - 1}, got {list(locations)}")
+    return chosen

@@ -66,6 +66,8 @@ def bench_columns(rows: Sequence[dict[str, Any]], efficiency: bool = True) -> li
 FACT_LABELS = {
     "schedule": "merge schedule (r per block)",
     "token_counts": "tokens entering each block, then leaving the last",
+    "mlp_token_counts": "tokens entering each block's MLP",
+    "block_token_counts": "tokens entering each block (evaluation)",
 }
 
 

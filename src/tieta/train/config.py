@@ -117,6 +117,11 @@ def _typed(value: Any, hint: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise TietaError(f"config key {key} should be a mapping, got {value!r}")
         return {_typed(k, key_type, key): _typed(v, value_type, f"{key}.{k}") for k, v in value.items()}
+    if typing.get_origin(hint) is list:
+        (item_type,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise TietaError(f"config key {key} should be a list, got {value!r}")
+        return [_typed(item, item_type, f"{key}[{index}]") for index, item in enumerate(value)]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if type(value) is not hint:  # bool is an int subclass: compare exact types
