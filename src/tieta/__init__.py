@@ -18,6 +18,7 @@ from tieta.measure.benchmark import benchmark
 from tieta.measure.flops import count_flops
 from tieta.measure.throughput import measure_throughput
 from tieta.methods.adapter import add_adapter
+from tieta.methods.diffrate import add_diffrate, search_rates
 from tieta.methods.dynamicvit import add_dynamicvit, dynamicvit_loss
 from tieta.methods.dyt import activation_rates, add_dyt, dyt_forward, dyt_loss
 from tieta.methods.evit import add_evit
@@ -33,6 +34,7 @@ __all__ = [
     "TietaError",
     "activation_rates",
     "add_adapter",
+    "add_diffrate",
     "add_dynamicvit",
     "add_dyt",
     "add_evit",
@@ -49,5 +51,6 @@ __all__ = [
     "measure_throughput",
     "merge_lora",
     "schedule",
+    "search_rates",
     "trainable_parameters",
 ]

@@ -12,11 +12,15 @@ from tieta.train.config import load_config
 TINY = ["--model", "test_vit", "--weights", "random", "--img-size", "32", "--lora-rank", "2"]
 
 
-@pytest.mark.parametrize("method", ["evit+lora", "dynamicvit+lora", "evit+adapter", "dynamicvit+adapter"])
-def test_baselines_train_through_the_command_line(vtab_task, tmp_path, method, capsys):
+@pytest.mark.parametrize("method,settings", [
+    ("evit+lora", []), ("dynamicvit+lora", []), ("evit+adapter", []), ("dynamicvit+adapter", []),
+    ("diffrate+lora", ["--set", "diffrate.kept_prune=[17,17,14,12,10,8]", "--set", "diffrate.kept_merge=[17,16,12,10,8,6]"]),
+    ("diffrate+lora", ["--set", "diffrate.target_gmacs=0.0005", "--set", "diffrate.search_epochs=1", "--epochs", "2"]),
+])
+def test_baselines_train_through_the_command_line(vtab_task, tmp_path, method, settings, capsys):
     run = tmp_path / "run"
     assert main(["train", *TINY, "--method", method, "--data", str(vtab_task), "--output", str(run),
-                 "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "4"]) == 0
+                 "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "4", *settings]) == 0
     summary = json.loads((run / "summary.json").read_text())
     assert summary["method"] == method and summary["acc"] is not None
     assert main(["eval", str(run)]) == 0

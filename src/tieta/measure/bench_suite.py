@@ -15,7 +15,10 @@ from tieta.backbone import load_backbone
 from tieta.measure.benchmark import benchmark, shape_ceiling
 from tieta.measure.free_merge import free_merge
 from tieta.methods.adapter import add_adapter
+from tieta.methods.diffrate import add_diffrate
+from tieta.methods.dynamicvit import add_dynamicvit
 from tieta.methods.dyt import add_dyt
+from tieta.methods.evit import add_evit
 from tieta.methods.lora import add_lora
 from tieta.methods.params import freeze_backbone
 from tieta.methods.pyra import add_pyra
@@ -137,3 +140,27 @@ def run_suite(model: str, img_size: Optional[int], batch_size: int, dtype: str, 
                 row["ceiling_speedup"] = ceilings[schedule]
                 row["ceiling_efficiency"] = ceilings[schedule] * row["flops_ratio"]
     return rows
+
+
+# settings that reach PYRA's "low" cost on ViT-B/16 (8.77 GMACs) and the same token counts on any
+# depth-12, 196-patch ViT: EViT's keep rate and DynamicViT's geometric ratios (rho 0.517)
+MATCHED_LOW = {"evit_keep_rate": 0.49, "dynamicvit_ratios": (0.517, 0.517 ** 2, 0.517 ** 3),
+               "diffrate_rates": "vit_b_deit_8.7"}
+
+
+def baseline_models(name: str, img_size: Optional[int], rho: float = 0.5, batch_size: int = 32) -> dict[str, nn.Module]:
+    """timm, then ToMe, PYRA, EViT, DynamicViT and DiffRate at PYRA's "low" cost, and DyT (MLP
+    dispatch, calibrated to ``rho`` active tokens); random weights (throughput does not depend on
+    them, except DyT's, whose dispatchers are calibrated)."""
+    probe = _vit(name, img_size)
+    size = int(probe.patch_embed.img_size[0])
+    images = torch.randn(batch_size, 3, size, size, generator=torch.Generator().manual_seed(1))
+    return {
+        "timm": probe,
+        "tome low": add_tome(_vit(name, img_size), "low"),
+        "pyra low": add_pyra(_vit(name, img_size), "low"),
+        "evit 0.49": add_evit(_vit(name, img_size), keep_rate=MATCHED_LOW["evit_keep_rate"]),
+        "dynamicvit rho 0.517": add_dynamicvit(_vit(name, img_size), ratios=MATCHED_LOW["dynamicvit_ratios"]),
+        "diffrate 8.7": add_diffrate(_vit(name, img_size), kept_prune=MATCHED_LOW["diffrate_rates"]),
+        "dyt rho 0.5": calibrate_dispatchers(add_dyt(_vit(name, img_size), rho=rho), images, rho),
+    }

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Optional
 
 from tieta.errors import TietaError
-from tieta.methods import adapter, dynamicvit, dyt, evit, lora, pyra, tome
+from tieta.methods import adapter, diffrate, dynamicvit, dyt, evit, lora, pyra, tome
 from tieta.methods.method import Flag, Method
 
 METHODS: dict[str, Method] = {method.name: method for method in (
@@ -17,6 +17,7 @@ METHODS: dict[str, Method] = {method.name: method for method in (
     dyt.METHOD,
     evit.METHOD,
     dynamicvit.METHOD,
+    diffrate.METHOD,
 )}
 
 

@@ -8,7 +8,7 @@ sum weighted by those same scores (not renormalised, so the weights sum to less 
 MLP then runs on ``[prefix tokens, kept tokens, fused token]``. A fused token is an ordinary
 token afterwards: the next reduction block scores it and may keep or fuse it again. EViT adds
 no parameters and computes the same in training and evaluation; only the keep rate follows a
-schedule. The specification is ``docs/baselines.md`` §2.
+schedule.
 
     k = keep_count(n, keep_rate)                          # how many scored tokens stay
     x = evit_reduce(x, scores, keep_rate, num_prefix)     # [prefix, top-k, fused]

@@ -1,0 +1,187 @@
+"""Every timm entry point of a patched ViT is right, whichever method is attached and in whatever
+order and repetition the entry points are called.
+
+Pinned here, on the small random ViTs of ``tests/conftest.py`` in evaluation under no_grad:
+
+- ``model(x)`` is ``forward_head(forward_features(x))``, and a sequence of mixed entry points with
+  different batch sizes gives what a fresh model gives (no stale token sizes, masks or decisions);
+- DyT records exactly one mask per dispatcher per pass;
+- ``forward_intermediates(..., output_fmt="NLC")`` returns the tokens as they are after merging,
+  its final features are ``forward_features``; NCHW is refused once tokens are merged and, without
+  merging, equals timm's own; ``get_intermediate_layers`` works on a merging model.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import pytest
+import torch
+from torch import nn
+
+import tieta
+from tests.conftest import make_vit
+
+MERGE_SCHEDULE = [3, 2, 1]
+PATCH_TOKENS = 16  # 32 px images, 8 px patches
+DEPTH = 3
+
+
+def randomise(model: nn.Module, words: tuple[str, ...], seed: int = 0) -> nn.Module:
+    """Give the method parameters whose names contain one of ``words`` trained-looking random values
+    (fresh adapters, LoRA up-projections and PYRA token weights start at zero and would do nothing)."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if any(word in name for word in words):
+                param.normal_(0, 0.3)
+    return model.eval()
+
+
+# method name -> attach it (with acting weights) to a small ViT
+METHODS: dict[str, Callable[[nn.Module], nn.Module]] = {
+    "tome": lambda m: tieta.add_tome(m, r=MERGE_SCHEDULE).eval(),
+    "pyra": lambda m: randomise(tieta.add_pyra(m, r=MERGE_SCHEDULE), ("pyra.token_weight",)),
+    "dyt_mlp": lambda m: randomise(tieta.add_dyt(m, variant="mlp", adapter_dim=4), ("adapter", "dispatcher")),
+    "dyt_attn": lambda m: randomise(tieta.add_dyt(m, variant="attn", adapter_dim=4), ("adapter", "dispatcher")),
+    "lora": lambda m: randomise(tieta.add_lora(m, rank=2), ("lora_B",)),
+    "adapter": lambda m: randomise(tieta.add_adapter(m, dim=2), ("adapter.up",)),
+}
+MERGING = ("tome", "pyra")
+DYT = ("dyt_mlp", "dyt_attn")
+
+
+def build(method: str, variant: str) -> nn.Module:
+    """A fresh small ``variant`` ViT with ``method`` attached, in eval mode (deterministic)."""
+    return METHODS[method](make_vit(variant))
+
+
+def images(batch: int, seed: int) -> torch.Tensor:
+    """A batch of random 32 px images."""
+    return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def patch_tokens_after_each_block(method: str) -> list[int]:
+    """Patch tokens leaving each block: 16 minus the tokens merged so far (prefix tokens are never merged)."""
+    if method not in MERGING:
+        return [PATCH_TOKENS] * DEPTH
+    counts, left = [], PATCH_TOKENS
+    for r in MERGE_SCHEDULE:
+        left -= r
+        counts.append(left)
+    return counts
+
+
+@pytest.fixture(params=list(METHODS))
+def method(request) -> str:
+    return request.param
+
+
+@torch.no_grad()
+def test_forward_is_forward_head_of_forward_features(vit_variant, method):
+    model = build(method, vit_variant)
+    x = images(2, seed=0)
+    logits = model(x)
+    torch.testing.assert_close(model.forward_head(model.forward_features(x)), logits)
+
+
+@torch.no_grad()
+def test_mixed_entry_points_and_batch_sizes_give_what_a_fresh_model_gives(vit_variant, method):
+    x, x2 = images(2, seed=0), images(3, seed=1)
+    fresh = build(method, vit_variant)
+    expected_logits, expected_features2 = fresh(x), build(method, vit_variant).forward_features(x2)
+
+    model = build(method, vit_variant)
+    first = model(x)
+    head_of_features = model.forward_head(model.forward_features(x))
+    second = model(x)
+    final, _ = model.forward_intermediates(x, output_fmt="NLC")
+    features2 = model.forward_features(x2)
+    (early,) = model.forward_intermediates(x2, indices=[0], stop_early=True, output_fmt="NLC", intermediates_only=True)
+    third = model(x)
+
+    torch.testing.assert_close(first, expected_logits)
+    for logits in (head_of_features, second, third):
+        torch.testing.assert_close(logits, first)
+    torch.testing.assert_close(final, fresh.forward_features(x))
+    torch.testing.assert_close(features2, expected_features2)
+    assert early.shape == (3, patch_tokens_after_each_block(method)[0], model.embed_dim)
+
+
+@torch.no_grad()
+def test_repeating_an_entry_point_is_bit_identical(vit_variant, method):
+    model = build(method, vit_variant)
+    x = images(2, seed=0)
+    assert torch.equal(model(x), model(x))
+    assert torch.equal(model.forward_features(x), model.forward_features(x))
+
+
+@pytest.mark.parametrize("method", DYT)
+@torch.no_grad()
+def test_dyt_keeps_one_mask_per_dispatcher_per_pass(vit_variant, method):
+    model = build(method, vit_variant)
+    x = images(2, seed=0)
+    for entry_point in (model.forward_features, model.forward_features, model,
+                        lambda x: model.forward_intermediates(x, output_fmt="NLC"),
+                        lambda x: model.get_intermediate_layers(x, n=1)):
+        entry_point(x)
+        masks = model.dispatch_state.masks
+        assert len(masks) == DEPTH
+        assert all(mask.shape == (2, PATCH_TOKENS) for mask in masks)
+
+
+@torch.no_grad()
+def test_nlc_intermediates_hold_the_tokens_after_merging(vit_variant, method):
+    model = build(method, vit_variant)
+    x = images(2, seed=0)
+    final, intermediates = model.forward_intermediates(x, output_fmt="NLC", return_prefix_tokens=True)
+    prefix = model.num_prefix_tokens
+    if prefix:  # timm pairs each intermediate with its prefix tokens, and returns bare tensors without any
+        assert all(tokens.shape == (2, prefix, model.embed_dim) for _, tokens in intermediates)
+        intermediates = [patches for patches, _ in intermediates]
+    assert [patches.shape[1] for patches in intermediates] == patch_tokens_after_each_block(method)
+    assert final.shape[1] == prefix + patch_tokens_after_each_block(method)[-1]
+    torch.testing.assert_close(final, model.forward_features(x))
+
+
+@pytest.mark.parametrize("method", MERGING)
+@torch.no_grad()
+def test_nchw_intermediates_are_refused_after_merging(vit_variant, method):
+    model = build(method, vit_variant)
+    with pytest.raises(tieta.TietaError, match="NLC"):
+        model.forward_intermediates(images(2, seed=0))
+
+
+@torch.no_grad()
+def test_nchw_intermediates_without_merging_equal_timm(vit_variant):
+    timm_model = make_vit(vit_variant)
+    model = tieta.add_lora(make_vit(vit_variant), rank=2).eval()  # fresh LoRA: the same function as timm's
+    x = images(2, seed=0)
+    expected_final, expected = timm_model.forward_intermediates(x)
+    final, intermediates = model.forward_intermediates(x)
+    torch.testing.assert_close(final, expected_final, rtol=0, atol=0)
+    assert len(intermediates) == len(expected)
+    for got, want in zip(intermediates, expected):
+        assert got.shape == want.shape == (2, model.embed_dim, 4, 4)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", [name for name in METHODS if name not in MERGING])
+@torch.no_grad()
+def test_nchw_intermediates_are_the_nlc_grid_without_merging(vit_variant, method):
+    model = build(method, vit_variant)
+    x = images(2, seed=0)
+    _, nchw = model.forward_intermediates(x)
+    _, nlc = model.forward_intermediates(x, output_fmt="NLC")
+    for grid, tokens in zip(nchw, nlc):
+        torch.testing.assert_close(grid, tokens.transpose(1, 2).reshape(grid.shape))
+
+
+@torch.no_grad()
+def test_get_intermediate_layers_gives_the_last_block_tokens(vit_variant, method):
+    model = build(method, vit_variant)
+    x = images(2, seed=0)
+    (last,) = model.get_intermediate_layers(x, n=1)
+    _, intermediates = model.forward_intermediates(x, output_fmt="NLC")
+    assert last.shape == (2, patch_tokens_after_each_block(method)[-1], model.embed_dim)
+    torch.testing.assert_close(last, intermediates[-1])
