@@ -39,8 +39,23 @@ from tieta.methods.swap import Swappable, swap_in, swap_out
 Branch = Callable[..., torch.Tensor]
 
 
+class PassState:
+    """Base of the per-pass states: what one forward pass leaves behind (sizes, masks, with their
+    autograd graph in training) belongs to that pass, so copies and pickles of a model get the
+    state as ``reset()`` leaves it."""
+
+    def reset(self) -> None:
+        raise NotImplementedError
+
+    def __getstate__(self) -> dict:
+        blank = object.__new__(type(self))
+        blank.__dict__.update(self.__dict__)
+        blank.reset()  # assigns fresh values in the copy's dict; self keeps its own
+        return blank.__dict__
+
+
 @dataclass
-class TokenState:
+class TokenState(PassState):
     """What the blocks of one forward pass share about the current tokens.
 
     Attributes:
@@ -236,7 +251,7 @@ def pass_state(model: nn.Module, name: str, factory: Callable[[], Any]) -> Any:
     """The model's per-pass state called ``name`` (``model.<name>``), made by ``factory`` and
     registered for the reset at the start of every pass if the model has none yet.
 
-    A state is any object with a ``reset()`` method, shared by the blocks that read or write it.
+    A state is a :class:`PassState` (a ``reset()`` method), shared by the blocks that read or write it.
     """
     patch_blocks(model)
     state = getattr(model, name, None)

@@ -22,14 +22,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from tieta.errors import TietaError
-from tieta.methods.blocks import TietaBlock, claim_reduction, pass_state, patch_blocks, token_state
+from tieta.methods.blocks import PassState, TietaBlock, claim_reduction, pass_state, patch_blocks, token_state
 from tieta.methods.method import Method
 from tieta.methods.schedules import stage_blocks
 from tieta.ops.dynamicvit import PredictorLG, distillation_loss, gather_tokens, ratio_loss, sample_keep, top_keep
 
 
 @dataclass
-class PruningState:
+class PruningState(PassState):
     """What DynamicViT's stages share in one forward pass.
 
     Attributes:

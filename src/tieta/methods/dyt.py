@@ -28,7 +28,8 @@ from torch import nn
 
 from tieta.errors import TietaError
 from tieta.methods.adapter import Adapter, AdapterConfig, MoEAdapter
-from tieta.methods.blocks import EveryToken, TietaBlock, claim_attention_gate, pass_state, patch_blocks
+from tieta.methods.blocks import (EveryToken, PassState, TietaBlock, claim_attention_gate, pass_state,
+                                  patch_blocks)
 from tieta.methods.method import Flag, Method
 from tieta.ops.dispatch import (attend_on_active, dispatch_mask, key_mask, run_on_active,  # noqa: F401 (public)
                                 with_prefix)
@@ -37,7 +38,7 @@ VARIANTS = ("mlp", "attn", "attn_mlp", "layer")
 
 
 @dataclass
-class DispatchState:
+class DispatchState(PassState):
     """What the blocks of one forward pass share about dispatch.
 
     Attributes:
@@ -46,15 +47,17 @@ class DispatchState:
         real_skip: at evaluation, really skip inactive tokens (False: masked computation).
         masks: the masks of this forward pass, (B, N_patch) each, with their straight-through
             gradient in training (for the rate penalty) and plain 0/1 values in evaluation.
+        active: the last attention gate's (B, N, 1) decision, for layer dispatch's MLP gate.
     """
 
     tau: float = 5.0
     full: bool = False
     real_skip: bool = True
     masks: list[torch.Tensor] = field(default_factory=list)
+    active: Optional[torch.Tensor] = None
 
     def reset(self) -> None:
-        self.masks = []
+        self.masks, self.active = [], None
 
 
 class Dispatch(nn.Module):
@@ -105,12 +108,12 @@ class MlpDispatch(Dispatch):
 class AttentionDispatch(Dispatch):
     """The attention slot's gate: inactive tokens are neither queries nor keys.
 
-    Its decision is kept on the block for :class:`SameDecision` (layer dispatch).
+    Its decision is kept in the dispatch state for :class:`SameDecision` (layer dispatch).
     """
 
     def forward(self, x: torch.Tensor, branch, mask: Optional[torch.Tensor], block: TietaBlock) -> torch.Tensor:
         active = self.decide(x, block)
-        block.__dict__["tieta_active"] = active
+        block.dispatch_state.active = active
         if active is None:
             return branch(x, mask)
         if not block.training and block.dispatch_state.real_skip:
@@ -124,7 +127,7 @@ class SameDecision(nn.Module):
     tokens skip the whole block."""
 
     def forward(self, x: torch.Tensor, branch, mask: Optional[torch.Tensor], block: TietaBlock) -> torch.Tensor:
-        return _run_token_wise(block.__dict__["tieta_active"], x, branch, block)
+        return _run_token_wise(block.dispatch_state.active, x, branch, block)
 
 
 # variant -> (attention gate, MLP gate, the dispatchers it needs)
