@@ -12,13 +12,10 @@ each measured side by side in one interleaved run at batch 32 and batch 1.
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 from tieta.measure.bench_suite import baseline_models
-from tieta.measure.benchmark import benchmark
-from tieta.report.bench_report import section, write_report
-from tieta.report.tables import bench_columns, format_table
+from tieta.report.bench_report import evaluation_sections, write_report
 
 SETTINGS = [  # (model, batch size, rounds)
     ("vit_small_patch16_224", 32, 5),
@@ -30,14 +27,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", type=Path, required=True, help="path without suffix for .md and .json")
     args = parser.parse_args()
-    sections, raw = [], {}
-    for model, batch_size, rounds in SETTINGS:
-        started = time.perf_counter()
-        rows = benchmark(baseline_models(model, None, batch_size=batch_size), batch_size=batch_size, rounds=rounds)
-        title = f"{model}, evaluation, batch {batch_size}"
-        sections.append(section(title, format_table(rows, bench_columns(rows)), rounds, time.perf_counter() - started))
-        raw[title] = rows
-        print(sections[-1], flush=True)
+    sections, raw = evaluation_sections(SETTINGS, lambda model, batch_size: baseline_models(model, None, batch_size=batch_size))
     write_report(args.output, "Token-reduction baselines beside ToMe, PYRA and DyT at matched cost, fp32, cpu", (
         "GMACs: the executed path (DyT's averaged over the benchmark batch). speedup: median over rounds of "
         "(img/s / timm's img/s), measured in turn within each round. efficiency = speedup x FLOPs ratio (1.0: "

@@ -36,6 +36,20 @@ def make_vit(variant: str, seed: int = 0) -> VisionTransformer:
     return model.eval()
 
 
+def tokens_entering(model, x, module: str = "norm1") -> list[int]:
+    """Tokens entering ``block.<module>`` of each block in one forward pass (norm1: the block's
+    attention; mlp: its MLP)."""
+    counts, handles = [], []
+    for block in model.blocks:
+        hook = lambda m, args, out: counts.append(args[0].shape[1])
+        handles.append(getattr(block, module).register_forward_hook(hook))
+    with torch.no_grad():
+        model(x)
+    for handle in handles:
+        handle.remove()
+    return counts
+
+
 @pytest.fixture(params=list(VIT_VARIANTS))
 def vit_variant(request) -> str:
     return request.param

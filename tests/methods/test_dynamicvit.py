@@ -9,19 +9,7 @@ import tieta
 from tieta.methods import dynamicvit
 from tieta.methods.dynamicvit import DynamicViTSelect, token_counts
 from tieta.ops.dynamicvit import top_keep
-from tests.conftest import make_vit
-
-
-def _block_inputs(model, x):
-    """Tokens entering each block's attention in one forward pass."""
-    counts, handles = [], []
-    for block in model.blocks:
-        handles.append(block.norm1.register_forward_hook(lambda m, args, out: counts.append(args[0].shape[1])))
-    with torch.no_grad():
-        model(x)
-    for handle in handles:
-        handle.remove()
-    return counts
+from tests.conftest import make_vit, tokens_entering
 
 
 def _randomise_predictors(model, seed=0):
@@ -51,7 +39,7 @@ def test_evaluation_token_counts_of_the_spec(ratios, patches):
     model = VisionTransformer(img_size=224, patch_size=16, embed_dim=48, depth=12, num_heads=3, num_classes=10)
     tieta.add_dynamicvit(model.eval(), ratios=ratios)
     expected = [1 + n for n in patches]
-    assert _block_inputs(model, torch.randn(1, 3, 224, 224)) == expected
+    assert tokens_entering(model, torch.randn(1, 3, 224, 224)) == expected
     assert token_counts(model) == expected
 
 

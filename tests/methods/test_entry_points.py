@@ -185,3 +185,18 @@ def test_get_intermediate_layers_gives_the_last_block_tokens(vit_variant, method
     _, intermediates = model.forward_intermediates(x, output_fmt="NLC")
     assert last.shape == (2, patch_tokens_after_each_block(method)[-1], model.embed_dim)
     torch.testing.assert_close(last, intermediates[-1])
+
+
+def test_average_pool_head_refuses_features_of_another_pass():
+    """Size-weighted pooling belongs to the pass that made the features: another pass's features
+    are refused with one sentence instead of being pooled with the wrong sizes."""
+    model = tieta.add_tome(make_vit("avg_pool"), r=[3, 2, 1])
+    x, y = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        features = model.forward_features(x)
+        expected = model.forward_head(features)
+        model.forward_features(y)
+        with pytest.raises(tieta.TietaError, match="forward_head"):
+            model.forward_head(features)
+        final, _ = model.forward_intermediates(x, output_fmt="NLC")
+        torch.testing.assert_close(model.forward_head(final), expected)

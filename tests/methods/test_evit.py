@@ -10,19 +10,7 @@ from timm.models.vision_transformer import VisionTransformer
 import tieta
 from tieta.methods.evit import EViTReduce, token_counts
 from tieta.methods.schedules import stage_blocks
-from tests.conftest import make_vit
-
-
-def _mlp_inputs(model, x):
-    """Tokens entering each block's MLP in one forward pass."""
-    counts, handles = [], []
-    for block in model.blocks:
-        handles.append(block.mlp.register_forward_hook(lambda m, args, out: counts.append(args[0].shape[1])))
-    with torch.no_grad():
-        model(x)
-    for handle in handles:
-        handle.remove()
-    return counts
+from tests.conftest import make_vit, tokens_entering
 
 
 def _vit_b16_layout(width=48):
@@ -48,7 +36,7 @@ def test_keep_rate_one_equals_unpatched_timm(vit_variant, mode):
 ])
 def test_token_counts_of_the_spec_at_vit_b16_layout(fuse, expected):
     model = tieta.add_evit(_vit_b16_layout(), keep_rate=0.7, fuse=fuse)
-    assert _mlp_inputs(model, torch.randn(1, 3, 224, 224)) == expected
+    assert tokens_entering(model, torch.randn(1, 3, 224, 224), "mlp") == expected
     assert token_counts(model) == expected
 
 

@@ -66,6 +66,7 @@ class TokenState(PassState):
             and are masked out of attention), with its straight-through gradient; None otherwise.
         prop_attn: add log(size) to the attention logits (proportional attention).
         trace_source: keep ``source`` (for visualising merges; costs memory).
+        features: the (B, N, D) features this pass ended with, which the pool weights belong to.
     """
 
     prop_attn: bool = True
@@ -74,9 +75,10 @@ class TokenState(PassState):
     attn_bias: Optional[torch.Tensor] = None
     source: Optional[torch.Tensor] = None
     policy: Optional[torch.Tensor] = None
+    features: Optional[torch.Tensor] = None
 
     def reset(self) -> None:
-        self.size, self.attn_bias, self.source, self.policy = None, None, None, None
+        self.size, self.attn_bias, self.source, self.policy, self.features = None, None, None, None, None
 
     def pool_weights(self) -> Optional[torch.Tensor]:
         """(B, N, 1) weights of each token in an average pool (size x policy), None for uniform."""
@@ -166,22 +168,37 @@ class TietaViT(Swappable):
             state.reset()
         return super()._pos_embed(x)
 
+    def forward_features(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return self._ended_with(super().forward_features(x, *args, **kwargs))
+
+    def _ended_with(self, features: torch.Tensor) -> torch.Tensor:
+        """Record the features a pass ended with: the token sizes for pooling belong to them."""
+        state = getattr(self, "token_state", None)
+        if state is not None:
+            state.features = features
+        return features
+
     def pool(self, x: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tensor:
         pool_type = self.global_pool if pool_type is None else pool_type
         state = getattr(self, "token_state", None)
         weights = None if state is None else state.pool_weights()
-        if weights is None or pool_type != "avg" or self.attn_pool is not None or weights.shape[1] != x.shape[1]:
+        if weights is None or pool_type != "avg" or self.attn_pool is not None:
             return super().pool(x, pool_type)
+        if x is not state.features:
+            raise TietaError("an average-pool head weights tokens by the sizes of the pass that made them: call "
+                             "forward_head on the features of this model's last forward_features")
         prefix = self.num_prefix_tokens
         weights = weights[:, prefix:].to(x.dtype)  # (B, N - prefix, 1)
         # the floor only acts when a training policy masked every token of an image (0, not NaN)
         return (x[:, prefix:] * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1e-6)
 
     def forward_intermediates(self, x: torch.Tensor, *args, output_fmt: str = "NCHW", **kwargs):
-        if output_fmt != "NCHW":
-            return super().forward_intermediates(x, *args, output_fmt=output_fmt, **kwargs)
         out = super().forward_intermediates(x, *args, output_fmt="NLC", **kwargs)
-        return _to_nchw(out, self, x.shape[-2:])
+        if isinstance(out, dict) and "image_features" in out:
+            self._ended_with(out["image_features"])
+        elif isinstance(out, tuple):
+            self._ended_with(out[0])
+        return out if output_fmt != "NCHW" else _to_nchw(out, self, x.shape[-2:])
 
 
 def _to_nchw(out: Any, model: VisionTransformer, image_size: tuple[int, int]) -> Any:

@@ -8,10 +8,14 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import timm
 import torch
+from torch import nn
+
+from tieta.measure.benchmark import benchmark
+from tieta.report.tables import bench_columns, format_table
 
 
 def invoked_command() -> str:
@@ -22,6 +26,25 @@ def invoked_command() -> str:
 def section(title: str, table: str, rounds: int, seconds: float) -> str:
     """One Markdown section: a heading and the table, with how it was timed."""
     return f"## {title}\n\n```\n{table}\n```\n({rounds} interleaved rounds, {seconds:.0f} s)\n"
+
+
+def evaluation_sections(settings: list[tuple[str, int, int]],
+                        make_models: Callable[[str, int], dict[str, nn.Module]]) -> tuple[list[str], dict[str, Any]]:
+    """Benchmark evaluation throughput for each (model name, batch size, rounds), models side by
+    side; prints each section as it is done. Returns (Markdown sections, raw rows by title).
+
+    Args:
+        make_models: (model name, batch size) -> name -> model, the first the baseline.
+    """
+    sections, raw = [], {}
+    for model, batch_size, rounds in settings:
+        started = time.perf_counter()
+        rows = benchmark(make_models(model, batch_size), batch_size=batch_size, rounds=rounds)
+        title = f"{model}, evaluation, batch {batch_size}"
+        sections.append(section(title, format_table(rows, bench_columns(rows)), rounds, time.perf_counter() - started))
+        raw[title] = rows
+        print(sections[-1], flush=True)
+    return sections, raw
 
 
 def write_report(output: Path, title: str, explanation: str, sections: list[str], raw: dict[str, Any],
