@@ -39,6 +39,18 @@ def _method_flags() -> dict[str, Any]:
     return {flag.option.lstrip("-").replace("-", "_"): flag for flag in registry.flags()}
 
 
+def _argument_type(parse):
+    """A flag's parser whose TietaError argparse reports as a usage error (one sentence, exit 2)."""
+    def typed(text: str) -> Any:
+        try:
+            return parse(text)
+        except TietaError as error:
+            raise argparse.ArgumentTypeError(str(error)) from error
+
+    typed.__name__ = getattr(parse, "__name__", "value")
+    return typed
+
+
 def _add_config_arguments(parser: argparse.ArgumentParser, data_required: bool) -> None:
     parser.add_argument("--config", type=Path, help="YAML file of settings (command-line flags override it)")
     parser.add_argument("--model", help="timm model name (default vit_base_patch16_224)")
@@ -52,7 +64,9 @@ def _add_config_arguments(parser: argparse.ArgumentParser, data_required: bool) 
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="any config setting, e.g. --set optim.lr_groups.head=1e-2 (repeatable)")
     for flag in registry.flags():
-        parser.add_argument(flag.option, type=flag.parse, choices=flag.choices, help=flag.help)
+        long_list = flag.choices is not None and len(flag.choices) > 6  # named in the help, not the usage line
+        parser.add_argument(flag.option, type=_argument_type(flag.parse), choices=flag.choices, help=flag.help,
+                            metavar="NAME" if long_list else None)
     if data_required is not None:
         parser.add_argument("--data", required=data_required, help="task folder: VTAB-1k layout or train/<class>/ folders")
 

@@ -57,3 +57,10 @@ def test_settings_are_type_checked(setting, message, tmp_path):
 
     with pytest.raises(TietaError, match=message):
         load_config(overrides=dict([parse_override(setting)]))
+
+
+def test_a_flag_value_a_method_cannot_read_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["flops", "--method", "tome", "--schedule", "[1,1"])
+    assert exit_info.value.code == 2
+    assert "cannot read the schedule" in capsys.readouterr().err
