@@ -36,6 +36,18 @@ def make_vit(variant: str, seed: int = 0) -> VisionTransformer:
     return model.eval()
 
 
+def randomise_parameters(model, words: tuple[str, ...], seed: int = 0):
+    """Give the parameters whose names contain one of ``words`` trained-looking random values
+    (fresh adapters, LoRA up-projections and PYRA token weights start at zero and would do
+    nothing); returns the model in eval mode."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if any(word in name for word in words):
+                param.normal_(0, 0.3)
+    return model.eval()
+
+
 def tokens_entering(model, x, module: str = "norm1") -> list[int]:
     """Tokens entering ``block.<module>`` of each block in one forward pass (norm1: the block's
     attention; mlp: its MLP)."""

@@ -20,32 +20,21 @@ import torch
 from torch import nn
 
 import tieta
-from tests.conftest import make_vit
+from tests.conftest import make_vit, randomise_parameters
 
 MERGE_SCHEDULE = [3, 2, 1]
 PATCH_TOKENS = 16  # 32 px images, 8 px patches
 DEPTH = 3
 
 
-def randomise(model: nn.Module, words: tuple[str, ...], seed: int = 0) -> nn.Module:
-    """Give the method parameters whose names contain one of ``words`` trained-looking random values
-    (fresh adapters, LoRA up-projections and PYRA token weights start at zero and would do nothing)."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if any(word in name for word in words):
-                param.normal_(0, 0.3)
-    return model.eval()
-
-
 # method name -> attach it (with acting weights) to a small ViT
 METHODS: dict[str, Callable[[nn.Module], nn.Module]] = {
     "tome": lambda m: tieta.add_tome(m, r=MERGE_SCHEDULE).eval(),
-    "pyra": lambda m: randomise(tieta.add_pyra(m, r=MERGE_SCHEDULE), ("pyra.token_weight",)),
-    "dyt_mlp": lambda m: randomise(tieta.add_dyt(m, variant="mlp", adapter_dim=4), ("adapter", "dispatcher")),
-    "dyt_attn": lambda m: randomise(tieta.add_dyt(m, variant="attn", adapter_dim=4), ("adapter", "dispatcher")),
-    "lora": lambda m: randomise(tieta.add_lora(m, rank=2), ("lora_B",)),
-    "adapter": lambda m: randomise(tieta.add_adapter(m, dim=2), ("adapter.up",)),
+    "pyra": lambda m: randomise_parameters(tieta.add_pyra(m, r=MERGE_SCHEDULE), ("pyra.token_weight",)),
+    "dyt_mlp": lambda m: randomise_parameters(tieta.add_dyt(m, variant="mlp", adapter_dim=4), ("adapter", "dispatcher")),
+    "dyt_attn": lambda m: randomise_parameters(tieta.add_dyt(m, variant="attn", adapter_dim=4), ("adapter", "dispatcher")),
+    "lora": lambda m: randomise_parameters(tieta.add_lora(m, rank=2), ("lora_B",)),
+    "adapter": lambda m: randomise_parameters(tieta.add_adapter(m, dim=2), ("adapter.up",)),
 }
 MERGING = ("tome", "pyra")
 DYT = ("dyt_mlp", "dyt_attn")

@@ -25,21 +25,15 @@ import torch
 from torch import nn
 
 import tieta
-from tests.conftest import VIT_VARIANTS, make_vit
+from tests.conftest import VIT_VARIANTS, make_vit, randomise_parameters
 
 MERGE_SCHEDULE = [3, 2, 1]
 METHOD_WEIGHTS = ("lora_B", "adapter", "dispatcher", "pyra.token_weight")
 
 
 def randomise(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give the method parameters trained-looking random values (fresh adapters, LoRA up-projections
-    and PYRA token weights start at zero and would do nothing); eval mode."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if any(word in name for word in METHOD_WEIGHTS):
-                param.normal_(0, 0.3)
-    return model.eval()
+    """Trained-looking method weights (see randomise_parameters); eval mode."""
+    return randomise_parameters(model, METHOD_WEIGHTS, seed)
 
 
 # method name -> attach it (or them, in this order) to a small ViT

@@ -7,7 +7,6 @@ from __future__ import annotations
 import statistics
 from typing import Optional
 
-import timm
 import torch
 from torch import nn
 

@@ -19,8 +19,7 @@ from tieta.methods.blocks import (TietaBlock, Unchanged, claim_reduction, keep_o
 from tieta.methods.method import Flag, Method
 from tieta.methods.schedules import MergeConfig, parse_schedule_flag, resolve_schedule, schedule_setting, token_counts, vit_shape
 from tieta.native.tome_merge import native_merge, native_merge_applies
-from tieta.ops.merging import (Matching, bipartite_soft_matching, max_merges, merge_source,  # noqa: F401 (public)
-                               merge_wavg)
+from tieta.ops.merging import bipartite_soft_matching, max_merges, merge_source, merge_wavg
 
 
 class TokenMerge(nn.Module):

@@ -9,6 +9,7 @@ epochs, 10 warm-up epochs, cosine to 1e-5, batch 64, LoRA rank 8 on qkv).
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,7 +108,7 @@ _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "tru
 
 def _typed(value: Any, hint: Any, key: str) -> Any:
     """``value`` checked against the field's type (an int is taken for a float), or a TietaError."""
-    optional = type(None) in typing.get_args(hint) and typing.get_origin(hint) is Union
+    optional = type(None) in typing.get_args(hint) and typing.get_origin(hint) in (Union, types.UnionType)
     if optional:
         if value is None:
             return None
