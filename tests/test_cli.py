@@ -22,7 +22,7 @@ def test_train_then_eval(vtab_task, tmp_path, capsys):
                  "--warmup-epochs", "1", "--batch-size", "4", "--set", "optim.lr=3e-3"]) == 0
     out = capsys.readouterr().out
     assert "acc %" in out and "lora" in out
-    assert main(["eval", str(run)]) == 0
+    assert main(["eval", str(run), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     summary = json.loads((run / "summary.json").read_text())
     assert result["acc"] == pytest.approx(summary["acc"])

@@ -12,21 +12,35 @@ The public verbs, each usable on its own and composable::
     tieta.merge_lora(model)                # after training: LoRA folded into the qkv weights
 """
 
-from tieta.backbone import load_backbone
-from tieta.errors import TietaError
-from tieta.measure.benchmark import benchmark
-from tieta.measure.flops import count_flops
-from tieta.measure.throughput import measure_throughput
-from tieta.methods.adapter import add_adapter
-from tieta.methods.diffrate import add_diffrate, search_rates
-from tieta.methods.dynamicvit import add_dynamicvit, dynamicvit_loss
-from tieta.methods.dyt import activation_rates, add_dyt, dyt_forward, dyt_loss
-from tieta.methods.evit import add_evit
-from tieta.methods.lora import add_lora, merge_lora
-from tieta.methods.params import freeze_backbone, trainable_parameters
-from tieta.methods.pyra import add_pyra
-from tieta.methods.schedules import schedule
-from tieta.methods.tome import add_tome
+import importlib
+from typing import Any
+
+# public name -> the module that defines it; each is imported on first use (PEP 562), so that
+# `import tieta` and the command line's --help do not load torch and timm
+_HOMES = {
+    "TietaError": "tieta.errors",
+    "activation_rates": "tieta.methods.dyt",
+    "add_adapter": "tieta.methods.adapter",
+    "add_diffrate": "tieta.methods.diffrate",
+    "add_dynamicvit": "tieta.methods.dynamicvit",
+    "add_dyt": "tieta.methods.dyt",
+    "add_evit": "tieta.methods.evit",
+    "add_lora": "tieta.methods.lora",
+    "add_pyra": "tieta.methods.pyra",
+    "add_tome": "tieta.methods.tome",
+    "benchmark": "tieta.measure.benchmark",
+    "count_flops": "tieta.measure.flops",
+    "dynamicvit_loss": "tieta.methods.dynamicvit",
+    "dyt_forward": "tieta.methods.dyt",
+    "dyt_loss": "tieta.methods.dyt",
+    "freeze_backbone": "tieta.methods.params",
+    "load_backbone": "tieta.backbone",
+    "measure_throughput": "tieta.measure.throughput",
+    "merge_lora": "tieta.methods.lora",
+    "schedule": "tieta.methods.schedules",
+    "search_rates": "tieta.methods.diffrate",
+    "trainable_parameters": "tieta.methods.params",
+}
 
 __version__ = "0.1.0"
 
@@ -54,3 +68,16 @@ __all__ = [
     "search_rates",
     "trainable_parameters",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'tieta' has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value  # later look-ups find it without coming here
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from tieta.errors import TietaError
+from tieta.methods import catalog  # names and flags only: --help must not load torch
 
 # command-line flag -> config key, for the general settings people change most (each method
-# declares its own flags in the registry)
+# declares its own flags in the method catalog)
 FLAG_KEYS = {
     "model": "model",
     "weights": "weights",
@@ -33,10 +35,8 @@ FLAG_KEYS = {
 
 
 def _method_flags() -> dict[str, Any]:
-    """argparse dest -> the registry's Flag, for every method's flags."""
-    from tieta.methods import registry
-
-    return {flag.option.lstrip("-").replace("-", "_"): flag for flag in registry.flags()}
+    """argparse dest -> the catalog's Flag, for every method's flags."""
+    return {flag.option.lstrip("-").replace("-", "_"): flag for flag in catalog.flags()}
 
 
 def _argument_type(parse):
@@ -51,24 +51,48 @@ def _argument_type(parse):
     return typed
 
 
-def _add_config_arguments(parser: argparse.ArgumentParser, data_required: bool) -> None:
-    parser.add_argument("--config", type=Path, help="YAML file of settings (command-line flags override it)")
+def _positive_int(text: str) -> int:
+    """A whole number of at least 1, as an argparse type (anything else is a usage error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser, data_required: bool, grid: bool = False) -> None:
+    """The settings flags; ``grid``: --method and --data take several values (a sweep's grid), and
+    there is no --config (a sweep file has its own base settings)."""
+    if not grid:
+        parser.add_argument("--config", type=Path, help="YAML file of settings (command-line flags override it)")
     parser.add_argument("--model", help="timm model name (default vit_base_patch16_224)")
     parser.add_argument("--weights", help="weights file (.safetensors/.pth/.bin/.npz), 'random', or "
                         "'dinov2_vits14_saliency'; default: timm's published weights from the hub")
-    from tieta.methods import registry
-
-    parser.add_argument("--method", help=f"methods joined by '+': {', '.join(registry.METHODS)}, e.g. pyra+lora "
-                        "(default lora)")
+    parser.add_argument("--method", nargs="+" if grid else None,
+                        help=f"methods joined by '+': {', '.join(catalog.CATALOG)}, e.g. pyra+lora (default lora)"
+                        + ("; several: one run each" if grid else ""))
     parser.add_argument("--img-size", type=int, help="input resolution (default: the model's)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="any config setting, e.g. --set optim.lr_groups.head=1e-2 (repeatable)")
-    for flag in registry.flags():
+    for flag in catalog.flags():
         long_list = flag.choices is not None and len(flag.choices) > 6  # named in the help, not the usage line
         parser.add_argument(flag.option, type=_argument_type(flag.parse), choices=flag.choices, help=flag.help,
                             metavar="NAME" if long_list else None)
     if data_required is not None:
-        parser.add_argument("--data", required=data_required, help="task folder: VTAB-1k layout or train/<class>/ folders")
+        parser.add_argument("--data", required=data_required, nargs="+" if grid else None,
+                            help="task folder: VTAB-1k layout or train/<class>/ folders" + ("; several" if grid else ""))
+
+
+def _add_schedule_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--epochs", type=int, help="training epochs (default 100)")
+    parser.add_argument("--warmup-epochs", type=int, help="linear warm-up epochs (default 10)")
+    parser.add_argument("--lr", type=float, help="base learning rate (default 1e-3)")
+    parser.add_argument("--batch-size", type=int, help="training batch size (default 64)")
+    parser.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 1e-4)")
+    parser.add_argument("--eval-every", type=int, help="epochs between evaluations (default 1)")
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
 
 
 def _add_image_sample_arguments(parser: argparse.ArgumentParser, overwrite_help: str) -> None:
@@ -78,7 +102,14 @@ def _add_image_sample_arguments(parser: argparse.ArgumentParser, overwrite_help:
 
 
 def _config_from(args: argparse.Namespace):
-    from tieta.train.config import load_config, parse_override
+    from tieta.train.config import load_config
+
+    return load_config(args.config, _overrides_from(args))
+
+
+def _overrides_from(args: argparse.Namespace) -> dict[str, Any]:
+    """The dotted settings the flags and --set give (those not given are left out)."""
+    from tieta.train.config import parse_override
 
     overrides: dict[str, Any] = {}
     keys = {**FLAG_KEYS, **{dest: flag.key for dest, flag in _method_flags().items()}}
@@ -89,7 +120,7 @@ def _config_from(args: argparse.Namespace):
     if getattr(args, "bf16", False):
         overrides["bf16"] = True
     overrides.update(dict(parse_override(item) for item in args.set))
-    return load_config(args.config, overrides)
+    return overrides
 
 
 def _print_summary(rows: list[dict[str, Any]], demo: bool = False) -> None:
@@ -108,31 +139,83 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    from tieta.train.fit import evaluate_checkpoint
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from tieta.sweep.plan import plan_from_flags, read_plan, select
+    from tieta.sweep.runner import FAILED, run_sweep
 
-    result = evaluate_checkpoint(args.run, args.data, args.split, args.batch_size)
-    print(json.dumps(result, indent=2))
+    settings = {key: value for key, value in _overrides_from(args).items() if key not in ("method", "data.path")}
+    if args.sweep_file is not None:
+        if args.data or args.method:
+            raise TietaError("give either a sweep file or --data and --method, not both (--tasks and --runs "
+                             "choose within a sweep file)")
+        plan = select(read_plan(args.sweep_file, args.root), args.tasks, args.runs)
+        plan.base.update(settings)
+        if args.seeds:
+            plan.seeds = list(args.seeds)
+    else:
+        if not args.data or not args.method:
+            raise TietaError("give a sweep file, or --data TASK_DIR... and --method METHOD...")
+        plan = plan_from_flags(args.data, args.method, args.seeds or [0], settings)
+    devices = [d.strip() for d in args.devices.split(",") if d.strip()] if args.devices else None
+    outcomes = run_sweep(plan, args.output, devices)
+    print(f"next: tieta report {args.output}")
+    return 1 if any(outcome.status == FAILED for outcome in outcomes) else 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from tieta.report.sweep_report import write_report
+
+    written = write_report(args.folder, args.output, bench=not args.no_bench, device=args.device,
+                           batch_size=args.batch_size, rounds=args.rounds, rebench=args.rebench)
+    print(written["reading"])
+    print("wrote " + ", ".join(str(path) for path in written["files"]))
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from tieta.report.tables import EVAL_COLUMNS, format_table
+    from tieta.train.fit import evaluate_checkpoint
+
+    result = evaluate_checkpoint(args.run, args.data, args.split, args.batch_size)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"{args.run}: {result['split']} split, {result['images']} images")
+    print(format_table([result], EVAL_COLUMNS))
+    return 0
+
+
+def _cost_rows(label: str, plain: dict[str, float], with_method: dict[str, float]) -> list[dict[str, Any]]:
+    """The rows of ``tieta flops``' table: the unmodified timm model, then the model with the method
+    (named ``label``), each with its cost ratio to the unmodified one."""
+    rows = [{"name": "timm (no method)", **plain}, {"name": label, **with_method}]
+    for row in rows:
+        row["ratio"] = row["gmacs"] / plain["gmacs"]
+    return rows
+
+
 def cmd_flops(args: argparse.Namespace) -> int:
+    import textwrap
+
     import torch
 
     from tieta.measure.flops import count_flops
     from tieta.methods.params import trainable_parameters
-    from tieta.report.tables import fact_label
+    from tieta.report.tables import FLOPS_COLUMNS, fact_label, format_table
     from tieta.train.fit import describe_methods, image_size_of
-    from tieta.train.model import build_model
+    from tieta.train.model import build_backbone, build_model
 
     config = _config_from(args)
-    model = build_model(config, args.num_classes, random_weights=True)  # costs do not depend on weights
+    # costs do not depend on the weights, so both start from random ones
+    model = build_model(config, args.num_classes, random_weights=True)
+    plain = build_backbone(config, args.num_classes, random_weights=True)
     size = image_size_of(model)
-    flops = count_flops(model, torch.randn(1, 3, size, size))
+    images = torch.randn(1, 3, size, size)
+    rows = _cost_rows(f"{config.model} + {config.method}", count_flops(plain, images), count_flops(model, images))
     trainable, total = trainable_parameters(model)
     print(f"{config.model} + {config.method} at {size} px, per image:")
-    print(f"  GMACs (the field's GFLOPs, MACs/1e9): {flops['gmacs']:.3f}")
-    print(f"  GFLOPs in the PYRA paper's unit (MACs/2^30): {flops['pyra_gflops']:.3f}")
+    print(textwrap.indent(format_table(rows, FLOPS_COLUMNS), "  "))
+    print("  (GMACs are what most papers call GFLOPs; MACs/2^30 is the PYRA paper's GFLOPs)")
     print(f"  parameters: {total:,} ({trainable:,} trainable, {100 * trainable / total:.3f}%)")
     for key, value in describe_methods(model, config).items():
         print(f"  {fact_label(key)}: {value}")
@@ -160,10 +243,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# a median of fewer interleaved rounds than this is at the mercy of one disturbed round
+RELIABLE_ROUNDS = 3
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from tieta.measure.bench_suite import run_suite
     from tieta.report.tables import bench_columns, format_table
 
+    if args.rounds < RELIABLE_ROUNDS:
+        print(f"tieta: warning: medians over fewer than {RELIABLE_ROUNDS} interleaved rounds are not reliable, "
+              f"so take these numbers as a smoke test (--rounds {args.rounds}; the default is 7)", file=sys.stderr)
     rows = run_suite(args.model, args.img_size, args.batch_size, args.dtype, args.schedules, args.rounds,
                      args.train, args.device)
     kind = "training steps" if args.train else "evaluation"
@@ -256,22 +346,46 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_arguments(train, data_required=False)
     train.add_argument("--output", required=True, type=Path, help="run folder to create")
     train.add_argument("--overwrite", action="store_true", help="reuse an existing run folder")
-    train.add_argument("--epochs", type=int, help="training epochs (default 100)")
-    train.add_argument("--warmup-epochs", type=int, help="linear warm-up epochs (default 10)")
-    train.add_argument("--lr", type=float, help="base learning rate (default 1e-3)")
-    train.add_argument("--batch-size", type=int, help="training batch size (default 64)")
-    train.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 1e-4)")
-    train.add_argument("--eval-every", type=int, help="epochs between evaluations (default 1)")
+    _add_schedule_arguments(train)
     train.add_argument("--seed", type=int, help="random seed (default 0)")
     train.add_argument("--device", help="auto, cpu or cuda[:N] (default auto)")
-    train.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     train.set_defaults(func=cmd_train)
+
+    sweep = sub.add_parser("sweep", help="train tasks x methods x settings x seeds, one run folder each",
+                           description="Train every cell of a grid into its own run folder: from a sweep file "
+                           "(tasks, runs, seeds, base settings; see configs/) or from --data and --method. "
+                           "Finished runs are skipped on a re-run; a failed run is reported and the rest go on.")
+    sweep.add_argument("sweep_file", nargs="?", type=Path, help="sweep file (YAML), e.g. configs/pyra_vtab.yaml")
+    sweep.add_argument("--output", required=True, type=Path, help="sweep folder (run folders and sweep.yaml)")
+    sweep.add_argument("--root", help="folder holding the task folders (replaces the sweep file's root)")
+    sweep.add_argument("--tasks", nargs="+", metavar="NAME", help="only these tasks of the sweep file")
+    sweep.add_argument("--runs", nargs="+", metavar="NAME", help="only these runs of the sweep file")
+    sweep.add_argument("--seeds", nargs="+", type=int, help="seeds (default: the sweep file's, or 0)")
+    sweep.add_argument("--devices", help="comma-separated devices, one run on each at a time, e.g. cuda:0,cuda:1 "
+                       "(default: auto, in this process)")
+    _add_config_arguments(sweep, data_required=False, grid=True)
+    _add_schedule_arguments(sweep)
+    sweep.set_defaults(func=cmd_sweep)
+
+    report = sub.add_parser("report", help="report.md, report.csv and plots of a sweep's runs",
+                            description="Per-task top-1 (final and best), group means, their mean and the mean "
+                            "over tasks, cost and throughput (the sweep's models timed side by side), with "
+                            "accuracy-vs-throughput and accuracy-vs-GFLOPs plots and their Pareto front.")
+    report.add_argument("folder", type=Path, help="a sweep folder (or any folder of run folders)")
+    report.add_argument("--output", type=Path, help="where to write (default: the folder itself)")
+    report.add_argument("--no-bench", action="store_true", help="skip the throughput benchmark")
+    report.add_argument("--rebench", action="store_true", help="time again even if a measurement is kept")
+    report.add_argument("--device", default="cpu", help="device for the throughput benchmark (default cpu)")
+    report.add_argument("--batch-size", type=_positive_int, default=32, help="benchmark batch (default 32)")
+    report.add_argument("--rounds", type=_positive_int, default=7, help="interleaved timing rounds (default 7)")
+    report.set_defaults(func=cmd_report)
 
     evaluate = sub.add_parser("eval", help="evaluate a trained checkpoint")
     evaluate.add_argument("run", type=Path, help="a run folder or its checkpoint.safetensors")
     evaluate.add_argument("--data", help="task folder (default: the one it was trained on)")
     evaluate.add_argument("--split", help="split to evaluate (default: the run's eval split, test)")
     evaluate.add_argument("--batch-size", type=int, help="evaluation batch size")
+    evaluate.add_argument("--json", action="store_true", help="print the raw result as JSON instead of a table")
     evaluate.set_defaults(func=cmd_eval)
 
     flops = sub.add_parser("flops", help="per-image GMACs and parameters of a configured model")
@@ -285,7 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch-size", type=int, default=32)
     bench.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     bench.add_argument("--schedules", nargs="+", default=["low", "high"], help="merge schedules (default low high)")
-    bench.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (default 7)")
+    bench.add_argument("--rounds", type=_positive_int, default=7,
+                       help=f"interleaved timing rounds (default 7; fewer than {RELIABLE_ROUNDS} are not reliable)")
     bench.add_argument("--train", action="store_true", help="time training steps of LoRA, ToMe+LoRA, PYRA+LoRA")
     bench.add_argument("--device", default="cpu")
     bench.add_argument("--output", type=Path, help="also write the rows as JSON here")
@@ -313,15 +428,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        try:
+            args = build_parser().parse_args(argv)
+            return args.func(args)
+        finally:
+            # output to a pipe is buffered: a reader that has gone shows up here, not at interpreter exit
+            sys.stdout.flush()
     except TietaError as error:
         print(f"tieta: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("tieta: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader stopped early (`tieta ... | head`): end quietly, as the Python docs advise; the
+        # output still buffered goes to devnull so that the flush at exit does not fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from tieta.ops.diffrate import (
-    PUBLISHED_RATES,
     RateLogits,
     ceil_ste,
     merge_training,
@@ -13,6 +12,7 @@ from tieta.ops.diffrate import (
     search_flops,
     sort_by_importance,
 )
+from tieta.ops.diffrate_rates import PUBLISHED_RATES
 
 VIT_B = dict(depth=12, width=768, mlp_hidden=3072, patches=196, num_prefix=1)
 VIT_S = dict(depth=12, width=384, mlp_hidden=1536, patches=196, num_prefix=1)

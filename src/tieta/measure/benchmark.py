@@ -63,6 +63,7 @@ def benchmark(
     image_size: Optional[int] = None,
     rounds: int = 7,
     train: bool = False,
+    images: Optional[torch.Tensor] = None,
 ) -> list[dict]:
     """Throughput of several models side by side; the first is the baseline.
 
@@ -71,6 +72,8 @@ def benchmark(
         dtype: None for float32, else autocast dtype (e.g. torch.bfloat16).
         train: time a training step (forward, backward, optimizer step on trainable parameters)
             instead of evaluation.
+        images: the batch to time (B, 3, H, W), e.g. real images where a model's path depends on
+            them (DyT); default: random images of ``batch_size`` and ``image_size``.
 
     Returns:
         One dict per model: name, gmacs, flops_ratio (to the baseline), images_per_s (median),
@@ -80,7 +83,10 @@ def benchmark(
     device = torch.device(device)
     first = next(iter(models.values()))
     size = image_size or int(first.patch_embed.img_size[0])
-    images = torch.randn(batch_size, 3, size, size, device=device)
+    if images is None:
+        images = torch.randn(batch_size, 3, size, size, device=device)
+    images = images.to(device)
+    batch_size = images.shape[0]
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
     gmacs = {name: count_flops(model.to(device), images[:1])["gmacs"] for name, model in models.items()}
 

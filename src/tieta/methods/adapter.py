@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from tieta.errors import TietaError
+from tieta.methods import catalog
 from tieta.methods.blocks import patch_blocks
-from tieta.methods.method import Flag, Method
+from tieta.methods.method import Method
 
 
 class Adapter(nn.Module):
@@ -108,12 +109,10 @@ def _validate(config) -> None:
         raise TietaError(f"adapter.dropout must be in [0, 1), got {adapter.dropout}")
 
 
-METHOD = Method(
-    name="adapter",
-    summary="AdaptFormer: a bottleneck MLP parallel to every block's MLP",
+METHOD = Method.listed(
+    catalog.ADAPTER,
     sections={"adapter": AdapterConfig},
     attach=lambda model, config: add_adapter(model, config.adapter.dim, config.adapter.scale, config.adapter.dropout),
     modules=("adapter",),
-    flags=(Flag("--adapter-dim", "adapter.dim", int, "adapter bottleneck width (default 8)"),),
     validate=_validate,
 )

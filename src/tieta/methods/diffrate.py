@@ -66,14 +66,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from tieta.errors import TietaError
+from tieta.methods import catalog
 from tieta.methods.blocks import (TietaBlock, TokenState, claim_reduction, keep_output, patch_blocks, take_output,
                                   token_state)
-from tieta.methods.method import Flag, Method
+from tieta.methods.method import Method
 from tieta.methods.schedules import ViTShape, vit_shape
 from tieta.methods.tome import size_bias_mask
 from tieta.ops.attention import class_attention, received_attention, softmax_with_policy
-from tieta.ops.diffrate import (PUBLISHED_RATES, RateLogits, merge_training, prune_merge, search_flops,
-                                sort_by_importance)
+from tieta.ops.diffrate import RateLogits, merge_training, prune_merge, search_flops, sort_by_importance
+from tieta.ops.diffrate_rates import PUBLISHED_RATES
 
 # the smallest token size at evaluation, so that log(size) stays finite (see the module docstring)
 SIZE_EPS = 1e-6
@@ -708,18 +709,11 @@ def _validate(config: Any) -> None:
                          f"optim.epochs ({config.optim.epochs}) must leave at least one to fine-tune")
 
 
-METHOD = Method(
-    name="diffrate",
-    summary="DiffRate: searched per-block prune and merge rates (Chen et al., ICCV 2023)",
+METHOD = Method.listed(
+    catalog.DIFFRATE,
     sections={"diffrate": DiffRateConfig},
     attach=_attach,
     modules=("prune_rate", "merge_rate"),
-    flags=(
-        Flag("--diffrate-rates", "diffrate.rates", str, "DiffRate: a published schedule, e.g. vit_b_deit_8.7",
-             tuple(PUBLISHED_RATES)),
-        Flag("--target-gmacs", "diffrate.target_gmacs", float,
-             "DiffRate: search the rates for this many GMACs per image in the first diffrate.search_epochs epochs"),
-    ),
     objective=_objective,
     epoch_update=_epoch_update,
     describe=_describe,

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tieta.errors import TietaError
+from tieta.methods import catalog
 from tieta.methods.blocks import PassState, TietaBlock, claim_reduction, pass_state, patch_blocks, token_state
 from tieta.methods.method import Method
 from tieta.methods.schedules import stage_blocks
@@ -177,9 +178,8 @@ def token_counts(model: nn.Module) -> list[int]:
     return counts
 
 
-METHOD = Method(
-    name="dynamicvit",
-    summary="DynamicViT: learned prediction modules prune tokens before a few blocks (Rao et al., NeurIPS 2021)",
+METHOD = Method.listed(
+    catalog.DYNAMICVIT,
     sections={"dynamicvit": DynamicViTConfig},
     attach=lambda model, config: add_dynamicvit(model, config.dynamicvit.ratios, config.dynamicvit.locations),
     modules=("predictor",),

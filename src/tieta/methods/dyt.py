@@ -27,14 +27,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from tieta.errors import TietaError
+from tieta.methods import catalog
 from tieta.methods.adapter import Adapter, AdapterConfig, MoEAdapter
 from tieta.methods.blocks import (EveryToken, PassState, TietaBlock, claim_attention_gate, pass_state,
                                   patch_blocks)
-from tieta.methods.method import Flag, Method
+from tieta.methods.method import Method
 from tieta.ops.dispatch import (attend_on_active, dispatch_mask, key_mask, run_on_active,  # noqa: F401 (public)
                                 with_prefix)
 
-VARIANTS = ("mlp", "attn", "attn_mlp", "layer")
+VARIANTS = catalog.DYT_VARIANTS
 
 
 @dataclass
@@ -332,17 +333,11 @@ def _validate(config: Any) -> None:
         raise TietaError("dyt.tau and dyt.tau_end must be positive")
 
 
-METHOD = Method(
-    name="dyt",
-    summary="DyT: token dispatchers skip the MLP (or attention, or the block) for inactive tokens (Zhao et al., NeurIPS 2024)",
+METHOD = Method.listed(
+    catalog.DYT,
     sections={"dyt": DyTConfig, "adapter": AdapterConfig},
     attach=_attach,
     modules=("dispatcher", "mlp_dispatcher"),  # its adapters are in the adapter group
-    flags=(
-        Flag("--rho", "dyt.rho", float, "DyT: target share of active tokens (default 0.5)"),
-        Flag("--dyt-variant", "dyt.variant", str, "DyT: what inactive tokens skip (default mlp)", VARIANTS),
-        Flag("--experts", "dyt.experts", int, "DyT: adapter experts; > 1 makes an MoE-adapter (default 1)"),
-    ),
     objective=_objective,
     epoch_update=_epoch_update,
     measure=_measure,

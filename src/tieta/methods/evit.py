@@ -20,8 +20,9 @@ import torch
 from torch import nn
 
 from tieta.errors import TietaError
+from tieta.methods import catalog
 from tieta.methods.blocks import TietaBlock, claim_reduction, keep_output, patch_blocks, take_output, token_state
-from tieta.methods.method import Flag, Method
+from tieta.methods.method import Method
 from tieta.methods.schedules import stage_blocks
 from tieta.ops.attention import class_attention, received_attention
 from tieta.ops.evit import evit_reduce, keep_count, keep_rate_at
@@ -130,12 +131,10 @@ def _validate(config: Any) -> None:
         raise TietaError("evit.shrink_start_epoch and evit.shrink_epochs cannot be negative")
 
 
-METHOD = Method(
-    name="evit",
-    summary="EViT: keep the tokens the class token attends to, fuse the rest (Liang et al., ICLR 2022)",
+METHOD = Method.listed(
+    catalog.EVIT,
     sections={"evit": EViTConfig},
     attach=lambda model, config: add_evit(model, config.evit.keep_rate, config.evit.locations, config.evit.fuse),
-    flags=(Flag("--keep-rate", "evit.keep_rate", float, "EViT: share of tokens kept at each location (default 0.7)"),),
     epoch_update=_epoch_update,
     describe=lambda model: {"mlp_token_counts": token_counts(model)},
     validate=_validate,

@@ -22,8 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from tieta.errors import TietaError
+from tieta.methods import catalog
 from tieta.methods.blocks import patch_blocks
-from tieta.methods.method import Flag, Method
+from tieta.methods.method import Method
 
 Targets = Union[str, Sequence[str]]
 _SLOTS = {"q": 0, "k": 1, "v": 2}
@@ -184,13 +185,11 @@ def _validate(config) -> None:
         raise TietaError(f"lora.dropout must be in [0, 1), got {lora.dropout}")
 
 
-METHOD = Method(
-    name="lora",
-    summary="LoRA on every block's qkv projection (NOAH/PYRA style, or per q/k/v with alpha)",
+METHOD = Method.listed(
+    catalog.LORA,
     sections={"lora": LoRAConfig},
     attach=lambda model, config: add_lora(model, config.lora.rank, config.lora.targets, config.lora.alpha,
                                           config.lora.dropout),
     modules=("lora_A", "lora_B"),
-    flags=(Flag("--lora-rank", "lora.rank", int, "LoRA rank (default 8)"),),
     validate=_validate,
 )

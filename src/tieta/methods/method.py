@@ -1,7 +1,9 @@
 """What a method declares about itself, so that training, config, CLI, reports and FLOP counting
 can use it without naming it (see ``docs/adding-a-method.md``).
 
-Each method module ends with one ``METHOD = Method(...)``; ``tieta.methods.registry`` lists them.
+Each method module ends with one ``METHOD = Method.listed(catalog.<NAME>, ...)``: its name, summary
+and flags come from ``tieta.methods.catalog`` (readable without torch, for ``--help``), its working
+parts from the module; ``tieta.methods.registry`` lists them.
 """
 
 from __future__ import annotations
@@ -12,29 +14,12 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from tieta.methods.catalog import Flag, Listing
+
 # the run configuration, seen by a method through the sections it declared: ``config.<section>``
 Settings = Any
 # one training step's loss: (model, images (B, 3, H, W), labels (B,)) -> scalar
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-@dataclass(frozen=True)
-class Flag:
-    """A command-line flag for one config key, e.g. ``Flag("--rho", "dyt.rho", float, "...")``.
-
-    Attributes:
-        option: the flag, e.g. "--schedule".
-        key: the dotted config key it sets.
-        parse: turns the text into the value (e.g. float, or a YAML reader for lists).
-        help: one line for ``--help``.
-        choices: the allowed values, if a closed set.
-    """
-
-    option: str
-    key: str
-    parse: Callable[[str], Any]
-    help: str
-    choices: Optional[tuple] = None
 
 
 @dataclass(frozen=True)
@@ -76,3 +61,9 @@ class Method:
     measure: Optional[Callable[[nn.Module, torch.Tensor], dict[str, Any]]] = None
     data_dependent_cost: bool = False
     validate: Optional[Callable[[Settings], None]] = None
+
+    @classmethod
+    def listed(cls, listing: Listing, **parts: Any) -> "Method":
+        """The method the catalog lists (its name, summary and flags) with its working parts
+        (``sections``, ``attach`` and the optional fields)."""
+        return cls(name=listing.name, summary=listing.summary, flags=listing.flags, **parts)

@@ -22,10 +22,11 @@ import torch
 from torch import nn
 
 from tieta.errors import TietaError
+from tieta.methods import catalog
 from tieta.methods.blocks import TietaBlock, patch_blocks
-from tieta.methods.method import Flag, Method
+from tieta.methods.method import Method
 from tieta.methods.schedules import MergeConfig, resolve_schedule, schedule_setting
-from tieta.methods.tome import SCHEDULE_FLAG, TokenMerge, attach_merging, describe_merging
+from tieta.methods.tome import TokenMerge, attach_merging, describe_merging
 
 
 class PyraModulation(nn.Module):
@@ -109,21 +110,11 @@ def _learning_rates(config: Any) -> dict[str, float]:
     return {} if lr is None else {"pyra": float(lr)}
 
 
-def _lr_flag(text: str) -> Any:
-    try:
-        return float(text)
-    except ValueError:
-        return text
-
-
-METHOD = Method(
-    name="pyra",
-    summary="PYRA: ToMe with trainable re-activation of the merged tokens (Xiong et al., ECCV 2024)",
+METHOD = Method.listed(
+    catalog.PYRA,
     sections={"merge": MergeConfig, "pyra": PyraConfig},
     attach=lambda model, config: add_pyra(model, schedule_setting(config.merge), config.merge.prop_attn),
     modules=("pyra",),
-    flags=(SCHEDULE_FLAG, Flag("--pyra-lr", "pyra.lr", _lr_flag,
-                               "PYRA's lr: reference (the base lr, as the published runs), paper (1e-4) or a number")),
     learning_rates=_learning_rates,
     describe=describe_merging,
     validate=_check_lr,

@@ -1,5 +1,7 @@
 """Every method tieta knows, by name: the one list that training, config, CLI, reports and FLOP
-counting read. Adding a method is a new module with a ``METHOD`` and one line here."""
+counting read. Adding a method is a new module with a ``METHOD``, its listing in
+``tieta.methods.catalog`` (name, summary, flags: what ``--help`` shows without loading torch) and
+one line here."""
 
 from __future__ import annotations
 

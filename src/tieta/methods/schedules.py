@@ -15,7 +15,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
 
-import yaml
 from torch import nn
 
 from tieta.errors import TietaError
@@ -41,15 +40,6 @@ def schedule_setting(merge: MergeConfig) -> Schedule:
             raise TietaError("a schedule mapping takes exactly the keys r and inflection")
         return (schedule["r"], schedule["inflection"])
     return schedule
-
-
-def parse_schedule_flag(text: str) -> Schedule:
-    """``--schedule`` text: an int or a list (read as YAML), else the text (a name such as "low")."""
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        raise TietaError(f"cannot read the schedule {text!r}: {str(error).splitlines()[0]}") from error
-    return value if isinstance(value, (int, list)) and not isinstance(value, bool) else text
 
 
 _VIT_B_HIGH = [40, 34, 30, 24, 18, 14, 10, 8, 4, 4, 3, 3]

@@ -14,10 +14,11 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from tieta.methods import catalog
 from tieta.methods.blocks import (TietaBlock, Unchanged, claim_reduction, keep_output, patch_blocks, release_output,
                                   take_output, token_state)
-from tieta.methods.method import Flag, Method
-from tieta.methods.schedules import MergeConfig, parse_schedule_flag, resolve_schedule, schedule_setting, token_counts, vit_shape
+from tieta.methods.method import Method
+from tieta.methods.schedules import MergeConfig, resolve_schedule, schedule_setting, token_counts, vit_shape
 from tieta.native.tome_merge import native_merge, native_merge_applies
 from tieta.ops.merging import bipartite_soft_matching, max_merges, merge_source, merge_wavg
 
@@ -116,14 +117,9 @@ def describe_merging(model: nn.Module) -> dict[str, Any]:
     return {"schedule": list(schedule), "token_counts": token_counts(vit_shape(model), schedule)}
 
 
-SCHEDULE_FLAG = Flag("--schedule", "merge.schedule", parse_schedule_flag,
-                     "merge schedule for tome/pyra: low, high, an int r, or a list like [16,16,8] (default low)")
-
-METHOD = Method(
-    name="tome",
-    summary="ToMe: merge r similar tokens in every block (Bolya et al., ICLR 2023)",
+METHOD = Method.listed(
+    catalog.TOME,
     sections={"merge": MergeConfig},
     attach=lambda model, config: add_tome(model, schedule_setting(config.merge), config.merge.prop_attn),
-    flags=(SCHEDULE_FLAG,),
     describe=describe_merging,
 )

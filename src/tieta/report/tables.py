@@ -38,6 +38,16 @@ SUMMARY_COLUMNS = (
     ("eval_images_per_s", "eval img/s", ".1f"),
 )
 DEMO_COLUMNS = SUMMARY_COLUMNS + (("speedup", "speedup", ".2f"), ("activation_rate", "active tokens", ".2f"))
+# an evaluation has no best epoch to report
+EVAL_COLUMNS = tuple(column for column in SUMMARY_COLUMNS if column[0] != "best_acc")
+
+# `tieta flops`: the unmodified model, then with the method, and the cost ratio between them
+FLOPS_COLUMNS = (
+    ("name", "model", ""),
+    ("gmacs", "GMACs (MACs/1e9)", ".3f"),
+    ("pyra_gflops", "GFLOPs (MACs/2^30)", ".3f"),
+    ("ratio", "ratio", ".3f"),
+)
 
 BENCH_COLUMNS = (
     ("name", "model", ""),

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import textwrap
 from pathlib import Path
 from typing import Sequence
 
@@ -12,6 +11,7 @@ import torch
 from torch import nn
 
 from tieta.errors import TietaError
+from tieta.report.figure import pyplot, save
 
 
 @torch.inference_mode()
@@ -69,24 +69,6 @@ def paint_groups(image: np.ndarray, groups: np.ndarray) -> np.ndarray:
     return painted.astype(np.uint8)
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display needed
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(figure, path: Path, caption: str, dpi: int = 120) -> None:
-    if caption:
-        figure.suptitle(textwrap.fill(caption, 80), fontsize=8)
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=dpi)
-    _pyplot().close(figure)
-
-
 def save_merge_figure(images: torch.Tensor, groups: torch.Tensor, path: Path, titles: Sequence[str] = (),
                       caption: str = "") -> None:
     """Write a PNG: each image beside its merged groups.
@@ -96,7 +78,7 @@ def save_merge_figure(images: torch.Tensor, groups: torch.Tensor, path: Path, ti
         groups: (B, gh, gw) from :func:`merge_groups`.
     """
     count = images.shape[0]
-    figure, axes = _pyplot().subplots(count, 2, figsize=(6, 3 * count), squeeze=False)
+    figure, axes = pyplot().subplots(count, 2, figsize=(6, 3 * count), squeeze=False)
     for index in range(count):
         picture = images[index].permute(1, 2, 0).numpy()
         grid = groups[index].numpy()
@@ -106,18 +88,18 @@ def save_merge_figure(images: torch.Tensor, groups: torch.Tensor, path: Path, ti
         axes[index, 1].set_title(f"{len(np.unique(grid))} patch groups", fontsize=8)
         for axis in axes[index]:
             axis.axis("off")
-    _save(figure, path, caption)
+    save(figure, path, caption)
 
 
 def save_rate_chart(rates: Sequence[float], path: Path, caption: str = "") -> None:
     """Bar chart of the share of active tokens per dispatcher (as the DyT paper's Figure 5)."""
-    figure, axis = _pyplot().subplots(figsize=(max(4, 0.45 * len(rates) + 1.5), 3))
+    figure, axis = pyplot().subplots(figsize=(max(4, 0.45 * len(rates) + 1.5), 3))
     axis.bar(range(1, len(rates) + 1), rates, color="#4C72B0")
     axis.set_xlabel("dispatcher (block order)")
     axis.set_ylabel("active tokens")
     axis.set_ylim(0, 1)
     axis.set_xticks(range(1, len(rates) + 1))
-    _save(figure, path, caption)
+    save(figure, path, caption)
 
 
 def save_active_tokens(images: torch.Tensor, masks: list[torch.Tensor], grid: tuple[int, int], path: Path,
@@ -128,7 +110,7 @@ def save_active_tokens(images: torch.Tensor, masks: list[torch.Tensor], grid: tu
         images: (B, 3, S, S) uint8; masks: per dispatcher (B, gh * gw) bool; layers: which to show.
     """
     count = images.shape[0]
-    figure, axes = _pyplot().subplots(count, len(layers) + 1, figsize=(2.2 * (len(layers) + 1), 2.2 * count), squeeze=False)
+    figure, axes = pyplot().subplots(count, len(layers) + 1, figsize=(2.2 * (len(layers) + 1), 2.2 * count), squeeze=False)
     for row in range(count):
         picture = images[row].permute(1, 2, 0).numpy().astype(np.float32)
         axes[row, 0].imshow(picture.astype(np.uint8))
@@ -142,4 +124,4 @@ def save_active_tokens(images: torch.Tensor, masks: list[torch.Tensor], grid: tu
             axes[row, column].set_title(f"dispatcher {layer + 1}: {active.mean():.0%} active", fontsize=8)
     for axis in axes.flat:
         axis.axis("off")
-    _save(figure, path, caption, dpi=110)
+    save(figure, path, caption, dpi=110)

@@ -97,8 +97,10 @@ def describe_methods(model: nn.Module, config: RunConfig) -> dict[str, Any]:
     return facts
 
 
-def fit(config: RunConfig, output: str | Path, overwrite: bool = False) -> dict[str, Any]:
+def fit(config: RunConfig, output: str | Path, overwrite: bool = False, label: Optional[str] = None) -> dict[str, Any]:
     """Fine-tune as configured, evaluate, and write the run folder. Returns the summary.
+
+    ``label`` (e.g. a sweep's "task · run · seed") prefixes the progress lines.
 
     The run folder gets config.yaml (resolved), metrics.jsonl (one line per epoch), summary.json and
     checkpoint.safetensors (trained parameters only).
@@ -134,7 +136,9 @@ def fit(config: RunConfig, output: str | Path, overwrite: bool = False) -> dict[
     run.start(resolved)
     best, last_eval = None, None
     objective = training_objective(config)
-    for epoch in tqdm(range(optim.epochs), desc="epochs", disable=None):
+    prefix = f"{label}: " if label else ""
+    training_started = time.perf_counter()
+    for epoch in tqdm(range(optim.epochs), desc=label or "epochs", disable=None):
         record = {"epoch": epoch + 1, **epoch_updates(model, config, epoch)}
         record.update(train_one_epoch(model, train_loader, normalize, optimizer, lr_at, epoch * steps_per_epoch,
                                       device, config.bf16, optim.clip_grad, objective, f"epoch {epoch + 1}"))
@@ -144,8 +148,10 @@ def fit(config: RunConfig, output: str | Path, overwrite: bool = False) -> dict[
             if best is None or last_eval["acc"] > best["acc"]:
                 best = {"acc": last_eval["acc"], "epoch": epoch + 1}
         run.log(record)
-        shown = f"epoch {epoch + 1}/{optim.epochs}: loss {record['loss']:.4f}, {record['train_images_per_s']:.1f} img/s"
-        tqdm.write(shown + (f", {config.data.eval_split} acc {record['acc']:.2f}%" if "acc" in record else ""))
+        shown = f"{prefix}epoch {epoch + 1}/{optim.epochs}: loss {record['loss']:.4f}, {record['train_images_per_s']:.1f} img/s"
+        shown += f", {config.data.eval_split} acc {record['acc']:.2f}%" if "acc" in record else ""
+        left = (time.perf_counter() - training_started) / (epoch + 1) * (optim.epochs - epoch - 1)
+        tqdm.write(shown + (f", about {left:.0f} s left" if left else ""))
     save_checkpoint(model, run.checkpoint, resolved, task.num_classes)
     trainable, total = trainable_parameters(model)
     summary = {
@@ -192,10 +198,12 @@ def evaluate_checkpoint(checkpoint: str | Path, data: Optional[str] = None, spli
     device = resolve_device(config.device)
     model.to(device)
     task: Task = open_task(data or config.data.path)
-    dataset = ImageDataset(task.split(split or config.data.eval_split), image_size_of(model), num_classes,
-                           config.data.cache)
+    split = split or config.data.eval_split
+    dataset = ImageDataset(task.split(split), image_size_of(model), num_classes, config.data.cache)
     normalize = Normalize(config.data.normalization).to(device)
     loader = make_loader(dataset, batch_size or config.eval_batch_size, False, config.seed, config.data.num_workers)
     result = evaluate(model, loader, normalize, device, config.bf16)
-    return {"acc": result["acc"], "eval_loss": result["eval_loss"], "images": len(dataset),
+    trainable, total = trainable_parameters(model)
+    return {"method": config.method, "split": split, "acc": result["acc"], "eval_loss": result["eval_loss"],
+            "images": len(dataset), "trainable_percent": 100.0 * trainable / total,
             **measure_cost(model, config, dataset, normalize, device, min(batch_size or config.eval_batch_size, 32))}

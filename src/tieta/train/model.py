@@ -16,19 +16,25 @@ def apply_methods(model: nn.Module, config: RunConfig) -> nn.Module:
     return freeze_backbone(model)
 
 
-def build_model(config: RunConfig, num_classes: int, random_weights: bool = False) -> nn.Module:
-    """The configured backbone with its methods attached, backbone frozen.
+def build_backbone(config: RunConfig, num_classes: int, random_weights: bool = False) -> nn.Module:
+    """The configured timm ViT alone, without any method (the baseline a method's cost is compared
+    with).
 
     Args:
         num_classes: the task's classes.
         random_weights: start from random weights instead of the configured ones (where they are
             about to be replaced or do not matter, as for FLOPs).
     """
-    model = load_backbone(
+    return load_backbone(
         config.model,
         weights="random" if random_weights else config.weights,
         num_classes=num_classes,
         img_size=config.img_size,
         drop_path_rate=config.drop_path,
     )
-    return apply_methods(model, config)
+
+
+def build_model(config: RunConfig, num_classes: int, random_weights: bool = False) -> nn.Module:
+    """The configured backbone with its methods attached, backbone frozen (arguments as
+    :func:`build_backbone`)."""
+    return apply_methods(build_backbone(config, num_classes, random_weights), config)

@@ -1,0 +1,229 @@
+"""``tieta report``: a sweep folder to report.md, report.csv and the figures, ending with its reading."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from tieta.errors import TietaError
+from tieta.report.aggregate import RunRow, Spread, headline_name, pareto_front, present_groups, run_rows
+from tieta.report.collect import SweepResults, collect, majority_share
+from tieta.report.plots import save_group_bars, save_tradeoff
+from tieta.report.sweep_bench import sweep_throughput
+
+MAJORITY = "majority class"
+FIGURES = ("accuracy_vs_throughput.png", "accuracy_vs_gflops.png", "group_means.png")
+
+
+def _cell(spread: Optional[Spread]) -> str:
+    return spread.text() if spread is not None else "-"
+
+
+def _number(value: Any, digits: int) -> str:
+    return f"{value:.{digits}f}" if isinstance(value, (int, float)) else "-"
+
+
+def markdown_table(header: list[str], lines: list[list[str]]) -> str:
+    rows = [header, ["---"] * len(header)] + lines
+    return "\n".join("| " + " | ".join(row) + " |" for row in rows)
+
+
+def _majority(results: SweepResults) -> dict[str, float]:
+    split = next((str((r.config.get("data") or {}).get("eval_split", "test")) for r in results.records), "test")
+    shares = {task: majority_share(results.task_paths[task], split) for task in results.tasks}
+    return {task: share for task, share in shares.items() if share is not None}
+
+
+def _majority_row(results: SweepResults, shares: dict[str, float]) -> Optional[RunRow]:
+    """The accuracy of always answering the most frequent test class, aggregated like a run."""
+    if len(shares) != len(results.tasks):
+        return None
+    row = RunRow(MAJORITY, "-", final={t: Spread(v, 0.0, 1) for t, v in shares.items()})
+    groups = present_groups(results)
+    means = {g: sum(v for t, v in shares.items() if results.groups[t] == g) /
+             sum(1 for t in shares if results.groups[t] == g) for g in groups}
+    row.groups = {g: Spread(m, 0.0, 1) for g, m in means.items()}
+    task_mean = sum(shares.values()) / len(shares)
+    row.task_mean = Spread(task_mean, 0.0, 1)
+    row.headline = Spread(sum(means.values()) / len(means), 0.0, 1) if groups else row.task_mean
+    return row
+
+
+def reading(rows: list[RunRow], throughput: Optional[dict[str, Any]], headline: str) -> str:
+    """Two or three sentences: the most accurate run, the fastest, and the trade between them."""
+    rated = [row for row in rows if row.headline is not None]
+    if not rated:
+        return "No run has every task finished, so no run can be ranked yet."
+    best = max(rated, key=lambda row: row.headline.mean)
+    speed = {run: values["speedup"] for run, values in (throughput or {}).get("rows", {}).items()}
+    if speed:
+        fastest = max((row for row in rated if row.run in speed), key=lambda row: speed[row.run], default=best)
+        how_fast, word = f"{speed[fastest.run]:.2f}x the first run's throughput", "fastest"
+    else:
+        fastest = min(rated, key=lambda row: row.facts.get("gmacs", float("inf")))
+        how_fast, word = f"{fastest.facts.get('gmacs', float('nan')):.3f} GMACs; throughput not measured", "cheapest"
+    text = f"Most accurate: {best.run} ({headline} {best.headline.text()}%)."
+    if fastest.run == best.run:
+        text += f" It is also the {word} ({how_fast})."
+    else:
+        gap = best.headline.mean - fastest.headline.mean
+        text += f" {word.capitalize()}: {fastest.run} ({how_fast}), {gap:.2f} points below it."
+    seeds = max(row.headline.n for row in rated)
+    if seeds > 1:
+        noise = max(row.headline.std for row in rated)
+        close = [row.run for row in rated if row is not best and best.headline.mean - row.headline.mean < noise]
+        if close:
+            text += (f" Within the largest seed spread ({noise:.2f} points) of the best: {', '.join(close)}; "
+                     "those differences are not resolved by these seeds.")
+    else:
+        text += " One seed: the spread between seeds is unknown, so small differences may be noise."
+    x_values = {row.run: speed[row.run] for row in rated if row.run in speed} or \
+        {row.run: -row.facts["gmacs"] for row in rated if "gmacs" in row.facts}
+    front = pareto_front({run: (x, next(r.headline.mean for r in rated if r.run == run)) for run, x in x_values.items()})
+    if front:
+        text += f" On the Pareto front (accuracy vs {'throughput' if speed else 'GFLOPs'}): {', '.join(front)}."
+    return text
+
+
+def _summary_table(rows: list[RunRow], best_rows: dict[str, RunRow], groups: list[str], headline: str,
+                   throughput: Optional[dict[str, Any]]) -> str:
+    speed = (throughput or {}).get("rows", {})
+    header = ["run", "method", f"{headline} (final)", f"{headline} (best)"] + [f"{g} (final)" for g in groups] + \
+        ["mean over tasks (final)", "trainable %", "GMACs (MACs/1e9)", "GFLOPs (MACs/2^30)", "img/s", "speedup"]
+    lines = []
+    for row in rows:
+        best = best_rows.get(row.run)
+        lines.append([row.run, row.method, _cell(row.headline), _cell(best.headline if best else None)]
+                     + [_cell(row.groups.get(g)) for g in groups]
+                     + [_cell(row.task_mean), _number(row.facts.get("trainable_percent"), 3),
+                        _number(row.facts.get("gmacs"), 3), _number(row.facts.get("pyra_gflops"), 3),
+                        _number(speed.get(row.run, {}).get("images_per_s"), 1),
+                        _number(speed.get(row.run, {}).get("speedup"), 2)])
+    return markdown_table(header, lines)
+
+
+def _task_table(rows: list[RunRow], tasks: list[str], groups: dict[str, Optional[str]], best: bool) -> str:
+    header = ["run"] + [f"{task} ({groups[task] or 'no group'})" for task in tasks]
+    lines = [[row.run] + [_cell((row.best if best else row.final).get(task)) for task in tasks] for row in rows]
+    return markdown_table(header, lines)
+
+
+def write_csv(path: Path, rows: list[RunRow], best_rows: dict[str, RunRow], results: SweepResults,
+              throughput: Optional[dict[str, Any]]) -> None:
+    """One line per run: every number of the report, means and standard deviations in their own columns."""
+    groups = present_groups(results)
+    speed = (throughput or {}).get("rows", {})
+    columns = ["run", "method", "seeds", "headline", "headline_final_mean", "headline_final_std", "headline_best_mean",
+               "headline_best_std"] + [f"{g}_final_mean" for g in groups] + ["task_mean_final", "task_mean_best"] \
+        + [f"{t}_final_mean" for t in results.tasks] + [f"{t}_final_std" for t in results.tasks] \
+        + [f"{t}_best_mean" for t in results.tasks] \
+        + ["trainable_percent", "gmacs", "pyra_gflops", "images_per_s", "speedup", "throughput_device"]
+
+    def value(spread: Optional[Spread], part: str) -> Any:
+        return "" if spread is None else round(getattr(spread, part), 4)
+
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(columns)
+        for row in rows:
+            best = best_rows.get(row.run)
+            writer.writerow(
+                [row.run, row.method, max((s.n for s in row.final.values()), default=0), headline_name(results),
+                 value(row.headline, "mean"), value(row.headline, "std"),
+                 value(best.headline if best else None, "mean"), value(best.headline if best else None, "std")]
+                + [value(row.groups.get(g), "mean") for g in groups]
+                + [value(row.task_mean, "mean"), value(best.task_mean if best else None, "mean")]
+                + [value(row.final.get(t), "mean") for t in results.tasks]
+                + [value(row.final.get(t), "std") for t in results.tasks]
+                + [value(row.best.get(t), "mean") for t in results.tasks]
+                + [round(row.facts[k], 4) if k in row.facts else "" for k in ("trainable_percent", "gmacs", "pyra_gflops")]
+                + [round(speed[row.run]["images_per_s"], 2) if row.run in speed else "",
+                   round(speed[row.run]["speedup"], 4) if row.run in speed else "",
+                   (throughput or {}).get("machine", "") if row.run in speed else ""])
+
+
+def _setup_line(results: SweepResults) -> str:
+    """What was trained, from the first run's settings (the parts it records)."""
+    config, summary = results.records[0].config, results.records[0].summary
+    optim = config.get("optim") or {}
+    parts = [f"{config['model']} at {summary['img_size']} px" if config.get("model") and summary.get("img_size")
+             else None,
+             f"{optim['epochs']} epochs, lr {optim.get('lr')}, batch {optim.get('batch_size')}" if optim.get("epochs")
+             else None,
+             f"{len(results.tasks)} tasks, {len(results.runs)} runs, seeds {', '.join(map(str, results.seeds))}"]
+    return "; ".join(part for part in parts if part)
+
+
+def write_report(folder: str | Path, output: Optional[str | Path] = None, bench: bool = True, device: str = "cpu",
+                 batch_size: int = 32, rounds: int = 7, rebench: bool = False,
+                 log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Write report.md, report.csv and the figures for the runs under ``folder`` into ``output``
+    (default: ``folder``). Returns {"files": [...], "reading": str, "rows": [...], "missing": [...]}."""
+    folder = Path(folder)
+    results = collect(folder)
+    output = Path(output) if output is not None else folder
+    if output.exists() and not output.is_dir():
+        raise TietaError(f"output {output} exists and is not a folder")
+    output.mkdir(parents=True, exist_ok=True)
+    rows = run_rows(results)
+    best_rows = {row.run: row for row in run_rows(results, "best_acc")}
+    throughput = sweep_throughput(results, folder, [row.run for row in rows], device, batch_size, rounds,
+                                  rebench, log) if bench else None
+    majority = _majority_row(results, _majority(results))
+    groups, headline = present_groups(results), headline_name(results)
+    shown = rows + ([majority] if majority else [])
+    text = reading(rows, throughput, headline)
+    lines = [f"# Report: {folder.name}", "", _setup_line(results) + ".", ""]
+    if results.missing:
+        lines += [f"**Partial:** {len(results.missing)} of {len(results.missing) + len(results.records)} runs are "
+                  "missing; a run's means cover only the seeds where it has every task:", ""]
+        lines += [f"- {item}" for item in results.missing[:30]]
+        lines += ([f"- ... and {len(results.missing) - 30} more"] if len(results.missing) > 30 else []) + [""]
+    lines += ["## Summary", "", f"Top-1 accuracy (%), mean ± standard deviation over seeds. The headline is the "
+              f"{headline}" + (" (the papers' number; the mean over tasks is beside it)" if groups else "") +
+              ". Final: after the last epoch; best: the best evaluated epoch (what the papers report).", ""]
+    lines += [_summary_table(shown, best_rows, groups, headline, throughput), ""]
+    if throughput:
+        lines += [f"Throughput: the trained models of task {throughput['task']} timed side by side on "
+                  f"{throughput['machine']} ({throughput['device']}), batch {throughput['batch_size']} of its test "
+                  f"images, median of {throughput['rounds']} interleaved rounds; speedup is the median per-round "
+                  f"ratio to {rows[0].run}. Ratios hold; absolute img/s hold for that device only.", ""]
+    else:
+        lines += ["Throughput: not measured (the GMACs column is the cost measure).", ""]
+    lines += ["## Reading", "", text, ""]
+    lines += ["## Per task: final top-1 (%)", "", _task_table(shown, results.tasks, results.groups, best=False), ""]
+    lines += ["## Per task: best top-1 (%)", "", _task_table(rows, results.tasks, results.groups, best=True), ""]
+    files = [output / "report.md", output / "report.csv"]
+    figures = _figures(rows, throughput, results, output, majority, headline, groups)
+    files += figures
+    if figures:
+        lines += ["## Figures", ""] + [f"![{path.stem}]({path.name})" for path in figures] + [""]
+    (output / "report.md").write_text("\n".join(lines))
+    write_csv(output / "report.csv", shown, best_rows, results, throughput)
+    return {"files": files, "reading": text, "rows": shown, "best_rows": best_rows, "missing": results.missing,
+            "throughput": throughput, "headline": headline, "groups": groups}
+
+
+def _figures(rows: list[RunRow], throughput: Optional[dict[str, Any]], results: SweepResults, output: Path,
+             majority: Optional[RunRow], headline: str, groups: list[str]) -> list[Path]:
+    label = f"{headline}, top-1 (%)"
+    baseline = majority.headline.mean if majority and majority.headline else None
+    caption = _setup_line(results)
+    written = []
+    if throughput:
+        speed = {run: values["images_per_s"] for run, values in throughput["rows"].items()}
+        path = output / FIGURES[0]
+        save_tradeoff(rows, speed, path, f"images/s on {throughput['machine']}, batch {throughput['batch_size']}",
+                      label, True, caption, baseline)
+        written.append(path)
+    gmacs = {row.run: row.facts["gmacs"] for row in rows if "gmacs" in row.facts}
+    if gmacs:
+        path = output / FIGURES[1]
+        save_tradeoff(rows, gmacs, path, "GFLOPs per image (MACs/1e9)", label, False, caption, baseline)
+        written.append(path)
+    if groups:
+        path = output / FIGURES[2]
+        save_group_bars(rows, groups, path, caption)
+        written.append(path)
+    return written

@@ -1,0 +1,212 @@
+"""A sweep's plan: tasks x runs (a method and its settings) x seeds, each cell one run folder.
+
+A sweep file (YAML)::
+
+    root: vtab-1k                  # task folders are <root>/<name> unless a task gives its path
+    tasks:
+      - {name: cifar, group: natural, classes: 100}
+      - {name: elpv, group: specialized, path: data/elpv}
+    seeds: [0]
+    base:                          # settings of every run: the keys of a run's config.yaml
+      model: vit_base_patch16_224
+      optim: {epochs: 100, lr: 1e-3}
+    runs:                          # one row of the comparison each: its method and own settings
+      lora: {method: lora}
+      pyra-lora-low: {method: pyra+lora, merge.schedule: low}
+
+Settings are nested or dotted (``optim.epochs``); a run's own settings apply over ``base``.
+Cell ``(task, run, seed)`` trains into ``<output>/<task>/<run>/seed<seed>``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from tieta.errors import TietaError
+from tieta.sweep.vtab1k import VTAB_1K
+
+PLAN_FILE = "sweep.yaml"
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    path: Path
+    group: Optional[str] = None  # natural, specialized, structured; None: in no group
+    classes: Optional[int] = None  # what the data must have, where the sweep file says
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One row of the comparison: a name, and settings (dotted keys) over the sweep's base."""
+
+    name: str
+    settings: dict[str, Any]
+
+    @property
+    def method(self) -> str:
+        return str(self.settings.get("method", "lora"))
+
+
+@dataclass(frozen=True)
+class Cell:
+    task: TaskSpec
+    run: RunSpec
+    seed: int
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.task.name) / self.run.name / f"seed{self.seed}"
+
+    @property
+    def label(self) -> str:
+        return f"{self.task.name} · {self.run.name} · seed {self.seed}"
+
+
+@dataclass
+class SweepPlan:
+    tasks: list[TaskSpec]
+    runs: list[RunSpec]
+    seeds: list[int] = field(default_factory=lambda: [0])
+    base: dict[str, Any] = field(default_factory=dict)  # dotted keys
+
+    def cells(self) -> list[Cell]:
+        """Every cell, seed by seed: a sweep stopped early has covered the whole grid once."""
+        return [Cell(task, run, seed) for seed in self.seeds for task in self.tasks for run in self.runs]
+
+    def overrides(self, cell: Cell) -> dict[str, Any]:
+        """The dotted settings of one cell's run: base, the run's own, its task and seed."""
+        return {**self.base, **cell.run.settings, "data.path": str(cell.task.path), "seed": cell.seed}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "tasks": [{"name": t.name, "path": str(t.path), "group": t.group, "classes": t.classes} for t in self.tasks],
+            "seeds": list(self.seeds),
+            "base": dict(self.base),
+            "runs": {run.name: dict(run.settings) for run in self.runs},
+        }
+
+
+def flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"optim": {"lr": 1e-3}} -> {"optim.lr": 1e-3}; mappings that are values (lr_groups) stay
+    nested below their key, which load_config handles the same way."""
+    flat: dict[str, Any] = {}
+    for key, value in settings.items():
+        if not isinstance(key, str):
+            raise TietaError(f"setting names are text, got {key!r}")
+        dotted = prefix + key
+        if isinstance(value, dict) and not dotted.endswith("lr_groups"):
+            flat.update(flatten(value, dotted + "."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def _checked_name(name: Any, what: str) -> str:
+    if not isinstance(name, str) or not _SAFE_NAME.match(name) or name in (".", ".."):
+        raise TietaError(f"{what} name {name!r} cannot name a folder: use letters, digits and . _ + -")
+    return name
+
+
+def task_spec(name: str, path: Path, group: Optional[str] = None, classes: Optional[int] = None) -> TaskSpec:
+    """A task; a VTAB-1k folder name brings its group and class count where none is given."""
+    known = VTAB_1K.get(name)
+    if known is not None:
+        group = group or known[0]
+        classes = classes or known[1]
+    return TaskSpec(_checked_name(name, "task"), path, group, classes)
+
+
+def _read_task(entry: Any, root: Path, where: str) -> TaskSpec:
+    if isinstance(entry, str):
+        return task_spec(entry, root / entry)
+    if not isinstance(entry, dict) or "name" not in entry:
+        raise TietaError(f"{where}: each task is a folder name or a mapping with a name, got {entry!r}")
+    unknown = set(entry) - {"name", "path", "group", "classes"}
+    if unknown:
+        raise TietaError(f"{where}: unknown task key {sorted(unknown)[0]!r}; known: name, path, group, classes")
+    classes = entry.get("classes")
+    if classes is not None and (type(classes) is not int or classes < 1):
+        raise TietaError(f"{where}: classes of task {entry['name']} should be a positive integer, got {classes!r}")
+    group = entry.get("group")
+    if group is not None and not isinstance(group, str):
+        raise TietaError(f"{where}: group of task {entry['name']} should be a name, got {group!r}")
+    name = _checked_name(entry["name"], "task")
+    return task_spec(name, Path(entry["path"]) if entry.get("path") else root / name, group, classes)
+
+
+def _read_seeds(seeds: Any, where: str) -> list[int]:
+    if not isinstance(seeds, list) or not seeds or any(type(s) is not int or s < 0 for s in seeds):
+        raise TietaError(f"{where}: seeds should be a list of non-negative integers, got {seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        raise TietaError(f"{where}: seeds {seeds} repeat a seed")
+    return list(seeds)
+
+
+def read_plan(path: str | Path, root: Optional[str | Path] = None) -> SweepPlan:
+    """Read a sweep file; ``root`` (if given) replaces the file's task root."""
+    path = Path(path)
+    if not path.is_file():
+        raise TietaError(f"sweep file {path} does not exist")
+    try:
+        values = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise TietaError(f"sweep file {path} is not valid YAML: {str(error).splitlines()[0]}") from error
+    return plan_from_dict(values, str(path), root)
+
+
+def plan_from_dict(values: Any, where: str, root: Optional[str | Path] = None) -> SweepPlan:
+    if not isinstance(values, dict):
+        raise TietaError(f"{where} should hold a mapping with tasks and runs")
+    unknown = set(values) - {"root", "tasks", "seeds", "base", "runs"}
+    if unknown:
+        raise TietaError(f"{where}: unknown key {sorted(unknown)[0]!r}; known: root, tasks, seeds, base, runs")
+    task_root = Path(root if root is not None else values.get("root") or ".")
+    tasks = values.get("tasks")
+    if not isinstance(tasks, list) or not tasks:
+        raise TietaError(f"{where}: tasks should be a non-empty list")
+    runs = values.get("runs")
+    if not isinstance(runs, dict) or not runs:
+        raise TietaError(f"{where}: runs should be a mapping of run names to their settings")
+    base = values.get("base") or {}
+    if not isinstance(base, dict):
+        raise TietaError(f"{where}: base should be a mapping of settings")
+    run_specs = []
+    for name, settings in runs.items():
+        if not isinstance(settings, dict):
+            raise TietaError(f"{where}: the settings of run {name!r} should be a mapping, got {settings!r}")
+        run_specs.append(RunSpec(_checked_name(name, "run"), flatten(settings)))
+    task_specs = [_read_task(entry, task_root, where) for entry in tasks]
+    names = [task.name for task in task_specs]
+    if len(set(names)) != len(names):
+        raise TietaError(f"{where}: a task name appears twice")
+    return SweepPlan(task_specs, run_specs, _read_seeds(values.get("seeds", [0]), where), flatten(base))
+
+
+def plan_from_flags(data: list[str], methods: list[str], seeds: list[int], base: dict[str, Any]) -> SweepPlan:
+    """A grid from the command line: each task folder x each method (named by itself) x seeds."""
+    tasks = [task_spec(Path(path).name, Path(path)) for path in data]
+    if len({task.name for task in tasks}) != len(tasks):
+        raise TietaError("two task folders have the same name; a sweep names its runs by task folder")
+    runs = [RunSpec(_checked_name(method, "method"), {"method": method}) for method in dict.fromkeys(methods)]
+    return SweepPlan(tasks, runs, _read_seeds(seeds, "--seeds"), dict(base))
+
+
+def select(plan: SweepPlan, tasks: Optional[list[str]], runs: Optional[list[str]]) -> SweepPlan:
+    """The plan restricted to the named tasks and runs (all where None)."""
+    def chosen(items: list, wanted: Optional[list[str]], what: str) -> list:
+        if not wanted:
+            return items
+        known = {item.name for item in items}
+        missing = [name for name in wanted if name not in known]
+        if missing:
+            raise TietaError(f"no {what} named {missing[0]!r} in the sweep; it has: {', '.join(sorted(known))}")
+        return [item for item in items if item.name in wanted]
+
+    return SweepPlan(chosen(plan.tasks, tasks, "task"), chosen(plan.runs, runs, "run"), plan.seeds, plan.base)
