@@ -227,19 +227,20 @@ def cmd_flops(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from tieta.demo import default_output, run_demo
+    from tieta.demo import BENCH_BATCH_SIZE, default_output, run_demo
 
     output = args.output or default_output()
-    summaries = run_demo(output, args.epochs)
+    report = run_demo(output, args.epochs)
+    summaries = report["summaries"]
     print()
-    from tieta.demo import BENCH_BATCH_SIZE, DEMO_SETTINGS
-
-    print(f"tieta demo: DINOv2 ViT-S/14 (saliency-tuned) on ELPV solar cells, 4 classes, {DEMO_SETTINGS['img_size']} px, "
-          f"{summaries[0]['device']}; PYRA at the '{DEMO_SETTINGS['merge.schedule']}' merge schedule, "
-          f"DyT with MLP dispatch (rho 0.5)")
-    print(f"eval img/s and speedup measured side by side at batch {BENCH_BATCH_SIZE}")
-    _print_summary(summaries, demo=True)
-    print(f"run folders: {output}")
+    print(f"tieta demo: ELPV solar cells, 4 classes, {summaries[0]['img_size']} px, {summaries[0]['device']}; "
+          f"eval img/s and speedup measured side by side at batch {BENCH_BATCH_SIZE}")
+    majority = next((row for row in report["rows"] if row.run == "majority class"), None)
+    _print_summary(summaries + ([{"method": "(majority class)", "acc": majority.headline.mean}] if majority else []),
+                   demo=True)
+    print()
+    print(report["reading"])
+    print(f"report and plots: {output / 'report.md'}, {output / 'accuracy_vs_throughput.png'}")
     return 0
 
 

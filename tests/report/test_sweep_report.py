@@ -126,3 +126,11 @@ def test_a_small_real_sweep_gives_a_report_and_its_figures(vtab_mini, tmp_path, 
     # a second report reuses the measurement instead of timing again
     assert main(["report", str(folder), "--rounds", "1", "--batch-size", "4", "--output", str(tmp_path / "r2")]) == 0
     assert (tmp_path / "r2" / "report.md").is_file()
+
+
+def test_a_tampered_summary_counts_as_unfinished(tmp_path):
+    folder = _fake_sweep(tmp_path)
+    (folder / "kitti" / "lora" / "seed1" / "summary.json").write_text('{"acc": "high"}')
+    results = collect(folder)
+    assert "kitti · lora · seed 1: summary.json unreadable" in results.missing
+    assert run_rows(results)[0].headline.n == 1  # seed 1 of lora no longer has every task

@@ -148,3 +148,28 @@ def test_the_command_line_grid_and_its_errors(tasks, tmp_path, capsys):
     assert "give a sweep file, or --data" in capsys.readouterr().err
     assert main(["sweep", str(tmp_path / "nope.yaml"), "--output", str(tmp_path / "t")]) == 2
     assert "sweep file" in capsys.readouterr().err
+
+
+def test_several_devices_train_in_their_own_processes(tasks, tmp_path):
+    plan = plan_from_flags([str(t) for t in tasks], ["lora"], [0], TINY)
+    plan.runs.append(type(plan.runs[0])("broken", {"method": "lora", "weights": str(tmp_path / "absent.safetensors")}))
+    lines = []
+    outcomes = run_sweep(plan, tmp_path / "sweep", devices=["cpu", "cpu"], log=lines.append)
+    statuses = {(o.cell.task.name, o.cell.run.name): o.status for o in outcomes}
+    assert statuses == {("a", "lora"): TRAINED, ("b", "lora"): TRAINED, ("a", "broken"): FAILED,
+                        ("b", "broken"): FAILED}
+    assert (tmp_path / "sweep" / "b" / "lora" / "seed0" / "summary.json").is_file()
+    assert (tmp_path / "sweep" / "logs" / "a.lora.seed0.log").is_file()
+    failure = next(o for o in outcomes if o.status == FAILED)
+    assert "absent.safetensors" in failure.reason and "(log: " in failure.reason  # the run's own sentence
+
+
+@pytest.mark.parametrize("devices, message", [("banana", "is not a device"), ("cuda:0", "CUDA")])
+def test_a_device_this_machine_lacks_is_refused_before_any_run(tasks, tmp_path, capsys, devices, message):
+    if message == "CUDA" and __import__("torch").cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    argv = ["sweep", "--data", str(tasks[0]), "--method", "lora", "--output", str(tmp_path / "s"),
+            "--devices", devices, "--model", "test_vit", "--weights", "random"]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()

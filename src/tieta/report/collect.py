@@ -56,6 +56,14 @@ def _read_json(path: Path) -> Optional[dict[str, Any]]:
     return values if isinstance(values, dict) else None
 
 
+def _is_summary(values: Optional[dict[str, Any]]) -> bool:
+    """Whether a summary.json holds the numbers a report reads (anything else is not a finished run)."""
+    def number(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    return values is not None and number(values.get("acc")) and number(values.get("best_acc", 0.0))
+
+
 def _read_config(folder: Path) -> dict[str, Any]:
     try:
         values = yaml.safe_load((folder / CONFIG).read_text())
@@ -89,11 +97,12 @@ def _collect_planned(folder: Path) -> SweepResults:
     for cell in plan.cells():
         run_folder = folder / cell.folder
         summary = _read_json(run_folder / SUMMARY)
-        if summary is not None:
+        if _is_summary(summary):
             records.append(RunRecord(cell.task.name, cell.run.name, cell.seed, run_folder, summary,
                                      _read_config(run_folder)))
         else:
-            state = "started, not finished" if (run_folder / CONFIG).is_file() else "not run"
+            state = ("summary.json unreadable" if (run_folder / SUMMARY).exists() else
+                     "started, not finished" if (run_folder / CONFIG).is_file() else "not run")
             missing.append(f"{cell.label}: {state}")
     return SweepResults([t.name for t in plan.tasks], {t.name: t.group for t in plan.tasks},
                         {t.name: t.path for t in plan.tasks}, [r.name for r in plan.runs], list(plan.seeds),
@@ -104,7 +113,7 @@ def _collect_discovered(folder: Path) -> SweepResults:
     records = []
     for summary_file in sorted(folder.rglob(SUMMARY)):
         summary = _read_json(summary_file)
-        if summary is None or "acc" not in summary:
+        if not _is_summary(summary):
             continue
         config = _read_config(summary_file.parent)
         data = Path(str(summary.get("data", summary_file.parent.name)))

@@ -159,7 +159,13 @@ def write_report(folder: str | Path, output: Optional[str | Path] = None, bench:
                  batch_size: int = 32, rounds: int = 7, rebench: bool = False,
                  log: Callable[[str], None] = print) -> dict[str, Any]:
     """Write report.md, report.csv and the figures for the runs under ``folder`` into ``output``
-    (default: ``folder``). Returns {"files": [...], "reading": str, "rows": [...], "missing": [...]}."""
+    (default: ``folder``).
+
+    Returns:
+        {"files": paths written, "reading": its sentences, "rows": RunRows (the majority class last),
+         "best_rows", "missing": cells not finished, "records": the finished runs, "throughput",
+         "headline": what the headline mean is, "groups"}.
+    """
     folder = Path(folder)
     results = collect(folder)
     output = Path(output) if output is not None else folder
@@ -202,6 +208,7 @@ def write_report(folder: str | Path, output: Optional[str | Path] = None, bench:
     (output / "report.md").write_text("\n".join(lines))
     write_csv(output / "report.csv", shown, best_rows, results, throughput)
     return {"files": files, "reading": text, "rows": shown, "best_rows": best_rows, "missing": results.missing,
+            "records": results.records,
             "throughput": throughput, "headline": headline, "groups": groups}
 
 

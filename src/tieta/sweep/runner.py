@@ -26,7 +26,7 @@ from tieta.data.vtab import open_task
 from tieta.errors import TietaError
 from tieta.sweep.plan import PLAN_FILE, Cell, SweepPlan, plan_from_dict
 from tieta.train.config import RunConfig, load_config
-from tieta.train.fit import fit
+from tieta.train.fit import fit, resolve_device
 from tieta.train.rundir import CONFIG, SUMMARY
 
 FAILURES_LOG = "failures.log"
@@ -183,6 +183,8 @@ def run_sweep(plan: SweepPlan, output: str | Path, devices: Optional[list[str]] 
     """
     output = Path(output)
     devices = devices or ["auto"]
+    for device in devices:
+        resolve_device(device)  # a device this machine lacks is refused before anything runs
     to_run, outcomes = check_plan(plan, output)
     write_plan(plan, output)
     for outcome in outcomes:

@@ -31,9 +31,15 @@ from tieta.train.rundir import CHECKPOINT, RunDir
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise TietaError(f"{name!r} is not a device: use auto, cpu or cuda[:N]") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise TietaError(f"device {name} was asked for but torch sees no CUDA device here")
-    return torch.device(name)
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise TietaError(f"device {name} was asked for but torch sees {torch.cuda.device_count()} CUDA devices")
+    return device
 
 
 def seed_everything(seed: int) -> None:
