@@ -173,3 +173,21 @@ def test_a_device_this_machine_lacks_is_refused_before_any_run(tasks, tmp_path, 
     assert main(argv) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
+
+
+def test_ctrl_c_ends_the_sweep_with_its_summary_so_far(tasks, tmp_path, monkeypatch, capsys):
+    real_fit = runner.fit
+
+    def interrupted_fit(config, output, **kwargs):
+        if config.method == "tome+lora":
+            raise KeyboardInterrupt
+        return real_fit(config, output, **kwargs)
+
+    monkeypatch.setattr(runner, "fit", interrupted_fit)
+    argv = ["sweep", "--data", str(tasks[0]), "--method", "lora", "tome+lora", "pyra+lora", "--output",
+            str(tmp_path / "s"), "--model", "test_vit", "--weights", "random", "--img-size", "32", "--epochs", "1",
+            "--warmup-epochs", "0", "--batch-size", "4"]
+    assert main(argv) == 130
+    captured = capsys.readouterr()
+    assert "sweep summary: 1 trained, 2 not run" in captured.out and "interrupted" in captured.err
+    assert (tmp_path / "s" / "a" / "lora" / "seed0" / "summary.json").is_file()

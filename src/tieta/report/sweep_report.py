@@ -201,7 +201,11 @@ def write_report(folder: str | Path, output: Optional[str | Path] = None, bench:
     lines += ["## Per task: final top-1 (%)", "", _task_table(shown, results.tasks, results.groups, best=False), ""]
     lines += ["## Per task: best top-1 (%)", "", _task_table(rows, results.tasks, results.groups, best=True), ""]
     files = [output / "report.md", output / "report.csv"]
-    figures = _figures(rows, throughput, results, output, majority, headline, groups)
+    try:
+        figures = _figures(rows, throughput, results, output, majority, headline, groups)
+    except TietaError as error:  # no matplotlib: the tables are still worth writing
+        log(f"no figures: {error}")
+        figures = []
     files += figures
     if figures:
         lines += ["## Figures", ""] + [f"![{path.stem}]({path.name})" for path in figures] + [""]
