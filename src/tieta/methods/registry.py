@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Optional
 
 from tieta.errors import TietaError
-from tieta.methods import adapter, diffrate, dynamicvit, dyt, evit, lora, pyra, tome
+from tieta.methods import adapter, catalog, diffrate, dynamicvit, dyt, evit, lora, pyra, tome
 from tieta.methods.method import Flag, Method
 
 METHODS: dict[str, Method] = {method.name: method for method in (
@@ -47,12 +47,8 @@ def config_sections() -> dict[str, type]:
 
 
 def flags() -> list[Flag]:
-    """Every method's command-line flags, each once."""
-    seen: dict[str, Flag] = {}
-    for method in METHODS.values():
-        for flag in method.flags:
-            seen.setdefault(flag.option, flag)
-    return list(seen.values())
+    """Every method's command-line flags, each once (the catalog's: every method is listed there)."""
+    return catalog.flags()
 
 
 _GROUP_OF_MODULE = {module: method.name for method in METHODS.values() for module in method.modules}
