@@ -63,6 +63,12 @@ def _means_of_seed(results: SweepResults, run: str, seed: int, key: str) -> Opti
         if record is None:
             return None
         accs[task] = float(record.summary[key])
+    return means_of(results, accs)
+
+
+def means_of(results: SweepResults, accs: dict[str, float]) -> dict[str, float]:
+    """Each group's mean, "task_mean" and "headline" (mean of group means, or the task mean where
+    no task has a group) of one accuracy per task."""
     means: dict[str, float] = {}
     groups = present_groups(results)
     for group in groups:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from tieta.errors import TietaError
-from tieta.report.aggregate import RunRow, Spread, headline_name, pareto_front, present_groups, run_rows
+from tieta.report.aggregate import RunRow, Spread, headline_name, means_of, pareto_front, present_groups, run_rows
 from tieta.report.collect import SweepResults, collect, majority_share
 from tieta.report.plots import save_group_bars, save_tradeoff
 from tieta.report.sweep_bench import sweep_throughput
@@ -40,13 +40,9 @@ def _majority_row(results: SweepResults, shares: dict[str, float]) -> Optional[R
     if len(shares) != len(results.tasks):
         return None
     row = RunRow(MAJORITY, "-", final={t: Spread(v, 0.0, 1) for t, v in shares.items()})
-    groups = present_groups(results)
-    means = {g: sum(v for t, v in shares.items() if results.groups[t] == g) /
-             sum(1 for t in shares if results.groups[t] == g) for g in groups}
-    row.groups = {g: Spread(m, 0.0, 1) for g, m in means.items()}
-    task_mean = sum(shares.values()) / len(shares)
-    row.task_mean = Spread(task_mean, 0.0, 1)
-    row.headline = Spread(sum(means.values()) / len(means), 0.0, 1) if groups else row.task_mean
+    means = means_of(results, shares)
+    row.groups = {g: Spread(means[g], 0.0, 1) for g in present_groups(results)}
+    row.task_mean, row.headline = Spread(means["task_mean"], 0.0, 1), Spread(means["headline"], 0.0, 1)
     return row
 
 
