@@ -12,6 +12,8 @@ from typing import Callable, Optional
 
 import torch
 
+from tieta.ops.shard import batch_rand
+
 
 def dispatch_mask(logits: torch.Tensor, tau: float, training: bool) -> torch.Tensor:
     """Which tokens are active.
@@ -27,7 +29,9 @@ def dispatch_mask(logits: torch.Tensor, tau: float, training: bool) -> torch.Ten
     """
     if not training:
         return (logits > 0).to(logits.dtype)  # sigmoid(l) > 0.5 <=> l > 0
-    uniform = torch.rand(2, *logits.shape, device=logits.device, dtype=logits.dtype).clamp_(1e-6, 1 - 1e-6)
+    # drawn for the global batch in data-parallel training, so that every image gets the noise it would
+    # get in one process
+    uniform = batch_rand((2, *logits.shape), batch_dim=1, device=logits.device, dtype=logits.dtype).clamp_(1e-6, 1 - 1e-6)
     gumbel = -torch.log(-torch.log(uniform))
     soft = torch.sigmoid((logits + gumbel[0] - gumbel[1]) / tau)
     hard = (soft > 0.5).to(soft.dtype)

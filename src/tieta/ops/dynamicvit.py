@@ -39,6 +39,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tieta.ops import shard
+from tieta.ops.shard import batch_mean
+
 # Floor of the policy sum in the global mean: hard decisions sum to 0 or to at least ~1, so this
 # only changes the case where an image has lost every token (0 instead of NaN).
 _POLICY_SUM_FLOOR = 1e-6
@@ -197,7 +200,7 @@ def ratio_loss(decisions: Sequence[torch.Tensor], ratios: Sequence[float], weigh
     """
     if len(decisions) == 0 or len(decisions) != len(ratios):
         raise ValueError(f"need one ratio per stage, got {len(decisions)} decisions and {len(ratios)} ratios")
-    total = sum(((ratio - decision.flatten(1).mean(dim=1)) ** 2).mean() for decision, ratio in zip(decisions, ratios))
+    total = sum(batch_mean((ratio - decision.flatten(1).mean(dim=1)) ** 2) for decision, ratio in zip(decisions, ratios))
     return total * (weight / len(decisions))
 
 
@@ -211,9 +214,10 @@ def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor) -> tor
     Returns:
         Scalar loss (temperature 1).
     """
-    return F.kl_div(
-        F.log_softmax(logits, dim=-1), F.log_softmax(teacher_logits, dim=-1), reduction="batchmean", log_target=True,
-    )
+    student, teacher = F.log_softmax(logits, dim=-1), F.log_softmax(teacher_logits, dim=-1)
+    if shard.current() is None:
+        return F.kl_div(student, teacher, reduction="batchmean", log_target=True)
+    return batch_mean(F.kl_div(student, teacher, reduction="none", log_target=True).sum(dim=-1))
 
 
 def token_distillation_loss(tokens: torch.Tensor, teacher_tokens: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

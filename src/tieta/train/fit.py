@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -10,7 +12,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler, Subset
 from tqdm.auto import tqdm
 
 from tieta.data.transforms import Normalize
@@ -21,11 +23,14 @@ from tieta.measure.throughput import measure_throughput
 from tieta.methods.method import LossFn
 from tieta.methods.params import trainable_parameters
 from tieta.train.checkpoint import load_trained, read_checkpoint, save_checkpoint
-from tieta.train.config import RunConfig, from_dict, group_learning_rates, validate
-from tieta.train.loop import cross_entropy_step, evaluate, train_one_epoch
+from tieta.train import distributed
+from tieta.train.config import RunConfig, from_dict, group_learning_rates, load_config, validate
+from tieta.train.loop import check_finite, cross_entropy_step, evaluate, train_one_epoch
 from tieta.train.model import build_model
 from tieta.train.optim import build_optimizer, lr_multiplier
-from tieta.train.rundir import CHECKPOINT, RunDir
+from tieta.train.progress import Progress, load_progress, save_progress
+from tieta.train.rundir import (CHECKPOINT, CONFIG, FAILED, FINISHED, INTERRUPTED, METRICS, PROGRESS, RUNNING, RunDir,
+                                read_state)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -52,9 +57,21 @@ def image_size_of(model: nn.Module) -> int:
     return int(model.patch_embed.img_size[0])
 
 
-def make_loader(dataset: ImageDataset, batch_size: int, shuffle: bool, seed: int, num_workers: int) -> DataLoader:
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=num_workers)
+def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, generator: torch.Generator | int,
+                num_workers: int, processes: distributed.Processes = distributed.SINGLE) -> DataLoader:
+    """Batches of ``dataset``, shuffled by ``generator`` (a seed makes a fresh one); with several
+    processes, each gets its shard of every global batch of ``batch_size``.
+
+    The shuffle draws from ``generator`` as ``DataLoader(shuffle=True, generator=...)`` does, so
+    saving its state after an epoch is saving the sampler's position.
+    """
+    if not isinstance(generator, torch.Generator):
+        generator = torch.Generator().manual_seed(generator)
+    order = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
+    batches = BatchSampler(order, batch_size, drop_last=False)
+    if processes.parallel:
+        batches = distributed.ShardedBatches(batches, processes)
+    return DataLoader(dataset, batch_sampler=batches, generator=generator, num_workers=num_workers)
 
 
 def measure_cost(model: nn.Module, config: RunConfig, dataset: ImageDataset, normalize: nn.Module,
@@ -103,34 +120,135 @@ def describe_methods(model: nn.Module, config: RunConfig) -> dict[str, Any]:
     return facts
 
 
-def fit(config: RunConfig, output: str | Path, overwrite: bool = False, label: Optional[str] = None) -> dict[str, Any]:
+def _needed_bytes(model: nn.Module) -> int:
+    """Disk a run needs: the progress checkpoint (tensors and two AdamW moments) and the final one,
+    each written beside the file it replaces, plus room for the logs."""
+    trained = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return 2 * (3 * trained + trained) + 2**20
+
+
+def _estimate_seconds(started: float, done: int, first: int, total: int) -> float:
+    return (time.perf_counter() - started) / max(1, done - first) * (total - done)
+
+
+def fit(config: RunConfig, output: str | Path, overwrite: bool = False, label: Optional[str] = None,
+        resume: bool = False) -> dict[str, Any]:
     """Fine-tune as configured, evaluate, and write the run folder. Returns the summary.
 
-    ``label`` (e.g. a sweep's "task · run · seed") prefixes the progress lines.
+    Args:
+        overwrite: replace the run in ``output`` (it stays until the new run's first checkpoint).
+        label: prefixes the progress lines (e.g. a sweep's "task · run · seed").
+        resume: continue the run in ``output`` from its last checkpointed epoch (``config`` must be
+            the run's own, as :func:`resume_run` reads it).
 
-    The run folder gets config.yaml (resolved), metrics.jsonl (one line per epoch), summary.json and
-    checkpoint.safetensors (trained parameters only).
+    The run folder (``tieta.train.rundir``) gets config.yaml, metrics.jsonl (one line per epoch),
+    a resumable checkpoint after every epoch, and at the end checkpoint.safetensors (trained
+    tensors only) and summary.json. Started by ``torchrun``, the processes train data-parallel
+    (``tieta.train.distributed``) and the first one writes.
     """
     validate(config)
-    run = RunDir(output, overwrite)  # refuse an occupied folder before any work
     if config.data.path is None:
         raise TietaError("no data given: set data.path (or --data) to a task folder")
+    processes, device_name = distributed.join(config.device)
+    try:
+        return _fit(config, Path(output), overwrite, label, resume, processes, device_name)
+    finally:
+        distributed.leave(processes)
+
+
+def _fit(config: RunConfig, output: Path, overwrite: bool, label: Optional[str], resume: bool,
+         processes: distributed.Processes, device_name: str) -> dict[str, Any]:
     started = time.perf_counter()
-    device = resolve_device(config.device)
-    task = open_task(config.data.path)
-    seed_everything(config.seed)
-    model = build_model(config, task.num_classes).to(device)
-    size = image_size_of(model)
-    train_set = ImageDataset(task.split(config.data.train_split), size, task.num_classes, config.data.cache,
-                             "decoding train images")
-    eval_set = ImageDataset(task.split(config.data.eval_split), size, task.num_classes, config.data.cache,
-                            "decoding eval images")
+    run: Optional[RunDir] = None
+    try:  # everything that can refuse the run, before the folder is touched
+        if processes.parallel and _searches(config):
+            raise TietaError("DiffRate's rate search runs in one process; search with tieta train alone, then "
+                             "train in parallel with the rates it found (diffrate.kept_prune, kept_merge)")
+        if processes.main:
+            run = RunDir(output, overwrite, resume)
+            run.check_writable()
+        device = resolve_device(device_name)
+        task = open_task(config.data.path)
+        seed_everything(config.seed)
+        model = build_model(config, task.num_classes).to(device)
+        size = image_size_of(model)
+        train_set = ImageDataset(task.split(config.data.train_split), size, task.num_classes, config.data.cache,
+                                 "decoding train images")
+        eval_set = ImageDataset(task.split(config.data.eval_split), size, task.num_classes, config.data.cache,
+                                "decoding eval images")
+        if run is not None:
+            run.check_writable(_needed_bytes(model))
+            run.open()
+        failure = None
+    except (TietaError, OSError) as error:
+        failure = error
+    if not distributed.agree(failure is None, processes):
+        if isinstance(failure, OSError):
+            raise TietaError(f"cannot start the run: {failure}") from None
+        raise failure or TietaError("another of the training processes could not start (see its message)")
+    try:
+        return _train(config, run, output, resume, task, model, train_set, eval_set, device, label, processes, started)
+    except KeyboardInterrupt:
+        if run is not None:
+            _record_end(run, INTERRUPTED, f"stopped by the user; continue with tieta train --resume {output}")
+        raise
+    except TietaError as error:
+        if run is not None:
+            _record_end(run, FAILED, str(error))
+        raise
+    except Exception as error:
+        if run is not None:
+            _record_end(run, FAILED, f"{type(error).__name__}: {error}")
+        raise
+    finally:
+        if run is not None:
+            run.close()
+
+
+def _searches(config: RunConfig) -> bool:
+    return "diffrate" in config.methods and config.diffrate.target_gmacs is not None
+
+
+def _record_end(run: RunDir, state: str, reason: str) -> None:
+    """Say in the run folder how the run ended (the disk may be why: then the message must do)."""
+    try:
+        run.set_state(state, reason)
+    except OSError:
+        pass
+
+
+class _TermAsInterrupt:
+    """Within the block, SIGTERM (a scheduler ending the job) stops the run as Ctrl-C does, so that
+    the folder says "interrupted" and the run can be resumed."""
+
+    def __enter__(self):
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._raise)
+        return self
+
+    @staticmethod
+    def _raise(signum, frame):
+        raise KeyboardInterrupt
+
+    def __exit__(self, *exc_info):
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+
+def _train(config: RunConfig, run: Optional[RunDir], output: Path, resume: bool, task: Task, model: nn.Module, train_set: ImageDataset,
+           eval_set: ImageDataset, device: torch.device, label: Optional[str], processes: distributed.Processes,
+           started: float) -> dict[str, Any]:
     normalize = Normalize(config.data.normalization).to(device)
     optim = config.optim
-    train_loader = make_loader(train_set, optim.batch_size, True, config.seed, config.data.num_workers)
-    eval_loader = make_loader(eval_set, config.eval_batch_size, False, config.seed, config.data.num_workers)
+    shuffle = torch.Generator().manual_seed(config.seed)
+    train_loader = make_loader(train_set, optim.batch_size, True, shuffle, config.data.num_workers, processes)
+    eval_part = Subset(eval_set, distributed.eval_indices(len(eval_set), processes))
+    eval_loader = make_loader(eval_part, config.eval_batch_size, False, torch.Generator().manual_seed(config.seed),
+                              config.data.num_workers)
     optimizer = build_optimizer(model, optim.lr, optim.weight_decay, group_learning_rates(config))
-    steps_per_epoch = len(train_loader)
+    global_sizes = distributed.global_batch_sizes(len(train_set), optim.batch_size)
+    steps_per_epoch = len(global_sizes)
     total_steps, warmup_steps = optim.epochs * steps_per_epoch, optim.warmup_epochs * steps_per_epoch
     min_ratio = optim.min_lr / optim.lr
 
@@ -139,25 +257,50 @@ def fit(config: RunConfig, output: str | Path, overwrite: bool = False, label: O
 
     resolved = config.to_dict()
     resolved["data"]["path"] = str(task.root)
-    run.start(resolved)
-    best, last_eval = None, None
+    progress = Progress(0, None)
+    # the first process decides whether there is an epoch to resume from; all load it (a run folder
+    # that several machines train into must be on a filesystem they all see)
+    found = resume and processes.main and (output / PROGRESS).is_file()
+    if resume and distributed.sum_over_processes([float(found)], processes)[0] > 0:
+        progress = load_progress(output / PROGRESS, model, optimizer, shuffle, processes)
+    if run is not None:
+        if resume:
+            tqdm.write(f"resuming {output} after epoch {progress.epoch} of {optim.epochs}" if progress.epoch else
+                       f"resuming {output} from its start (no epoch was checkpointed)")
+        run.start(resolved, optim.epochs)
+        last = run.keep_metrics(progress.epoch) if resume else []
+        run.set_state(RUNNING, epoch=progress.epoch)
+    else:
+        last = []
+    best = progress.best
+    last_eval = next(({"acc": r["acc"], "eval_loss": r.get("eval_loss")} for r in reversed(last) if "acc" in r), None)
     objective = training_objective(config)
     prefix = f"{label}: " if label else ""
+    quiet = None if processes.main else True
+    record: dict[str, Any] = last[-1] if last else {}
     training_started = time.perf_counter()
-    for epoch in tqdm(range(optim.epochs), desc=label or "epochs", disable=None):
-        record = {"epoch": epoch + 1, **epoch_updates(model, config, epoch)}
-        record.update(train_one_epoch(model, train_loader, normalize, optimizer, lr_at, epoch * steps_per_epoch,
-                                      device, config.bf16, optim.clip_grad, objective, f"epoch {epoch + 1}"))
-        if (epoch + 1) % config.eval_every == 0 or epoch + 1 == optim.epochs:
-            last_eval = evaluate(model, eval_loader, normalize, device, config.bf16)
-            record.update(last_eval)
-            if best is None or last_eval["acc"] > best["acc"]:
-                best = {"acc": last_eval["acc"], "epoch": epoch + 1}
-        run.log(record)
-        shown = f"{prefix}epoch {epoch + 1}/{optim.epochs}: loss {record['loss']:.4f}, {record['train_images_per_s']:.1f} img/s"
-        shown += f", {config.data.eval_split} acc {record['acc']:.2f}%" if "acc" in record else ""
-        left = (time.perf_counter() - training_started) / (epoch + 1) * (optim.epochs - epoch - 1)
-        tqdm.write(shown + (f", about {left:.0f} s left" if left else ""))
+    with _TermAsInterrupt():
+        for epoch in tqdm(range(progress.epoch, optim.epochs), desc=label or "epochs", disable=quiet,
+                          initial=progress.epoch, total=optim.epochs):
+            record = {"epoch": epoch + 1, **epoch_updates(model, config, epoch)}
+            record.update(train_one_epoch(model, train_loader, normalize, optimizer, lr_at, epoch * steps_per_epoch,
+                                          device, config.bf16, optim.clip_grad, objective, f"epoch {epoch + 1}",
+                                          processes, global_sizes))
+            if (epoch + 1) % config.eval_every == 0 or epoch + 1 == optim.epochs:
+                last_eval = evaluate(model, eval_loader, normalize, device, config.bf16, processes=processes)
+                record.update(last_eval)
+                if best is None or last_eval["acc"] > best["acc"]:
+                    best = {"acc": last_eval["acc"], "epoch": epoch + 1}
+            _save_epoch(run, record, model, optimizer, shuffle, Progress(epoch + 1, best), processes)
+            shown = (f"{prefix}epoch {epoch + 1}/{optim.epochs}: loss {record['loss']:.4f}, "
+                     f"{record['train_images_per_s']:.1f} img/s")
+            shown += f", {config.data.eval_split} acc {record['acc']:.2f}%" if "acc" in record else ""
+            left = _estimate_seconds(training_started, epoch + 1, progress.epoch, optim.epochs)
+            if processes.main:
+                tqdm.write(shown + (f", about {left:.0f} s left" if left else ""))
+    if not processes.main:
+        distributed.barrier(processes)  # the first process measures and writes; the others are done
+        return {}
     save_checkpoint(model, run.checkpoint, resolved, task.num_classes)
     trainable, total = trainable_parameters(model)
     summary = {
@@ -166,7 +309,7 @@ def fit(config: RunConfig, output: str | Path, overwrite: bool = False, label: O
         "method": config.method,
         "data": str(task.root),
         "num_classes": task.num_classes,
-        "img_size": size,
+        "img_size": image_size_of(model),
         "acc": last_eval["acc"],
         "best_acc": best["acc"],
         "best_epoch": best["epoch"],
@@ -175,12 +318,54 @@ def fit(config: RunConfig, output: str | Path, overwrite: bool = False, label: O
         "trainable_percent": 100.0 * trainable / total,
         **describe_methods(model, config),
         **measure_cost(model, config, eval_set, normalize, device, min(config.eval_batch_size, 32)),
-        "train_images_per_s": record["train_images_per_s"],
+        "train_images_per_s": record.get("train_images_per_s"),
         "device": str(device),
+        "processes": processes.world,
         "wall_time_s": time.perf_counter() - started,
     }
-    run.write_summary(summary)
+    run.finish(summary)
+    distributed.barrier(processes)
     return summary
+
+
+def _save_epoch(run: Optional[RunDir], record: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
+                shuffle: torch.Generator, progress: Progress, processes: distributed.Processes) -> None:
+    """Log the epoch and write its resumable checkpoint; if the first process cannot (a full disk),
+    every process stops, and the checkpoint of the epoch before stays."""
+    check_finite(model, f"after epoch {progress.epoch}")  # never checkpoint NaNs over the last good epoch
+    failure = None
+    try:
+        if run is not None:
+            run.log(record)
+    except OSError as error:
+        failure = TietaError(f"could not write {run.file(METRICS)} ({error.strerror or error})")
+    try:
+        save_progress(run.progress if run is not None else None, model, optimizer, shuffle, progress, processes)
+    except TietaError as error:
+        failure = failure or error
+    if not distributed.agree(failure is None, processes):
+        raise failure or TietaError("the first process could not write the checkpoint (see its message)")
+    if run is not None:
+        run.checkpointed(progress.epoch)
+
+
+def resume_run(folder: str | Path, device: Optional[str] = None, label: Optional[str] = None) -> dict[str, Any]:
+    """Continue the killed, interrupted or failed run in ``folder`` from its last checkpointed epoch;
+    it ends with the metrics an uninterrupted run would have had. Returns the summary.
+
+    Args:
+        device: run on another device than the run's own (then the numbers can differ in rounding).
+    """
+    folder = Path(folder)
+    state = read_state(folder)
+    if state.state == FINISHED:
+        raise TietaError(f"the run in {folder} has finished; there is nothing to resume")
+    if state.state == "empty":
+        raise TietaError(f"{folder} holds no run to resume (no {CONFIG})")
+    config = load_config(folder / CONFIG)
+    if device is not None:
+        config.device = device
+    return fit(config, folder, label=label, resume=True)
 
 
 def load_run_model(checkpoint: str | Path) -> tuple[nn.Module, RunConfig, int]:

@@ -1,10 +1,31 @@
-"""A run folder: config.yaml, metrics.jsonl, summary.json and checkpoint.safetensors."""
+"""A run folder, written so that nothing in it is ever lost or half-written.
+
+    config.yaml              the resolved settings
+    metrics.jsonl            one JSON line per epoch (strict JSON: a non-finite number is null)
+    progress.safetensors     the resumable checkpoint, replaced after every epoch
+    checkpoint.safetensors   the trained tensors, once the run has finished
+    summary.json             accuracy and cost, once the run has finished
+    state.json               running, finished, failed (with the reason) or interrupted
+
+Every file is written to a temporary name and renamed into place, so a reader (or a run killed at
+any moment) sees the old file or the new one, never a part. A lock (``.lock``, an ``flock`` the
+kernel releases when the process dies, even by SIGKILL) keeps a second process out while a run
+writes. A run that replaces another (``overwrite``) writes into ``.incoming/`` until its first
+checkpoint exists, then moves in: until then the previous run's results stay as they were.
+"""
 
 from __future__ import annotations
 
+import datetime
+import fcntl
 import json
+import math
+import os
+import shutil
+import socket
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import yaml
 
@@ -14,33 +35,234 @@ CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 CHECKPOINT = "checkpoint.safetensors"
-RUN_FILES = (CONFIG, METRICS, SUMMARY, CHECKPOINT)
+PROGRESS = "progress.safetensors"
+STATE = "state.json"
+LOCK = ".lock"
+INCOMING = ".incoming"
+RUN_FILES = (CONFIG, METRICS, SUMMARY, CHECKPOINT, PROGRESS, STATE)
+# written by tieta but not results: a folder holding only these holds no run
+HOUSEKEEPING = (LOCK, INCOMING)
+
+RUNNING, FINISHED, FAILED, INTERRUPTED = "running", "finished", "failed", "interrupted"
+
+
+@dataclass
+class RunState:
+    """What a run folder says about its run.
+
+    Attributes:
+        state: running, finished, failed, interrupted, or "empty" (no run in it).
+        reason: why it failed or stopped.
+        epoch: epochs completed and checkpointed; epochs: epochs planned.
+    """
+
+    state: str
+    reason: str = ""
+    epoch: int = 0
+    epochs: int = 0
+
+    def describe(self) -> str:
+        where = f" after epoch {self.epoch} of {self.epochs}" if self.epochs else ""
+        return f"{self.state}{where}" + (f": {self.reason}" if self.reason else "")
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename (all or nothing)."""
+    partial = path.with_name(path.name + ".partial")
+    try:
+        with open(partial, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+
+
+def strict_json(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by None, so that it is valid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: strict_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(item) for item in value]
+    return value
+
+
+def _lock_is_held(folder: Path) -> bool:
+    """Whether a live process holds ``folder``'s lock (probing takes and drops it at once)."""
+    lock = folder / LOCK
+    if not lock.is_file():
+        return False
+    try:
+        with open(lock, "a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(handle, fcntl.LOCK_UN)
+    except OSError:
+        return False
+    return False
+
+
+def read_state(folder: str | Path) -> RunState:
+    """The state of the run in ``folder``: a "running" run whose lock is free was killed
+    (interrupted); a folder from before state files counts as finished if it has its summary."""
+    folder = Path(folder)
+    try:
+        values = json.loads((folder / STATE).read_text())
+        state = RunState(str(values["state"]), str(values.get("reason", "")), int(values.get("epoch", 0)),
+                         int(values.get("epochs", 0)))
+    except FileNotFoundError:
+        if (folder / SUMMARY).is_file():
+            return RunState(FINISHED)
+        return RunState("empty" if not (folder / CONFIG).is_file() else INTERRUPTED)
+    except (OSError, ValueError, KeyError, TypeError):
+        return RunState(FAILED, f"{STATE} is unreadable")
+    if state.state == RUNNING and not _lock_is_held(folder):
+        state.state, state.reason = INTERRUPTED, "its process ended without a word (killed?)"
+    return state
+
+
+def holds_run(folder: Path) -> bool:
+    """Whether ``folder`` holds anything but tieta's housekeeping."""
+    return folder.is_dir() and any(entry.name not in HOUSEKEEPING for entry in folder.iterdir())
 
 
 class RunDir:
-    """Where one run writes. Refuses a folder that already holds a run unless ``overwrite``."""
+    """Where one run writes.
 
-    def __init__(self, path: str | Path, overwrite: bool = False) -> None:
+    Args:
+        path: the run folder.
+        overwrite: replace the run already in ``path`` (only once the new run has checkpointed).
+        resume: continue the run in ``path``.
+
+    Creating a RunDir only checks; ``open`` takes the folder (lock, state "running").
+    """
+
+    def __init__(self, path: str | Path, overwrite: bool = False, resume: bool = False) -> None:
         self.path = Path(path)
+        self.resume = resume
         if self.path.exists() and not self.path.is_dir():
             raise TietaError(f"output {self.path} exists and is not a folder")
-        if self.path.is_dir() and any(self.path.iterdir()) and not overwrite:
-            raise TietaError(f"output folder {self.path} already exists and is not empty; pick another or pass --overwrite")
+        if self.path.is_dir() and _lock_is_held(self.path):
+            raise TietaError(f"run folder {self.path} is in use by another tieta process "
+                             f"({(self.path / LOCK).read_text().strip() or 'unknown'})")
+        occupied = holds_run(self.path)
+        if resume and not (self.path / CONFIG).is_file():
+            raise TietaError(f"{self.path} holds no run to resume (no {CONFIG})")
+        if occupied and not (overwrite or resume):
+            raise TietaError(f"output folder {self.path} already exists and is not empty; pick another, pass "
+                             "--overwrite to replace it, or --resume to continue it")
+        self.replacing = occupied and overwrite and not resume
+        self.writes_to = self.path / INCOMING if self.replacing else self.path
+        self._lock = None
 
-    def start(self, config: dict[str, Any]) -> None:
-        """Create the folder, write the resolved config and start a fresh metrics log."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        for name in RUN_FILES:  # only tieta's own files are replaced, never anything else in the folder
-            (self.path / name).unlink(missing_ok=True)
-        (self.path / CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))
+    def check_writable(self, needed_bytes: int = 0) -> None:
+        """Refuse a folder that cannot be written or a disk without room for ``needed_bytes``."""
+        existing = self.path
+        while not existing.exists():
+            existing = existing.parent
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise TietaError(f"cannot write to {existing}: permission denied (read-only?)")
+        free = shutil.disk_usage(existing).free
+        if free < needed_bytes:
+            raise TietaError(f"{existing} has {free / 2**20:.1f} MiB free, and this run needs about "
+                             f"{needed_bytes / 2**20:.1f} MiB for its checkpoints")
+
+    def open(self) -> None:
+        """Create the folder and take its lock (before this, nothing has been written)."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            handle = open(self.path / LOCK, "a+")
+        except OSError as error:
+            raise TietaError(f"cannot create the run folder {self.path}: {error.strerror}") from None
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise TietaError(f"run folder {self.path} is in use by another tieta process") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        handle.flush()
+        self._lock = handle
+        if self.replacing:  # a leftover from a replacement that was killed holds nothing of value
+            shutil.rmtree(self.writes_to, ignore_errors=True)
+            self.writes_to.mkdir()
+
+    def close(self) -> None:
+        """Release the lock (and drop an unfinished replacement)."""
+        if self.replacing:
+            shutil.rmtree(self.writes_to, ignore_errors=True)
+            self.replacing, self.writes_to = False, self.path
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    def file(self, name: str) -> Path:
+        """Where ``name`` is written now (inside ``.incoming/`` until a replacement moves in)."""
+        return self.writes_to / name
+
+    def start(self, config: dict[str, Any], epochs: int) -> None:
+        """Write the resolved config and the state "running"; a fresh run starts a fresh metrics log."""
+        if not self.resume:  # the folder (or .incoming/) holds no run files: nothing is replaced here
+            write_atomically(self.file(CONFIG), yaml.safe_dump(config, sort_keys=False))
+        self.epochs = epochs
+        self.set_state(RUNNING, epoch=0)
+
+    def set_state(self, state: str, reason: str = "", epoch: Optional[int] = None) -> None:
+        if epoch is not None:
+            self.epoch = epoch
+        record = {"state": state, "reason": reason, "epoch": self.epoch, "epochs": self.epochs,
+                  "updated": datetime.datetime.now().isoformat(timespec="seconds"), "pid": os.getpid()}
+        write_atomically(self.file(STATE), json.dumps(record, indent=2) + "\n")
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        """The metric records (a torn last line, from a process killed while writing, is dropped)."""
+        records = []
+        path = self.file(METRICS)
+        if path.is_file():
+            for line in path.read_text().splitlines():
+                try:
+                    records.append(json.loads(line))
+                except ValueError:
+                    break
+        return records
+
+    def keep_metrics(self, epochs: int) -> list[dict[str, Any]]:
+        """Keep the records of the first ``epochs`` epochs (those the checkpoint holds)."""
+        kept = [record for record in self.read_metrics() if record.get("epoch", 0) <= epochs]
+        write_atomically(self.file(METRICS), "".join(json.dumps(strict_json(r)) + "\n" for r in kept))
+        return kept
 
     def log(self, record: dict[str, Any]) -> None:
-        with open(self.path / METRICS, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        with open(self.file(METRICS), "a") as handle:
+            handle.write(json.dumps(strict_json(record), allow_nan=False) + "\n")
 
-    def write_summary(self, summary: dict[str, Any]) -> None:
-        (self.path / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+    def checkpointed(self, epoch: int) -> None:
+        """The progress checkpoint of ``epoch`` is on disk: a replacement moves in now."""
+        if self.replacing:
+            for name in (SUMMARY, CHECKPOINT, STATE):  # the old run's results go first: never mixed
+                (self.path / name).unlink(missing_ok=True)
+            for entry in sorted(self.writes_to.iterdir(), key=lambda p: p.name == STATE):
+                os.replace(entry, self.path / entry.name)
+            self.writes_to.rmdir()
+            self.replacing, self.writes_to = False, self.path
+        self.set_state(RUNNING, epoch=epoch)
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        write_atomically(self.file(SUMMARY), json.dumps(strict_json(summary), indent=2) + "\n")
+        self.file(PROGRESS).unlink(missing_ok=True)  # the finished run needs no optimizer state
+        self.set_state(FINISHED)
 
     @property
     def checkpoint(self) -> Path:
-        return self.path / CHECKPOINT
+        return self.file(CHECKPOINT)
+
+    @property
+    def progress(self) -> Path:
+        return self.file(PROGRESS)
