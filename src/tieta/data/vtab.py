@@ -13,6 +13,8 @@ ImageFolder layout::
 from __future__ import annotations
 
 import functools
+import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,17 +56,36 @@ class Task:
     class_names: Optional[list[str]] = None
 
     def split(self, name: str) -> list[tuple[Path, int]]:
-        """The (image path, label) pairs of a split ("train", "test", "train800", "val200")."""
+        """The (image path, label) pairs of a split ("train", "test", "train800", "val200").
+
+        Raises:
+            TietaError: the split is unknown, missing, malformed or has no images.
+        """
         if self.layout == "vtab":
-            return _read_list(self.root, _vtab_list_file(self.root, name))
-        return _read_folder_split(self.root, name, self.class_names)
+            file = _vtab_list_file(self.root, name)
+            items = _read_list(self.root, file)
+            where = file
+        else:
+            items = _read_folder_split(self.root, name, self.class_names)
+            where = self.root
+        if not items:
+            raise TietaError(f"the {name!r} split of {where} has no images")
+        return items
 
 
 def open_task(path: str | Path) -> Task:
     """Recognise the task folder at ``path`` (accepting the reference scripts' folder aliases).
 
+    A VTAB-1k task has the classes 0 to the largest label of its list files, and each of them must
+    have an image in some list: a stray label (a 99 among ten classes) is refused, not turned into a
+    100-class head. Where the training lists (train800val200.txt, else train800.txt + val200.txt)
+    have every class up to their largest label, the other lists may only use those classes. Where
+    they skip classes (the public sun397 has 325 of its 397 classes in train800val200.txt), the test
+    list may have classes without a training image, as in the reference code.
+
     Raises:
-        TietaError: the folder is missing or has neither layout.
+        TietaError: the folder is missing, has neither layout, or its lists or class folders are
+            malformed (the message names the file and line).
     """
     root = Path(path)
     if not root.is_dir() and root.name in TASK_ALIASES and (root.parent / TASK_ALIASES[root.name]).is_dir():
@@ -72,16 +93,20 @@ def open_task(path: str | Path) -> Task:
     if not root.is_dir():
         raise TietaError(f"data folder {path} does not exist")
     root = root.resolve()  # run configs record it, and must still find it from another folder
-    if (root / VTAB_SPLITS["train"]).is_file() or (root / VTAB_SPLITS["train800"]).is_file():
-        labels = [label for file in sorted(set(VTAB_SPLITS.values())) if (root / file).is_file()
-                  for _, label in _read_list(root, root / file)]
-        if not labels:
+    if (root / VTAB_SPLITS["train"]).exists() or (root / VTAB_SPLITS["train800"]).exists():
+        lists = {name: _read_lines(root, root / name) for name in sorted(set(VTAB_SPLITS.values()))
+                 if (root / name).exists()}
+        if not any(lists.values()):
             raise TietaError(f"the list files in {root} name no images")
-        return Task(root, "vtab", max(labels) + 1)
+        return Task(root, "vtab", _check_labels(root, lists))
     if (root / "train").is_dir():
-        classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
+        classes = [p.name for p in _class_folders(root / "train")]
         if not classes:
             raise TietaError(f"{root / 'train'} has no class folders")
+        for name in classes:
+            if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in _listdir(root / "train" / name)):
+                raise TietaError(f"class folder {root / 'train' / name} has no images "
+                                 f"({', '.join(sorted(IMAGE_SUFFIXES))})")
         return Task(root, "folder", len(classes), classes)
     raise TietaError(
         f"{root} is neither a VTAB-1k task folder (train800val200.txt, test.txt, images/) "
@@ -93,24 +118,88 @@ def _vtab_list_file(root: Path, split: str) -> Path:
     if split not in VTAB_SPLITS:
         raise TietaError(f"split must be one of {', '.join(VTAB_SPLITS)}, got {split!r}")
     file = root / VTAB_SPLITS[split]
-    if not file.is_file():
+    if not file.exists():
         raise TietaError(f"{root} has no {file.name} for the {split!r} split")
     return file
 
 
 def _read_list(root: Path, file: Path) -> list[tuple[Path, int]]:
+    return [(path, label) for _, path, label in _read_lines(root, file)]
+
+
+_LABEL = re.compile(r"-?[0-9]+")  # ASCII digits only: str.isdigit() also accepts "²", which int() refuses
+
+
+def _read_lines(root: Path, file: Path) -> list[tuple[int, Path, int]]:
+    """(line number, image path, label) of each non-blank line of a list file ("<path> <label>").
+
+    Raises:
+        TietaError: naming the file and line, for anything but a relative path inside ``root`` and a
+            non-negative integer label, and for a file that cannot be read or is not UTF-8.
+    """
+    if not file.is_file():  # a folder, or a device that would never end
+        raise TietaError(f"list file {file} is not a regular file")
+    try:
+        data = file.read_bytes()
+    except OSError as error:
+        raise TietaError(f"cannot read list file {file}: {error.strerror or error}") from error
     items = []
-    for number, line in enumerate(file.read_text().splitlines(), start=1):
+    for number, raw in enumerate(data.splitlines(), start=1):
+        try:  # a BOM (from some Windows editors) would otherwise become part of the first path
+            line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+        except UnicodeDecodeError as error:
+            raise TietaError(f"{file}:{number}: not UTF-8 text (byte 0x{raw[error.start]:02x} at column "
+                             f"{error.start + 1})") from error
         if not line.strip():
             continue
         parts = line.split()
-        if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
-            raise TietaError(f"{file}:{number}: expected '<image path> <integer label>', got {line.strip()!r}")
-        label = int(parts[1])
+        if len(parts) != 2 or not _LABEL.fullmatch(parts[1]) or len(parts[1]) > 18:
+            shown = line.strip() if len(line.strip()) <= 80 else line.strip()[:77] + "..."
+            raise TietaError(f"{file}:{number}: expected '<image path> <integer label>', got {shown!r}")
+        name, label = parts[0], int(parts[1])
         if label < 0:
             raise TietaError(f"{file}:{number}: label {label} is negative")
-        items.append((root / parts[0], label))
+        if not name.isprintable():
+            raise TietaError(f"{file}:{number}: image path {name!r} has an unprintable character")
+        # Checked on the text, not with resolve(): a task's images/ is often a symlink to other storage.
+        if os.path.isabs(name) or os.path.normpath(name).split(os.sep)[0] == os.pardir:
+            raise TietaError(f"{file}:{number}: image path {name} leaves the task folder")
+        items.append((number, root / name, label))
     return items
+
+
+def _check_labels(root: Path, lists: dict[str, list[tuple[int, Path, int]]]) -> int:
+    """The number of classes of a VTAB task, from its list files' (line, path, label) triples.
+
+    Raises:
+        TietaError: a label is stray (see open_task), naming the file and line.
+    """
+    training = ["train800val200.txt"] if "train800val200.txt" in lists else ["train800.txt", "val200.txt"]
+    training = [name for name in training if name in lists]
+    first: dict[int, tuple[str, int]] = {}  # label -> where it first occurs, training lists first
+    for name in training + [name for name in lists if name not in training]:
+        for number, _, label in lists[name]:
+            first.setdefault(label, (name, number))
+    trained = sorted({label for name in training for _, _, label in lists[name]})
+    if trained and trained[-1] == len(trained) - 1:  # the training lists have every class 0..n-1
+        classes = f"classes 0-{trained[-1]}" if trained[-1] else "only class 0"
+        span = f"{' and '.join(training)} {'has' if len(training) == 1 else 'have'} {classes}"
+        for name in lists:
+            for number, _, label in lists[name]:
+                if label > trained[-1]:
+                    raise TietaError(f"{root / name}:{number}: label {label} is not a training class ({span})")
+    labels = sorted(first)
+    if labels[0] != 0:
+        name, number = first[labels[0]]
+        raise TietaError(f"no list file has label 0 (the smallest is {labels[0]}, in {root / name}:{number}): "
+                         "labels must number the classes from 0")
+    gap = next((index for index, label in enumerate(labels) if label != index), None)
+    if gap is not None:  # ids gap..labels[gap]-1 have no image anywhere: labels[gap] looks like a typo
+        name, number = first[labels[gap]]
+        missing = f"class {gap}" if labels[gap] == gap + 1 else f"classes {gap}-{labels[gap] - 1}"
+        raise TietaError(f"{missing} {'has' if labels[gap] == gap + 1 else 'have'} no image in any list file: "
+                         f"is label {labels[gap]} in {root / name}:{number} a typo?")
+    return len(labels)
 
 
 def _read_folder_split(root: Path, split: str, classes: list[str]) -> list[tuple[Path, int]]:
@@ -120,12 +209,25 @@ def _read_folder_split(root: Path, split: str, classes: list[str]) -> list[tuple
     if folder is None:
         raise TietaError(f"{root} has no {' or '.join(FOLDER_SPLITS[split])} folder for the {split!r} split")
     items = []
-    for class_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
+    for class_dir in _class_folders(folder):
         if class_dir.name not in classes:
             raise TietaError(f"class folder {class_dir} is not among the training classes")
         label = classes.index(class_dir.name)
-        items += [(p, label) for p in sorted(class_dir.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
+        items += [(p, label) for p in _listdir(class_dir) if p.suffix.lower() in IMAGE_SUFFIXES]
     return items
+
+
+def _listdir(folder: Path) -> list[Path]:
+    """The sorted entries of a folder, or TietaError (not a traceback) where it cannot be listed."""
+    try:
+        return sorted(folder.iterdir())
+    except OSError as error:
+        raise TietaError(f"cannot list folder {folder}: {error.strerror or error}") from error
+
+
+def _class_folders(folder: Path) -> list[Path]:
+    # hidden folders (.ipynb_checkpoints, .git) are never classes
+    return [p for p in _listdir(folder) if p.is_dir() and not p.name.startswith(".")]
 
 
 @functools.lru_cache(maxsize=2)
@@ -136,8 +238,13 @@ def _decode_all(paths: tuple[Path, ...], image_size: int, description: str) -> t
     images = torch.empty(len(paths), 3, image_size, image_size, dtype=torch.uint8)
     with ThreadPoolExecutor(max_workers=4) as pool:
         decoded = pool.map(lambda path: load_resized(path, image_size), paths)
-        for index, image in enumerate(tqdm(decoded, total=len(paths), desc=description, leave=False, disable=None)):
-            images[index] = image
+        try:
+            for index, image in enumerate(tqdm(decoded, total=len(paths), desc=description, leave=False,
+                                               disable=None)):
+                images[index] = image
+        except BaseException:  # a bad image: say so now, not after decoding the rest of the split
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
     return images
 
 
@@ -155,10 +262,10 @@ class ImageDataset(Dataset):
     def __init__(self, items: list[tuple[Path, int]], image_size: int, num_classes: int, cache: bool = True,
                  description: str = "decoding images") -> None:
         for path, label in items:
-            if label >= num_classes:
+            if not 0 <= label < num_classes:
                 raise TietaError(f"label {label} of {path} is out of range for a model with {num_classes} classes")
             if not path.is_file():
-                raise TietaError(f"image {path} does not exist")
+                raise TietaError(f"image {path} {'is not a file' if path.exists() else 'does not exist'}")
         if not items:
             raise TietaError("the split has no images")
         self.items = items
