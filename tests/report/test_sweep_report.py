@@ -64,7 +64,7 @@ def test_a_partial_sweep_says_what_is_missing(tmp_path):
     (folder / "kitti" / "pyra" / "seed1").mkdir(parents=True)
     (folder / "kitti" / "pyra" / "seed1" / "config.yaml").write_text("seed: 1\n")
     written = write_report(folder, bench=False, log=lambda text: None)
-    assert "kitti · pyra · seed 1: started, not finished" in written["missing"]
+    assert "kitti · pyra · seed 1: interrupted" in written["missing"]  # started, and no process runs it
     assert "cifar · pyra · seed 1: not run" in written["missing"]
     text = (folder / "report.md").read_text()
     assert "**Partial:** 4 of 16 runs are missing" in text

@@ -1,5 +1,6 @@
 """tieta sweep: every cell a run folder, finished runs skipped, failures isolated, bad plans refused."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -46,8 +47,33 @@ def test_every_cell_trains_once_and_a_rerun_skips_finished_runs(tasks, tmp_path)
 def test_an_unfinished_run_is_trained_again(tasks, tmp_path):
     plan = plan_from_flags([str(tasks[0])], ["lora"], [0], TINY)
     run_sweep(plan, tmp_path / "sweep", log=lambda text: None)
-    (tmp_path / "sweep" / "a" / "lora" / "seed0" / "summary.json").unlink()  # killed before the end
+    for name in ("summary.json", "state.json"):  # killed before the end, by a tieta without state files
+        (tmp_path / "sweep" / "a" / "lora" / "seed0" / name).unlink()
     assert {o.status for o in run_sweep(plan, tmp_path / "sweep", log=lambda text: None)} == {TRAINED}
+
+
+def test_an_interrupted_run_is_resumed_from_its_last_epoch(tasks, tmp_path, monkeypatch):
+    from tieta.train import fit as fit_module
+
+    plan = plan_from_flags([str(tasks[0])], ["lora"], [0], {**TINY, "optim.epochs": 3})
+    real, calls = fit_module.train_one_epoch, []
+
+    def interrupted_in_epoch_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fit_module, "train_one_epoch", interrupted_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(plan, tmp_path / "sweep", log=lambda text: None)
+    monkeypatch.undo()
+    lines = []
+    assert {o.status for o in run_sweep(plan, tmp_path / "sweep", log=lines.append)} == {TRAINED}
+    run_sweep(plan, tmp_path / "alone", log=lambda text: None)
+    metrics = [[json.loads(line)["loss"] for line in (folder / "a" / "lora" / "seed0" / "metrics.jsonl").open()]
+               for folder in (tmp_path / "sweep", tmp_path / "alone")]
+    assert metrics[0] == metrics[1] and len(metrics[0]) == 3
 
 
 def test_a_finished_run_with_other_settings_stops_the_sweep_before_it_starts(tasks, tmp_path):

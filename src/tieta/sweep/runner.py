@@ -1,8 +1,9 @@
 """Running a sweep: every cell an ordinary run folder, finished ones skipped, failures isolated.
 
 Every cell's settings are checked before the first run starts, so a typo fails at once, not hours
-in. A cell whose folder holds a finished run (its summary.json) with the same settings is skipped;
-one with other settings stops the sweep before it starts (results are never mixed or replaced). A
+in. A cell whose folder holds a finished run with the same settings is skipped; one with other
+settings stops the sweep before it starts (results are never mixed or replaced); an unfinished one
+of the same settings is resumed from its last epoch, any other is trained again. A
 failed run is reported and the sweep goes on; the summary at the end says what ran, what failed and
 why. With one device the runs train in this process; with several, one subprocess per device at a
 time (``tieta train``), each writing its log next to the run folders.
@@ -26,8 +27,8 @@ from tieta.data.vtab import open_task
 from tieta.errors import TietaError
 from tieta.sweep.plan import PLAN_FILE, Cell, SweepPlan, plan_from_dict
 from tieta.train.config import RunConfig, load_config
-from tieta.train.fit import fit, resolve_device
-from tieta.train.rundir import CONFIG, SUMMARY
+from tieta.train.fit import fit, resolve_device, resume_run
+from tieta.train.rundir import CONFIG, FINISHED, PROGRESS, read_state
 
 FAILURES_LOG = "failures.log"
 LOGS = "logs"
@@ -76,7 +77,18 @@ def _first_difference(old: dict[str, Any], new: dict[str, Any], prefix: str = ""
 
 
 def is_finished(folder: Path) -> bool:
-    return (folder / SUMMARY).is_file()
+    return read_state(folder).state == FINISHED
+
+
+def resumable(folder: Path, config: RunConfig) -> bool:
+    """Whether ``folder`` holds an unfinished run of these settings with an epoch to go on from."""
+    if not (folder / PROGRESS).is_file() or read_state(folder).state == FINISHED:
+        return False
+    try:
+        old = yaml.safe_load((folder / CONFIG).read_text())
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        return False
+    return isinstance(old, dict) and not _first_difference(_comparable(old), _comparable(config.to_dict()))
 
 
 def check_plan(plan: SweepPlan, output: Path) -> tuple[list[Cell], list[Outcome]]:
@@ -150,7 +162,11 @@ def _eta(durations: list[float], remaining: int, parallel: int) -> str:
 
 
 def _train_here(plan: SweepPlan, cell: Cell, output: Path, device: str) -> None:
-    fit(cell_config(plan, cell, device), output / cell.folder, overwrite=True, label=cell.label)
+    config, folder = cell_config(plan, cell, device), output / cell.folder
+    if resumable(folder, config):
+        resume_run(folder, device, label=cell.label)
+    else:
+        fit(config, folder, overwrite=True, label=cell.label)
 
 
 def _train_in_subprocess(plan: SweepPlan, cell: Cell, output: Path, device: str) -> None:
@@ -161,9 +177,12 @@ def _train_in_subprocess(plan: SweepPlan, cell: Cell, output: Path, device: str)
     config_file = logs / f"{stem}.yaml"
     config_file.write_text(yaml.safe_dump(cell_config(plan, cell, device).to_dict(), sort_keys=False))
     log_file = logs / f"{stem}.log"
-    command = [sys.executable, "-m", "tieta", "train", "--config", str(config_file),
-               "--output", str(output / cell.folder), "--overwrite"]
-    with open(log_file, "w") as log:
+    folder = output / cell.folder
+    command = [sys.executable, "-m", "tieta", "train", "--config", str(config_file), "--output", str(folder),
+               "--overwrite"]
+    if resumable(folder, cell_config(plan, cell, device)):
+        command = [sys.executable, "-m", "tieta", "train", "--resume", str(folder), "--device", device]
+    with open(log_file, "a") as log:
         finished = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     if finished.returncode != 0:
         lines = [line for line in log_file.read_text(errors="replace").splitlines() if line.strip()]

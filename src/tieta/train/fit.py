@@ -373,6 +373,10 @@ def load_run_model(checkpoint: str | Path) -> tuple[nn.Module, RunConfig, int]:
     from the weights its config names, the methods, then the trained tensors."""
     path = Path(checkpoint)
     if path.is_dir():
+        state = read_state(path)
+        if state.state != FINISHED:
+            advice = (f"; resume it with tieta train --resume {path}" if state.state in (INTERRUPTED, FAILED) else "")
+            raise TietaError(f"the run in {path} has not finished ({state.describe()}){advice}")
         path = path / CHECKPOINT
     tensors, config_dict, num_classes = read_checkpoint(path)
     config = from_dict(RunConfig, config_dict)
