@@ -198,3 +198,12 @@ def test_tampered_checkpoints_are_refused(vtab_task, tmp_path, capsys):
         save_file(tensors, str(path), metadata=broken)  # no checksum: read, and the metadata refused
         assert main(["eval", str(run)]) == 2
         assert "unreadable run settings" in capsys.readouterr().err
+
+
+def test_a_bad_image_read_in_a_loader_worker_is_one_sentence(vtab_task, tmp_path, capsys):
+    (vtab_task / "images" / "train" / "000003.jpg").write_bytes(b"garbage")
+    code = main(["train", *TINY, "--data", str(vtab_task), "--output", str(tmp_path / "run"),
+                 "--set", "data.cache=false", "--set", "data.num_workers=1"])
+    error = capsys.readouterr().err.strip()
+    assert code == 2 and error.startswith("tieta: error: cannot read image") and "\n" not in error
+    assert read_state(tmp_path / "run").reason.startswith("cannot read image")
