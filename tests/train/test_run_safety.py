@@ -207,3 +207,18 @@ def test_a_bad_image_read_in_a_loader_worker_is_one_sentence(vtab_task, tmp_path
     error = capsys.readouterr().err.strip()
     assert code == 2 and error.startswith("tieta: error: cannot read image") and "\n" not in error
     assert read_state(tmp_path / "run").reason.startswith("cannot read image")
+
+
+def test_a_tampered_progress_checkpoint_is_refused_on_resume(vtab_task, tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    _failing_epoch(monkeypatch, 2, KeyboardInterrupt())
+    with pytest.raises(KeyboardInterrupt):
+        fit(_config(vtab_task), run)
+    monkeypatch.undo()
+    progress = run / "progress.safetensors"
+    flipped = bytearray(progress.read_bytes())
+    flipped[-5] ^= 0x01
+    progress.write_bytes(bytes(flipped))
+    assert main(["train", "--resume", str(run)]) == 2
+    assert "does not match its checksum" in capsys.readouterr().err
+    assert read_state(run).state == "failed"

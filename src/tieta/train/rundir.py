@@ -159,6 +159,7 @@ class RunDir:
                              "--overwrite to replace it, or --resume to continue it")
         self.replacing = occupied and overwrite and not resume
         self.writes_to = self.path / INCOMING if self.replacing else self.path
+        self.epoch, self.epochs = 0, 0
         self._lock = None
 
     def check_writable(self, needed_bytes: int = 0) -> None:
