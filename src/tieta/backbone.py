@@ -70,11 +70,17 @@ def _create(name: str, pretrained: bool, **kwargs) -> nn.Module:
         close = difflib.get_close_matches(name, timm.list_models(), n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise TietaError(f"timm has no model named {name!r}{hint}")
+    img_size = kwargs.get("img_size")
+    if img_size is not None and (type(img_size) is not int or img_size < 1):
+        raise TietaError(f"img_size must be a positive whole number of pixels, got {img_size!r}")
     try:
-        return timm.create_model(name, pretrained=pretrained, **kwargs)
+        model = timm.create_model(name, pretrained=pretrained, **kwargs)
     except TietaError:
         raise
     except Exception as error:  # network, hub and config errors all mean the same thing to the user
+        if isinstance(error, TypeError) and "img_size" in str(error):
+            raise TietaError(f"timm's {name} takes no img_size: it is not a VisionTransformer, the models tieta "
+                             "works on") from error
         if pretrained:
             raise TietaError(
                 f"could not get the published weights of {name} from the model hub ({type(error).__name__}: "
@@ -82,6 +88,22 @@ def _create(name: str, pretrained: bool, **kwargs) -> nn.Module:
                 "or 'random'"
             ) from error
         raise TietaError(f"timm could not build {name}: {error}") from error
+    _check_patch_grid(model, name, img_size)
+    return model
+
+
+def _check_patch_grid(model: nn.Module, name: str, img_size: Optional[int]) -> None:
+    """Refuse an input size the patches do not tile (timm would only fail at the first forward pass)."""
+    patch_embed = getattr(model, "patch_embed", None)
+    patch = getattr(patch_embed, "patch_size", None)
+    if img_size is None or patch is None or getattr(patch_embed, "dynamic_img_pad", False):
+        return
+    patch = tuple(patch) if isinstance(patch, (tuple, list)) else (patch, patch)
+    if any(img_size % side for side in patch):
+        side = patch[0] if patch[0] == patch[1] else "x".join(map(str, patch))
+        lower = img_size - img_size % patch[0]
+        near = " or ".join(str(size) for size in (lower, lower + patch[0]) if size > 0)
+        raise TietaError(f"img_size {img_size} is not a multiple of {name}'s patch size {side}; use e.g. {near}")
 
 
 def load_weights_file(model: nn.Module, path: Path) -> None:
@@ -91,8 +113,10 @@ def load_weights_file(model: nn.Module, path: Path) -> None:
         TietaError: the file is missing, of an unknown kind, unreadable, or does not fit the model.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise TietaError(f"weights file {path} does not exist")
+    if not path.is_file():
+        raise TietaError(f"weights file {path} is not a file")
     if path.suffix not in WEIGHT_SUFFIXES:
         raise TietaError(f"weights file {path} should end in one of {', '.join(WEIGHT_SUFFIXES)}")
     if path.suffix == ".npz":

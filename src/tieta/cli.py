@@ -62,6 +62,24 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _folder_to_write(path: Path) -> Path:
+    """An output folder, refused (one sentence) where a file stands in its place or above it."""
+    for part in (path, *path.parents):
+        if part.exists():
+            if not part.is_dir():
+                raise TietaError(f"cannot write into {path}: {part} is a file, not a folder")
+            break
+    return path
+
+
+def _file_to_write(path: Path) -> Path:
+    """An output file, refused (one sentence) where it is a folder or a file stands above it."""
+    if path.is_dir():
+        raise TietaError(f"cannot write {path}: it is a folder; give a file name")
+    _folder_to_write(path.parent)
+    return path
+
+
 def _add_config_arguments(parser: argparse.ArgumentParser, data_required: bool, grid: bool = False) -> None:
     """The settings flags; ``grid``: --method and --data take several values (a sweep's grid), and
     there is no --config (a sweep file has its own base settings)."""
@@ -97,7 +115,7 @@ def _add_schedule_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _add_image_sample_arguments(parser: argparse.ArgumentParser, overwrite_help: str) -> None:
     parser.add_argument("--split", default="test", help="split to take images from (default test)")
-    parser.add_argument("--count", type=int, default=4, help="number of images (default 4)")
+    parser.add_argument("--count", type=_positive_int, default=4, help="number of images (default 4)")
     parser.add_argument("--overwrite", action="store_true", help=overwrite_help)
 
 
@@ -130,31 +148,47 @@ def _print_summary(rows: list[dict[str, Any]], demo: bool = False) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from tieta.train.fit import fit
+    from tieta.train.fit import fit, resume_run
 
-    config = _config_from(args)
-    summary = fit(config, args.output, overwrite=args.overwrite)
-    _print_summary([summary])
-    print(f"run folder: {args.output}")
+    if args.resume is not None:
+        given = [key for key in _overrides_from(args) if key != "device"]
+        if given or args.config or args.output or args.overwrite:
+            raise TietaError("--resume continues a run with its own settings and folder; give only the run folder "
+                             "(and --device to move it)")
+        summary = resume_run(args.resume, args.device)
+        folder = args.resume
+    else:
+        if args.output is None:
+            raise TietaError("give --output (the run folder to create), or --resume RUN_DIR to continue a run")
+        summary = fit(_config_from(args), args.output, overwrite=args.overwrite)
+        folder = args.output
+    if summary:  # under torchrun, the first process reports
+        _print_summary([summary])
+        print(f"run folder: {folder}")
     return 0
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from tieta.sweep.plan import plan_from_flags, read_plan, select
+    from tieta.sweep.plan import check_settings, plan_from_flags, read_plan, select
     from tieta.sweep.runner import FAILED, run_sweep
 
-    settings = {key: value for key, value in _overrides_from(args).items() if key not in ("method", "data.path")}
+    # --method and --data are the grid, not settings (a --set of them is a setting, and refused as one)
+    settings = _overrides_from(argparse.Namespace(**{**vars(args), "method": None, "data": None}))
+    _folder_to_write(args.output)
     if args.sweep_file is not None:
         if args.data or args.method:
             raise TietaError("give either a sweep file or --data and --method, not both (--tasks and --runs "
                              "choose within a sweep file)")
         plan = select(read_plan(args.sweep_file, args.root), args.tasks, args.runs)
-        plan.base.update(settings)
+        plan.base.update(check_settings(settings, "--set"))
         if args.seeds:
             plan.seeds = list(args.seeds)
     else:
         if not args.data or not args.method:
             raise TietaError("give a sweep file, or --data TASK_DIR... and --method METHOD...")
+        if args.tasks or args.runs or args.root:
+            raise TietaError("--tasks, --runs and --root choose within a sweep file; with --data and --method, "
+                             "the grid is what they name")
         plan = plan_from_flags(args.data, args.method, args.seeds or [0], settings)
     devices = [d.strip() for d in args.devices.split(",") if d.strip()] if args.devices else None
     outcomes = run_sweep(plan, args.output, devices)
@@ -229,7 +263,7 @@ def cmd_flops(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from tieta.demo import BENCH_BATCH_SIZE, default_output, run_demo
 
-    output = args.output or default_output()
+    output = _folder_to_write(args.output or default_output())
     report = run_demo(output, args.epochs)
     summaries = report["summaries"]
     print()
@@ -251,7 +285,11 @@ RELIABLE_ROUNDS = 3
 def cmd_bench(args: argparse.Namespace) -> int:
     from tieta.measure.bench_suite import run_suite
     from tieta.report.tables import bench_columns, format_table
+    from tieta.train.fit import resolve_device
 
+    args.device = str(resolve_device(args.device))  # before minutes of timing: "cuda:7", "foo"
+    if args.output is not None:
+        _file_to_write(args.output)
     if args.rounds < RELIABLE_ROUNDS:
         print(f"tieta: warning: medians over fewer than {RELIABLE_ROUNDS} interleaved rounds are not reliable, "
               f"so take these numbers as a smoke test (--rounds {args.rounds}; the default is 7)", file=sys.stderr)
@@ -275,6 +313,7 @@ def cmd_show_merges(args: argparse.Namespace) -> int:
 
     if args.output.exists() and not args.overwrite:
         raise TietaError(f"{args.output} already exists; pick another path or pass --overwrite")
+    _file_to_write(args.output)
     if args.run is not None:
         model, config, _ = load_run_model(args.run)
         if getattr(model, "token_state", None) is None:
@@ -315,6 +354,7 @@ def cmd_show_tokens(args: argparse.Namespace) -> int:
     from tieta.report.visualize import save_active_tokens, save_rate_chart
     from tieta.train.fit import image_size_of, load_run_model
 
+    _folder_to_write(args.output)
     rates_png, tokens_png = args.output / "activation_rates.png", args.output / "active_tokens.png"
     for path in (rates_png, tokens_png):
         if path.exists() and not args.overwrite:
@@ -345,8 +385,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="fine-tune a ViT on a task folder and write a run folder")
     _add_config_arguments(train, data_required=False)
-    train.add_argument("--output", required=True, type=Path, help="run folder to create")
-    train.add_argument("--overwrite", action="store_true", help="reuse an existing run folder")
+    train.add_argument("--output", type=Path, help="run folder to create")
+    train.add_argument("--overwrite", action="store_true",
+                       help="replace the run in --output (it stays until the new run's first checkpoint)")
+    train.add_argument("--resume", type=Path, metavar="RUN_DIR",
+                       help="continue a killed, interrupted or failed run from its last epoch, exactly")
     _add_schedule_arguments(train)
     train.add_argument("--seed", type=int, help="random seed (default 0)")
     train.add_argument("--device", help="auto, cpu or cuda[:N] (default auto)")
@@ -385,21 +428,22 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("run", type=Path, help="a run folder or its checkpoint.safetensors")
     evaluate.add_argument("--data", help="task folder (default: the one it was trained on)")
     evaluate.add_argument("--split", help="split to evaluate (default: the run's eval split, test)")
-    evaluate.add_argument("--batch-size", type=int, help="evaluation batch size")
+    evaluate.add_argument("--batch-size", type=_positive_int, help="evaluation batch size")
     evaluate.add_argument("--json", action="store_true", help="print the raw result as JSON instead of a table")
     evaluate.set_defaults(func=cmd_eval)
 
     flops = sub.add_parser("flops", help="per-image GMACs and parameters of a configured model")
     _add_config_arguments(flops, data_required=None)
-    flops.add_argument("--num-classes", type=int, default=1000, help="classes of the head (default 1000)")
+    flops.add_argument("--num-classes", type=_positive_int, default=1000, help="classes of the head (default 1000)")
     flops.set_defaults(func=cmd_flops)
 
     bench = sub.add_parser("bench", help="throughput of unpatched timm, ToMe and PYRA side by side")
     bench.add_argument("--model", default="vit_small_patch16_224", help="timm ViT name (default vit_small_patch16_224)")
-    bench.add_argument("--img-size", type=int, help="input resolution (default: the model's)")
-    bench.add_argument("--batch-size", type=int, default=32)
+    bench.add_argument("--img-size", type=_positive_int, help="input resolution (default: the model's)")
+    bench.add_argument("--batch-size", type=_positive_int, default=32)
     bench.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
-    bench.add_argument("--schedules", nargs="+", default=["low", "high"], help="merge schedules (default low high)")
+    bench.add_argument("--schedules", nargs="+", default=["low", "high"], choices=("low", "high"),
+                       help="merge schedules (default low high)")
     bench.add_argument("--rounds", type=_positive_int, default=7,
                        help=f"interleaved timing rounds (default 7; fewer than {RELIABLE_ROUNDS} are not reliable)")
     bench.add_argument("--train", action="store_true", help="time training steps of LoRA, ToMe+LoRA, PYRA+LoRA")
@@ -423,7 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="the built-in default: fine-tune on offline assets (no arguments needed)")
     demo.add_argument("--output", type=Path, help="folder for the run folders (default: a new one under $TIETA_HOME/demo)")
-    demo.add_argument("--epochs", type=int, help="training epochs per method (default 2)")
+    demo.add_argument("--epochs", type=_positive_int, help="training epochs per method (default 2)")
     demo.set_defaults(func=cmd_demo)
     return parser
 
@@ -447,6 +491,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # output still buffered goes to devnull so that the flush at exit does not fail again
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except OSError as error:  # the file system said no (no space, no permission, a file where a folder goes)
+        where = f": {error.filename}" if error.filename else ""
+        print(f"tieta: error: {error.strerror or error}{where}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import write_vtab_task
-from tieta.ops import shard
+from tieta import shard
 from tieta.train.distributed import Processes, ShardedBatches, global_batch_sizes
 
 # no dropout or drop-path: those draw per process, so only their distribution matches one process

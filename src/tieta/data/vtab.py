@@ -91,7 +91,7 @@ def open_task(path: str | Path) -> Task:
     if not root.is_dir() and root.name in TASK_ALIASES and (root.parent / TASK_ALIASES[root.name]).is_dir():
         root = root.parent / TASK_ALIASES[root.name]
     if not root.is_dir():
-        raise TietaError(f"data folder {path} does not exist")
+        raise TietaError(f"data folder {path} " + ("is a file, not a folder" if root.exists() else "does not exist"))
     root = root.resolve()  # run configs record it, and must still find it from another folder
     if (root / VTAB_SPLITS["train"]).exists() or (root / VTAB_SPLITS["train800"]).exists():
         lists = {name: _read_lines(root, root / name) for name in sorted(set(VTAB_SPLITS.values()))

@@ -12,6 +12,7 @@ from typing import Any, Callable, Optional, Union
 
 import yaml
 
+from tieta import safe_yaml
 from tieta.errors import TietaError
 from tieta.ops.diffrate_rates import PUBLISHED_RATES
 
@@ -51,13 +52,20 @@ class Listing:
     flags: tuple[Flag, ...] = ()
 
 
-def parse_schedule_flag(text: str) -> Union[int, list, str]:
-    """``--schedule`` text: an int or a list (read as YAML), else the text (a name such as "low")."""
+def parse_schedule_flag(text: str) -> Union[int, list, dict, str]:
+    """``--schedule`` text: an int, a list or an {r, inflection} mapping (read as YAML), or a name
+    such as "low"; anything else (a fraction, a boolean, nothing) is refused. The values are
+    checked with the rest of the config (``tieta.methods.schedules.check_schedule_form``)."""
     try:
-        value = yaml.safe_load(text)
+        value = safe_yaml.loads(text)
     except yaml.YAMLError as error:
-        raise TietaError(f"cannot read the schedule {text!r}: {str(error).splitlines()[0]}") from error
-    return value if isinstance(value, (int, list)) and not isinstance(value, bool) else text
+        raise TietaError(f"cannot read the schedule {text!r}: {safe_yaml.describe(error)}") from None
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, list, dict)) and not isinstance(value, bool):
+        return value
+    raise TietaError(f"a merge schedule is low, high, a whole number r, a list of them or {{r: R, inflection: F}}, "
+                     f"got {text!r}")
 
 
 def parse_number_or_name(text: str) -> Union[float, str]:

@@ -65,6 +65,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from tieta import shard
 from tieta.errors import TietaError
 from tieta.methods import catalog
 from tieta.methods.blocks import (TietaBlock, TokenState, claim_reduction, keep_output, patch_blocks, take_output,
@@ -640,7 +641,7 @@ def _objective(config: Any):
 
     def diffrate_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if not (model.training and _searching(model)):
-            return F.cross_entropy(model(images), labels)
+            return shard.cross_entropy(model(images), labels)
         run = _search_run(model, settings)
         loss, _ = search_step(model, images, labels, run.optimizer, run.target, run.flops_weight)
         # the rate logits are stepped; a leaf without a graph lets the loop's own step change nothing
@@ -709,6 +710,14 @@ def _validate(config: Any) -> None:
                          f"optim.epochs ({config.optim.epochs}) must leave at least one to fine-tune")
 
 
+def _one_process(config: Any) -> Optional[str]:
+    if config.diffrate.target_gmacs is None:
+        return None
+    # the search steps its own optimizer inside the objective, on this process's gradients only
+    return ("DiffRate's rate search runs in one process; search with tieta train alone, then train in parallel "
+            "with the rates it found (diffrate.kept_prune, kept_merge)")
+
+
 METHOD = Method.listed(
     catalog.DIFFRATE,
     sections={"diffrate": DiffRateConfig},
@@ -718,4 +727,5 @@ METHOD = Method.listed(
     epoch_update=_epoch_update,
     describe=_describe,
     validate=_validate,
+    one_process=_one_process,
 )

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from tieta import shard
 from tieta.errors import TietaError
 from tieta.methods import catalog
 from tieta.methods.blocks import PassState, TietaBlock, claim_reduction, pass_state, patch_blocks, token_state
@@ -128,7 +128,8 @@ def dynamicvit_loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
     """
     logits = model(images)
     decisions = list(model.pruning_state.decisions)
-    loss = F.cross_entropy(logits, labels) + ratio_loss(decisions, model.dynamicvit_ratios, ratio_weight)
+    loss = shard.cross_entropy(logits, labels) + ratio_loss(decisions, model.dynamicvit_ratios, ratio_weight,
+                                                                      shard.batch_mean)
     if distill_weight > 0:
         model.pruning_state.full = True
         try:
@@ -136,7 +137,7 @@ def dynamicvit_loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
                 teacher = model(images)
         finally:
             model.pruning_state.full = False
-        loss = loss + distill_weight * distillation_loss(logits, teacher)
+        loss = loss + distill_weight * distillation_loss(logits, teacher, shard.batch_mean if shard.current() else None)
     return loss
 
 

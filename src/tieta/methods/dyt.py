@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tieta import shard
 from tieta.errors import TietaError
 from tieta.methods import catalog
 from tieta.methods.adapter import Adapter, AdapterConfig, MoEAdapter
@@ -86,7 +87,9 @@ class Dispatch(nn.Module):
         if state.full:
             return None
         prefix = block.num_prefix_tokens
-        mask = dispatch_mask(getattr(block, self.dispatcher)(x[:, prefix:]).squeeze(-1), state.tau, block.training)
+        # the noise is drawn for the global batch in data-parallel training (tieta.shard)
+        mask = dispatch_mask(getattr(block, self.dispatcher)(x[:, prefix:]).squeeze(-1), state.tau, block.training,
+                             shard.batch_rand)
         state.masks.append(mask)
         return with_prefix(mask, prefix)
 
@@ -244,11 +247,17 @@ def dyt_loss(
     """
     if rho is None:
         rho = 0.5 if outputs.rho is None else outputs.rho
-    rate = torch.cat([mask.reshape(-1) for mask in outputs.masks]).mean()
-    loss = F.cross_entropy(outputs.logits, targets) + rate_weight * (rate - rho) ** 2
-    loss = loss + full_weight * F.cross_entropy(outputs.full_logits, targets)
     teacher = F.softmax(outputs.full_logits.detach().float(), dim=-1)
-    distill = F.kl_div(F.log_softmax(outputs.logits.float(), dim=-1), teacher, reduction="batchmean")
+    student = F.log_softmax(outputs.logits.float(), dim=-1)
+    if shard.current() is None:
+        rate = torch.cat([mask.reshape(-1) for mask in outputs.masks]).mean()
+        distill = F.kl_div(student, teacher, reduction="batchmean")
+    else:  # means over the global batch (the rate enters squared, so it must be the global one)
+        images = len(targets)
+        rate = shard.batch_mean(torch.cat([mask.reshape(images, -1) for mask in outputs.masks], dim=1).mean(dim=1))
+        distill = shard.batch_mean(F.kl_div(student, teacher, reduction="none").sum(dim=-1))
+    loss = shard.cross_entropy(outputs.logits, targets) + rate_weight * (rate - rho) ** 2
+    loss = loss + full_weight * shard.cross_entropy(outputs.full_logits, targets)
     return loss + distill_weight * distill
 
 
@@ -331,6 +340,8 @@ def _validate(config: Any) -> None:
         raise TietaError("dyt.experts and dyt.adapter_dim must be at least 1")
     if dyt.tau <= 0 or (dyt.tau_end is not None and dyt.tau_end <= 0):
         raise TietaError("dyt.tau and dyt.tau_end must be positive")
+    if min(dyt.rate_weight, dyt.full_weight, dyt.distill_weight) < 0:
+        raise TietaError("dyt.rate_weight, dyt.full_weight and dyt.distill_weight cannot be negative")
 
 
 METHOD = Method.listed(

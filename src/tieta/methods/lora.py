@@ -183,6 +183,8 @@ def _validate(config) -> None:
     parse_targets(lora.targets)
     if not 0 <= lora.dropout < 1:
         raise TietaError(f"lora.dropout must be in [0, 1), got {lora.dropout}")
+    if lora.alpha is not None and not lora.alpha > 0:
+        raise TietaError(f"lora.alpha must be positive (or null for scale 1), got {lora.alpha}")
 
 
 METHOD = Method.listed(

@@ -46,6 +46,8 @@ class Method:
             evaluation images (e.g. DyT's share of active tokens), or None.
         data_dependent_cost: its FLOPs depend on the images (say so where one random image is counted).
         validate: ``validate(config)`` raises a TietaError for settings that cannot work.
+        one_process: ``one_process(config) -> reason or None``: why this configuration's training
+            cannot be data-parallel (``torchrun``), or None where it can.
     """
 
     name: str
@@ -61,6 +63,7 @@ class Method:
     measure: Optional[Callable[[nn.Module, torch.Tensor], dict[str, Any]]] = None
     data_dependent_cost: bool = False
     validate: Optional[Callable[[Settings], None]] = None
+    one_process: Optional[Callable[[Settings], Optional[str]]] = None
 
     @classmethod
     def listed(cls, listing: Listing, **parts: Any) -> "Method":

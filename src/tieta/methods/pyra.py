@@ -101,7 +101,8 @@ class PyraConfig:
 
 def _check_lr(config: Any) -> None:
     lr = config.pyra.lr
-    if not (lr in PYRA_LRS or (isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr > 0)):
+    number = isinstance(lr, (int, float)) and not isinstance(lr, bool)
+    if not ((isinstance(lr, str) and lr in PYRA_LRS) or (number and math.isfinite(lr) and lr > 0)):
         raise TietaError(f"pyra.lr must be 'reference' (the base lr), 'paper' (1e-4) or a positive number, got {lr!r}")
 
 

@@ -42,6 +42,45 @@ def schedule_setting(merge: MergeConfig) -> Schedule:
     return schedule
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_schedule_form(r: Schedule) -> None:
+    """Refuse, with one sentence, a schedule that no model could take (what needs no model: the
+    form, names, signs); :func:`resolve_schedule` then checks it against a model's blocks and tokens."""
+    if isinstance(r, str):
+        if r not in NAMED_INFLECTION:
+            raise TietaError(f"unknown schedule {r!r}; use 'low', 'high', an int, (r, inflection) or a list")
+    elif isinstance(r, bool):
+        raise TietaError(f"a schedule cannot be a boolean, got {r!r}")
+    elif isinstance(r, int):
+        if r < 0:
+            raise TietaError(f"a schedule's r is the tokens each block merges and cannot be negative, got {r}")
+    elif isinstance(r, tuple) and len(r) == 2:
+        rate, inflection = r
+        if not (_is_number(rate) and rate >= 0):
+            raise TietaError(f"a schedule's r is a number of tokens >= 0, got {rate!r}")
+        if not (_is_number(inflection) and -1 <= inflection <= 1):
+            raise TietaError(f"a schedule's inflection is a number in [-1, 1] (-1 decreasing, 0 constant, "
+                             f"1 increasing), got {inflection!r}")
+    elif isinstance(r, (list, tuple)):
+        for index, merges in enumerate(r):
+            if not isinstance(merges, int) or isinstance(merges, bool) or merges < 0:
+                raise TietaError(f"block {index} of the schedule asks for {merges!r} merges; use whole numbers >= 0")
+    else:
+        raise TietaError(f"cannot read {r!r} as a merge schedule; use 'low', 'high', an int, {{r: R, inflection: F}} "
+                         "or a list")
+
+
+def validate_merge(config: Any) -> None:
+    """The config section "merge" (ToMe's and PYRA's), checked without a model."""
+    try:
+        check_schedule_form(schedule_setting(config.merge))
+    except TietaError as error:
+        raise TietaError(f"merge.schedule: {error}") from None
+
+
 _VIT_B_HIGH = [40, 34, 30, 24, 18, 14, 10, 8, 4, 4, 3, 3]
 # (depth, width, patches, prefix tokens) of the paper's backbones at 224 px -> named schedules
 PAPER_SCHEDULES: dict[tuple[int, int, int, int], dict[str, list[int]]] = {
@@ -171,18 +210,15 @@ def schedule(model: Union[nn.Module, ViTShape], target_flops: float, inflection:
 
 def resolve_schedule(model: nn.Module, r: Schedule) -> list[int]:
     """Turn any accepted schedule form into an r per block, refusing what the tokens cannot allow."""
+    check_schedule_form(r)
     shape = vit_shape(model)
     depth = shape.depth
     if isinstance(r, str):
-        if r not in NAMED_INFLECTION:
-            raise TietaError(f"unknown schedule {r!r}; use 'low', 'high', an int, (r, inflection) or a list")
         key = (depth, shape.width, shape.patches, shape.prefix)
         if key in PAPER_SCHEDULES:
             return list(PAPER_SCHEDULES[key][r])
         reference = flops_ratio(VIT_B16, PAPER_SCHEDULES[(12, 768, 196, 1)][r])
         return schedule(shape, reference, NAMED_INFLECTION[r])
-    if isinstance(r, bool):
-        raise TietaError(f"a schedule cannot be a boolean, got {r!r}")
     if isinstance(r, int):
         values = [r] * depth
     elif isinstance(r, tuple) and len(r) == 2:

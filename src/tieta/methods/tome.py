@@ -18,7 +18,8 @@ from tieta.methods import catalog
 from tieta.methods.blocks import (TietaBlock, Unchanged, claim_reduction, keep_output, patch_blocks, release_output,
                                   take_output, token_state)
 from tieta.methods.method import Method
-from tieta.methods.schedules import MergeConfig, resolve_schedule, schedule_setting, token_counts, vit_shape
+from tieta.methods.schedules import (MergeConfig, resolve_schedule, schedule_setting, token_counts, validate_merge,
+                                     vit_shape)
 from tieta.native.tome_merge import native_merge, native_merge_applies
 from tieta.ops.merging import bipartite_soft_matching, max_merges, merge_source, merge_wavg
 
@@ -122,4 +123,5 @@ METHOD = Method.listed(
     sections={"merge": MergeConfig},
     attach=lambda model, config: add_tome(model, schedule_setting(config.merge), config.merge.prop_attn),
     describe=describe_merging,
+    validate=validate_merge,  # the section PYRA shares
 )

@@ -12,10 +12,9 @@ from typing import Callable, Optional
 
 import torch
 
-from tieta.ops.shard import batch_rand
 
-
-def dispatch_mask(logits: torch.Tensor, tau: float, training: bool) -> torch.Tensor:
+def dispatch_mask(logits: torch.Tensor, tau: float, training: bool, draw: Optional[Callable[..., torch.Tensor]] = None
+                  ) -> torch.Tensor:
     """Which tokens are active.
 
     Args:
@@ -23,15 +22,17 @@ def dispatch_mask(logits: torch.Tensor, tau: float, training: bool) -> torch.Ten
         tau: temperature of the Gumbel-sigmoid in training.
         training: Gumbel noise, hard threshold and straight-through gradient
             (``hard - y.detach() + y``); otherwise ``sigmoid(logits) > 0.5``, no noise.
+        draw: ``draw(shape, batch_dim=, device=, dtype=)`` gives the uniform noise (default
+            ``torch.rand(shape)``); data-parallel training draws it for the global batch.
 
     Returns:
         (B, N) float mask of exact 0s and 1s (carrying y's gradient in training).
     """
     if not training:
         return (logits > 0).to(logits.dtype)  # sigmoid(l) > 0.5 <=> l > 0
-    # drawn for the global batch in data-parallel training, so that every image gets the noise it would
-    # get in one process
-    uniform = batch_rand((2, *logits.shape), batch_dim=1, device=logits.device, dtype=logits.dtype).clamp_(1e-6, 1 - 1e-6)
+    shape = (2, *logits.shape)
+    uniform = (draw(shape, batch_dim=1, device=logits.device, dtype=logits.dtype) if draw is not None else
+               torch.rand(*shape, device=logits.device, dtype=logits.dtype)).clamp_(1e-6, 1 - 1e-6)
     gumbel = -torch.log(-torch.log(uniform))
     soft = torch.sigmoid((logits + gumbel[0] - gumbel[1]) / tau)
     hard = (soft > 0.5).to(soft.dtype)

@@ -33,14 +33,11 @@ P patch tokens, and ``gather_tokens`` keeps the prefix in front.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from tieta.ops import shard
-from tieta.ops.shard import batch_mean
 
 # Floor of the policy sum in the global mean: hard decisions sum to 0 or to at least ~1, so this
 # only changes the case where an image has lost every token (0 instead of NaN).
@@ -180,7 +177,8 @@ def gather_tokens(x: torch.Tensor, indices: torch.Tensor, num_prefix: int) -> to
     return torch.cat([x[:, :num_prefix], patches.gather(1, index)], dim=1)
 
 
-def ratio_loss(decisions: Sequence[torch.Tensor], ratios: Sequence[float], weight: float = 2.0) -> torch.Tensor:
+def ratio_loss(decisions: Sequence[torch.Tensor], ratios: Sequence[float], weight: float = 2.0,
+               batch_mean: Callable[[torch.Tensor], torch.Tensor] = torch.mean) -> torch.Tensor:
     """Pull each image's kept fraction towards its stage's target.
 
     ``(weight / S) * sum_s mean_b (r_s - mean_i p_s[b, i]) ** 2``: the fraction is taken per image
@@ -191,6 +189,7 @@ def ratio_loss(decisions: Sequence[torch.Tensor], ratios: Sequence[float], weigh
         decisions: S tensors (B, P) (or (B, P, 1)), the training decisions of each stage.
         ratios: the S target keep ratios, fractions of the original P.
         weight: the loss weight (``--ratio_weight``; 2.0 by default, 5.0 in the DeiT-B command).
+        batch_mean: (B,) -> scalar, the mean over the batch (data-parallel training: over the global one).
 
     Returns:
         Scalar loss.
@@ -204,18 +203,20 @@ def ratio_loss(decisions: Sequence[torch.Tensor], ratios: Sequence[float], weigh
     return total * (weight / len(decisions))
 
 
-def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor,
+                      batch_mean: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
     """KL(teacher || student) of the class distributions, summed over classes, batch mean.
 
     Args:
         logits: (B, C) student logits.
         teacher_logits: (B, C) teacher logits, detached by the caller.
+        batch_mean: (B,) -> scalar; None: torch's "batchmean" (data-parallel training gives its own).
 
     Returns:
         Scalar loss (temperature 1).
     """
     student, teacher = F.log_softmax(logits, dim=-1), F.log_softmax(teacher_logits, dim=-1)
-    if shard.current() is None:
+    if batch_mean is None:
         return F.kl_div(student, teacher, reduction="batchmean", log_target=True)
     return batch_mean(F.kl_div(student, teacher, reduction="none", log_target=True).sum(dim=-1))
 

@@ -8,18 +8,18 @@ it, named by its task folder, method and seed.
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-import yaml
-
+from tieta import safe_yaml
 from tieta.data.vtab import open_task
 from tieta.errors import TietaError
 from tieta.sweep.plan import PLAN_FILE, plan_from_dict
 from tieta.sweep.vtab1k import VTAB_1K
-from tieta.train.rundir import CONFIG, SUMMARY
+from tieta.train.rundir import CONFIG, FINISHED, STATE, SUMMARY, read_state
 
 
 @dataclass
@@ -58,16 +58,16 @@ def _read_json(path: Path) -> Optional[dict[str, Any]]:
 
 def _is_summary(values: Optional[dict[str, Any]]) -> bool:
     """Whether a summary.json holds the numbers a report reads (anything else is not a finished run)."""
-    def number(value: Any) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    def number(value: Any) -> bool:  # JSON as Python writes it may hold NaN and Infinity
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
     return values is not None and number(values.get("acc")) and number(values.get("best_acc", 0.0))
 
 
 def _read_config(folder: Path) -> dict[str, Any]:
     try:
-        values = yaml.safe_load((folder / CONFIG).read_text())
-    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        values = safe_yaml.read_file(folder / CONFIG, "run config")
+    except TietaError:
         return {}
     return values if isinstance(values, dict) else {}
 
@@ -88,11 +88,7 @@ def collect(folder: str | Path) -> SweepResults:
 
 
 def _collect_planned(folder: Path) -> SweepResults:
-    try:
-        values = yaml.safe_load((folder / PLAN_FILE).read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as error:
-        raise TietaError(f"{folder / PLAN_FILE} is not valid YAML: {str(error).splitlines()[0]}") from error
-    plan = plan_from_dict(values, str(folder / PLAN_FILE))
+    plan = plan_from_dict(safe_yaml.read_file(folder / PLAN_FILE, "the sweep's plan"), str(folder / PLAN_FILE))
     records, missing = [], []
     for cell in plan.cells():
         run_folder = folder / cell.folder
@@ -102,7 +98,7 @@ def _collect_planned(folder: Path) -> SweepResults:
                                      _read_config(run_folder)))
         else:
             state = ("summary.json unreadable" if (run_folder / SUMMARY).exists() else
-                     "started, not finished" if (run_folder / CONFIG).is_file() else "not run")
+                     read_state(run_folder).describe() if (run_folder / CONFIG).is_file() else "not run")
             missing.append(f"{cell.label}: {state}")
     return SweepResults([t.name for t in plan.tasks], {t.name: t.group for t in plan.tasks},
                         {t.name: t.path for t in plan.tasks}, [r.name for r in plan.runs], list(plan.seeds),
@@ -110,19 +106,28 @@ def _collect_planned(folder: Path) -> SweepResults:
 
 
 def _collect_discovered(folder: Path) -> SweepResults:
-    records = []
+    records, missing = [], []
     for summary_file in sorted(folder.rglob(SUMMARY)):
         summary = _read_json(summary_file)
         if not _is_summary(summary):
             continue
         config = _read_config(summary_file.parent)
+        seed = config.get("seed", 0)
+        if type(seed) is not int:
+            missing.append(f"{summary_file.parent}: its {CONFIG} gives no whole-number seed ({seed!r})")
+            continue
         data = Path(str(summary.get("data", summary_file.parent.name)))
-        records.append(RunRecord(data.name, str(summary.get("method", "?")), int(config.get("seed", 0)),
-                                 summary_file.parent, summary, config))
+        records.append(RunRecord(data.name, str(summary.get("method", "?")), seed, summary_file.parent, summary,
+                                 config))
+    for state_file in sorted(folder.rglob(STATE)):  # runs that started but did not finish
+        state = read_state(state_file.parent)
+        if state.state != FINISHED:
+            missing.append(f"{state_file.parent}: {state.describe()}")
     tasks = list(dict.fromkeys(r.task for r in records))
     paths = {name: Path(str(next(r.summary.get("data") for r in records if r.task == name))) for name in tasks}
     return SweepResults(tasks, {name: VTAB_1K.get(name, (None,))[0] for name in tasks}, paths,
-                        list(dict.fromkeys(r.run for r in records)), sorted({r.seed for r in records}), records)
+                        list(dict.fromkeys(r.run for r in records)), sorted({r.seed for r in records}), records,
+                        missing)
 
 
 def majority_share(task_path: Path, split: str) -> Optional[float]:

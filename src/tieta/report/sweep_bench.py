@@ -22,7 +22,7 @@ from tieta.data.vtab import ImageDataset, open_task
 from tieta.errors import TietaError
 from tieta.measure.benchmark import benchmark
 from tieta.report.collect import RunRecord, SweepResults
-from tieta.train.fit import image_size_of, load_run_model
+from tieta.train.fit import image_size_of, load_run_model, resolve_device
 
 THROUGHPUT_FILE = "throughput.json"
 
@@ -57,6 +57,7 @@ def sweep_throughput(results: SweepResults, folder: Path, runs: list[str], devic
          "rows": {run: {"images_per_s", "speedup", "speedup_spread"}}}, or None where no task has
         every run finished (nothing comparable to time).
     """
+    device = str(resolve_device(device))  # "foo" or "cuda:7": one sentence before any model is loaded
     chosen = benchmark_records(results, runs)
     if chosen is None:
         log("throughput: no task has every run finished, so none is timed")

@@ -14,8 +14,10 @@ A sweep file (YAML)::
       lora: {method: lora}
       pyra-lora-low: {method: pyra+lora, merge.schedule: low}
 
-Settings are nested or dotted (``optim.epochs``); a run's own settings apply over ``base``.
-Cell ``(task, run, seed)`` trains into ``<output>/<task>/<run>/seed<seed>``.
+Settings are nested or dotted (``optim.epochs``); a run's own settings apply over ``base``. The
+seed and the task folder (``seed``, ``data.path``) are each cell's own, so they are not settings.
+Cell ``(task, run, seed)`` trains into ``<output>/<task>/<run>/seed<seed>``. The file is read within
+``tieta.safe_yaml``'s limits (at most 1 MiB, no repeated keys, aliases that share but do not multiply).
 """
 
 from __future__ import annotations
@@ -25,12 +27,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-import yaml
-
+from tieta import safe_yaml
 from tieta.errors import TietaError
 from tieta.sweep.vtab1k import VTAB_1K
 
 PLAN_FILE = "sweep.yaml"
+# settings that each cell sets for itself (its seed, its task folder)
+CELL_KEYS = {"seed": "the sweep's seeds (seeds: in the file, or --seeds)",
+             "data.path": "the sweep's tasks (tasks: and root: in the file, or --data)"}
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
 
@@ -108,6 +112,14 @@ def flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def check_settings(settings: dict[str, Any], where: str) -> dict[str, Any]:
+    """Dotted settings for every cell, refused where a cell would replace them (seed, data.path)."""
+    for key, source in CELL_KEYS.items():
+        if key in settings:
+            raise TietaError(f"{where}: {key} is set per run by {source}, not as a setting")
+    return settings
+
+
 def _checked_name(name: Any, what: str) -> str:
     if not isinstance(name, str) or not _SAFE_NAME.match(name) or name in (".", ".."):
         raise TietaError(f"{what} name {name!r} cannot name a folder: use letters, digits and . _ + -")
@@ -152,13 +164,7 @@ def _read_seeds(seeds: Any, where: str) -> list[int]:
 def read_plan(path: str | Path, root: Optional[str | Path] = None) -> SweepPlan:
     """Read a sweep file; ``root`` (if given) replaces the file's task root."""
     path = Path(path)
-    if not path.is_file():
-        raise TietaError(f"sweep file {path} does not exist")
-    try:
-        values = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as error:
-        raise TietaError(f"sweep file {path} is not valid YAML: {str(error).splitlines()[0]}") from error
-    return plan_from_dict(values, str(path), root)
+    return plan_from_dict(safe_yaml.read_file(path, "sweep file"), str(path), root)
 
 
 def plan_from_dict(values: Any, where: str, root: Optional[str | Path] = None) -> SweepPlan:
@@ -181,12 +187,13 @@ def plan_from_dict(values: Any, where: str, root: Optional[str | Path] = None) -
     for name, settings in runs.items():
         if not isinstance(settings, dict):
             raise TietaError(f"{where}: the settings of run {name!r} should be a mapping, got {settings!r}")
-        run_specs.append(RunSpec(_checked_name(name, "run"), flatten(settings)))
+        run_specs.append(RunSpec(_checked_name(name, "run"), check_settings(flatten(settings), f"{where}: run {name}")))
     task_specs = [_read_task(entry, task_root, where) for entry in tasks]
     names = [task.name for task in task_specs]
     if len(set(names)) != len(names):
         raise TietaError(f"{where}: a task name appears twice")
-    return SweepPlan(task_specs, run_specs, _read_seeds(values.get("seeds", [0]), where), flatten(base))
+    return SweepPlan(task_specs, run_specs, _read_seeds(values.get("seeds", [0]), where),
+                     check_settings(flatten(base), f"{where}: base"))
 
 
 def plan_from_flags(data: list[str], methods: list[str], seeds: list[int], base: dict[str, Any]) -> SweepPlan:
@@ -194,8 +201,10 @@ def plan_from_flags(data: list[str], methods: list[str], seeds: list[int], base:
     tasks = [task_spec(Path(path).name, Path(path)) for path in data]
     if len({task.name for task in tasks}) != len(tasks):
         raise TietaError("two task folders have the same name; a sweep names its runs by task folder")
+    if "method" in base:
+        raise TietaError("--set method: a sweep's methods are given with --method, not as a setting")
     runs = [RunSpec(_checked_name(method, "method"), {"method": method}) for method in dict.fromkeys(methods)]
-    return SweepPlan(tasks, runs, _read_seeds(seeds, "--seeds"), dict(base))
+    return SweepPlan(tasks, runs, _read_seeds(seeds, "--seeds"), check_settings(dict(base), "--set"))
 
 
 def select(plan: SweepPlan, tasks: Optional[list[str]], runs: Optional[list[str]]) -> SweepPlan:

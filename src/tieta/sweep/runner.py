@@ -23,6 +23,7 @@ from typing import Any, Callable, Optional
 
 import yaml
 
+from tieta import safe_yaml
 from tieta.data.vtab import open_task
 from tieta.errors import TietaError
 from tieta.sweep.plan import PLAN_FILE, Cell, SweepPlan, plan_from_dict
@@ -76,6 +77,14 @@ def _first_difference(old: dict[str, Any], new: dict[str, Any], prefix: str = ""
     return ""
 
 
+def _run_settings(folder: Path) -> Optional[Any]:
+    """The settings in a run folder's config.yaml, or None where they cannot be read."""
+    try:
+        return safe_yaml.read_file(folder / CONFIG, "run config")
+    except TietaError:
+        return None
+
+
 def is_finished(folder: Path) -> bool:
     return read_state(folder).state == FINISHED
 
@@ -84,10 +93,7 @@ def resumable(folder: Path, config: RunConfig) -> bool:
     """Whether ``folder`` holds an unfinished run of these settings with an epoch to go on from."""
     if not (folder / PROGRESS).is_file() or read_state(folder).state == FINISHED:
         return False
-    try:
-        old = yaml.safe_load((folder / CONFIG).read_text())
-    except (OSError, yaml.YAMLError, UnicodeDecodeError):
-        return False
+    old = _run_settings(folder)
     return isinstance(old, dict) and not _first_difference(_comparable(old), _comparable(config.to_dict()))
 
 
@@ -116,10 +122,7 @@ def check_plan(plan: SweepPlan, output: Path) -> tuple[list[Cell], list[Outcome]
             continue
         folder = output / cell.folder
         if is_finished(folder):
-            try:
-                old = yaml.safe_load((folder / CONFIG).read_text())
-            except (OSError, yaml.YAMLError, UnicodeDecodeError):
-                old = None
+            old = _run_settings(folder)
             difference = _first_difference(_comparable(old), _comparable(config.to_dict())) if isinstance(old, dict) \
                 else "its config.yaml is unreadable"
             if difference:
@@ -138,8 +141,8 @@ def write_plan(plan: SweepPlan, output: Path) -> None:
     path = output / PLAN_FILE
     if path.is_file():
         try:
-            plan = joined(plan_from_dict(yaml.safe_load(path.read_text()), str(path)), plan)
-        except (TietaError, yaml.YAMLError, UnicodeDecodeError):
+            plan = joined(plan_from_dict(safe_yaml.read_file(path, "the sweep's plan"), str(path)), plan)
+        except TietaError:
             pass  # an unreadable old plan is replaced by the current one
     path.write_text(yaml.safe_dump(plan.to_dict(), sort_keys=False))
 

@@ -9,6 +9,8 @@ epochs, 10 warm-up epochs, cosine to 1e-5, batch 64, LoRA rank 8 on qkv).
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,9 +19,18 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from tieta import safe_yaml
+from tieta.data.transforms import NORMALIZATIONS
+from tieta.data.vtab import FOLDER_SPLITS, VTAB_SPLITS
 from tieta.errors import TietaError
 from tieta.methods import registry
 from tieta.methods.method import Method
+
+# numpy's and torch's seeds: 0 <= seed < 2**32
+SEED_LIMIT = 2**32
+# split names a task folder can have: VTAB-1k list files or image-folder splits
+SPLITS = tuple(dict.fromkeys([*VTAB_SPLITS, *FOLDER_SPLITS]))
+_DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
 
 
 @dataclass
@@ -86,7 +97,7 @@ RunConfig = dataclasses.make_dataclass(
 def from_dict(cls, values: dict[str, Any], where: str = ""):
     """Build the dataclass ``cls`` from a (nested) dict, refusing unknown keys and wrong types by name."""
     if not isinstance(values, dict):
-        raise TietaError(f"config section {where or 'top'} should be a mapping, got {values!r}")
+        raise TietaError(f"config section {where.rstrip('.') or 'top'} should be a mapping, got {values!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     kwargs = {}
@@ -124,25 +135,29 @@ def _typed(value: Any, hint: Any, key: str) -> Any:
             raise TietaError(f"config key {key} should be a list, got {value!r}")
         return [_typed(item, item_type, f"{key}[{index}]") for index, item in enumerate(value)]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value = float(value)
     if type(value) is not hint:  # bool is an int subclass: compare exact types
         raise TietaError(f"config key {key} should be {_TYPE_NAMES.get(hint, hint)}, got {value!r}")
+    if hint is float and not math.isfinite(value):
+        raise TietaError(f"config key {key} should be a finite number, got {value!r}")
     return value
 
 
 def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[dict[str, Any]] = None) -> RunConfig:
-    """The defaults, updated by a YAML file, updated by dotted overrides ({"optim.lr": 1e-4})."""
+    """The defaults, updated by a YAML file, updated by dotted overrides ({"optim.lr": 1e-4}).
+
+    The file is read within ``tieta.safe_yaml``'s limits (at most 1 MiB, no repeated keys, aliases
+    that share settings but do not multiply them) and must hold a mapping of settings.
+    """
     values: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise TietaError(f"config file {path} does not exist")
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as error:
-            raise TietaError(f"config file {path} is not valid YAML: {str(error).splitlines()[0]}") from error
+        values = safe_yaml.read_file(path, "config file")
+        if values is None:
+            raise TietaError(f"config file {path} holds no settings (it is empty); give at least one, or leave "
+                             "out --config")
         if not isinstance(values, dict):
-            raise TietaError(f"config file {path} should hold a mapping of settings")
+            raise TietaError(f"config file {path} should hold a mapping of settings, got a {type(values).__name__}")
     for dotted, value in (overrides or {}).items():
         section = values
         *parents, leaf = dotted.split(".")
@@ -157,12 +172,18 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[dic
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """'optim.lr=1e-4' -> ("optim.lr", 0.0001); the value is read as YAML."""
+    """'optim.lr=1e-4' -> ("optim.lr", 0.0001); the value is read as YAML (text that is not YAML
+    stays text), within ``tieta.safe_yaml``'s limits."""
     if "=" not in text:
         raise TietaError(f"--set takes KEY=VALUE, got {text!r}")
     key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or not all(part.strip() for part in key.split(".")):
+        raise TietaError(f"--set takes KEY=VALUE with a dotted key such as optim.lr, got {text!r}")
     try:
-        value = yaml.safe_load(raw)
+        value = safe_yaml.loads(raw)
+    except safe_yaml.RefusedYAML as error:
+        raise TietaError(f"--set {key}: the value is refused: {error}") from None
     except yaml.YAMLError:
         value = raw
     # YAML 1.1 reads "1e-4" as a string; numbers are what such keys mean
@@ -171,24 +192,43 @@ def parse_override(text: str) -> tuple[str, Any]:
             value = float(value)
         except ValueError:
             pass
-    return key.strip(), value
+    return key, value
 
 
 def validate(config: RunConfig) -> None:
     """Refuse settings that cannot work, each with one sentence (every method's sections are
     checked, used or not, so that a bad setting never waits for the run that uses it)."""
     config.method_list  # unknown or repeated method names
+    optim, data = config.optim, config.data
     checks = [
-        (config.optim.epochs >= 1, "optim.epochs must be at least 1"),
-        (0 <= config.optim.warmup_epochs, "optim.warmup_epochs cannot be negative"),
-        (config.optim.batch_size >= 1, "optim.batch_size must be at least 1"),
-        (config.optim.lr > 0, "optim.lr must be positive"),
-        (config.eval_every >= 1, "eval_every must be at least 1"),
-        (config.eval_batch_size >= 1, "eval_batch_size must be at least 1"),
-        (config.img_size is None or config.img_size > 0, "img_size must be positive"),
-        (0 <= config.drop_path < 1, "drop_path must be in [0, 1)"),
-        (config.device in ("auto", "cpu") or config.device.startswith("cuda"), "device must be auto, cpu or cuda[:N]"),
+        (optim.epochs >= 1, f"optim.epochs must be at least 1, got {optim.epochs}"),
+        (0 <= optim.warmup_epochs, f"optim.warmup_epochs cannot be negative, got {optim.warmup_epochs}"),
+        (optim.batch_size >= 1, f"optim.batch_size must be at least 1, got {optim.batch_size}"),
+        (optim.lr > 0, f"optim.lr must be positive, got {optim.lr}"),
+        (optim.min_lr >= 0, f"optim.min_lr cannot be negative, got {optim.min_lr}"),
+        (optim.weight_decay >= 0, f"optim.weight_decay cannot be negative, got {optim.weight_decay}"),
+        (optim.clip_grad is None or optim.clip_grad > 0,
+         f"optim.clip_grad, the largest gradient norm, must be positive (or null for no clipping), "
+         f"got {optim.clip_grad}"),
+        (config.eval_every >= 1, f"eval_every must be at least 1, got {config.eval_every}"),
+        (config.eval_batch_size >= 1, f"eval_batch_size must be at least 1, got {config.eval_batch_size}"),
+        (config.img_size is None or config.img_size > 0, f"img_size must be positive, got {config.img_size}"),
+        (0 <= config.drop_path < 1, f"drop_path must be in [0, 1), got {config.drop_path}"),
+        (0 <= config.seed < SEED_LIMIT,
+         f"seed must be in 0 .. 2**32 - 1 (numpy's and torch's range), got {config.seed}"),
+        (_DEVICE.fullmatch(config.device) is not None, f"device must be auto, cpu or cuda[:N], got {config.device!r}"),
+        (data.num_workers >= 0, f"data.num_workers cannot be negative, got {data.num_workers}"),
+        (data.normalization in NORMALIZATIONS,
+         f"data.normalization must be one of {', '.join(NORMALIZATIONS)}, got {data.normalization!r}"),
     ]
+    for name in ("train_split", "eval_split"):
+        split = getattr(data, name)
+        checks.append((split in SPLITS, f"data.{name} must be one of {', '.join(SPLITS)}, got {split!r}"))
+    groups = ("head", *registry.METHODS)
+    for group, lr in optim.lr_groups.items():
+        checks.append((group in groups, f"optim.lr_groups names a parameter group, one of {', '.join(groups)}; "
+                                        f"got {group!r}"))
+        checks.append((lr > 0, f"optim.lr_groups.{group} must be positive, got {lr}"))
     for ok, message in checks:
         if not ok:
             raise TietaError(message)

@@ -33,7 +33,7 @@ from torch import nn
 from torch.utils.data import Sampler
 
 from tieta.errors import TietaError
-from tieta.ops.shard import Shard, shard_of, split_sizes
+from tieta.shard import Shard, shard_of, split_sizes
 
 
 @dataclass(frozen=True)

@@ -161,9 +161,9 @@ def _fit(config: RunConfig, output: Path, overwrite: bool, label: Optional[str],
     started = time.perf_counter()
     run: Optional[RunDir] = None
     try:  # everything that can refuse the run, before the folder is touched
-        if processes.parallel and _searches(config):
-            raise TietaError("DiffRate's rate search runs in one process; search with tieta train alone, then "
-                             "train in parallel with the rates it found (diffrate.kept_prune, kept_merge)")
+        reasons = [method.one_process(config) for method in config.method_list if method.one_process]
+        if processes.parallel and any(reasons):
+            raise TietaError(next(reason for reason in reasons if reason))
         if processes.main:
             run = RunDir(output, overwrite, resume)
             run.check_writable()
@@ -203,10 +203,6 @@ def _fit(config: RunConfig, output: Path, overwrite: bool, label: Optional[str],
     finally:
         if run is not None:
             run.close()
-
-
-def _searches(config: RunConfig) -> bool:
-    return "diffrate" in config.methods and config.diffrate.target_gmacs is not None
 
 
 def _record_end(run: RunDir, state: str, reason: str) -> None:
@@ -380,6 +376,7 @@ def load_run_model(checkpoint: str | Path) -> tuple[nn.Module, RunConfig, int]:
         path = path / CHECKPOINT
     tensors, config_dict, num_classes = read_checkpoint(path)
     config = from_dict(RunConfig, config_dict)
+    validate(config)  # the settings come from a file: refuse what cannot work before torch sees it
     seed_everything(config.seed)  # as in fit, so that a "random" backbone comes back the same
     model = build_model(config, num_classes)
     load_trained(model, tensors)

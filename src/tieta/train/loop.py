@@ -13,9 +13,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from tieta import shard
 from tieta.errors import TietaError
 from tieta.methods.method import LossFn
-from tieta.ops import shard
 from tieta.train import distributed
 from tieta.train.distributed import SINGLE, Processes
 from tieta.train.optim import set_lr

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from tieta.errors import TietaError
-from tieta.train.checkpoint import read_tensors, write_tensors
+from tieta.train.checkpoint import load_trained, read_tensors, write_tensors
 from tieta.train.distributed import Processes, gather_tensors
 
 FORMAT = "tieta-progress-1"
@@ -88,8 +88,6 @@ def load_progress(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer
         raise TietaError(f"{path} was written by {saved_world} process(es); resume it with as many (an exact "
                          f"resume needs every process's random state), not {processes.world}")
     trained = {name.removeprefix("model."): t for name, t in tensors.items() if name.startswith("model.")}
-    from tieta.train.checkpoint import load_trained
-
     load_trained(model, trained)
     missing = {name for name, p in model.named_parameters() if p.requires_grad} - set(trained)
     if missing:

@@ -167,6 +167,8 @@ class RunDir:
         existing = self.path
         while not existing.exists():
             existing = existing.parent
+        if not existing.is_dir():
+            raise TietaError(f"cannot create {self.path}: {existing} is a file, not a folder")
         if not os.access(existing, os.W_OK | os.X_OK):
             raise TietaError(f"cannot write to {existing}: permission denied (read-only?)")
         free = shutil.disk_usage(existing).free
