@@ -100,7 +100,7 @@ def test_ctrl_c_marks_the_run_interrupted_and_resume_finishes_it_exactly(vtab_ta
     with pytest.raises(KeyboardInterrupt):
         fit(_config(vtab_task, method=method), tmp_path / "run")
     state = read_state(tmp_path / "run")
-    assert state.state == "interrupted" and state.epoch == 1 and "--resume" in state.reason
+    assert state.state == "interrupted" and state.epoch == 1 and "SIGTERM" in state.reason
     monkeypatch.undo()
     resume_run(tmp_path / "run")
     fit(_config(vtab_task, method=method), tmp_path / "alone")
@@ -125,3 +125,18 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_from_the_start(vtab_ta
     resume_run(tmp_path / "run")
     fit(_config(vtab_task), tmp_path / "alone")
     _same_metrics(tmp_path / "run", tmp_path / "alone")
+
+
+def test_sigterm_stops_the_run_as_interrupted(vtab_task, tmp_path):
+    run = tmp_path / "run"
+    process = subprocess.Popen(_command(vtab_task, run, "lora", 5000), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while _epochs_done(run) < 1 and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)  # a scheduler ending the job
+    _, error = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert "tieta train --resume" in error and "Traceback" not in error
+    state = read_state(run)
+    assert state.state == "interrupted" and state.epoch >= 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -190,7 +191,9 @@ def _fit(config: RunConfig, output: Path, overwrite: bool, label: Optional[str],
         return _train(config, run, output, resume, task, model, train_set, eval_set, device, label, processes, started)
     except KeyboardInterrupt:
         if run is not None:
-            _record_end(run, INTERRUPTED, f"stopped by the user; continue with tieta train --resume {output}")
+            _record_end(run, INTERRUPTED, "stopped by Ctrl-C or SIGTERM")
+            tqdm.write(f"interrupted after epoch {run.epoch} of {config.optim.epochs}; to go on: tieta train --resume "
+                       f"{output}", file=sys.stderr)
         raise
     except TietaError as error:
         if run is not None:
@@ -353,6 +356,8 @@ def resume_run(folder: str | Path, device: Optional[str] = None, label: Optional
         device: run on another device than the run's own (then the numbers can differ in rounding).
     """
     folder = Path(folder)
+    if not folder.is_dir():
+        raise TietaError(f"{folder} is not a run folder" + ("" if folder.exists() else " (it does not exist)"))
     state = read_state(folder)
     if state.state == FINISHED:
         raise TietaError(f"the run in {folder} has finished; there is nothing to resume")
