@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import errno
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -222,3 +224,26 @@ def test_a_tampered_progress_checkpoint_is_refused_on_resume(vtab_task, tmp_path
     assert main(["train", "--resume", str(run)]) == 2
     assert "does not match its checksum" in capsys.readouterr().err
     assert read_state(run).state == "failed"
+
+
+def test_a_run_that_finished_into_the_folder_meanwhile_is_not_written_over(vtab_task, tmp_path):
+    late = RunDir(tmp_path / "run")  # checked while the folder was still empty ...
+    fit(_config(vtab_task), tmp_path / "run")  # ... then another process trained into it
+    before = _contents(tmp_path / "run")
+    with pytest.raises(TietaError, match="already exists"):
+        late.open()
+    assert _contents(tmp_path / "run") == before
+
+
+def test_two_trainings_started_into_one_new_folder_do_not_mix(vtab_task, tmp_path):
+    command = [sys.executable, "-m", "tieta", "train", *TINY, "--epochs", "3", "--data", str(vtab_task),
+               "--output", str(tmp_path / "run")]
+    processes = [subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                 for _ in range(2)]
+    results = [(process.wait(timeout=300), process.stderr.read()) for process in processes]
+    codes = sorted(code for code, _ in results)
+    assert codes == [0, 2], results
+    refused = next(error for code, error in results if code == 2)
+    assert "in use by another tieta process" in refused or "already exists" in refused
+    epochs = [json.loads(line)["epoch"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2, 3]

@@ -151,16 +151,22 @@ class RunDir:
         if self.path.is_dir() and _lock_is_held(self.path):
             raise TietaError(f"run folder {self.path} is in use by another tieta process "
                              f"({(self.path / LOCK).read_text().strip() or 'unknown'})")
-        occupied = holds_run(self.path)
-        if resume and not (self.path / CONFIG).is_file():
-            raise TietaError(f"{self.path} holds no run to resume (no {CONFIG})")
-        if occupied and not (overwrite or resume):
-            raise TietaError(f"output folder {self.path} already exists and is not empty; pick another, pass "
-                             "--overwrite to replace it, or --resume to continue it")
-        self.replacing = occupied and overwrite and not resume
-        self.writes_to = self.path / INCOMING if self.replacing else self.path
+        self.overwrite = overwrite
         self.epoch, self.epochs = 0, 0
         self._lock = None
+        self._decide()
+
+    def _decide(self) -> None:
+        """Whether the folder may be used, and whether its run is replaced (checked again under the
+        lock: another process may have written into it since)."""
+        occupied = holds_run(self.path)
+        if self.resume and not (self.path / CONFIG).is_file():
+            raise TietaError(f"{self.path} holds no run to resume (no {CONFIG})")
+        if occupied and not (self.overwrite or self.resume):
+            raise TietaError(f"output folder {self.path} already exists and is not empty; pick another, pass "
+                             "--overwrite to replace it, or --resume to continue it")
+        self.replacing = occupied and self.overwrite and not self.resume
+        self.writes_to = self.path / INCOMING if self.replacing else self.path
 
     def check_writable(self, needed_bytes: int = 0) -> None:
         """Refuse a folder that cannot be written or a disk without room for ``needed_bytes``."""
@@ -188,6 +194,11 @@ class RunDir:
         except BlockingIOError:
             handle.close()
             raise TietaError(f"run folder {self.path} is in use by another tieta process") from None
+        try:
+            self._decide()
+        except TietaError:
+            handle.close()
+            raise
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
