@@ -19,7 +19,7 @@ from tieta.data.vtab import open_task
 from tieta.errors import TietaError
 from tieta.sweep.plan import PLAN_FILE, plan_from_dict
 from tieta.sweep.vtab1k import VTAB_1K
-from tieta.train.rundir import CONFIG, FINISHED, STATE, SUMMARY, read_state
+from tieta.train.rundir import CONFIG, FINISHED, INCOMING, STATE, SUMMARY, read_state
 
 
 @dataclass
@@ -120,6 +120,8 @@ def _collect_discovered(folder: Path) -> SweepResults:
         records.append(RunRecord(data.name, str(summary.get("method", "?")), seed, summary_file.parent, summary,
                                  config))
     for state_file in sorted(folder.rglob(STATE)):  # runs that started but did not finish
+        if INCOMING in state_file.parts:  # a replacement, not yet moved in
+            continue
         state = read_state(state_file.parent)
         if state.state != FINISHED:
             missing.append(f"{state_file.parent}: {state.describe()}")
