@@ -134,3 +134,27 @@ def test_a_tampered_summary_counts_as_unfinished(tmp_path):
     results = collect(folder)
     assert "kitti · lora · seed 1: summary.json unreadable" in results.missing
     assert run_rows(results)[0].headline.n == 1  # seed 1 of lora no longer has every task
+
+
+def test_a_folder_of_runs_lists_its_unfinished_ones_with_their_state(vtab_task, tmp_path, monkeypatch):
+    from tieta.train import fit as fit_module
+    from tieta.train.config import load_config
+
+    config = load_config(overrides={"model": "test_vit", "weights": "random", "img_size": 32, "optim.epochs": 2,
+                                    "optim.warmup_epochs": 1, "optim.batch_size": 4, "data.path": str(vtab_task)})
+    fit_module.fit(config, tmp_path / "runs" / "done")
+    real, calls = fit_module.train_one_epoch, []
+
+    def interrupted_in_epoch_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fit_module, "train_one_epoch", interrupted_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        fit_module.fit(config, tmp_path / "runs" / "killed")
+    results = collect(tmp_path / "runs")
+    assert len(results.records) == 1
+    assert results.missing == [f"{tmp_path / 'runs' / 'killed'}: interrupted after epoch 1 of 2: stopped by Ctrl-C "
+                               "or SIGTERM"]
