@@ -118,3 +118,19 @@ def home(tmp_path_factory) -> Path:
     patch.setenv("TIETA_HOME", str(path))
     yield path
     patch.undo()
+
+
+def fail_in_epoch(monkeypatch, epoch: int, error: BaseException = KeyboardInterrupt()) -> None:
+    """Make the ``epoch``-th training epoch from now on raise ``error`` (Ctrl-C by default, or a
+    crash); ``monkeypatch.undo()`` ends it."""
+    from tieta.train import fit as fit_module
+
+    real, calls = fit_module.train_one_epoch, []
+
+    def train_one_epoch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == epoch:
+            raise error
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fit_module, "train_one_epoch", train_one_epoch)

@@ -6,6 +6,7 @@ import json
 import pytest
 import yaml
 
+from conftest import fail_in_epoch
 from tieta import TietaError
 from tieta.cli import main
 from tieta.report.aggregate import Spread, pareto_front, run_rows
@@ -143,15 +144,7 @@ def test_a_folder_of_runs_lists_its_unfinished_ones_with_their_state(vtab_task, 
     config = load_config(overrides={"model": "test_vit", "weights": "random", "img_size": 32, "optim.epochs": 2,
                                     "optim.warmup_epochs": 1, "optim.batch_size": 4, "data.path": str(vtab_task)})
     fit_module.fit(config, tmp_path / "runs" / "done")
-    real, calls = fit_module.train_one_epoch, []
-
-    def interrupted_in_epoch_2(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(fit_module, "train_one_epoch", interrupted_in_epoch_2)
+    fail_in_epoch(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         fit_module.fit(config, tmp_path / "runs" / "killed")
     results = collect(tmp_path / "runs")

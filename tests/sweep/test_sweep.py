@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import write_vtab_task
+from tests.conftest import fail_in_epoch, write_vtab_task
 from tieta import TietaError
 from tieta.cli import main
 from tieta.sweep import runner
@@ -53,18 +53,8 @@ def test_an_unfinished_run_is_trained_again(tasks, tmp_path):
 
 
 def test_an_interrupted_run_is_resumed_from_its_last_epoch(tasks, tmp_path, monkeypatch):
-    from tieta.train import fit as fit_module
-
     plan = plan_from_flags([str(tasks[0])], ["lora"], [0], {**TINY, "optim.epochs": 3})
-    real, calls = fit_module.train_one_epoch, []
-
-    def interrupted_in_epoch_2(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(fit_module, "train_one_epoch", interrupted_in_epoch_2)
+    fail_in_epoch(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         run_sweep(plan, tmp_path / "sweep", log=lambda text: None)
     monkeypatch.undo()

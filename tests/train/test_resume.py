@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_vtab_task
+from conftest import fail_in_epoch, write_vtab_task
 from tieta import TietaError
 from tieta.cli import main
-from tieta.train import fit as fit_module
 from tieta.train.config import load_config
 from tieta.train.fit import fit, resume_run
 from tieta.train.rundir import read_state
@@ -82,21 +81,9 @@ def _config(task: Path, **extra):
     return load_config(overrides=values)
 
 
-def _interrupt_at_epoch(monkeypatch, epoch: int) -> None:
-    real, calls = fit_module.train_one_epoch, []
-
-    def train_one_epoch(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == epoch:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(fit_module, "train_one_epoch", train_one_epoch)
-
-
 @pytest.mark.parametrize("method", ["pyra+lora", "evit+adapter"])
 def test_ctrl_c_marks_the_run_interrupted_and_resume_finishes_it_exactly(vtab_task, tmp_path, monkeypatch, method):
-    _interrupt_at_epoch(monkeypatch, 2)
+    fail_in_epoch(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         fit(_config(vtab_task, method=method), tmp_path / "run")
     state = read_state(tmp_path / "run")
@@ -118,7 +105,7 @@ def test_resume_refuses_finished_runs_and_empty_folders(vtab_task, tmp_path, cap
 
 
 def test_a_run_killed_before_its_first_checkpoint_resumes_from_the_start(vtab_task, tmp_path, monkeypatch):
-    _interrupt_at_epoch(monkeypatch, 1)
+    fail_in_epoch(monkeypatch, 1)
     with pytest.raises(KeyboardInterrupt):
         fit(_config(vtab_task), tmp_path / "run")
     monkeypatch.undo()

@@ -13,6 +13,7 @@ import pytest
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from conftest import fail_in_epoch
 from tieta import TietaError
 from tieta.cli import main
 from tieta.train import checkpoint as checkpoint_module
@@ -37,18 +38,6 @@ def _contents(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and p.name != ".lock"}
 
 
-def _failing_epoch(monkeypatch, epoch: int, error: BaseException) -> None:
-    real, calls = fit_module.train_one_epoch, []
-
-    def train_one_epoch(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == epoch:
-            raise error
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(fit_module, "train_one_epoch", train_one_epoch)
-
-
 def test_overwrite_keeps_the_old_run_until_the_new_one_has_checkpointed(vtab_task, tmp_path, monkeypatch):
     run = tmp_path / "run"
     fit(_config(vtab_task), run)
@@ -58,7 +47,7 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_has_checkpointed(vtab_tas
                  "--set", "optim.clip_grad=abc"]) == 2
     assert _contents(run) == before
     # a run that fails in its first epoch: the old run is untouched
-    _failing_epoch(monkeypatch, 1, RuntimeError("boom"))
+    fail_in_epoch(monkeypatch, 1, RuntimeError("boom"))
     with pytest.raises(RuntimeError):
         fit(_config(vtab_task, method="tome+lora"), run, overwrite=True)
     assert _contents(run) == before and not (run / ".incoming").exists()
@@ -213,7 +202,7 @@ def test_a_bad_image_read_in_a_loader_worker_is_one_sentence(vtab_task, tmp_path
 
 def test_a_tampered_progress_checkpoint_is_refused_on_resume(vtab_task, tmp_path, monkeypatch, capsys):
     run = tmp_path / "run"
-    _failing_epoch(monkeypatch, 2, KeyboardInterrupt())
+    fail_in_epoch(monkeypatch, 2, KeyboardInterrupt())
     with pytest.raises(KeyboardInterrupt):
         fit(_config(vtab_task), run)
     monkeypatch.undo()

@@ -184,6 +184,8 @@ def _fit(config: RunConfig, output: Path, overwrite: bool, label: Optional[str],
     except (TietaError, OSError) as error:
         failure = error
     if not distributed.agree(failure is None, processes):
+        if run is not None:
+            run.close()
         if isinstance(failure, OSError):
             raise TietaError(f"cannot start the run: {failure}") from None
         raise failure or TietaError("another of the training processes could not start (see its message)")
@@ -235,9 +237,9 @@ class _TermAsInterrupt:
             signal.signal(signal.SIGTERM, self.previous)
 
 
-def _train(config: RunConfig, run: Optional[RunDir], output: Path, resume: bool, task: Task, model: nn.Module, train_set: ImageDataset,
-           eval_set: ImageDataset, device: torch.device, label: Optional[str], processes: distributed.Processes,
-           started: float) -> dict[str, Any]:
+def _train(config: RunConfig, run: Optional[RunDir], output: Path, resume: bool, task: Task, model: nn.Module,
+           train_set: ImageDataset, eval_set: ImageDataset, device: torch.device, label: Optional[str],
+           processes: distributed.Processes, started: float) -> dict[str, Any]:
     normalize = Normalize(config.data.normalization).to(device)
     optim = config.optim
     shuffle = torch.Generator().manual_seed(config.seed)
