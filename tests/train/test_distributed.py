@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from conftest import write_vtab_task
-from tieta import shard
-from tieta.train.distributed import Processes, ShardedBatches, global_batch_sizes
+from tieta import TietaError, shard
+from tieta.train.distributed import Processes, ShardedBatches, global_batch_sizes, join
 
 # no dropout or drop-path: those draw per process, so only their distribution matches one process
 DETERMINISTIC = ["--model", "test_vit", "--weights", "random", "--img-size", "32", "--epochs", "2",
@@ -81,3 +81,25 @@ def test_batch_rand_takes_the_shards_rows_of_the_global_draw():
     with shard.sharded(shard.Shard(global_count=6, start=4, count=2, reduce=lambda t: None)):
         part = shard.batch_rand((2, 2, 3), batch_dim=1)
     assert torch.equal(part, whole[:, 4:6])
+
+
+def test_a_refusal_in_one_process_stops_all_without_touching_the_folder(tmp_path):
+    task = write_vtab_task(tmp_path / "task")
+    _train([sys.executable], task, tmp_path / "run", "lora", 5)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()}
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "tieta",
+            "train", *DETERMINISTIC, "--data", str(task), "--output", str(tmp_path / "run")]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    errors = [line for line in done.stdout.splitlines() + done.stderr.splitlines() if line.startswith("tieta: error")]
+    assert any("already exists" in line for line in errors)
+    assert any("another of the training processes could not start" in line for line in errors)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()} == before
+
+
+def test_a_process_without_its_gpu_is_refused(monkeypatch):
+    for key, value in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(TietaError, match="wants GPU 1"):
+        join("cuda")

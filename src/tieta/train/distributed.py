@@ -76,6 +76,9 @@ def join(device_name: str) -> tuple[Processes, str]:
         raise TietaError("RANK, WORLD_SIZE and LOCAL_RANK must be whole numbers (torchrun sets them)") from None
     use_cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
     if use_cuda:
+        if not torch.cuda.is_available() or local_rank >= torch.cuda.device_count():
+            raise TietaError(f"process {rank} wants GPU {local_rank} (its local rank), but torch sees "
+                             f"{torch.cuda.device_count()} CUDA devices here")
         if device_name not in ("auto", "cuda"):
             raise TietaError(f"under torchrun each process takes the GPU of its local rank; use --device cuda "
                              f"or auto, not {device_name}")
@@ -87,7 +90,7 @@ def join(device_name: str) -> tuple[Processes, str]:
 
 
 def leave(processes: Processes) -> None:
-    if processes.parallel and dist.is_initialized():
+    if launched_by_torchrun() and dist.is_initialized():
         dist.destroy_process_group()
 
 
