@@ -236,3 +236,13 @@ def test_two_trainings_started_into_one_new_folder_do_not_mix(vtab_task, tmp_pat
     assert "in use by another tieta process" in refused or "already exists" in refused
     epochs = [json.loads(line)["epoch"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [1, 2, 3]
+
+
+def test_a_lock_file_linked_elsewhere_is_not_followed(vtab_task, tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / ".lock").symlink_to(victim)
+    with pytest.raises(TietaError, match="cannot create the run folder"):
+        fit(_config(vtab_task), tmp_path / "run")
+    assert victim.read_text() == "precious"

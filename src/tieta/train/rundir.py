@@ -91,13 +91,19 @@ def strict_json(value: Any) -> Any:
     return value
 
 
+def _open_lock(path: Path):
+    """The lock file, opened for writing without following a symbolic link (the pid written into it
+    must never land in a file someone linked there)."""
+    return os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644), "r+")
+
+
 def _lock_is_held(folder: Path) -> bool:
     """Whether a live process holds ``folder``'s lock (probing takes and drops it at once)."""
     lock = folder / LOCK
     if not lock.is_file():
         return False
     try:
-        with open(lock, "a") as handle:
+        with _open_lock(lock) as handle:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -186,7 +192,7 @@ class RunDir:
         """Create the folder and take its lock (before this, nothing has been written)."""
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            handle = open(self.path / LOCK, "a+")
+            handle = _open_lock(self.path / LOCK)
         except OSError as error:
             raise TietaError(f"cannot create the run folder {self.path}: {error.strerror}") from None
         try:
