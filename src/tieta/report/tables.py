@@ -41,6 +41,14 @@ DEMO_COLUMNS = SUMMARY_COLUMNS + (("speedup", "speedup", ".2f"), ("activation_ra
 # an evaluation has no best epoch to report
 EVAL_COLUMNS = tuple(column for column in SUMMARY_COLUMNS if column[0] != "best_acc")
 
+# `tieta predict`: the best class of each image, its probability, and the next ones
+PREDICT_COLUMNS = (
+    ("image", "image", ""),
+    ("class", "class", ""),
+    ("probability", "p", ".3f"),
+    ("next", "next classes", ""),
+)
+
 # `tieta flops`: the unmodified model, then with the method, and the cost ratio between them
 FLOPS_COLUMNS = (
     ("name", "model", ""),

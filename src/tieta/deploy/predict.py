@@ -1,0 +1,135 @@
+"""Classifying new images with a trained run or an export: ``tieta predict``.
+
+Images are prepared exactly as in training (the straight bicubic resize to the model's input size
+and the run's normalisation), decoded a batch at a time. A file that cannot be read is reported
+and skipped, and the others are classified.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from tieta.data.transforms import Normalize, load_resized
+from tieta.data.vtab import IMAGE_SUFFIXES, open_task
+from tieta.deploy.export import is_export, load_export
+from tieta.errors import TietaError
+from tieta.train.fit import image_size_of, load_run_model, resolve_device
+
+
+@dataclass
+class Predictor:
+    """A model ready to classify: its input size, normalisation and class names."""
+
+    model: nn.Module
+    img_size: int
+    normalization: str
+    class_names: Optional[list[str]]
+
+    def name(self, index: int) -> str:
+        return self.class_names[index] if self.class_names else str(index)
+
+
+def open_predictor(source: str | Path) -> Predictor:
+    """The model of a run folder (or its checkpoint file) or of an export folder."""
+    source = Path(source)
+    if not source.exists():
+        raise TietaError(f"{source} does not exist: give a run folder or an export folder")
+    if source.is_dir() and is_export(source):
+        model, info = load_export(source)
+        return Predictor(model, info.img_size, info.normalization, info.class_names)
+    model, config, num_classes = load_run_model(source)
+    try:
+        names = open_task(config.data.path).class_names if config.data.path else None
+    except TietaError:  # the task folder has moved: numbers instead of names
+        names = None
+    return Predictor(model.eval(), image_size_of(model), config.data.normalization,
+                     names if names and len(names) == num_classes else None)
+
+
+@dataclass
+class Predictions:
+    """Each classified image's top classes, and the files skipped with why."""
+
+    rows: list[tuple[Path, list[tuple[str, float]]]] = field(default_factory=list)
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def image_files(paths: list[str | Path], skip: Callable[[Path, str], None]) -> list[Path]:
+    """The image files named, and those inside the folders named (recursively, sorted)."""
+    found: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.is_file():
+            found.append(path)
+        else:
+            skip(path, "does not exist")
+    return found
+
+
+def _batches(files: list[Path], size: int, batch_size: int, skip: Callable[[Path, str], None]
+             ) -> Iterator[tuple[list[Path], torch.Tensor]]:
+    """(files, (b, 3, S, S) uint8 images) of up to ``batch_size`` readable images at a time."""
+    chunk: list[Path] = []
+    images: list[torch.Tensor] = []
+    for path in files:
+        try:
+            images.append(load_resized(path, size))
+            chunk.append(path)
+        except TietaError as error:
+            skip(path, str(error))
+        if len(chunk) == batch_size:
+            yield chunk, torch.stack(images)
+            chunk, images = [], []
+    if chunk:
+        yield chunk, torch.stack(images)
+
+
+@torch.inference_mode()
+def predict(predictor: Predictor, paths: list[str | Path], top_k: int = 5, batch_size: int = 32,
+            device: str = "auto", on_skip: Optional[Callable[[Path, str], None]] = None) -> Predictions:
+    """Classify the images at ``paths`` (files, or folders of them).
+
+    Returns:
+        Predictions: per image the ``top_k`` (class name, probability) pairs, best first.
+    """
+    result = Predictions()
+
+    def skip(path: Path, why: str) -> None:
+        result.skipped.append((path, why))
+        if on_skip is not None:
+            on_skip(path, why)
+
+    files = image_files(paths, skip)
+    if not files:
+        raise TietaError("no image files to classify" + (f" ({len(result.skipped)} paths skipped)"
+                                                         if result.skipped else ""))
+    target = resolve_device(device)
+    model = predictor.model.to(target)
+    normalize = Normalize(predictor.normalization).to(target)
+    with tqdm(total=len(files), desc="classifying", unit="img", disable=None) as progress:
+        for chunk, images in _batches(files, predictor.img_size, batch_size, skip):
+            probabilities = model(normalize(images.to(target))).float().softmax(dim=-1)
+            values, indices = probabilities.topk(min(top_k, probabilities.shape[-1]), dim=-1)
+            for path, row_values, row_indices in zip(chunk, values.tolist(), indices.tolist()):
+                result.rows.append((path, [(predictor.name(i), p) for i, p in zip(row_indices, row_values)]))
+            progress.update(len(chunk))
+    return result
+
+
+def predictions_csv(predictions: Predictions, top_k: int) -> str:
+    """image, class_1, probability_1, ..., class_k, probability_k: one row per classified image."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["image"] + [f"{kind}_{rank}" for rank in range(1, top_k + 1) for kind in ("class", "probability")])
+    for path, top in predictions.rows:
+        writer.writerow([str(path)] + [value for name, p in top for value in (name, f"{p:.6f}")])
+    return buffer.getvalue()
