@@ -219,6 +219,66 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import(args: argparse.Namespace) -> int:
+    from tieta.reference.importer import import_checkpoint
+    from tieta.train.config import parse_override
+
+    settings = dict(parse_override(item) for item in args.set)
+    result = import_checkpoint(args.kind, args.file, args.output, model=args.model, num_classes=args.num_classes,
+                               data=args.data, img_size=args.img_size, schedule=args.schedule, settings=settings,
+                               overwrite=args.overwrite)
+    for note in result.notes:
+        print(f"note: {note}")
+    print(f"imported {args.file} ({args.kind} code) as {result.method}, {result.num_classes} classes: "
+          f"{result.trained:,} trained parameters, {result.backbone:,} in the backbone")
+    print(f"run folder: {result.output}")
+    print(f"next: tieta eval {result.output}" + ("" if args.data else " --data TASK_DIR"))
+    return 0
+
+
+def _size(size: int) -> str:
+    return f"{size / 2**20:.1f} MiB" if size >= 2**20 else f"{size / 2**10:.1f} KiB"
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from tieta.deploy.export import export_run
+
+    written = export_run(args.run, args.output, overwrite=args.overwrite)
+    print(f"exported {written['model']} + {written['method']} to {written['output']}")
+    print(f"  sizes: the run's checkpoint {_size(written['checkpoint_bytes'])} (trained tensors only), the export "
+          f"{_size(written['export_bytes'])} (the whole inference model), the backbone alone "
+          f"{_size(written['backbone_bytes'])}")
+    print(f"  load it with: tieta.load({str(written['output'])!r})")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from tieta.deploy.predict import open_predictor, predict, predictions_csv
+    from tieta.report.tables import PREDICT_COLUMNS, format_table
+    from tieta.train.rundir import write_atomically
+
+    if args.output is not None:
+        _file_to_write(args.output)
+        if args.output.exists() and not args.overwrite:
+            raise TietaError(f"{args.output} already exists; pick another path or pass --overwrite")
+    predictor = open_predictor(args.source)
+
+    def report_skip(path: Path, why: str) -> None:
+        print(f"tieta: skipped {path}: {why}", file=sys.stderr)
+
+    found = predict(predictor, args.images, args.top_k, args.batch_size, args.device, report_skip)
+    if args.output is not None:
+        write_atomically(args.output, predictions_csv(found, min(args.top_k, len(found.rows[0][1]))))
+    else:
+        rows = [{"image": str(path), "class": top[0][0], "probability": top[0][1],
+                 "next": ", ".join(f"{name} {p:.2f}" for name, p in top[1:])} for path, top in found.rows]
+        print(format_table(rows, PREDICT_COLUMNS))
+    skipped = f", skipped {len(found.skipped)} (see above)" if found.skipped else ""
+    print(f"classified {len(found.rows)} image{'s' if len(found.rows) != 1 else ''}{skipped}" + (f"; wrote {args.output}" if args.output else ""),
+          file=sys.stderr)
+    return 0
+
+
 def _cost_rows(label: str, plain: dict[str, float], with_method: dict[str, float]) -> list[dict[str, Any]]:
     """The rows of ``tieta flops``' table: the unmodified timm model, then the model with the method
     (named ``label``), each with its cost ratio to the unmodified one."""
@@ -431,6 +491,51 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=_positive_int, help="evaluation batch size")
     evaluate.add_argument("--json", action="store_true", help="print the raw result as JSON instead of a table")
     evaluate.set_defaults(func=cmd_eval)
+
+    importer = sub.add_parser("import", help="turn a checkpoint of the PYRA, DyT or NOAH reference code into a run folder",
+                              description="Convert a checkpoint saved by the public PYRA, DyT or NOAH code into a "
+                              "finished run folder (its backbone in backbone.safetensors, the trained tensors in "
+                              "checkpoint.safetensors), which tieta eval, export and predict read. Nothing in the "
+                              "file is executed: .pth files are read with torch.load(weights_only=True).")
+    importer.add_argument("file", type=Path, help="the reference checkpoint (.pth, .pt, .bin or .safetensors)")
+    importer.add_argument("--from", dest="kind", required=True, choices=("pyra", "dyt", "noah"),
+                          help="whose code wrote it: pyra (PYRA/ToMe + LoRA), dyt (DyT), noah (NOAH's LoRA)")
+    importer.add_argument("--output", required=True, type=Path, help="run folder to create")
+    importer.add_argument("--model", help="timm model it was trained on (default vit_base_patch16_224)")
+    importer.add_argument("--num-classes", type=_positive_int, help="classes of its head (checked, read from the head)")
+    importer.add_argument("--data", help="the task folder it was trained on (recorded for tieta eval; classes checked)")
+    importer.add_argument("--img-size", type=_positive_int,
+                          help="input resolution it was trained at (default: its saved arguments', else the model's)")
+    importer.add_argument("--schedule", type=_argument_type(catalog.parse_schedule_flag),
+                          help="PYRA-code checkpoints without PYRA modules: the ToMe schedule they were trained with "
+                          "(low, high, a list like [16,16,8]) or none")
+    importer.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                          help="another run setting, e.g. --set data.normalization=inception (repeatable)")
+    importer.add_argument("--overwrite", action="store_true", help="replace the run in --output")
+    importer.set_defaults(func=cmd_import)
+
+    export = sub.add_parser("export", help="the trained model, LoRA folded in, as safetensors + JSON for tieta.load",
+                            description="Write a finished run's inference model to a folder: model.safetensors "
+                            "(every tensor: backbone with LoRA folded in, adapters, token-reduction modules, head) "
+                            "and tieta_export.json (how to rebuild it). tieta.load(folder) gives the trained "
+                            "model's logits with torch, timm and tieta only.")
+    export.add_argument("run", type=Path, help="a finished run folder")
+    export.add_argument("--output", type=Path, required=True, help="export folder to create")
+    export.add_argument("--overwrite", action="store_true", help="replace the files of an existing export")
+    export.set_defaults(func=cmd_export)
+
+    predictor = sub.add_parser("predict", help="classify image files or folders with a run or an export",
+                               description="Top classes of each image (files, or folders searched recursively), "
+                               "prepared as in training, in batches. Files that cannot be read are reported and "
+                               "skipped.")
+    predictor.add_argument("source", type=Path, help="a finished run folder or an export folder")
+    predictor.add_argument("images", nargs="+", type=Path, help="image files or folders")
+    predictor.add_argument("--top-k", type=_positive_int, default=5, help="classes per image (default 5)")
+    predictor.add_argument("--batch-size", type=_positive_int, default=32, help="images per batch (default 32)")
+    predictor.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
+    predictor.add_argument("--output", type=Path, help="write a CSV here instead of printing a table")
+    predictor.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
+    predictor.set_defaults(func=cmd_predict)
 
     flops = sub.add_parser("flops", help="per-image GMACs and parameters of a configured model")
     _add_config_arguments(flops, data_required=None)
