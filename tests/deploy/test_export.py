@@ -28,6 +28,7 @@ METHODS = {
     "evit+lora": {},
     "dynamicvit+lora": {},
     "diffrate+lora": {"diffrate.kept_prune": [17, 14, 12, 10, 8, 7], "diffrate.kept_merge": [17, 13, 11, 9, 7, 6]},
+    "diffrate+adapter": {"diffrate.target_gmacs": 0.01, "diffrate.search_epochs": 1, "optim.epochs": 2},  # searched
 }
 
 
