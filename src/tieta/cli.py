@@ -492,7 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", action="store_true", help="print the raw result as JSON instead of a table")
     evaluate.set_defaults(func=cmd_eval)
 
-    importer = sub.add_parser("import", help="turn a checkpoint of the PYRA, DyT or NOAH reference code into a run folder",
+    importer = sub.add_parser("import", help="turn a PYRA, DyT or NOAH reference-code checkpoint into a run folder",
                               description="Convert a checkpoint saved by the public PYRA, DyT or NOAH code into a "
                               "finished run folder (its backbone in backbone.safetensors, the trained tensors in "
                               "checkpoint.safetensors), which tieta eval, export and predict read. Nothing in the "
