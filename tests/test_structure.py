@@ -31,6 +31,8 @@ LAZY_IMPORTS = {
     ("backbone.py", "_builtin_weights"): "tieta.data.assets, only when a built-in asset is named",
     ("data/assets.py", "saliency_dinov2_vits14_weights"): "timm and safetensors, only when the asset is built",
     ("data/assets.py", "_write_elpv"): "tqdm, only when the ELPV task is built",
+    ("deploy/onnx.py", "_onnxruntime"): "onnxruntime is an optional dependency (tieta[onnx])",
+    ("deploy/onnx.py", "_onnx_translations"): "onnxscript is an optional dependency (tieta[onnx])",
 }
 LAZY_FILES = {"cli.py"}  # every function of these may import lazily
 

@@ -243,12 +243,16 @@ def _size(size: int) -> str:
 def cmd_export(args: argparse.Namespace) -> int:
     from tieta.deploy.export import export_run
 
-    written = export_run(args.run, args.output, overwrite=args.overwrite)
+    written = export_run(args.run, args.output, overwrite=args.overwrite,
+                         onnx_batch_size=args.onnx_batch_size if args.onnx else None)
     print(f"exported {written['model']} + {written['method']} to {written['output']}")
     print(f"  sizes: the run's checkpoint {_size(written['checkpoint_bytes'])} (trained tensors only), the export "
           f"{_size(written['export_bytes'])} (the whole inference model), the backbone alone "
           f"{_size(written['backbone_bytes'])}")
     print(f"  load it with: tieta.load({str(written['output'])!r})")
+    if args.onnx:
+        print(f"  model.onnx ({_size(written['onnx_bytes'])}, batch {written['onnx_batch_size']}): largest logit "
+              f"difference from PyTorch in onnxruntime {written['onnx_max_difference']:.1e}")
     return 0
 
 
@@ -522,6 +526,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("run", type=Path, help="a finished run folder")
     export.add_argument("--output", type=Path, required=True, help="export folder to create")
     export.add_argument("--overwrite", action="store_true", help="replace the files of an existing export")
+    export.add_argument("--onnx", action="store_true", help="also write model.onnx, checked with onnxruntime "
+                        "(needs tieta[onnx])")
+    export.add_argument("--onnx-batch-size", type=_positive_int, default=1,
+                        help="the ONNX file's fixed batch size (default 1)")
     export.set_defaults(func=cmd_export)
 
     predictor = sub.add_parser("predict", help="classify image files or folders with a run or an export",

@@ -138,3 +138,15 @@ def test_unreadable_export_info_is_refused(exported, capsys):
     assert "unreadable" in _refused(capsys, exported)
     (exported / INFO_FILE).write_text(json.dumps({"format": 1}))
     assert "lacks what tieta needs" in _refused(capsys, exported)
+
+
+@pytest.mark.parametrize("method", ["pyra+lora", "dyt", "diffrate+adapter"])
+def test_export_with_onnx_writes_a_checked_file(vtab_task, tmp_path, capsys, method):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    run = _trained(vtab_task, tmp_path / "run", method)
+    assert main(["export", str(run), "--output", str(tmp_path / "export"), "--onnx", "--onnx-batch-size", "2"]) == 0
+    out = capsys.readouterr().out
+    assert (tmp_path / "export" / "model.onnx").is_file() and "batch 2" in out
+    difference = float(out.split("onnxruntime ")[-1].split()[0])
+    assert difference < 1e-4

@@ -29,7 +29,9 @@ from torch import nn
 
 import tieta
 from tieta.data.vtab import open_task
+from tieta.deploy.onnx import check_onnx, export_onnx
 from tieta.errors import TietaError
+from tieta.methods.diffrate import DiffRateReduce, fix_rates
 from tieta.methods.lora import merge_lora
 from tieta.train.checkpoint import read_tensors, write_tensors
 from tieta.train.config import RunConfig, from_dict, validate
@@ -40,6 +42,7 @@ from tieta.train.rundir import CHECKPOINT
 EXPORT_FORMAT = 1  # raised when an export changes so that an older tieta cannot read it
 INFO_FILE = "tieta_export.json"
 WEIGHTS_FILE = "model.safetensors"
+ONNX_FILE = "model.onnx"  # with --onnx; a model over 2 GiB keeps its weights in model.onnx.data
 
 
 @dataclass
@@ -75,12 +78,18 @@ def _bytes(path: Path) -> int:
     return path.stat().st_size if path.is_file() else 0
 
 
-def export_run(run: str | Path, output: str | Path, overwrite: bool = False) -> dict[str, Any]:
+def export_run(run: str | Path, output: str | Path, overwrite: bool = False,
+               onnx_batch_size: Optional[int] = None) -> dict[str, Any]:
     """Write the inference model of the finished run in ``run`` to the folder ``output``.
+
+    Args:
+        onnx_batch_size: also write ``model.onnx`` at this fixed batch size, checked against
+            PyTorch with onnxruntime (``tieta.deploy.onnx``).
 
     Returns:
         {"output": folder, "checkpoint_bytes": the run's checkpoint (trained tensors only),
-         "export_bytes": model.safetensors, "backbone_bytes": the full backbone's tensors, ...}
+         "export_bytes": model.safetensors, "backbone_bytes": the full backbone's tensors,
+         "onnx_bytes", "onnx_max_difference" (with ONNX), ...}
     """
     run, output = Path(run), Path(output)
     if output.exists() and not output.is_dir():
@@ -98,19 +107,34 @@ def export_run(run: str | Path, output: str | Path, overwrite: bool = False) -> 
     output.parent.mkdir(parents=True, exist_ok=True)
     # written beside, then renamed into place: an export folder is whole or absent
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    onnx_facts: dict[str, Any] = {}
     try:
         write_tensors(tensors, staging / WEIGHTS_FILE, {"tieta_export_format": str(EXPORT_FORMAT)})
         (staging / INFO_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        if onnx_batch_size is not None:
+            onnx_facts = _write_onnx(model, staging, onnx_batch_size, info.img_size)
         output.mkdir(exist_ok=True)
-        for name in (WEIGHTS_FILE, INFO_FILE):
-            os.replace(staging / name, output / name)
+        for entry in sorted(staging.iterdir()):
+            os.replace(entry, output / entry.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     backbone = build_backbone(config, num_classes, random_weights=True)
     checkpoint = run / CHECKPOINT if run.is_dir() else run
     return {"output": output, "checkpoint_bytes": _bytes(checkpoint), "export_bytes": _bytes(output / WEIGHTS_FILE),
             "backbone_bytes": sum(t.numel() * t.element_size() for t in backbone.state_dict().values()),
-            "method": config.method, "model": config.model}
+            "method": config.method, "model": config.model, **onnx_facts}
+
+
+def _write_onnx(model: nn.Module, folder: Path, batch_size: int, image_size: int) -> dict[str, Any]:
+    """``model.onnx`` at a fixed batch size, checked with onnxruntime on random images."""
+    # a searched DiffRate model reads its kept numbers from its rate logits; fixing them at those
+    # numbers changes nothing the model computes in evaluation and lets the graph hold them
+    if any(isinstance(getattr(block, "reduce", None), DiffRateReduce) for block in getattr(model, "blocks", ())):
+        fix_rates(model)
+    path = export_onnx(model, folder / ONNX_FILE, batch_size, image_size)
+    images = torch.randn(batch_size, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    return {"onnx_bytes": sum(_bytes(p) for p in folder.glob(ONNX_FILE + "*")),
+            "onnx_max_difference": check_onnx(model, path, images), "onnx_batch_size": batch_size}
 
 
 def read_info(folder: str | Path) -> ExportInfo:

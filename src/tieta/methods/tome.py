@@ -4,7 +4,9 @@ Each block with r > 0 merges r tokens after its attention residual and before it
 bipartite soft matching of ``tieta.ops.merging`` on the keys its attention just used; the tokens
 carry their sizes, and proportional attention adds log(size) to the next blocks' logits. It
 merges in training too, as the papers do. On the CPU in float32 evaluation the merge runs as
-one native call (``tieta.native.tome_merge``), which computes what the tensor code computes.
+one native call (``tieta.native.tome_merge``), which computes what the tensor code computes;
+under ``torch.compile`` and ``torch.export`` (an opaque C call would split the graph) the tensor
+code runs.
 """
 
 from __future__ import annotations
@@ -48,7 +50,9 @@ class TokenMerge(nn.Module):
         keys = take_output(block.attn.k_norm)  # (B, H, N, hd)
         modulation = self.modulation(block)
         prefix = block.num_prefix_tokens
-        if not state.trace_source and native_merge_applies(keys, x, modulation):
+        # a ctypes call cannot be traced: torch.compile and torch.export (ONNX) take the tensor
+        # merge below, which computes the same, and so keep the whole forward pass in one graph
+        if not state.trace_source and not torch.compiler.is_compiling() and native_merge_applies(keys, x, modulation):
             r = min(self.r, max_merges(x.shape[1], prefix))
             merged = native_merge(keys, x, state.size, r, prefix, modulation)
             if merged is not None:  # None: no compiler here; the tensor code below does the same

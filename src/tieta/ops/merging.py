@@ -85,7 +85,10 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, num_prefix: int = 1) -
     sources = order[:, :r]
     unmerged = order[:, r:].sort(dim=1).values
     destinations = best_match.gather(dim=1, index=sources)  # index into B
-    rows = _row_layout(batch, num_tokens, num_prefix, a.shape[1], b.shape[1], r, metric.device)
+    # traced (torch.compile, torch.export) the arithmetic goes into the graph; a cache would hand
+    # the tracer's fake tensors to later eager calls, or eager tensors to a later trace
+    layout = _row_layout.__wrapped__ if torch.compiler.is_compiling() else _row_layout
+    rows = layout(batch, num_tokens, num_prefix, a.shape[1], b.shape[1], r, metric.device)
     return Matching(
         kept_rows=torch.cat([rows.prefix, 2 * unmerged + rows.a_offset, rows.b], dim=1).flatten(),
         source_rows=(2 * sources + rows.a_offset).flatten(),
