@@ -243,6 +243,7 @@ def _size(size: int) -> str:
 def cmd_export(args: argparse.Namespace) -> int:
     from tieta.deploy.export import export_run
 
+    _folder_to_write(args.output)
     written = export_run(args.run, args.output, overwrite=args.overwrite,
                          onnx_batch_size=args.onnx_batch_size if args.onnx else None)
     print(f"exported {written['model']} + {written['method']} to {written['output']}")

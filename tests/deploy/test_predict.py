@@ -87,11 +87,13 @@ def test_csv_output_with_top_k(trained, tmp_path, capsys):
     (["{run}", "{task}/test", "--top-k", "0"], "must be at least 1"),
     (["{run}", "{task}/test", "--batch-size", "-1"], "must be at least 1"),
     (["{run}", "{task}/test", "--device", "cuda:9"], "cuda"),
-    (["{task}", "{task}/test"], "has not finished"),  # a task folder is not a run
+    (["{task}", "{task}/test"], "holds no tieta run"),  # a task folder is not a run
+    (["{run}", "{tmp}/broken.jpg"], "no image could be read (1 tried"),
 ])
 def test_bad_arguments_are_one_sentence(trained, tmp_path, capsys, args, message):
     task, run, _ = trained
     (tmp_path / "empty").mkdir()
+    (tmp_path / "broken.jpg").write_bytes(b"not an image")
     args = [a.format(run=run, tmp=tmp_path, task=task) for a in args]
     try:
         code = main(["predict", *args])

@@ -122,6 +122,8 @@ def predict(predictor: Predictor, paths: list[str | Path], top_k: int = 5, batch
             for path, row_values, row_indices in zip(chunk, values.tolist(), indices.tolist()):
                 result.rows.append((path, [(predictor.name(i), p) for i, p in zip(row_indices, row_values)]))
             progress.update(len(chunk))
+    if not result.rows:
+        raise TietaError(f"no image could be read ({len(files)} tried, each named above with why)")
     return result
 
 

@@ -377,6 +377,8 @@ def load_run_model(checkpoint: str | Path) -> tuple[nn.Module, RunConfig, int]:
     path = Path(checkpoint)
     if path.is_dir():
         state = read_state(path)
+        if state.state == "empty":
+            raise TietaError(f"{path} holds no tieta run (no {CONFIG} and no {CHECKPOINT})")
         if state.state != FINISHED:
             advice = (f"; resume it with tieta train --resume {path}" if state.state in (INTERRUPTED, FAILED) else "")
             raise TietaError(f"the run in {path} has not finished ({state.describe()}){advice}")
