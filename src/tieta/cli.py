@@ -279,8 +279,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
                  "next": ", ".join(f"{name} {p:.2f}" for name, p in top[1:])} for path, top in found.rows]
         print(format_table(rows, PREDICT_COLUMNS))
     skipped = f", skipped {len(found.skipped)} (see above)" if found.skipped else ""
-    print(f"classified {len(found.rows)} image{'s' if len(found.rows) != 1 else ''}{skipped}" + (f"; wrote {args.output}" if args.output else ""),
-          file=sys.stderr)
+    written = f"; wrote {args.output}" if args.output else ""
+    print(f"classified {len(found.rows)} image{'s' if len(found.rows) != 1 else ''}{skipped}{written}", file=sys.stderr)
     return 0
 
 

@@ -1,4 +1,4 @@
-"""The one exception type that carries a user-facing message."""
+"""The one exception type that carries a user-facing message, and a helper for its wording."""
 
 
 class TietaError(Exception):
@@ -16,3 +16,9 @@ class TietaError(Exception):
         if text.startswith("Caught TietaError") and marker in text:
             return text.rsplit(marker, 1)[1].strip()
         return text
+
+
+def listing(names: list[str], limit: int = 3) -> str:
+    """The first few of ``names`` for a one-sentence message: 'a, b, c and 4 more'."""
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")

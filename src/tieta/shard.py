@@ -41,11 +41,6 @@ class Shard:
     count: int
     reduce: Callable[[torch.Tensor], None]
 
-    @property
-    def rows(self) -> int:
-        """Rows of the local tensors: ``count``, or 1 for the placeholder of an empty shard."""
-        return max(self.count, 1)
-
 
 _current: Optional[Shard] = None
 

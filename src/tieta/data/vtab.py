@@ -174,7 +174,8 @@ def _check_labels(root: Path, lists: dict[str, list[tuple[int, Path, int]]]) -> 
     Raises:
         TietaError: a label is stray (see open_task), naming the file and line.
     """
-    training = ["train800val200.txt"] if "train800val200.txt" in lists else ["train800.txt", "val200.txt"]
+    whole, parts = VTAB_SPLITS["train"], [VTAB_SPLITS["train800"], VTAB_SPLITS["val200"]]
+    training = [whole] if whole in lists else parts
     training = [name for name in training if name in lists]
     first: dict[int, tuple[str, int]] = {}  # label -> where it first occurs, training lists first
     for name in training + [name for name in lists if name not in training]:

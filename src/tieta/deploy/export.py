@@ -30,7 +30,7 @@ from torch import nn
 import tieta
 from tieta.data.vtab import open_task
 from tieta.deploy.onnx import check_onnx, export_onnx
-from tieta.errors import TietaError
+from tieta.errors import TietaError, listing
 from tieta.methods.diffrate import DiffRateReduce, fix_rates
 from tieta.methods.lora import merge_lora
 from tieta.train.checkpoint import read_tensors, write_tensors
@@ -57,15 +57,12 @@ class ExportInfo:
     class_names: Optional[list[str]]
     config: dict[str, Any]
 
-    def class_name(self, index: int) -> str:
-        return self.class_names[index] if self.class_names else str(index)
-
 
 def is_export(folder: Path) -> bool:
     return (Path(folder) / INFO_FILE).is_file()
 
 
-def _class_names(config: RunConfig, num_classes: int) -> Optional[list[str]]:
+def task_class_names(config: RunConfig, num_classes: int) -> Optional[list[str]]:
     """The task's class names (an image folder's class folders), where its data is still there."""
     try:
         names = open_task(config.data.path).class_names if config.data.path else None
@@ -101,7 +98,7 @@ def export_run(run: str | Path, output: str | Path, overwrite: bool = False,
     model.eval()
     tensors = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
     info = ExportInfo(config.model, config.method, num_classes, image_size_of(model), config.data.normalization,
-                      _class_names(config, num_classes), config.to_dict())
+                      task_class_names(config, num_classes), config.to_dict())
     record = {"format": EXPORT_FORMAT, "tieta_version": tieta.__version__, "source_run": str(run.resolve()),
               **info.__dict__}
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -169,14 +166,14 @@ def _check_keys(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor
     shapes = [key for key in expected if key in found and tuple(found[key].shape) != tuple(expected[key].shape)]
     problems = []
     if missing:
-        problems.append(f"lacks {', '.join(missing[:3])}" + (f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""))
+        problems.append(f"lacks {listing(missing)}")
     if extra:
-        problems.append(f"has {', '.join(extra[:3])}, which the model lacks"
-                        + (f" (and {len(extra) - 3} more)" if len(extra) > 3 else ""))
+        problems.append(f"has {listing(extra)}, which the model lacks")
     if shapes:
         key = shapes[0]
+        more = f" ({len(shapes) - 1} more tensors are reshaped)" if len(shapes) > 1 else ""
         problems.append(f"has {key} of shape {tuple(found[key].shape)} where the model's is "
-                        f"{tuple(expected[key].shape)}" + (f" (and {len(shapes) - 1} more)" if len(shapes) > 1 else ""))
+                        f"{tuple(expected[key].shape)}{more}")
     if problems:
         raise TietaError(f"{where} does not fit the model it describes: it " + "; it ".join(problems))
 

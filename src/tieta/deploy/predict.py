@@ -18,8 +18,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from tieta.data.transforms import Normalize, load_resized
-from tieta.data.vtab import IMAGE_SUFFIXES, open_task
-from tieta.deploy.export import is_export, load_export
+from tieta.data.vtab import IMAGE_SUFFIXES
+from tieta.deploy.export import is_export, load_export, task_class_names
 from tieta.errors import TietaError
 from tieta.train.fit import image_size_of, load_run_model, resolve_device
 
@@ -46,12 +46,8 @@ def open_predictor(source: str | Path) -> Predictor:
         model, info = load_export(source)
         return Predictor(model, info.img_size, info.normalization, info.class_names)
     model, config, num_classes = load_run_model(source)
-    try:
-        names = open_task(config.data.path).class_names if config.data.path else None
-    except TietaError:  # the task folder has moved: numbers instead of names
-        names = None
     return Predictor(model.eval(), image_size_of(model), config.data.normalization,
-                     names if names and len(names) == num_classes else None)
+                     task_class_names(config, num_classes))
 
 
 @dataclass

@@ -182,12 +182,6 @@ def refuse_unsupported(keys: Iterable[str], unsupported: list[tuple[str, str]], 
             raise TietaError(f"{source} has {hit}: {reason}")
 
 
-def listing(keys: list[str], limit: int = 3) -> str:
-    """'a, b, c and 4 more'."""
-    shown = ", ".join(keys[:limit])
-    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
-
-
 def shape_text(shape: Iterable[int]) -> str:
     return "(" + ", ".join(str(size) for size in shape) + ")"
 

@@ -33,9 +33,9 @@ import torch
 from torch import nn
 
 from tieta.data.vtab import open_task
-from tieta.errors import TietaError
+from tieta.errors import TietaError, listing
 from tieta.reference import dyt, noah, pyra
-from tieta.reference.common import Converted, Reference, listing, read_reference, shape_text
+from tieta.reference.common import Converted, Reference, read_reference, shape_text
 from tieta.train.checkpoint import save_checkpoint, write_tensors
 from tieta.train.config import load_config
 from tieta.train.fit import image_size_of, load_run_model

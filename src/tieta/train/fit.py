@@ -30,7 +30,7 @@ from tieta.train.loop import check_finite, cross_entropy_step, evaluate, train_o
 from tieta.train.model import build_model
 from tieta.train.optim import build_optimizer, lr_multiplier
 from tieta.train.progress import Progress, load_progress, save_progress
-from tieta.train.rundir import (CHECKPOINT, CONFIG, FAILED, FINISHED, INTERRUPTED, METRICS, PROGRESS, RUNNING, RunDir,
+from tieta.train.rundir import (CHECKPOINT, CONFIG, FAILED, FINISHED, INTERRUPTED, METRICS, PROGRESS, RunDir,
                                 read_state)
 
 
@@ -268,9 +268,8 @@ def _train(config: RunConfig, run: Optional[RunDir], output: Path, resume: bool,
         if resume:
             tqdm.write(f"resuming {output} after epoch {progress.epoch} of {optim.epochs}" if progress.epoch else
                        f"resuming {output} from its start (no epoch was checkpointed)")
-        run.start(resolved, optim.epochs)
+        run.start(resolved, optim.epochs, progress.epoch)
         last = run.keep_metrics(progress.epoch) if resume else []
-        run.set_state(RUNNING, epoch=progress.epoch)
     else:
         last = []
     best = progress.best

@@ -39,7 +39,6 @@ PROGRESS = "progress.safetensors"
 STATE = "state.json"
 LOCK = ".lock"
 INCOMING = ".incoming"
-RUN_FILES = (CONFIG, METRICS, SUMMARY, CHECKPOINT, PROGRESS, STATE)
 # written by tieta but not results: a folder holding only these holds no run
 HOUSEKEEPING = (LOCK, INCOMING)
 
@@ -227,12 +226,13 @@ class RunDir:
         """Where ``name`` is written now (inside ``.incoming/`` until a replacement moves in)."""
         return self.writes_to / name
 
-    def start(self, config: dict[str, Any], epochs: int) -> None:
-        """Write the resolved config and the state "running"; a fresh run starts a fresh metrics log."""
+    def start(self, config: dict[str, Any], epochs: int, epoch: int = 0) -> None:
+        """Write the resolved config (a resumed run keeps its own) and the state "running" from
+        ``epoch`` (the epochs already checkpointed) of ``epochs``."""
         if not self.resume:  # the folder (or .incoming/) holds no run files: nothing is replaced here
             write_atomically(self.file(CONFIG), yaml.safe_dump(config, sort_keys=False))
         self.epochs = epochs
-        self.set_state(RUNNING, epoch=0)
+        self.set_state(RUNNING, epoch=epoch)
 
     def set_state(self, state: str, reason: str = "", epoch: Optional[int] = None) -> None:
         if epoch is not None:
