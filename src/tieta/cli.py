@@ -284,6 +284,19 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_checksum(args: argparse.Namespace) -> int:
+    from tieta.train.checkpoint import add_checksum, read_tensors
+
+    for path in args.files:
+        if args.write:
+            added = add_checksum(path)
+            print(f"{path}: " + ("checksum added" if added else "checksum verified (it already had one)"))
+        else:
+            read_tensors(path)
+            print(f"{path}: checksum verified")
+    return 0
+
+
 def _cost_rows(label: str, plain: dict[str, float], with_method: dict[str, float]) -> list[dict[str, Any]]:
     """The rows of ``tieta flops``' table: the unmodified timm model, then the model with the method
     (named ``label``), each with its cost ratio to the unmodified one."""
@@ -545,6 +558,16 @@ def build_parser() -> argparse.ArgumentParser:
     predictor.add_argument("--output", type=Path, help="write a CSV here instead of printing a table")
     predictor.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     predictor.set_defaults(func=cmd_predict)
+
+    checksum = sub.add_parser("checksum", help="verify the checksum of tieta's safetensors files, or add one",
+                              description="Verify the SHA-256 that tieta stores in its checkpoints and exports. "
+                              "tieta refuses a file without one; --write adds one to a file you trust (written by "
+                              "an older tieta, or converted by hand). A file whose checksum does not match is "
+                              "never rewritten.")
+    checksum.add_argument("files", nargs="+", type=Path, help="checkpoint.safetensors, progress.safetensors or an "
+                          "export's model.safetensors")
+    checksum.add_argument("--write", action="store_true", help="add a checksum where a file has none")
+    checksum.set_defaults(func=cmd_checksum)
 
     flops = sub.add_parser("flops", help="per-image GMACs and parameters of a configured model")
     _add_config_arguments(flops, data_required=None)

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from conftest import fail_in_epoch
 from tieta import TietaError
 from tieta.cli import main
+from tieta import files as files_module
 from tieta.train import checkpoint as checkpoint_module
 from tieta.train import fit as fit_module
 from tieta.train import rundir as rundir_module
@@ -128,21 +129,27 @@ def test_metrics_lines_are_strict_json(tmp_path):
 
 def test_a_full_disk_leaves_the_previous_checkpoint_intact(vtab_task, tmp_path, monkeypatch):
     run = tmp_path / "run"
-    real, calls = checkpoint_module.save_file, []
+    real_write, real_fsync, calls = checkpoint_module.write_file, files_module.os.fsync, []
 
-    def save_file_on_a_full_disk(tensors, path, metadata=None):
+    def full_disk(handle):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def write_on_a_full_disk(path, data):
         calls.append(path)
-        if len(calls) == 2:  # the second epoch's checkpoint
-            Path(path).write_bytes(b"half")
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(tensors, path, metadata=metadata)
+        if len(calls) != 2:
+            return real_write(path, data)
+        monkeypatch.setattr(files_module.os, "fsync", full_disk)  # the second epoch's checkpoint fails
+        try:
+            return real_write(path, data)
+        finally:
+            monkeypatch.setattr(files_module.os, "fsync", real_fsync)
 
-    monkeypatch.setattr(checkpoint_module, "save_file", save_file_on_a_full_disk)
+    monkeypatch.setattr(checkpoint_module, "write_file", write_on_a_full_disk)
     with pytest.raises(TietaError, match="No space left on device.*previous one is intact"):
         fit(_config(vtab_task, **{"optim.epochs": 3}), run)
     with safe_open(str(run / "progress.safetensors"), "pt") as handle:
         assert handle.metadata()["epoch"] == "1"
-    assert not list(run.glob("*.partial"))
+    assert not [p for p in run.iterdir() if "partial" in p.name]
     assert read_state(run).state == "failed"
     monkeypatch.undo()
     fit_module.resume_run(run)  # once there is room again
@@ -186,9 +193,12 @@ def test_tampered_checkpoints_are_refused(vtab_task, tmp_path, capsys):
         with pytest.raises(TietaError):
             evaluate_checkpoint(run)
         broken = {k: v for k, v in {**metadata, key: value}.items() if k != "tieta_sha256"}
-        save_file(tensors, str(path), metadata=broken)  # no checksum: read, and the metadata refused
+        save_file(tensors, str(path), metadata=broken)  # no checksum: refused, whatever it holds
         assert main(["eval", str(run)]) == 2
-        assert "unreadable run settings" in capsys.readouterr().err
+        assert "has no checksum" in capsys.readouterr().err
+        assert main(["checksum", "--write", str(path)]) == 0  # a file the user trusts gets one
+        assert main(["eval", str(run)]) == 2  # and then its metadata is read, and refused
+        assert "run settings" in capsys.readouterr().err
 
 
 def test_a_bad_image_read_in_a_loader_worker_is_one_sentence(vtab_task, tmp_path, capsys):

@@ -13,6 +13,7 @@ ImageFolder layout::
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -71,6 +72,21 @@ class Task:
         if not items:
             raise TietaError(f"the {name!r} split of {where} has no images")
         return items
+
+
+def fingerprint(task: Task, splits: tuple[str, ...]) -> str:
+    """A short fingerprint of what a run reads from ``task``: per split, every image's path (relative
+    to the task folder) and label, and the number of classes; it changes when a list file, an image
+    folder's contents or the classes change (not when an image file is edited in place)."""
+    digest = hashlib.sha256(f"{task.layout}|{task.num_classes}|".encode())
+    count = 0
+    for name in splits:
+        items = task.split(name)
+        count += len(items)
+        digest.update(f"{name}|{len(items)}|".encode())
+        for path, label in items:
+            digest.update(os.fsencode(os.path.relpath(path, task.root)) + f"|{label}|".encode())
+    return f"{task.num_classes} classes, {count} images, sha256 {digest.hexdigest()[:16]}"
 
 
 def open_task(path: str | Path) -> Task:

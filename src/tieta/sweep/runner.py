@@ -27,7 +27,7 @@ from tieta import safe_yaml
 from tieta.data.vtab import open_task
 from tieta.errors import TietaError
 from tieta.sweep.plan import PLAN_FILE, Cell, SweepPlan, plan_from_dict
-from tieta.train.config import RunConfig, load_config
+from tieta.train.config import RunConfig, comparable, first_difference, load_config
 from tieta.train.fit import fit, resolve_device, resume_run
 from tieta.train.rundir import CONFIG, FINISHED, PROGRESS, read_state
 
@@ -55,28 +55,6 @@ def cell_config(plan: SweepPlan, cell: Cell, device: Optional[str] = None) -> Ru
         raise TietaError(f"run {cell.run.name}: {error}") from error
 
 
-def _comparable(config: dict[str, Any]) -> dict[str, Any]:
-    """A resolved config without what may differ between equal runs (the device, the path's spelling)."""
-    values = {key: value for key, value in config.items() if key != "device"}
-    data = dict(values.get("data") or {})
-    if data.get("path"):
-        data["path"] = str(Path(data["path"]).resolve())
-    values["data"] = data
-    return values
-
-
-def _first_difference(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> str:
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            found = _first_difference(a, b, f"{prefix}{key}.")
-            if found:
-                return found
-        elif a != b:
-            return f"{prefix}{key} {a!r} there, {b!r} now"
-    return ""
-
-
 def _run_settings(folder: Path) -> Optional[Any]:
     """The settings in a run folder's config.yaml, or None where they cannot be read."""
     try:
@@ -94,7 +72,7 @@ def resumable(folder: Path, config: RunConfig) -> bool:
     if not (folder / PROGRESS).is_file() or read_state(folder).state == FINISHED:
         return False
     old = _run_settings(folder)
-    return isinstance(old, dict) and not _first_difference(_comparable(old), _comparable(config.to_dict()))
+    return isinstance(old, dict) and not first_difference(comparable(old), comparable(config.to_dict()))
 
 
 def check_plan(plan: SweepPlan, output: Path) -> tuple[list[Cell], list[Outcome]]:
@@ -123,7 +101,7 @@ def check_plan(plan: SweepPlan, output: Path) -> tuple[list[Cell], list[Outcome]
         folder = output / cell.folder
         if is_finished(folder):
             old = _run_settings(folder)
-            difference = _first_difference(_comparable(old), _comparable(config.to_dict())) if isinstance(old, dict) \
+            difference = first_difference(comparable(old), comparable(config.to_dict())) if isinstance(old, dict) \
                 else "its config.yaml is unreadable"
             if difference:
                 raise TietaError(f"{folder} holds a finished run with other settings ({difference}); "

@@ -13,17 +13,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
-from safetensors import safe_open
+from safetensors.torch import load, save
 from torch import nn
 
 from tieta.errors import TietaError
+from tieta.files import parse_json, read_regular, write_file
+
+# a checkpoint holds what was trained, an export the whole model: both far below this
+MAX_FILE_BYTES = 64 << 30
 
 CONFIG_KEY = "tieta_config"
 NUM_CLASSES_KEY = "num_classes"
@@ -47,40 +49,62 @@ def checksum(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
 
 def write_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     """Write a safetensors file with its checksum, atomically: the file at ``path`` is the old one or
-    the new one, never a part (a full disk leaves the old one and raises a TietaError)."""
+    the new one, never a part (a full disk leaves the old one and raises a TietaError).
+
+    The file is serialised in memory and written by :func:`tieta.files.write_file`, so any write
+    error is the file system's, never safetensors' own.
+    """
     tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}
     metadata = {**metadata, "format": "pt"}
     metadata[CHECKSUM_KEY] = checksum(tensors, metadata)
-    path = Path(path)
-    partial = path.with_name(path.name + ".partial")
-    try:
-        save_file(tensors, str(partial), metadata=metadata)
-        with open(partial, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(partial, path)
-    except OSError as error:
-        partial.unlink(missing_ok=True)
-        kept = "the previous one is intact" if path.exists() else "there was none before"
-        raise TietaError(f"could not write {path} ({error.strerror or error}); {kept}") from None
-    finally:
-        partial.unlink(missing_ok=True)
+    write_file(path, save(tensors, metadata=metadata))
 
 
-def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, metadata) of a safetensors file, its checksum verified where it has one."""
+def _header_metadata(data: bytes, path: Path) -> dict[str, str]:
+    """The metadata of a safetensors file, read from its header within tieta's JSON limits."""
+    if len(data) < 8:
+        raise TietaError(f"{path} is not a readable safetensors checkpoint (too short)")
+    size = int.from_bytes(data[:8], "little")
+    if size > len(data) - 8:
+        raise TietaError(f"{path} is not a readable safetensors checkpoint (its header is cut)")
+    header = parse_json(data[8:8 + size], f"the header of {path}")
+    metadata = header.get("__metadata__", {}) if isinstance(header, dict) else None
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise TietaError(f"{path} is not a readable safetensors checkpoint (its metadata is not text)")
+    return metadata
+def read_tensors(path: Path, require_checksum: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a safetensors file that tieta wrote, its checksum verified.
+
+    Args:
+        require_checksum: refuse a file without one (every file tieta writes has one; an older or
+            foreign file the user trusts gets one with ``tieta checksum --write FILE``).
+    """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise TietaError(f"checkpoint {path} does not exist")
+    data = read_regular(path, "checkpoint", MAX_FILE_BYTES)
+    metadata = _header_metadata(data, path)
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        tensors = load(data)
+    except (SafetensorError, ValueError, RuntimeError, OverflowError) as error:
         raise TietaError(f"{path} is not a readable safetensors checkpoint ({str(error).splitlines()[0]})") from None
     stored = metadata.get(CHECKSUM_KEY)
+    if stored is None and require_checksum:
+        raise TietaError(f"{path} has no checksum, so an edited file could not be told from tieta's; if you trust "
+                         f"it, add one with: tieta checksum --write {path}")
     if stored is not None and stored != checksum(tensors, metadata):
         raise TietaError(f"{path} does not match its checksum: the file is corrupted or was edited")
     return tensors, metadata
+
+
+def add_checksum(path: Path) -> bool:
+    """Verify ``path``'s checksum, or store one where it has none (for a file the user trusts).
+    Returns whether one was added."""
+    tensors, metadata = read_tensors(path, require_checksum=False)
+    if CHECKSUM_KEY in metadata:
+        return False
+    write_tensors(tensors, path, {key: value for key, value in metadata.items() if key != "format"})
+    return True
 
 
 def save_checkpoint(model: nn.Module, path: Path, config: dict[str, Any], num_classes: int) -> None:
@@ -94,11 +118,9 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     tensors, metadata = read_tensors(path)
     if CONFIG_KEY not in metadata or NUM_CLASSES_KEY not in metadata:
         raise TietaError(f"{path} is a safetensors file but not a tieta checkpoint (no run config inside)")
-    try:
-        config = json.loads(metadata[CONFIG_KEY])
-        num_classes = int(metadata[NUM_CLASSES_KEY])
-    except ValueError:
-        raise TietaError(f"{path} holds unreadable run settings (its metadata is not what tieta writes)") from None
+    config = parse_json(metadata[CONFIG_KEY], f"the run settings in {path}")
+    text = metadata[NUM_CLASSES_KEY]
+    num_classes = int(text) if text.isascii() and text.isdigit() and len(text) < 10 else 0
     if not isinstance(config, dict) or num_classes < 1:
         raise TietaError(f"{path} holds unreadable run settings (its metadata is not what tieta writes)")
     return tensors, config, num_classes
@@ -112,6 +134,9 @@ def load_trained(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
             raise TietaError(f"the checkpoint has {name}, which this model lacks (built with other methods?)")
         if params[name].shape != tensor.shape:
             raise TietaError(f"{name} is {tuple(tensor.shape)} in the checkpoint but {tuple(params[name].shape)} here")
+        if params[name].dtype != tensor.dtype:
+            raise TietaError(f"{name} is {tensor.dtype} in the checkpoint but {params[name].dtype} here (tieta "
+                             "writes every tensor in its parameter's type)")
     with torch.no_grad():
         for name, tensor in tensors.items():
             params[name].copy_(tensor)

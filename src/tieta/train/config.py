@@ -248,3 +248,26 @@ def group_learning_rates(config: RunConfig) -> dict[str, float]:
             groups.update(method.learning_rates(config))
     groups.update(config.optim.lr_groups)
     return groups
+
+
+def comparable(config: dict[str, Any]) -> dict[str, Any]:
+    """A resolved config without what may differ between equal runs (the device, the path's spelling)."""
+    values = {key: value for key, value in config.items() if key != "device"}
+    data = dict(values.get("data") or {})
+    if data.get("path"):
+        data["path"] = str(Path(data["path"]).resolve())
+    values["data"] = data
+    return values
+
+
+def first_difference(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> str:
+    """The first setting that differs, as "key 'old' there, 'new' now" ("" where none does)."""
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            found = first_difference(a, b, f"{prefix}{key}.")
+            if found:
+                return found
+        elif a != b:
+            return f"{prefix}{key} {a!r} there, {b!r} now"
+    return ""

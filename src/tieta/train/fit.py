@@ -17,7 +17,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, S
 from tqdm.auto import tqdm
 
 from tieta.data.transforms import Normalize
-from tieta.data.vtab import ImageDataset, Task, open_task
+from tieta.data.vtab import ImageDataset, Task, fingerprint, open_task
 from tieta.errors import TietaError
 from tieta.measure.flops import count_flops
 from tieta.measure.throughput import measure_throughput
@@ -25,13 +25,14 @@ from tieta.methods.method import LossFn
 from tieta.methods.params import trainable_parameters
 from tieta.train.checkpoint import load_trained, read_checkpoint, save_checkpoint
 from tieta.train import distributed
-from tieta.train.config import RunConfig, from_dict, group_learning_rates, load_config, validate
+from tieta.train.config import (RunConfig, comparable, first_difference, from_dict, group_learning_rates, load_config,
+                                validate)
 from tieta.train.loop import check_finite, cross_entropy_step, evaluate, train_one_epoch
 from tieta.train.model import build_model
 from tieta.train.optim import build_optimizer, lr_multiplier
-from tieta.train.progress import Progress, load_progress, save_progress
+from tieta.train.progress import Progress, load_progress, read_record, save_progress
 from tieta.train.rundir import (CHECKPOINT, CONFIG, FAILED, FINISHED, INTERRUPTED, METRICS, PROGRESS, RunDir,
-                                read_state)
+                                read_state, strict_json)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -214,7 +215,7 @@ def _record_end(run: RunDir, state: str, reason: str) -> None:
     """Say in the run folder how the run ended (the disk may be why: then the message must do)."""
     try:
         run.set_state(state, reason)
-    except OSError:
+    except (OSError, TietaError):
         pass
 
 
@@ -258,6 +259,7 @@ def _train(config: RunConfig, run: Optional[RunDir], output: Path, resume: bool,
 
     resolved = config.to_dict()
     resolved["data"]["path"] = str(task.root)
+    data_print = fingerprint(task, (config.data.train_split, config.data.eval_split))
     progress = Progress(0, None)
     # the first process decides whether there is an epoch to resume from; all load it (a run folder
     # that several machines train into must be on a filesystem they all see)
@@ -268,10 +270,12 @@ def _train(config: RunConfig, run: Optional[RunDir], output: Path, resume: bool,
         if resume:
             tqdm.write(f"resuming {output} after epoch {progress.epoch} of {optim.epochs}" if progress.epoch else
                        f"resuming {output} from its start (no epoch was checkpointed)")
+        if progress.records is None:  # an older checkpoint: its epochs' lines as the log has them
+            progress.records = run.read_metrics(progress.epoch)
         run.start(resolved, optim.epochs, progress.epoch)
-        last = run.keep_metrics(progress.epoch) if resume else []
-    else:
-        last = []
+        if resume:
+            run.restore_metrics(progress.records)
+    last = list(progress.records or [])
     best = progress.best
     last_eval = next(({"acc": r["acc"], "eval_loss": r.get("eval_loss")} for r in reversed(last) if "acc" in r), None)
     objective = training_objective(config)
@@ -291,7 +295,9 @@ def _train(config: RunConfig, run: Optional[RunDir], output: Path, resume: bool,
                 record.update(last_eval)
                 if best is None or last_eval["acc"] > best["acc"]:
                     best = {"acc": last_eval["acc"], "epoch": epoch + 1}
-            _save_epoch(run, record, model, optimizer, shuffle, Progress(epoch + 1, best), processes)
+            last.append(strict_json(record))
+            _save_epoch(run, record, model, optimizer, shuffle, Progress(epoch + 1, best, last, resolved, data_print),
+                        processes)
             shown = (f"{prefix}epoch {epoch + 1}/{optim.epochs}: loss {record['loss']:.4f}, "
                      f"{record['train_images_per_s']:.1f} img/s")
             shown += f", {config.data.eval_split} acc {record['acc']:.2f}%" if "acc" in record else ""
@@ -308,6 +314,7 @@ def _train(config: RunConfig, run: Optional[RunDir], output: Path, resume: bool,
         "weights": config.weights,
         "method": config.method,
         "data": str(task.root),
+        "data_fingerprint": data_print,
         "num_classes": task.num_classes,
         "img_size": image_size_of(model),
         "acc": last_eval["acc"],
@@ -337,8 +344,8 @@ def _save_epoch(run: Optional[RunDir], record: dict[str, Any], model: nn.Module,
     try:
         if run is not None:
             run.log(record)
-    except OSError as error:
-        failure = TietaError(f"could not write {run.file(METRICS)} ({error.strerror or error})")
+    except TietaError as error:
+        failure = error
     try:
         save_progress(run.progress if run is not None else None, model, optimizer, shuffle, progress, processes)
     except TietaError as error:
@@ -367,7 +374,29 @@ def resume_run(folder: str | Path, device: Optional[str] = None, label: Optional
     config = load_config(folder / CONFIG)
     if device is not None:
         config.device = device
+    check_unchanged(folder, config)
     return fit(config, folder, label=label, resume=True)
+
+
+def check_unchanged(folder: Path, config: RunConfig) -> None:
+    """Refuse to resume a run whose settings or data changed since its last checkpoint: the result
+    would be neither the run that started nor a new one."""
+    if not (folder / PROGRESS).is_file():
+        return  # killed before its first checkpoint: it starts over with the settings it has now
+    try:
+        record = read_record(folder / PROGRESS)
+    except TietaError:
+        return  # a damaged checkpoint: fit reads it again, refuses it, and the run folder records why
+    if record.settings is not None:
+        difference = first_difference(comparable(record.settings), comparable(config.to_dict()))
+        if difference:
+            raise TietaError(f"{folder / CONFIG} was changed since the run started ({difference}); a resume continues "
+                             "the run as it began: restore the setting, or train a new run into another folder")
+    if record.data and config.data.path is not None:
+        now = fingerprint(open_task(config.data.path), (config.data.train_split, config.data.eval_split))
+        if now != record.data:
+            raise TietaError(f"the task folder {config.data.path} changed since the run started (then {record.data}; "
+                             f"now {now}); a resume needs the data it began with")
 
 
 def load_run_model(checkpoint: str | Path) -> tuple[nn.Module, RunConfig, int]:

@@ -5,7 +5,9 @@ Written after every epoch (``progress.safetensors``, safetensors with a checksum
 - the optimizer's state (AdamW's step and moments per parameter, and its groups);
 - the random states: torch's (every process's CPU generator, and its CUDA ones), numpy's and
   Python's, and the generator that shuffles the training images (the sampler's position);
-- the epoch, the best accuracy so far, and how many processes trained.
+- the epoch, the best accuracy so far, and how many processes trained;
+- the metric records of the finished epochs (``metrics.jsonl`` is rebuilt from them on resume);
+- the settings and the data's fingerprint the run started with (a resume refuses a change).
 
 The learning-rate schedule and every method's per-epoch schedule are functions of the step and the
 epoch, so they need no state of their own.
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -24,6 +26,7 @@ import torch
 from torch import nn
 
 from tieta.errors import TietaError
+from tieta.files import parse_json
 from tieta.train.checkpoint import load_trained, read_tensors, write_tensors
 from tieta.train.distributed import Processes, gather_tensors
 
@@ -36,6 +39,10 @@ class Progress:
 
     epoch: int  # epochs completed
     best: Optional[dict[str, Any]]  # {"acc": ..., "epoch": ...} of the evaluations so far
+    records: Optional[list[dict[str, Any]]] = field(default_factory=list)  # one per finished epoch (None: an
+    # older checkpoint, which did not record them)
+    settings: Optional[dict[str, Any]] = None  # the resolved config the run started with
+    data: str = ""  # the fingerprint of its data (tieta.data.vtab.fingerprint)
 
 
 def save_progress(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, shuffle: torch.Generator,
@@ -65,6 +72,9 @@ def save_progress(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer
         "param_groups": json.dumps(state["param_groups"]),
         "numpy": json.dumps([kind, position, has_gauss, gauss]),
         "python": json.dumps([python_version, python_gauss]),
+        "records": json.dumps(progress.records),
+        "settings": json.dumps(progress.settings),
+        "data": progress.data,
     }
     if processes.main:
         write_tensors(tensors, path, metadata)
@@ -74,11 +84,9 @@ def load_progress(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer
                   processes: Processes) -> Progress:
     """Restore a run to the end of its last checkpointed epoch; returns where it stands."""
     tensors, metadata = read_tensors(path)
-    if metadata.get("tieta_format") != FORMAT:
-        raise TietaError(f"{path} is not a tieta resumable checkpoint (or one from another tieta version)")
+    progress = read_record(path, metadata)
     try:
         saved_world = int(metadata["processes"])
-        progress = Progress(int(metadata["epoch"]), json.loads(metadata["best"]))
         groups = json.loads(metadata["param_groups"])
         numpy_kind, numpy_position, numpy_has_gauss, numpy_gauss = json.loads(metadata["numpy"])
         python_version, python_gauss = json.loads(metadata["python"])
@@ -109,3 +117,25 @@ def load_progress(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer
                          numpy_has_gauss, numpy_gauss))
     random.setstate((python_version, tuple(tensors["rng.python"].tolist()), python_gauss))
     return progress
+
+
+def read_record(path: Path, metadata: Optional[dict[str, str]] = None) -> Progress:
+    """What the resumable checkpoint at ``path`` records of its run (its tensors checked, not loaded
+    into a model): the epoch, the best accuracy, the finished epochs' metrics, the settings and the
+    data's fingerprint."""
+    if metadata is None:
+        metadata = read_tensors(path)[1]
+    if metadata.get("tieta_format") != FORMAT:
+        raise TietaError(f"{path} is not a tieta resumable checkpoint (or one from another tieta version)")
+    unreadable = TietaError(f"{path} holds unreadable progress metadata")
+    try:
+        epoch = int(metadata["epoch"]) if metadata["epoch"].isdigit() else -1
+        best = parse_json(metadata["best"], f"the best accuracy in {path}")
+        records = parse_json(metadata["records"], f"the metrics in {path}") if "records" in metadata else None
+        settings = parse_json(metadata.get("settings", "null"), f"the settings in {path}")
+    except KeyError:
+        raise unreadable from None
+    if epoch < 0 or not (best is None or isinstance(best, dict)) or not (records is None or isinstance(records, list)
+                                                                     and all(isinstance(r, dict) for r in records)) or not (settings is None or isinstance(settings, dict)):
+        raise unreadable
+    return Progress(epoch, best, records, settings, metadata.get("data", ""))

@@ -7,11 +7,13 @@
     summary.json             accuracy and cost, once the run has finished
     state.json               running, finished, failed (with the reason) or interrupted
 
-Every file is written to a temporary name and renamed into place, so a reader (or a run killed at
-any moment) sees the old file or the new one, never a part. A lock (``.lock``, an ``flock`` the
-kernel releases when the process dies, even by SIGKILL) keeps a second process out while a run
-writes. A run that replaces another (``overwrite``) writes into ``.incoming/`` until its first
-checkpoint exists, then moves in: until then the previous run's results stay as they were.
+Every file is written by :func:`tieta.files.write_file` (a unique temporary file, never through a
+link, renamed into place), so a reader (or a run killed at any moment) sees the old file or the new
+one, never a part. A lock (``.lock``, an ``flock`` the kernel releases when the process dies, even
+by SIGKILL) keeps a second process out while a run writes. A run that replaces another
+(``overwrite``) writes into a folder beside it (``.NAME.tieta-incoming-*``) until its first
+checkpoint exists; then the two folders are exchanged in one step (the user's own files in the old
+folder are carried over first), so the name holds the old run or the new one, never a mix.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import math
 import os
 import shutil
 import socket
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -30,6 +33,7 @@ from typing import Any, Optional
 import yaml
 
 from tieta.errors import TietaError
+from tieta.files import append_line, parse_json, read_json, read_regular, remove_folder, swap_folders, write_file
 
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
@@ -38,9 +42,12 @@ CHECKPOINT = "checkpoint.safetensors"
 PROGRESS = "progress.safetensors"
 STATE = "state.json"
 LOCK = ".lock"
-INCOMING = ".incoming"
+INCOMING = ".incoming"  # where an older tieta staged a replacement inside the run folder
+STAGING = ".tieta-incoming-"  # a replacement's folder beside the run: .NAME.tieta-incoming-XXXX
 # written by tieta but not results: a folder holding only these holds no run
 HOUSEKEEPING = (LOCK, INCOMING)
+# the files of a run (what a replacement does not carry over from the run it replaces)
+RUN_FILES = (CONFIG, METRICS, SUMMARY, CHECKPOINT, PROGRESS, STATE, "backbone.safetensors", *HOUSEKEEPING)
 
 RUNNING, FINISHED, FAILED, INTERRUPTED = "running", "finished", "failed", "interrupted"
 
@@ -67,16 +74,7 @@ class RunState:
 
 def write_atomically(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and a rename (all or nothing)."""
-    partial = path.with_name(path.name + ".partial")
-    try:
-        with open(partial, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(partial, path)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
+    write_file(path, text)
 
 
 def strict_json(value: Any) -> Any:
@@ -117,19 +115,52 @@ def read_state(folder: str | Path) -> RunState:
     """The state of the run in ``folder``: a "running" run whose lock is free was killed
     (interrupted); a folder from before state files counts as finished if it has its summary."""
     folder = Path(folder)
-    try:
-        values = json.loads((folder / STATE).read_text())
-        state = RunState(str(values["state"]), str(values.get("reason", "")), int(values.get("epoch", 0)),
-                         int(values.get("epochs", 0)))
-    except FileNotFoundError:
+    if not os.path.lexists(folder / STATE):
         if (folder / SUMMARY).is_file():
             return RunState(FINISHED)
         return RunState("empty" if not (folder / CONFIG).is_file() else INTERRUPTED)
-    except (OSError, ValueError, KeyError, TypeError):
+    try:
+        values = read_json(folder / STATE, "run state", limit=1 << 20)
+        state = RunState(values["state"], values.get("reason", ""), values.get("epoch", 0), values.get("epochs", 0))
+    except (TietaError, KeyError, TypeError, AttributeError):
         return RunState(FAILED, f"{STATE} is unreadable")
+    counts = (state.epoch, state.epochs)
+    if (state.state not in (RUNNING, FINISHED, FAILED, INTERRUPTED) or not isinstance(state.reason, str)
+            or not all(type(n) is int and 0 <= n < 10**9 for n in counts)):
+        return RunState(FAILED, f"{STATE} is not what tieta writes")
     if state.state == RUNNING and not _lock_is_held(folder):
         state.state, state.reason = INTERRUPTED, "its process ended without a word (killed?)"
     return state
+
+
+def glob_escape(text: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in text)
+
+
+def _write_owner(handle) -> None:
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    handle.flush()
+
+
+def _carry_user_files(old: Path, new: Path) -> None:
+    """Give the replacement the files in the old run folder that are not the run's (the user's own),
+    as hard links where the file system allows (nothing is copied or lost if killed meanwhile)."""
+    for entry in old.iterdir():
+        if entry.name in RUN_FILES or os.path.lexists(new / entry.name):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, new / entry.name, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(entry, new / entry.name)
+
+
+def _link_or_copy(source: str | Path, target: str | Path) -> None:
+    try:
+        os.link(source, target, follow_symlinks=False)
+    except OSError:
+        shutil.copy2(source, target, follow_symlinks=False)
 
 
 def holds_run(folder: Path) -> bool:
@@ -159,6 +190,7 @@ class RunDir:
         self.overwrite = overwrite
         self.epoch, self.epochs = 0, 0
         self._lock = None
+        self._staging_lock = None
         self._decide()
 
     def _decide(self) -> None:
@@ -171,7 +203,7 @@ class RunDir:
             raise TietaError(f"output folder {self.path} already exists and is not empty; pick another, pass "
                              "--overwrite to replace it, or --resume to continue it")
         self.replacing = occupied and self.overwrite and not self.resume
-        self.writes_to = self.path / INCOMING if self.replacing else self.path
+        self.writes_to = self.path
 
     def check_writable(self, needed_bytes: int = 0) -> None:
         """Refuse a folder that cannot be written or a disk without room for ``needed_bytes``."""
@@ -204,23 +236,35 @@ class RunDir:
         except TietaError:
             handle.close()
             raise
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        handle.flush()
+        _write_owner(handle)
         self._lock = handle
-        if self.replacing:  # a leftover from a replacement that was killed holds nothing of value
-            shutil.rmtree(self.writes_to, ignore_errors=True)
-            self.writes_to.mkdir()
+        if self.replacing:
+            self._stage()
+
+    def _stage(self) -> None:
+        """Make the folder beside the run that the replacement writes into (and take its lock)."""
+        prefix = f".{self.path.name}{STAGING}"
+        for leftover in self.path.parent.glob(glob_escape(prefix) + "*"):  # from replacements that were killed
+            if leftover.is_dir() and not leftover.is_symlink() and not _lock_is_held(leftover):
+                remove_folder(leftover)
+        try:
+            staging = Path(tempfile.mkdtemp(prefix=prefix, dir=self.path.parent))
+            handle = _open_lock(staging / LOCK)
+        except OSError as error:
+            raise TietaError(f"cannot write beside {self.path}: {error.strerror}") from None
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _write_owner(handle)
+        self.writes_to, self._staging_lock = staging, handle
 
     def close(self) -> None:
         """Release the lock (and drop an unfinished replacement)."""
         if self.replacing:
-            shutil.rmtree(self.writes_to, ignore_errors=True)
+            remove_folder(self.writes_to)
             self.replacing, self.writes_to = False, self.path
-        if self._lock is not None:
-            self._lock.close()
-            self._lock = None
+        for handle in (self._staging_lock, self._lock):
+            if handle is not None:
+                handle.close()
+        self._lock = self._staging_lock = None
 
     def file(self, name: str) -> Path:
         """Where ``name`` is written now (inside ``.incoming/`` until a replacement moves in)."""
@@ -241,36 +285,38 @@ class RunDir:
                   "updated": datetime.datetime.now().isoformat(timespec="seconds"), "pid": os.getpid()}
         write_atomically(self.file(STATE), json.dumps(record, indent=2) + "\n")
 
-    def read_metrics(self) -> list[dict[str, Any]]:
-        """The metric records (a torn last line, from a process killed while writing, is dropped)."""
+    def read_metrics(self, epochs: int) -> list[dict[str, Any]]:
+        """The readable records of the first ``epochs`` epochs in the metrics log (for checkpoints of
+        an older tieta, which did not keep their own copy)."""
         records = []
-        path = self.file(METRICS)
-        if path.is_file():
-            for line in path.read_text().splitlines():
+        if self.file(METRICS).is_file():
+            for line in read_regular(self.file(METRICS), "metrics log", 1 << 28).decode(errors="replace").splitlines():
                 try:
-                    records.append(json.loads(line))
-                except ValueError:
-                    break
+                    record = parse_json(line, "a metrics line")
+                except TietaError:
+                    continue
+                if isinstance(record, dict) and type(record.get("epoch")) is int and record["epoch"] <= epochs:
+                    records.append(record)
         return records
 
-    def keep_metrics(self, epochs: int) -> list[dict[str, Any]]:
-        """Keep the records of the first ``epochs`` epochs (those the checkpoint holds)."""
-        kept = [record for record in self.read_metrics() if record.get("epoch", 0) <= epochs]
-        write_atomically(self.file(METRICS), "".join(json.dumps(strict_json(r)) + "\n" for r in kept))
-        return kept
+    def restore_metrics(self, records: list[dict[str, Any]]) -> None:
+        """Rewrite the metrics log as the records of the checkpointed epochs (the checkpoint's own
+        copy: lines in the file that cannot be read lose nothing)."""
+        write_file(self.file(METRICS), "".join(json.dumps(strict_json(r)) + "\n" for r in records))
 
     def log(self, record: dict[str, Any]) -> None:
-        with open(self.file(METRICS), "a") as handle:
-            handle.write(json.dumps(strict_json(record), allow_nan=False) + "\n")
+        append_line(self.file(METRICS), json.dumps(strict_json(record), allow_nan=False))
 
     def checkpointed(self, epoch: int) -> None:
         """The progress checkpoint of ``epoch`` is on disk: a replacement moves in now."""
         if self.replacing:
-            for name in (SUMMARY, CHECKPOINT, STATE):  # the old run's results go first: never mixed
-                (self.path / name).unlink(missing_ok=True)
-            for entry in sorted(self.writes_to.iterdir(), key=lambda p: p.name == STATE):
-                os.replace(entry, self.path / entry.name)
-            self.writes_to.rmdir()
+            staging = self.writes_to
+            _carry_user_files(self.path, staging)
+            swap_folders(staging, self.path)  # one step: the name holds the old run or the new one
+            self._lock, self._staging_lock = self._staging_lock, self._lock
+            remove_folder(staging)  # now the old run
+            self._staging_lock.close()
+            self._staging_lock = None
             self.replacing, self.writes_to = False, self.path
         self.set_state(RUNNING, epoch=epoch)
 
