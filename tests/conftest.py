@@ -134,3 +134,37 @@ def fail_in_epoch(monkeypatch, epoch: int, error: BaseException = KeyboardInterr
         return real(*args, **kwargs)
 
     monkeypatch.setattr(fit_module, "train_one_epoch", train_one_epoch)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real, small file system (a 4 MiB tmpfs) for full-disk tests; skipped where this process may
+    not mount one (it needs root or CAP_SYS_ADMIN), since a simulated error proves less."""
+    import subprocess
+
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({made.stderr.decode(errors='replace').strip()})")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def fill_disk(folder: Path, leave: int = 0) -> Path:
+    """Fill the file system of ``folder`` until at most ``leave`` bytes are free; returns the filler
+    file (delete it to make room again)."""
+    import shutil
+
+    filler = folder / "filler.bin"
+    with open(filler, "ab") as handle:
+        while shutil.disk_usage(folder).free > leave:
+            chunk = max(4096, min(1 << 20, shutil.disk_usage(folder).free - leave))
+            try:
+                handle.write(b"\0" * chunk)
+                handle.flush()
+            except OSError:
+                break
+    return filler

@@ -609,7 +609,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _tolerate_any_locale() -> None:
+    """Under an ASCII locale (LC_ALL=C) Python's streams cannot encode the "±" and "·" tieta prints:
+    such characters become "?" instead of ending the command."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure") and (stream.encoding or "").lower().replace("-", "") != "utf8":
+            stream.reconfigure(errors="replace")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    _tolerate_any_locale()
     try:
         try:
             args = build_parser().parse_args(argv)

@@ -100,6 +100,30 @@ def write_file(path: str | Path, data: bytes | str) -> Path:
     return path
 
 
+def overwrite_in_place(path: str | Path, data: str) -> None:
+    """Write a small file over its own bytes, padded with spaces to its old length: the last resort
+    on a full disk, where a new file cannot get a block but the old one has its blocks already (a run
+    that failed for want of space can still say so in its ``state.json``). Not atomic: use only
+    where a torn file is no worse than a stale one.
+    """
+    path = Path(path)
+    try:
+        handle = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
+    except OSError as error:
+        raise WriteError(f"could not write {path} ({error.strerror})") from None
+    try:
+        found = os.fstat(handle)
+        if not stat.S_ISREG(found.st_mode):
+            raise WriteError(f"refusing to write {path}: it is not a regular file")
+        payload = data.encode("utf-8")
+        os.write(handle, payload.ljust(found.st_size, b" "))
+        os.fsync(handle)
+    except OSError as error:
+        raise WriteError(f"could not write {path} ({error.strerror})") from None
+    finally:
+        os.close(handle)
+
+
 def append_line(path: str | Path, line: str) -> None:
     """Append one line to a log that tieta made (``metrics.jsonl``), never through a link."""
     path = Path(path)

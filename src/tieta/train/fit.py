@@ -214,7 +214,7 @@ def _fit(config: RunConfig, output: Path, overwrite: bool, label: Optional[str],
 def _record_end(run: RunDir, state: str, reason: str) -> None:
     """Say in the run folder how the run ended (the disk may be why: then the message must do)."""
     try:
-        run.set_state(state, reason)
+        run.set_state(state, reason, last_resort=True)
     except (OSError, TietaError):
         pass
 

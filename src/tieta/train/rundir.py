@@ -33,7 +33,8 @@ from typing import Any, Optional
 import yaml
 
 from tieta.errors import TietaError
-from tieta.files import append_line, parse_json, read_json, read_regular, remove_folder, swap_folders, write_file
+from tieta.files import (append_line, overwrite_in_place, parse_json, read_json, read_regular, remove_folder,
+                         swap_folders, write_file)
 
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
@@ -278,12 +279,20 @@ class RunDir:
         self.epochs = epochs
         self.set_state(RUNNING, epoch=epoch)
 
-    def set_state(self, state: str, reason: str = "", epoch: Optional[int] = None) -> None:
+    def set_state(self, state: str, reason: str = "", epoch: Optional[int] = None, last_resort: bool = False) -> None:
+        """Record the run's state; ``last_resort``: where the disk is full, over the old state's own
+        bytes (a run that failed for want of space still says so)."""
         if epoch is not None:
             self.epoch = epoch
         record = {"state": state, "reason": reason, "epoch": self.epoch, "epochs": self.epochs,
                   "updated": datetime.datetime.now().isoformat(timespec="seconds"), "pid": os.getpid()}
-        write_atomically(self.file(STATE), json.dumps(record, indent=2) + "\n")
+        text = json.dumps(record, indent=2) + "\n"
+        try:
+            write_file(self.file(STATE), text)
+        except TietaError:
+            if not last_resort or not self.file(STATE).is_file():
+                raise
+            overwrite_in_place(self.file(STATE), json.dumps(record) + "\n")
 
     def read_metrics(self, epochs: int) -> list[dict[str, Any]]:
         """The readable records of the first ``epochs`` epochs in the metrics log (for checkpoints of
