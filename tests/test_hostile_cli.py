@@ -218,10 +218,14 @@ def test_eval_batch_size_below_one_is_a_usage_error(tmp_path, capsys):
 
 
 def _checkpoint(path: Path, metadata: dict[str, str]) -> Path:
+    """A checkpoint with a matching checksum, so that what is refused is its metadata."""
     import torch
     from safetensors.torch import save_file
 
-    save_file({"head.weight": torch.zeros(3, 64)}, str(path), metadata=metadata)
+    from tieta.train.checkpoint import checksum
+
+    tensors = {"head.weight": torch.zeros(3, 64)}
+    save_file(tensors, str(path), metadata={**metadata, "tieta_sha256": checksum(tensors, metadata)})
     return path
 
 

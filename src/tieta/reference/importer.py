@@ -14,7 +14,7 @@ and rebuilds the frozen backbone from ``config.weights``. So an import
 5. rebuilds the run as ``tieta eval`` will (``load_run_model``) and checks that every tensor came back.
 
 Every check runs before anything is written. A folder that holds a run is replaced only with
-``overwrite``, and then only once the new run's files are all written (``RunDir``'s ``.incoming/``).
+``overwrite``, and then only once the new run's files are all written (``RunDir`` exchanges the folders whole).
 
 The backbones of the three codes' ViTs are named as today's timm names them (timm 0.5.4's and 0.9's
 ViT keys agree with timm 1.0's for these models), so they are written unchanged; a key today's model
@@ -40,7 +40,7 @@ from tieta.train.checkpoint import save_checkpoint, write_tensors
 from tieta.train.config import load_config
 from tieta.train.fit import image_size_of, load_run_model
 from tieta.train.model import apply_methods, build_backbone
-from tieta.train.rundir import CHECKPOINT, FAILED, FINISHED, METRICS, PROGRESS, SUMMARY, RunDir, holds_run
+from tieta.train.rundir import CHECKPOINT, FAILED, FINISHED, RunDir, holds_run
 
 KINDS: dict[str, Callable[[Reference, int, Any], Converted]] = {
     "pyra": pyra.convert,
@@ -227,14 +227,10 @@ def import_checkpoint(
     run.check_writable(sum(t.numel() * t.element_size() for t in built.state_dict().values()) + 2**20)
     run.open()
     try:
-        replacing = run.replacing
         run.start(config_dict, epochs=0)
         write_tensors(frozen, run.file(BACKBONE), {"tieta_imported_from": f"{kind} checkpoint {source.name}"})
         save_checkpoint(built, run.checkpoint, config_dict, classes)
-        run.checkpointed(0)  # a replacement moves in here
-        if replacing:  # the replaced run's log and resume state belong to that run
-            for name in (METRICS, PROGRESS, SUMMARY):
-                (output / name).unlink(missing_ok=True)
+        run.checkpointed(0)  # a replacement moves in here, whole: nothing of the replaced run comes along
         _rebuilds(output, built)
         run.set_state(FINISHED, f"imported from {kind} checkpoint {source.resolve()}")
     except BaseException as error:
