@@ -13,6 +13,9 @@ refuse, each with one sentence:
   and aliases may share settings, not multiply them;
 - an alias inside the collection it names (a structure that contains itself);
 - a key given twice in one mapping (a key brought in by a ``<<`` merge may still be overridden).
+
+A scalar that PyYAML recognises but cannot build (a 13th month, ``!!int x``, an integer of more
+than 4,000 digits) is PyYAML's own ``ConstructorError`` here, never a bare Python exception.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from tieta.errors import TietaError
 MAX_BYTES = 1 << 20
 MAX_DEPTH = 32
 MAX_VALUES = 100_000
+MAX_INT_DIGITS = 4000  # Python prints (str()) integers of at most 4,300 digits
 
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 
@@ -75,6 +79,31 @@ class _Loader(yaml.SafeLoader):
             raise RefusedYAML(f"it nests more than {MAX_DEPTH} levels deep with its aliases expanded{_line(node)}")
         self._measured[id(node)] = (values, depth)
         return node
+
+    def construct_object(self, node: Any, deep: bool = False) -> Any:
+        try:
+            value = super().construct_object(node, deep)
+        except yaml.YAMLError:
+            raise
+        except (ValueError, TypeError, KeyError, AttributeError, IndexError, OverflowError):
+            # PyYAML's scalar constructors let Python's own errors out: datetime's "month must be in
+            # 1..12", int()'s digit limit, a KeyError for "!!bool maybe"
+            kind = node.tag.rsplit(":", 1)[-1]
+            text = node.value if isinstance(node.value, str) else ""
+            if kind == "int" and len(text) > MAX_INT_DIGITS:
+                raise self._long_integer(node) from None
+            shown = text if len(text) <= 40 else text[:37] + "..."
+            raise yaml.constructor.ConstructorError(None, None, f"{shown!r} is not a valid {kind}",
+                                                    node.start_mark) from None
+        # a hexadecimal integer has no digit limit in int(), but would not print (str() refuses it)
+        if type(value) is int and abs(value) >= 10**MAX_INT_DIGITS:
+            raise self._long_integer(node)
+        return value
+
+    @staticmethod
+    def _long_integer(node: Any) -> yaml.YAMLError:
+        problem = f"an integer of more than {MAX_INT_DIGITS:,} digits is longer than tieta reads"
+        return yaml.constructor.ConstructorError(None, None, problem, node.start_mark)
 
     def _refuse_repeated_keys(self, node: yaml.MappingNode) -> None:
         seen: set = set()

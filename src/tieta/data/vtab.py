@@ -70,7 +70,7 @@ class Task:
             items = _read_folder_split(self.root, name, self.class_names)
             where = self.root
         if not items:
-            raise TietaError(f"the {name!r} split of {where} has no images")
+            raise TietaError(f"the {name!r} split of {_shown(where)} has no images")
         return items
 
 
@@ -107,27 +107,35 @@ def open_task(path: str | Path) -> Task:
     if not root.is_dir() and root.name in TASK_ALIASES and (root.parent / TASK_ALIASES[root.name]).is_dir():
         root = root.parent / TASK_ALIASES[root.name]
     if not root.is_dir():
-        raise TietaError(f"data folder {path} " + ("is a file, not a folder" if root.exists() else "does not exist"))
+        raise TietaError(f"data folder {_shown(path)} "
+                         + ("is a file, not a folder" if root.exists() else "does not exist"))
     root = root.resolve()  # run configs record it, and must still find it from another folder
     if (root / VTAB_SPLITS["train"]).exists() or (root / VTAB_SPLITS["train800"]).exists():
         lists = {name: _read_lines(root, root / name) for name in sorted(set(VTAB_SPLITS.values()))
                  if (root / name).exists()}
         if not any(lists.values()):
-            raise TietaError(f"the list files in {root} name no images")
+            raise TietaError(f"the list files in {_shown(root)} name no images")
         return Task(root, "vtab", _check_labels(root, lists))
     if (root / "train").is_dir():
         classes = [p.name for p in _class_folders(root / "train")]
         if not classes:
-            raise TietaError(f"{root / 'train'} has no class folders")
+            raise TietaError(f"{_shown(root / 'train')} has no class folders")
         for name in classes:
             if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in _listdir(root / "train" / name)):
-                raise TietaError(f"class folder {root / 'train' / name} has no images "
+                raise TietaError(f"class folder {_shown(root / 'train' / name)} has no images "
                                  f"({', '.join(sorted(IMAGE_SUFFIXES))})")
         return Task(root, "folder", len(classes), classes)
     raise TietaError(
-        f"{root} is neither a VTAB-1k task folder (train800val200.txt, test.txt, images/) "
+        f"{_shown(root)} is neither a VTAB-1k task folder (train800val200.txt, test.txt, images/) "
         "nor an image folder with train/<class>/ subfolders"
     )
+
+
+def _shown(path: str | Path) -> str:
+    """A path for a one-line message: as it is, or quoted with escapes where a character of it would
+    not print (a line break in a folder's name)."""
+    text = str(path)
+    return text if text.isprintable() else repr(text)
 
 
 def _vtab_list_file(root: Path, split: str) -> Path:
@@ -135,7 +143,7 @@ def _vtab_list_file(root: Path, split: str) -> Path:
         raise TietaError(f"split must be one of {', '.join(VTAB_SPLITS)}, got {split!r}")
     file = root / VTAB_SPLITS[split]
     if not file.exists():
-        raise TietaError(f"{root} has no {file.name} for the {split!r} split")
+        raise TietaError(f"{_shown(root)} has no {file.name} for the {split!r} split")
     return file
 
 
@@ -154,32 +162,32 @@ def _read_lines(root: Path, file: Path) -> list[tuple[int, Path, int]]:
             non-negative integer label, and for a file that cannot be read or is not UTF-8.
     """
     if not file.is_file():  # a folder, or a device that would never end
-        raise TietaError(f"list file {file} is not a regular file")
+        raise TietaError(f"list file {_shown(file)} is not a regular file")
     try:
         data = file.read_bytes()
     except OSError as error:
-        raise TietaError(f"cannot read list file {file}: {error.strerror or error}") from error
+        raise TietaError(f"cannot read list file {_shown(file)}: {error.strerror or error}") from error
     items = []
     for number, raw in enumerate(data.splitlines(), start=1):
         try:  # a BOM (from some Windows editors) would otherwise become part of the first path
             line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
         except UnicodeDecodeError as error:
-            raise TietaError(f"{file}:{number}: not UTF-8 text (byte 0x{raw[error.start]:02x} at column "
+            raise TietaError(f"{_shown(file)}:{number}: not UTF-8 text (byte 0x{raw[error.start]:02x} at column "
                              f"{error.start + 1})") from error
         if not line.strip():
             continue
         parts = line.split()
         if len(parts) != 2 or not _LABEL.fullmatch(parts[1]) or len(parts[1]) > 18:
             shown = line.strip() if len(line.strip()) <= 80 else line.strip()[:77] + "..."
-            raise TietaError(f"{file}:{number}: expected '<image path> <integer label>', got {shown!r}")
+            raise TietaError(f"{_shown(file)}:{number}: expected '<image path> <integer label>', got {shown!r}")
         name, label = parts[0], int(parts[1])
         if label < 0:
-            raise TietaError(f"{file}:{number}: label {label} is negative")
+            raise TietaError(f"{_shown(file)}:{number}: label {label} is negative")
         if not name.isprintable():
-            raise TietaError(f"{file}:{number}: image path {name!r} has an unprintable character")
+            raise TietaError(f"{_shown(file)}:{number}: image path {name!r} has an unprintable character")
         # Checked on the text, not with resolve(): a task's images/ is often a symlink to other storage.
         if os.path.isabs(name) or os.path.normpath(name).split(os.sep)[0] == os.pardir:
-            raise TietaError(f"{file}:{number}: image path {name} leaves the task folder")
+            raise TietaError(f"{_shown(file)}:{number}: image path {name} leaves the task folder")
         items.append((number, root / name, label))
     return items
 
@@ -204,18 +212,18 @@ def _check_labels(root: Path, lists: dict[str, list[tuple[int, Path, int]]]) -> 
         for name in lists:
             for number, _, label in lists[name]:
                 if label > trained[-1]:
-                    raise TietaError(f"{root / name}:{number}: label {label} is not a training class ({span})")
+                    raise TietaError(f"{_shown(root / name)}:{number}: label {label} is not a training class ({span})")
     labels = sorted(first)
     if labels[0] != 0:
         name, number = first[labels[0]]
-        raise TietaError(f"no list file has label 0 (the smallest is {labels[0]}, in {root / name}:{number}): "
+        raise TietaError(f"no list file has label 0 (the smallest is {labels[0]}, in {_shown(root / name)}:{number}): "
                          "labels must number the classes from 0")
     gap = next((index for index, label in enumerate(labels) if label != index), None)
     if gap is not None:  # ids gap..labels[gap]-1 have no image anywhere: labels[gap] looks like a typo
         name, number = first[labels[gap]]
         missing = f"class {gap}" if labels[gap] == gap + 1 else f"classes {gap}-{labels[gap] - 1}"
         raise TietaError(f"{missing} {'has' if labels[gap] == gap + 1 else 'have'} no image in any list file: "
-                         f"is label {labels[gap]} in {root / name}:{number} a typo?")
+                         f"is label {labels[gap]} in {_shown(root / name)}:{number} a typo?")
     return len(labels)
 
 
@@ -224,11 +232,11 @@ def _read_folder_split(root: Path, split: str, classes: list[str]) -> list[tuple
         raise TietaError(f"an image folder has the splits {', '.join(FOLDER_SPLITS)}, not {split!r}")
     folder = next((root / name for name in FOLDER_SPLITS[split] if (root / name).is_dir()), None)
     if folder is None:
-        raise TietaError(f"{root} has no {' or '.join(FOLDER_SPLITS[split])} folder for the {split!r} split")
+        raise TietaError(f"{_shown(root)} has no {' or '.join(FOLDER_SPLITS[split])} folder for the {split!r} split")
     items = []
     for class_dir in _class_folders(folder):
         if class_dir.name not in classes:
-            raise TietaError(f"class folder {class_dir} is not among the training classes")
+            raise TietaError(f"class folder {_shown(class_dir)} is not among the training classes")
         label = classes.index(class_dir.name)
         items += [(p, label) for p in _listdir(class_dir) if p.suffix.lower() in IMAGE_SUFFIXES]
     return items
@@ -239,7 +247,7 @@ def _listdir(folder: Path) -> list[Path]:
     try:
         return sorted(folder.iterdir())
     except OSError as error:
-        raise TietaError(f"cannot list folder {folder}: {error.strerror or error}") from error
+        raise TietaError(f"cannot list folder {_shown(folder)}: {error.strerror or error}") from error
 
 
 def _class_folders(folder: Path) -> list[Path]:
@@ -280,9 +288,10 @@ class ImageDataset(Dataset):
                  description: str = "decoding images") -> None:
         for path, label in items:
             if not 0 <= label < num_classes:
-                raise TietaError(f"label {label} of {path} is out of range for a model with {num_classes} classes")
+                raise TietaError(f"label {label} of {_shown(path)} is out of range for a model with {num_classes} "
+                                 "classes")
             if not path.is_file():
-                raise TietaError(f"image {path} {'is not a file' if path.exists() else 'does not exist'}")
+                raise TietaError(f"image {_shown(path)} {'is not a file' if path.exists() else 'does not exist'}")
         if not items:
             raise TietaError("the split has no images")
         self.items = items

@@ -43,7 +43,9 @@ def schedule_setting(merge: MergeConfig) -> Schedule:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return abs(value) < 2**63  # an int past a float's range has no place in a schedule
+    return isinstance(value, float) and math.isfinite(value)
 
 
 def check_schedule_form(r: Schedule) -> None:

@@ -129,13 +129,15 @@ def read_record(path: Path, metadata: Optional[dict[str, str]] = None) -> Progre
         raise TietaError(f"{path} is not a tieta resumable checkpoint (or one from another tieta version)")
     unreadable = TietaError(f"{path} holds unreadable progress metadata")
     try:
-        epoch = int(metadata["epoch"]) if metadata["epoch"].isdigit() else -1
+        text = metadata["epoch"]  # ASCII digits only: str.isdigit() also takes "²", which int() refuses
+        epoch = int(text) if text.isascii() and text.isdigit() and len(text) < 10 else -1
         best = parse_json(metadata["best"], f"the best accuracy in {path}")
         records = parse_json(metadata["records"], f"the metrics in {path}") if "records" in metadata else None
         settings = parse_json(metadata.get("settings", "null"), f"the settings in {path}")
     except KeyError:
         raise unreadable from None
-    if epoch < 0 or not (best is None or isinstance(best, dict)) or not (records is None or isinstance(records, list)
-                                                                     and all(isinstance(r, dict) for r in records)) or not (settings is None or isinstance(settings, dict)):
+    records_ok = records is None or (isinstance(records, list) and all(isinstance(r, dict) for r in records))
+    if (epoch < 0 or not (best is None or isinstance(best, dict)) or not records_ok
+            or not (settings is None or isinstance(settings, dict))):
         raise unreadable
     return Progress(epoch, best, records, settings, metadata.get("data", ""))
