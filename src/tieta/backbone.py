@@ -23,7 +23,12 @@ WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".npz")
 RANDOM = "random"
 
 
-def _builtin_weights() -> dict[str, Callable[[], Path]]:
+# the largest image side tieta builds a model for, checked here too for what reaches timm without a run
+# config (tieta import --img-size)
+MAX_IMG_SIZE = 4096
+
+
+def builtin_weights() -> dict[str, Callable[[], Path]]:
     from tieta.data import assets  # imported lazily: building an asset needs the registry
 
     return {assets.SALIENCY_DINOV2_VITS14: assets.saliency_dinov2_vits14_weights}
@@ -52,7 +57,7 @@ def load_backbone(
     """
     if img_size is not None:
         timm_kwargs["img_size"] = img_size
-    builtin = _builtin_weights()
+    builtin = builtin_weights()
     if weights is None:
         model = _create(name, pretrained=True, num_classes=num_classes, **timm_kwargs)
         model.reset_classifier(num_classes)  # even where the published head has as many classes
@@ -71,8 +76,8 @@ def _create(name: str, pretrained: bool, **kwargs) -> nn.Module:
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise TietaError(f"timm has no model named {name!r}{hint}")
     img_size = kwargs.get("img_size")
-    if img_size is not None and (type(img_size) is not int or img_size < 1):
-        raise TietaError(f"img_size must be a positive whole number of pixels, got {img_size!r}")
+    if img_size is not None and (type(img_size) is not int or not 1 <= img_size <= MAX_IMG_SIZE):
+        raise TietaError(f"img_size must be a whole number of pixels from 1 to {MAX_IMG_SIZE}, got {img_size!r}")
     try:
         model = timm.create_model(name, pretrained=pretrained, **kwargs)
     except TietaError:

@@ -361,13 +361,16 @@ RELIABLE_ROUNDS = 3
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from tieta.measure.bench_suite import run_suite
+    from tieta.files import write_file
+    from tieta.measure.bench_suite import check_sizes, run_suite
     from tieta.report.tables import bench_columns, format_table
     from tieta.train.fit import resolve_device
 
     args.device = str(resolve_device(args.device))  # before minutes of timing: "cuda:7", "foo"
     if args.output is not None:
         _file_to_write(args.output)
+    # sizes that could not fit are refused before any model is allocated or timed
+    check_sizes(args.model, args.img_size, args.batch_size, args.dtype, args.train, args.device)
     if args.rounds < RELIABLE_ROUNDS:
         print(f"tieta: warning: medians over fewer than {RELIABLE_ROUNDS} interleaved rounds are not reliable, "
               f"so take these numbers as a smoke test (--rounds {args.rounds}; the default is 7)", file=sys.stderr)
@@ -380,7 +383,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.output is not None:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"}
-        args.output.write_text(json.dumps({"settings": settings, "rows": rows}, indent=2) + "\n")
+        write_file(args.output, json.dumps({"settings": settings, "rows": rows}, indent=2) + "\n")
     return 0
 
 

@@ -1,19 +1,23 @@
 """The standard comparisons behind ``tieta bench``: unpatched timm, ToMe and PYRA at the paper's
 schedules (evaluation), or LoRA with and without merging (training), built from random weights
-(throughput does not depend on them)."""
+(throughput does not depend on them). Sizes that could not fit are refused from an estimate before
+anything is allocated (:func:`check_sizes`)."""
 
 from __future__ import annotations
 
 import statistics
+from pathlib import Path
 from typing import Optional
 
 import torch
 from torch import nn
 
 from tieta.backbone import load_backbone
+from tieta.errors import TietaError
 from tieta.measure.benchmark import benchmark, shape_ceiling
 from tieta.measure.free_merge import free_merge
 from tieta.methods.adapter import add_adapter
+from tieta.methods.blocks import check_vit
 from tieta.methods.diffrate import add_diffrate
 from tieta.methods.dynamicvit import add_dynamicvit
 from tieta.methods.dyt import add_dyt
@@ -24,14 +28,73 @@ from tieta.methods.pyra import add_pyra
 from tieta.methods.schedules import resolve_schedule
 from tieta.methods.tome import add_tome
 from tieta.native import tensor_code
+from tieta.train.config import MAX_BATCH_SIZE, MAX_IMG_SIZE
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+BYTES_PER_VALUE = {"fp32": 4, "bf16": 2}
+MEMINFO = Path("/proc/meminfo")
 
 
 def _vit(name: str, img_size: Optional[int], seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     kwargs = {} if img_size is None else {"img_size": img_size}
     return load_backbone(name, weights="random", num_classes=1000, **kwargs).eval()
+
+
+def activation_values(model: nn.Module, batch_size: int, train: bool) -> int:
+    """A low estimate of the activation values a forward pass of ``model`` holds at its peak, from
+    its shape: per image and block, the tokens times the widths of qkv, the attention output and
+    the MLP's hidden layer, plus the attention scores (heads x tokens x tokens) where attention is
+    not fused; evaluation holds one block's at a time, training keeps every block's for the
+    backward pass. The input images count too. The true peak is higher (norms, residuals, the
+    optimizer), so a batch refused on this estimate could never have fit."""
+    size = int(model.patch_embed.img_size[0])
+    tokens = int(model.patch_embed.num_patches) + int(getattr(model, "num_prefix_tokens", 1))
+    width, block = int(model.embed_dim), model.blocks[0]
+    fc1 = getattr(getattr(block, "mlp", None), "fc1", None)
+    hidden = int(fc1.out_features) if isinstance(fc1, nn.Linear) else 4 * width
+    scores = 0 if getattr(block.attn, "fused_attn", False) else int(block.attn.num_heads) * tokens * tokens
+    per_block = tokens * (3 * width + width + hidden) + scores
+    return batch_size * (3 * size * size + per_block * (len(model.blocks) if train else 1))
+
+
+def free_bytes(device: str) -> Optional[int]:
+    """Memory free for new tensors on ``device``: CUDA's free memory, or the system's MemAvailable
+    (/proc/meminfo) for the CPU; None where it cannot be told."""
+    place = torch.device(device)
+    if place.type == "cuda":
+        return int(torch.cuda.mem_get_info(place)[0])
+    try:
+        lines = MEMINFO.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024  # in kB
+    return None
+
+
+def check_sizes(model: str, img_size: Optional[int], batch_size: int, dtype: str, train: bool, device: str) -> None:
+    """Refuse, before any model is timed, an image or batch size beyond the run config's limits
+    (MAX_IMG_SIZE, MAX_BATCH_SIZE), and a batch whose activations (:func:`activation_values`, a low
+    estimate) need more memory than ``device`` has free.
+
+    Raises:
+        TietaError: one sentence naming the size and its limit.
+    """
+    if img_size is not None and img_size > MAX_IMG_SIZE:
+        raise TietaError(f"the image size must be at most {MAX_IMG_SIZE} px, got {img_size:,}")
+    if batch_size > MAX_BATCH_SIZE:
+        raise TietaError(f"the batch size must be at most {MAX_BATCH_SIZE:,}, got {batch_size:,}")
+    probe = _vit(model, img_size)
+    check_vit(probe)  # the estimate reads a ViT's shape
+    need = activation_values(probe, batch_size, train) * BYTES_PER_VALUE[dtype]
+    free = free_bytes(device)
+    if free is not None and need > free:
+        size = int(probe.patch_embed.img_size[0])
+        raise TietaError(f"a batch of {batch_size:,} images of {size} px needs at least {need / 2**30:,.1f} GiB for "
+                         f"{model}'s activations (an estimate from its tokens, width and depth), more than the "
+                         f"{free / 2**30:,.1f} GiB free on {device}; use a smaller batch size or image size")
 
 
 class TensorMerge(nn.Module):

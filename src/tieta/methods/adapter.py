@@ -11,7 +11,7 @@ from torch import nn
 from tieta.errors import TietaError
 from tieta.methods import catalog
 from tieta.methods.blocks import patch_blocks
-from tieta.methods.method import Method
+from tieta.methods.method import MAX_WIDTH, Method, bounded
 
 
 class Adapter(nn.Module):
@@ -96,7 +96,7 @@ def add_adapter(model: nn.Module, dim: int = 8, scale: float = 1.0, dropout: flo
 class AdapterConfig:
     """AdaptFormer settings (the config section "adapter"; DyT's adapters use its scale and dropout)."""
 
-    dim: int = 8
+    dim: int = bounded(8, at_most=MAX_WIDTH)
     scale: float = 1.0
     dropout: float = 0.1
 

@@ -695,6 +695,7 @@ def _validate(config: Any) -> None:
         (settings.search_epochs >= 1, "diffrate.search_epochs must be at least 1"),
         (0 < settings.search_min_lr <= settings.search_lr, "diffrate.search_lr and search_min_lr must be positive, "
                                                             "the minimum no larger"),
+        (settings.search_lr <= 10, "diffrate.search_lr must be at most 10 (as every learning rate: optim.MAX_LR)"),
         (settings.flops_weight >= 0, "diffrate.flops_weight cannot be negative"),
     ]
     for ok, message in checks:

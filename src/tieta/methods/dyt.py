@@ -32,7 +32,7 @@ from tieta.methods import catalog
 from tieta.methods.adapter import Adapter, AdapterConfig, MoEAdapter
 from tieta.methods.blocks import (EveryToken, PassState, TietaBlock, claim_attention_gate, pass_state,
                                   patch_blocks)
-from tieta.methods.method import Method
+from tieta.methods.method import MAX_EXPERTS, MAX_WIDTH, Method, bounded
 from tieta.ops.dispatch import (attend_on_active, dispatch_mask, key_mask, run_on_active,  # noqa: F401 (public)
                                 with_prefix)
 
@@ -288,8 +288,8 @@ class DyTConfig:
 
     rho: float = 0.5  # target share of active tokens
     variant: str = "mlp"  # "mlp", "attn", "attn_mlp" or "layer"
-    adapter_dim: int = 8
-    experts: int = 1  # > 1: MoE-adapter
+    adapter_dim: int = bounded(8, at_most=MAX_WIDTH)
+    experts: int = bounded(1, at_most=MAX_EXPERTS)  # > 1: MoE-adapter
     tau: float = 5.0  # Gumbel-sigmoid temperature
     tau_end: Optional[float] = None  # e.g. 0.1: anneal tau linearly over the epochs
     rate_weight: float = 2.0

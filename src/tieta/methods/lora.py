@@ -24,7 +24,7 @@ from torch import nn
 from tieta.errors import TietaError
 from tieta.methods import catalog
 from tieta.methods.blocks import patch_blocks
-from tieta.methods.method import Method
+from tieta.methods.method import MAX_WIDTH, Method, bounded
 
 Targets = Union[str, Sequence[str]]
 _SLOTS = {"q": 0, "k": 1, "v": 2}
@@ -170,7 +170,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 @dataclass
 class LoRAConfig:
-    rank: int = 8
+    rank: int = bounded(8, at_most=MAX_WIDTH)
     targets: str = "qkv"  # "qkv": one fused pair (NOAH/PYRA); or letters of q, k, v: one pair each
     alpha: Optional[float] = None  # None: scale 1 (reference code); else alpha / rank
     dropout: float = 0.1

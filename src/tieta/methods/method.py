@@ -8,7 +8,7 @@ parts from the module; ``tieta.methods.registry`` lists them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
@@ -20,6 +20,18 @@ from tieta.methods.catalog import Flag, Listing
 Settings = Any
 # one training step's loss: (model, images (B, 3, H, W), labels (B,)) -> scalar
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+# the largest width of new weights (a LoRA rank, an adapter's bottleneck): a small share of a ViT's
+# width (768 in ViT-B, 6144 in ViT-22B); 4096 already adds gigabytes a block to a wide model
+MAX_WIDTH = 4096
+# the most experts of a mixture of adapters, each a whole adapter in every block
+MAX_EXPERTS = 64
+
+
+def bounded(default: int, at_most: int) -> Any:
+    """A config field that sets a size of new weights: the run config's validation refuses a value
+    above ``at_most`` by name, before anything is built."""
+    return field(default=default, metadata={"at_most": at_most})
 
 
 @dataclass(frozen=True)

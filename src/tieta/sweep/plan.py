@@ -17,7 +17,10 @@ A sweep file (YAML)::
 Settings are nested or dotted (``optim.epochs``); a run's own settings apply over ``base``. The
 seed and the task folder (``seed``, ``data.path``) are each cell's own, so they are not settings.
 Cell ``(task, run, seed)`` trains into ``<output>/<task>/<run>/seed<seed>``. The file is read within
-``tieta.safe_yaml``'s limits (at most 1 MiB, no repeated keys, aliases that share but do not multiply).
+``tieta.safe_yaml``'s limits (at most 1 MiB, no repeated keys, aliases that share but do not multiply),
+each key checked for its type; a setting given twice in two spellings (``optim.lr`` and ``optim: {lr}``)
+is refused, as is a grid of more than ``MAX_CELLS`` cells. Where the runs train is the sweep's: the
+``device`` of ``base`` (or ``--devices``), never a run's own setting.
 """
 
 from __future__ import annotations
@@ -32,9 +35,15 @@ from tieta.errors import TietaError
 from tieta.sweep.vtab1k import VTAB_1K
 
 PLAN_FILE = "sweep.yaml"
+# the most cells (tasks x runs x seeds) a sweep may have: all 19 VTAB-1k tasks x 50 runs x 100 seeds
+# fit, while a plan that would take the checks (a folder and a config per cell) minutes, or a report
+# hours, is refused at once, before any task folder is opened
+MAX_CELLS = 100_000
 # settings that each cell sets for itself (its seed, its task folder)
 CELL_KEYS = {"seed": "the sweep's seeds (seeds: in the file, or --seeds)",
              "data.path": "the sweep's tasks (tasks: and root: in the file, or --data)"}
+# settings that are the whole sweep's, not one run's (the runner passes the device to every run)
+SWEEP_KEYS = {"device": "the sweep's (device: in base, --device or --devices)"}
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
 
@@ -97,19 +106,39 @@ class SweepPlan:
         }
 
 
-def flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(settings: dict[str, Any], prefix: str = "", where: str = "settings") -> dict[str, Any]:
     """{"optim": {"lr": 1e-3}} -> {"optim.lr": 1e-3}; mappings that are values (lr_groups) stay
-    nested below their key, which load_config handles the same way."""
+    nested below their key, which load_config handles the same way.
+
+    Raises:
+        TietaError: a setting name is not text, or one setting is given twice in two spellings
+            (``optim.lr`` and ``optim: {lr: ...}``; or ``optim.lr_groups`` whole and one of its keys),
+            where which one wins would depend on the order of the keys.
+    """
     flat: dict[str, Any] = {}
     for key, value in settings.items():
         if not isinstance(key, str):
-            raise TietaError(f"setting names are text, got {key!r}")
+            raise TietaError(f"{where}: setting names are text, got {key!r}")
         dotted = prefix + key
-        if isinstance(value, dict) and not dotted.endswith("lr_groups"):
-            flat.update(flatten(value, dotted + "."))
-        else:
-            flat[dotted] = value
+        nested = isinstance(value, dict) and not dotted.endswith("lr_groups")
+        found = flatten(value, dotted + ".", where) if nested else {dotted: value}
+        for name in found:
+            if name in flat:
+                raise TietaError(f"{where}: the setting {name} is given twice (dotted and nested); give it once")
+        flat.update(found)
+    if not prefix:
+        _refuse_nested_twice(flat, where)
     return flat
+
+
+def _refuse_nested_twice(flat: dict[str, Any], where: str) -> None:
+    """Refuse a setting given whole and also one key inside it (``optim.lr_groups`` and
+    ``optim.lr_groups.head``): the sorted names put each such pair side by side."""
+    names = sorted(flat)
+    for outer, inner in zip(names, names[1:]):
+        if inner.startswith(outer + "."):
+            raise TietaError(f"{where}: the setting {inner} is given twice (inside {outer}, and on its own); "
+                             "give it once")
 
 
 def check_settings(settings: dict[str, Any], where: str) -> dict[str, Any]:
@@ -118,6 +147,22 @@ def check_settings(settings: dict[str, Any], where: str) -> dict[str, Any]:
         if key in settings:
             raise TietaError(f"{where}: {key} is set per run by {source}, not as a setting")
     return settings
+
+
+def check_size(tasks: int, runs: int, seeds: int, where: str) -> None:
+    """Refuse a grid of more than MAX_CELLS cells, from its counts alone (before any cell exists)."""
+    cells = tasks * runs * seeds
+    if cells > MAX_CELLS:
+        counts = " x ".join(f"{n:,} {word}{'' if n == 1 else 's'}" for n, word in
+                            ((tasks, "task"), (runs, "run"), (seeds, "seed")))
+        raise TietaError(f"{where}: {counts} make {cells:,} runs, more than the {MAX_CELLS:,} a sweep may have; "
+                         "split it into several sweeps")
+
+
+def _first_unknown(keys: Any, known: tuple[str, ...]) -> Optional[str]:
+    """The first key (as text, whatever its type) of ``keys`` that is not in ``known``."""
+    unknown = sorted(repr(key) for key in keys if key not in known)
+    return unknown[0] if unknown else None
 
 
 def _checked_name(name: Any, what: str) -> str:
@@ -140,9 +185,12 @@ def _read_task(entry: Any, root: Path, where: str) -> TaskSpec:
         return task_spec(entry, root / entry)
     if not isinstance(entry, dict) or "name" not in entry:
         raise TietaError(f"{where}: each task is a folder name or a mapping with a name, got {entry!r}")
-    unknown = set(entry) - {"name", "path", "group", "classes"}
+    unknown = _first_unknown(entry, ("name", "path", "group", "classes"))
     if unknown:
-        raise TietaError(f"{where}: unknown task key {sorted(unknown)[0]!r}; known: name, path, group, classes")
+        raise TietaError(f"{where}: unknown task key {unknown}; known: name, path, group, classes")
+    path = entry.get("path")
+    if path is not None and not isinstance(path, str):
+        raise TietaError(f"{where}: path of task {entry['name']!r} should be a folder path (text), got {path!r}")
     classes = entry.get("classes")
     if classes is not None and (type(classes) is not int or classes < 1):
         raise TietaError(f"{where}: classes of task {entry['name']} should be a positive integer, got {classes!r}")
@@ -150,7 +198,29 @@ def _read_task(entry: Any, root: Path, where: str) -> TaskSpec:
     if group is not None and not isinstance(group, str):
         raise TietaError(f"{where}: group of task {entry['name']} should be a name, got {group!r}")
     name = _checked_name(entry["name"], "task")
-    return task_spec(name, Path(entry["path"]) if entry.get("path") else root / name, group, classes)
+    return task_spec(name, Path(path) if path else root / name, group, classes)
+
+
+def _read_root(root: Any, where: str) -> Path:
+    """The folder of the task folders (none: the current folder)."""
+    if root is not None and not isinstance(root, str):
+        raise TietaError(f"{where}: root should be the folder holding the task folders (text), got {root!r}")
+    return Path(root or ".")
+
+
+def _read_runs(runs: dict[Any, Any], where: str) -> list[RunSpec]:
+    """Each run's settings, flattened; a seed, a task folder or a device of its own is refused."""
+    specs = []
+    for name, settings in runs.items():
+        if not isinstance(settings, dict):
+            raise TietaError(f"{where}: the settings of run {name!r} should be a mapping, got {settings!r}")
+        label = f"{where}: run {_checked_name(name, 'run')}"
+        flat = check_settings(flatten(settings, where=label), label)
+        for key, source in SWEEP_KEYS.items():
+            if key in flat:
+                raise TietaError(f"{label}: {key} is {source}, not one run's setting")
+        specs.append(RunSpec(name, flat))
+    return specs
 
 
 def _read_seeds(seeds: Any, where: str) -> list[int]:
@@ -168,32 +238,34 @@ def read_plan(path: str | Path, root: Optional[str | Path] = None) -> SweepPlan:
 
 
 def plan_from_dict(values: Any, where: str, root: Optional[str | Path] = None) -> SweepPlan:
+    """A plan from a sweep file's values, every key checked for its type (one sentence naming the
+    key), and its size checked from the counts before any task is read."""
     if not isinstance(values, dict):
         raise TietaError(f"{where} should hold a mapping with tasks and runs")
-    unknown = set(values) - {"root", "tasks", "seeds", "base", "runs"}
+    unknown = _first_unknown(values, ("root", "tasks", "seeds", "base", "runs"))
     if unknown:
-        raise TietaError(f"{where}: unknown key {sorted(unknown)[0]!r}; known: root, tasks, seeds, base, runs")
-    task_root = Path(root if root is not None else values.get("root") or ".")
+        raise TietaError(f"{where}: unknown key {unknown}; known: root, tasks, seeds, base, runs")
+    task_root = _read_root(values.get("root"), where) if root is None else Path(root)
     tasks = values.get("tasks")
     if not isinstance(tasks, list) or not tasks:
         raise TietaError(f"{where}: tasks should be a non-empty list")
     runs = values.get("runs")
     if not isinstance(runs, dict) or not runs:
         raise TietaError(f"{where}: runs should be a mapping of run names to their settings")
-    base = values.get("base") or {}
+    seeds = _read_seeds(values.get("seeds", [0]), where)
+    check_size(len(tasks), len(runs), len(seeds), where)
+    base = values.get("base")
+    if base is None:
+        base = {}
     if not isinstance(base, dict):
-        raise TietaError(f"{where}: base should be a mapping of settings")
-    run_specs = []
-    for name, settings in runs.items():
-        if not isinstance(settings, dict):
-            raise TietaError(f"{where}: the settings of run {name!r} should be a mapping, got {settings!r}")
-        run_specs.append(RunSpec(_checked_name(name, "run"), check_settings(flatten(settings), f"{where}: run {name}")))
+        raise TietaError(f"{where}: base should be a mapping of settings, got {base!r}")
+    run_specs = _read_runs(runs, where)
     task_specs = [_read_task(entry, task_root, where) for entry in tasks]
     names = [task.name for task in task_specs]
     if len(set(names)) != len(names):
         raise TietaError(f"{where}: a task name appears twice")
-    return SweepPlan(task_specs, run_specs, _read_seeds(values.get("seeds", [0]), where),
-                     check_settings(flatten(base), f"{where}: base"))
+    return SweepPlan(task_specs, run_specs, seeds, check_settings(flatten(base, where=f"{where}: base"),
+                                                                  f"{where}: base"))
 
 
 def plan_from_flags(data: list[str], methods: list[str], seeds: list[int], base: dict[str, Any]) -> SweepPlan:
@@ -204,6 +276,7 @@ def plan_from_flags(data: list[str], methods: list[str], seeds: list[int], base:
     if "method" in base:
         raise TietaError("--set method: a sweep's methods are given with --method, not as a setting")
     runs = [RunSpec(_checked_name(method, "method"), {"method": method}) for method in dict.fromkeys(methods)]
+    check_size(len(tasks), len(runs), len(seeds), "the sweep")
     return SweepPlan(tasks, runs, _read_seeds(seeds, "--seeds"), check_settings(dict(base), "--set"))
 
 

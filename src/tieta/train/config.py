@@ -20,6 +20,7 @@ from typing import Any, Optional, Union
 import yaml
 
 from tieta import safe_yaml
+from tieta.backbone import MAX_IMG_SIZE
 from tieta.data.transforms import NORMALIZATIONS
 from tieta.data.vtab import FOLDER_SPLITS, VTAB_SPLITS
 from tieta.errors import TietaError
@@ -97,7 +98,7 @@ RunConfig = dataclasses.make_dataclass(
 def from_dict(cls, values: dict[str, Any], where: str = ""):
     """Build the dataclass ``cls`` from a (nested) dict, refusing unknown keys and wrong types by name."""
     if not isinstance(values, dict):
-        raise TietaError(f"config section {where.rstrip('.') or 'top'} should be a mapping, got {values!r}")
+        raise TietaError(f"config section {where.rstrip('.') or 'top'} should be a mapping, got {_shown(values)}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     kwargs = {}
@@ -115,6 +116,18 @@ def from_dict(cls, values: dict[str, Any], where: str = ""):
 
 
 _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+INT_LIMIT = 2**63  # integer settings are 64-bit (torch's and numpy's), and print in a message
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` on one short line, for a message (an integer too long for repr() is described)."""
+    if type(value) is int and abs(value) >= 10**100:
+        return f"an integer of about {int(value.bit_length() * math.log10(2)) + 1:,} digits"
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError):  # an integer past Python's 4,300 digits, deep inside a list
+        return f"a {type(value).__name__}"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _typed(value: Any, hint: Any, key: str) -> Any:
@@ -127,19 +140,26 @@ def _typed(value: Any, hint: Any, key: str) -> Any:
     if typing.get_origin(hint) is dict:
         key_type, value_type = typing.get_args(hint)
         if not isinstance(value, dict):
-            raise TietaError(f"config key {key} should be a mapping, got {value!r}")
-        return {_typed(k, key_type, key): _typed(v, value_type, f"{key}.{k}") for k, v in value.items()}
+            raise TietaError(f"config key {key} should be a mapping, got {_shown(value)}")
+        # a key is checked before its value, so it is a string there; one that would break the line is quoted
+        return {_typed(k, key_type, key): _typed(v, value_type, f"{key}.{k}" if k.isprintable() else f"{key}[{k!r}]")
+                for k, v in value.items()}
     if typing.get_origin(hint) is list:
         (item_type,) = typing.get_args(hint)
         if not isinstance(value, list):
-            raise TietaError(f"config key {key} should be a list, got {value!r}")
+            raise TietaError(f"config key {key} should be a list, got {_shown(value)}")
         return [_typed(item, item_type, f"{key}[{index}]") for index, item in enumerate(value)]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an integer past 1.8e308
+            raise TietaError(f"config key {key} should be a finite number, got {_shown(value)}") from None
     if type(value) is not hint:  # bool is an int subclass: compare exact types
-        raise TietaError(f"config key {key} should be {_TYPE_NAMES.get(hint, hint)}, got {value!r}")
+        raise TietaError(f"config key {key} should be {_TYPE_NAMES.get(hint, hint)}, got {_shown(value)}")
     if hint is float and not math.isfinite(value):
         raise TietaError(f"config key {key} should be a finite number, got {value!r}")
+    if hint is int and not -INT_LIMIT <= value < INT_LIMIT:
+        raise TietaError(f"config key {key} should be an integer of at most 64 bits, got {_shown(value)}")
     return value
 
 
@@ -159,12 +179,16 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[dic
         if not isinstance(values, dict):
             raise TietaError(f"config file {path} should hold a mapping of settings, got a {type(values).__name__}")
     for dotted, value in (overrides or {}).items():
+        if not isinstance(dotted, str):
+            raise TietaError(f"setting names are dotted text such as optim.lr, got {_shown(dotted)}")
         section = values
         *parents, leaf = dotted.split(".")
         for parent in parents:
             section = section.setdefault(parent, {})
             if not isinstance(section, dict):
-                raise TietaError(f"cannot set {dotted}: {parent} is not a section")
+                shown = dotted if dotted.isprintable() else repr(dotted)
+                raise TietaError(f"cannot set {shown}: {parent if parent.isprintable() else repr(parent)} is not "
+                                 "a section")
         section[leaf] = value
     config = from_dict(RunConfig, values)
     validate(config)
@@ -178,7 +202,7 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise TietaError(f"--set takes KEY=VALUE, got {text!r}")
     key, raw = text.split("=", 1)
     key = key.strip()
-    if not key or not all(part.strip() for part in key.split(".")):
+    if not key or not key.isprintable() or not all(part.strip() for part in key.split(".")):
         raise TietaError(f"--set takes KEY=VALUE with a dotted key such as optim.lr, got {text!r}")
     try:
         value = safe_yaml.loads(raw)
@@ -195,9 +219,84 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
+# Limits on sizes and numbers that pass their type but could not work: each is refused by name, with
+# its limit, before anything is allocated (a C++ allocation error or hours of NaN are no answer).
+# an image side in pixels (tieta.backbone.MAX_IMG_SIZE): 4096 px is 65,536 patches of 16 px, whose
+# attention alone takes 17 GB a head
+# images in one batch (training or evaluation): 1,024 times the papers' 64; a batch this large of
+# even 32 px images is gigabytes of activations per block
+MAX_BATCH_SIZE = 65_536
+# training epochs (and warm-up epochs): VTAB-1k recipes train 100, and 10,000 are weeks of ViT-B
+MAX_EPOCHS = 10_000
+# any learning rate (optim.lr, min_lr, a group's): AdamW's steps are about lr in size, and a weight
+# moved by more than 10 in one step is lost (1e308 overflows to inf in the first step)
+MAX_LR = 10.0
+# AdamW's decoupled weight decay multiplies every weight by (1 - lr x weight_decay) each step
+MAX_WEIGHT_DECAY = 10.0
+# the largest gradient norm of clipping: beyond it no gradient is ever clipped (null turns it off)
+MAX_CLIP_GRAD = 1e6
+# data-loading processes: each is a whole Python process with its own copy of the dataset index
+MAX_WORKERS = 256
+
+
+def _bounds(config: RunConfig) -> list[tuple[bool, str]]:
+    """(within its limit, the sentence if not) for each general size and number with a limit."""
+    optim = config.optim
+    checks = [
+        (config.img_size is None or config.img_size <= MAX_IMG_SIZE,
+         f"img_size must be at most {MAX_IMG_SIZE} px, got {config.img_size}"),
+        (optim.batch_size <= MAX_BATCH_SIZE,
+         f"optim.batch_size must be at most {MAX_BATCH_SIZE:,}, got {optim.batch_size:,}"),
+        (config.eval_batch_size <= MAX_BATCH_SIZE,
+         f"eval_batch_size must be at most {MAX_BATCH_SIZE:,}, got {config.eval_batch_size:,}"),
+        (optim.epochs <= MAX_EPOCHS, f"optim.epochs must be at most {MAX_EPOCHS:,}, got {optim.epochs:,}"),
+        (optim.warmup_epochs <= MAX_EPOCHS,
+         f"optim.warmup_epochs must be at most {MAX_EPOCHS:,}, got {optim.warmup_epochs:,}"),
+        (optim.lr <= MAX_LR, f"optim.lr must be at most {MAX_LR:g}, got {optim.lr:g}"),
+        (optim.min_lr <= MAX_LR, f"optim.min_lr must be at most {MAX_LR:g}, got {optim.min_lr:g}"),
+        (optim.weight_decay <= MAX_WEIGHT_DECAY,
+         f"optim.weight_decay must be at most {MAX_WEIGHT_DECAY:g}, got {optim.weight_decay:g}"),
+        (optim.clip_grad is None or optim.clip_grad <= MAX_CLIP_GRAD,
+         f"optim.clip_grad must be at most {MAX_CLIP_GRAD:g} (null turns clipping off), got {optim.clip_grad}"),
+        (config.data.num_workers <= MAX_WORKERS,
+         f"data.num_workers must be at most {MAX_WORKERS}, got {config.data.num_workers:,}"),
+    ]
+    for group, lr in optim.lr_groups.items():
+        checks.append((lr <= MAX_LR, f"optim.lr_groups.{group} must be at most {MAX_LR:g}, got {lr:g}"))
+    return checks
+
+
+def _check_declared_bounds(config: RunConfig) -> None:
+    """Each method setting whose field declares ``at_most`` (a size that allocates weights: a rank,
+    a bottleneck, a number of experts) within it, named with its limit."""
+    for name, cls in registry.config_sections().items():
+        section = getattr(config, name)
+        for item in dataclasses.fields(cls):
+            limit = item.metadata.get("at_most")
+            value = getattr(section, item.name)
+            if limit is not None and isinstance(value, (int, float)) and value > limit:
+                raise TietaError(f"{name}.{item.name} must be at most {limit:,} (it sets the size of the weights "
+                                 f"the method adds), got {value:,}")
+
+
+def _check_learning_rates(config: RunConfig) -> None:
+    """Every group's base learning rate (a method's own included) within MAX_LR, and AdamW's decay
+    factor (1 - lr x weight_decay) positive, so that no step flips or zeroes the weights."""
+    rates = {"optim.lr": config.optim.lr}
+    rates.update({f"the {group} parameters' learning rate": lr
+                  for group, lr in group_learning_rates(config).items() if lr is not None})
+    for name, lr in rates.items():
+        if lr > MAX_LR:
+            raise TietaError(f"{name} must be at most {MAX_LR:g}, got {lr:g}")
+        if lr * config.optim.weight_decay >= 1:
+            raise TietaError(f"{name} x optim.weight_decay must be below 1 (AdamW multiplies the weights by "
+                             f"1 - lr x weight_decay each step), got {lr:g} x {config.optim.weight_decay:g}")
+
+
 def validate(config: RunConfig) -> None:
     """Refuse settings that cannot work, each with one sentence (every method's sections are
-    checked, used or not, so that a bad setting never waits for the run that uses it)."""
+    checked, used or not, so that a bad setting never waits for the run that uses it), and sizes and
+    numbers beyond their limits (``MAX_IMG_SIZE`` and the others above) before anything is allocated."""
     config.method_list  # unknown or repeated method names
     optim, data = config.optim, config.data
     checks = [
@@ -229,12 +328,14 @@ def validate(config: RunConfig) -> None:
         checks.append((group in groups, f"optim.lr_groups names a parameter group, one of {', '.join(groups)}; "
                                         f"got {group!r}"))
         checks.append((lr > 0, f"optim.lr_groups.{group} must be positive, got {lr}"))
-    for ok, message in checks:
+    for ok, message in checks + _bounds(config):
         if not ok:
             raise TietaError(message)
+    _check_declared_bounds(config)
     for method in registry.METHODS.values():
         if method.validate is not None:
             method.validate(config)
+    _check_learning_rates(config)
     objectives = [method.name for method in config.method_list if method.objective is not None]
     if len(objectives) > 1:
         raise TietaError(f"{' and '.join(objectives)} each train with their own loss; combine at most one of them")
