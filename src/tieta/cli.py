@@ -258,7 +258,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from tieta.deploy.predict import open_predictor, predict, predictions_csv
+    from tieta.deploy.predict import open_predictor, predict, predictions_csv, shown_path
     from tieta.report.tables import PREDICT_COLUMNS, format_table
     from tieta.train.rundir import write_atomically
 
@@ -275,7 +275,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.output is not None:
         write_atomically(args.output, predictions_csv(found, min(args.top_k, len(found.rows[0][1]))))
     else:
-        rows = [{"image": str(path), "class": top[0][0], "probability": top[0][1],
+        rows = [{"image": shown_path(path), "class": top[0][0], "probability": top[0][1],
                  "next": ", ".join(f"{name} {p:.2f}" for name, p in top[1:])} for path, top in found.rows]
         print(format_table(rows, PREDICT_COLUMNS))
     skipped = f", skipped {len(found.skipped)} (see above)" if found.skipped else ""
@@ -613,11 +613,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _tolerate_any_locale() -> None:
-    """Under an ASCII locale (LC_ALL=C) Python's streams cannot encode the "±" and "·" tieta prints:
-    such characters become "?" instead of ending the command."""
+    """Never end a command for a character the terminal cannot take: under an ASCII locale
+    (LC_ALL=C) the "±" and "·" tieta prints become "?"; on UTF-8, a file name that is not UTF-8 is
+    printed with its own bytes (as ``ls`` does)."""
     for stream in (sys.stdout, sys.stderr):
-        if hasattr(stream, "reconfigure") and (stream.encoding or "").lower().replace("-", "") != "utf8":
-            stream.reconfigure(errors="replace")
+        if hasattr(stream, "reconfigure"):
+            utf8 = (stream.encoding or "").lower().replace("-", "") == "utf8"
+            stream.reconfigure(errors="surrogateescape" if utf8 else "replace")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

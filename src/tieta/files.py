@@ -67,6 +67,13 @@ def _file_mode() -> int:
     return 0o666 & ~mask
 
 
+def folder_mode() -> int:
+    """0o777 less the umask: what ``mkdir`` would have given (``tempfile.mkdtemp`` gives 0o700)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o777 & ~mask
+
+
 def write_file(path: str | Path, data: bytes | str) -> Path:
     """Write ``data`` to ``path`` whole or not at all (see the module's docstring). Returns ``path``.
 
@@ -163,6 +170,20 @@ def written_by_tieta(path: Path) -> bool:
         return False
 
 
+def check_owned(path: str | Path, adopt: bool = False) -> None:
+    """Refuse, as :func:`write_owned` would, a file in the way that tieta did not write: called
+    before long work whose result would otherwise be refused only at the end.
+
+    Raises:
+        WriteError: a file of the user's (or a link, or not a regular file) is in the way.
+    """
+    path = Path(path)
+    found = _refuse_special(path)
+    if found is not None and not adopt and not written_by_tieta(path):
+        raise WriteError(f"{path} exists and was not written by tieta (or was changed since); move it away "
+                         "or write elsewhere")
+
+
 def write_owned(path: str | Path, data: bytes | str, adopt: bool = False) -> Path:
     """Write a file whose name tieta chooses inside a folder the user may also use: it replaces only
     a file that tieta wrote there (and nobody changed since), and records what it wrote.
@@ -174,10 +195,7 @@ def write_owned(path: str | Path, data: bytes | str, adopt: bool = False) -> Pat
     """
     path = Path(path)
     payload = data.encode("utf-8") if isinstance(data, str) else bytes(data)
-    found = _refuse_special(path)
-    if found is not None and not adopt and not written_by_tieta(path):
-        raise WriteError(f"{path} exists and was not written by tieta (or was changed since); move it away "
-                         "or write elsewhere")
+    check_owned(path, adopt)
     write_file(path, payload)
     record = _manifest(path.parent)
     record[path.name] = _digest(payload)

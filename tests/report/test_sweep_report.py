@@ -133,7 +133,7 @@ def test_a_tampered_summary_counts_as_unfinished(tmp_path):
     folder = _fake_sweep(tmp_path)
     (folder / "kitti" / "lora" / "seed1" / "summary.json").write_text('{"acc": "high"}')
     results = collect(folder)
-    assert "kitti · lora · seed 1: summary.json unreadable" in results.missing
+    assert 'kitti · lora · seed 1: summary.json gives acc "high", not a percentage from 0 to 100' in results.missing
     assert run_rows(results)[0].headline.n == 1  # seed 1 of lora no longer has every task
 
 

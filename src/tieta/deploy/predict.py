@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -123,11 +124,27 @@ def predict(predictor: Predictor, paths: list[str | Path], top_k: int = 5, batch
     return result
 
 
+def shown_path(path: Path) -> str:
+    """A file name as text that can always be written: a name that is not UTF-8 (Linux names are
+    bytes) keeps its valid characters and shows each other byte as ``\\xNN`` (``b"\\xff.png"``
+    becomes ``\\xff.png``)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _writable(name: str) -> str:
+    """A class name (a folder's name, so possibly not UTF-8) as :func:`shown_path` shows a path."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def predictions_csv(predictions: Predictions, top_k: int) -> str:
-    """image, class_1, probability_1, ..., class_k, probability_k: one row per classified image."""
+    """image, class_1, probability_1, ..., class_k, probability_k: one row per classified image.
+
+    The file is UTF-8 text; an image or class name with bytes that are not UTF-8 is written as
+    :func:`shown_path` writes it (each such byte as ``\\xNN``).
+    """
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(["image"] + [f"{kind}_{rank}" for rank in range(1, top_k + 1) for kind in ("class", "probability")])
     for path, top in predictions.rows:
-        writer.writerow([str(path)] + [value for name, p in top for value in (name, f"{p:.6f}")])
+        writer.writerow([shown_path(path)] + [value for name, p in top for value in (_writable(name), f"{p:.6f}")])
     return buffer.getvalue()

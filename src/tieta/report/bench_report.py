@@ -14,6 +14,7 @@ import timm
 import torch
 from torch import nn
 
+from tieta.files import write_file
 from tieta.measure.benchmark import benchmark
 from tieta.report.tables import bench_columns, format_table
 
@@ -59,5 +60,5 @@ def write_report(output: Path, title: str, explanation: str, sections: list[str]
         f"{explanation}\n\n"
     )
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.with_suffix(".md").write_text(header + "\n".join(sections))
-    output.with_suffix(".json").write_text(json.dumps({"command": invoked_command(), "results": raw}, indent=2) + "\n")
+    write_file(output.with_suffix(".md"), header + "\n".join(sections))
+    write_file(output.with_suffix(".json"), json.dumps({"command": invoked_command(), "results": raw}, indent=2) + "\n")

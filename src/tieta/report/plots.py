@@ -14,12 +14,15 @@ COLORS = ("#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA
 
 
 def save_tradeoff(rows: list[RunRow], x_values: dict[str, float], path: Path, x_label: str, y_label: str,
-                  higher_x_better: bool, caption: str = "", baseline: Optional[float] = None) -> None:
+                  higher_x_better: bool, caption: str = "", baseline: Optional[float] = None,
+                  adopt: bool = False) -> None:
     """Accuracy (y: each row's headline, mean ± std over seeds) against ``x_values[run]``, the
     Pareto front as a dashed step line through the runs no other run beats on both axes.
 
     Args:
         baseline: a horizontal reference line (e.g. the majority-class accuracy), if given.
+        adopt: a file at ``path`` is known to be an older tieta's figure (see
+            :func:`tieta.files.write_owned`, which writes it).
     """
     plt = pyplot()
     shown = [row for row in rows if row.headline is not None and row.run in x_values]
@@ -42,11 +45,13 @@ def save_tradeoff(rows: list[RunRow], x_values: dict[str, float], path: Path, x_
     axis.set_ylabel(y_label)
     axis.grid(alpha=0.3)
     axis.legend(fontsize=7, loc="best")
-    save(figure, path, caption)
+    save(figure, path, caption, owned=True, adopt=adopt)
 
 
-def save_group_bars(rows: list[RunRow], groups: list[str], path: Path, caption: str = "") -> None:
-    """Grouped bars: each group's mean accuracy (mean ± std over seeds) per run."""
+def save_group_bars(rows: list[RunRow], groups: list[str], path: Path, caption: str = "",
+                    adopt: bool = False) -> None:
+    """Grouped bars: each group's mean accuracy (mean ± std over seeds) per run (``adopt`` as for
+    :func:`save_tradeoff`)."""
     plt = pyplot()
     shown = [row for row in rows if row.groups]
     columns = groups + ["mean of groups"]
@@ -63,4 +68,4 @@ def save_group_bars(rows: list[RunRow], groups: list[str], path: Path, caption: 
     axis.set_ylabel("top-1 accuracy (%)")
     axis.grid(axis="y", alpha=0.3)
     axis.legend(fontsize=7, ncol=2)
-    save(figure, path, caption)
+    save(figure, path, caption, owned=True, adopt=adopt)

@@ -4,13 +4,17 @@ Throughput in run summaries is timed run by run, each at whatever else the machi
 ratios taken side by side hold. So a report loads one trained model per run name (all from the
 same task, where the dispatchers' decisions are real) and times them interleaved on real images
 of that task. The result is kept in the sweep folder (throughput.json) and reused while the
-same models, device and batch size are asked for.
+same models (the same run folders, each checkpoint still the one timed: its checksum), device,
+batch size and rounds are asked for. A kept file that is not what tieta writes is timed again.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
 import platform
+import stat
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -20,11 +24,15 @@ import torch
 from tieta.data.transforms import Normalize
 from tieta.data.vtab import ImageDataset, open_task
 from tieta.errors import TietaError
+from tieta.files import WriteError, parse_json, read_json, write_owned
 from tieta.measure.benchmark import benchmark
 from tieta.report.collect import RunRecord, SweepResults
+from tieta.train.checkpoint import CHECKSUM_KEY
 from tieta.train.fit import image_size_of, load_run_model, resolve_device
+from tieta.train.rundir import CHECKPOINT
 
 THROUGHPUT_FILE = "throughput.json"
+MAX_HEADER_BYTES = 100 << 20  # a safetensors header: names, shapes and the run's settings
 
 
 def benchmark_records(results: SweepResults, runs: list[str]) -> Optional[list[RunRecord]]:
@@ -63,24 +71,91 @@ def sweep_throughput(results: SweepResults, folder: Path, runs: list[str], devic
         log("throughput: no task has every run finished, so none is timed")
         return None
     folders = {record.run: str(record.folder.resolve()) for record in chosen}
+    models = {record.run: checkpoint_checksum(record.folder) for record in chosen}
     cache = folder / THROUGHPUT_FILE
-    if cache.is_file() and not rebench:
-        try:
-            kept = json.loads(cache.read_text())
-        except (OSError, ValueError):
-            kept = None
-        if isinstance(kept, dict) and kept.get("folders") == folders and kept.get("device") == device \
-                and kept.get("batch_size") == batch_size and kept.get("rounds") == rounds:
-            log(f"throughput: measured before ({cache}; --rebench to time again)")
-            return kept
+    kept, tieta_wrote = read_kept(cache, log)
+    if kept is not None and not rebench and None not in models.values() and kept.get("models") == models \
+            and kept["folders"] == folders and kept["device"] == device and kept["batch_size"] == batch_size \
+            and kept["rounds"] == rounds:
+        log(f"throughput: measured before ({cache}; --rebench to time again)")
+        return kept
     measured = _measure(chosen, device, batch_size, rounds, log)
-    measured.update(folders=folders, device=device, machine=_machine(device), batch_size=batch_size, rounds=rounds,
-                    task=chosen[0].task, date=time.strftime("%Y-%m-%d"))
+    measured.update(folders=folders, models=models, device=device, machine=_machine(device), batch_size=batch_size,
+                    rounds=rounds, task=chosen[0].task, date=time.strftime("%Y-%m-%d"))
     try:
-        cache.write_text(json.dumps(measured, indent=2) + "\n")
-    except OSError as error:
-        log(f"throughput: could not keep the measurement in {cache} ({error.strerror})")
+        write_owned(cache, json.dumps(measured, indent=2) + "\n", adopt=tieta_wrote)
+    except WriteError as error:
+        log(f"throughput: could not keep the measurement: {error}")
     return measured
+
+
+def checkpoint_checksum(folder: Path) -> Optional[str]:
+    """The checksum in the header of a run's checkpoint (it changes whenever the run is trained
+    again), read without the tensors; None where there is none to read."""
+    try:
+        handle = os.open(folder / CHECKPOINT, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO must not block
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(handle).st_mode):
+            return None
+        size = int.from_bytes(os.pread(handle, 8, 0), "little")
+        if not 0 < size <= MAX_HEADER_BYTES:
+            return None
+        header = parse_json(os.pread(handle, size, 8), "a checkpoint's header")
+    except (OSError, TietaError):
+        return None
+    finally:
+        os.close(handle)
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    value = metadata.get(CHECKSUM_KEY) if isinstance(metadata, dict) else None
+    return value if isinstance(value, str) else None
+
+
+def read_kept(cache: Path, log: Callable[[str], None] = print) -> tuple[Optional[dict[str, Any]], bool]:
+    """(the kept measurement, whether the file is recognisably tieta's): (None, False) where there
+    is none, and where the file is not what tieta writes (it is then timed again)."""
+    if not os.path.lexists(cache):
+        return None, False
+    try:
+        kept = read_json(cache, "kept throughput", limit=16 << 20)
+    except TietaError as error:
+        log(f"throughput: {error}; timing again")
+        return None, False
+    problem = cache_problem(kept)
+    if problem:
+        log(f"throughput: {cache} is not what tieta writes ({problem}); timing again")
+        return None, False
+    return kept, True
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def cache_problem(kept: Any) -> Optional[str]:
+    """Why a throughput.json is not a measurement tieta wrote (None where it is one)."""
+    if not isinstance(kept, dict):
+        return "not a mapping"
+    for key in ("device", "machine", "task"):
+        if not isinstance(kept.get(key), str):
+            return f"no {key}"
+    for key in ("batch_size", "rounds"):
+        if type(kept.get(key)) is not int:
+            return f"no whole-number {key}"
+    folders, rows, models = kept.get("folders"), kept.get("rows"), kept.get("models", {})
+    if not isinstance(folders, dict) or not all(isinstance(v, str) for v in folders.values()):
+        return "no run folders"
+    if not isinstance(models, dict) or not all(isinstance(v, str) for v in models.values()):
+        return "no checkpoint checksums"
+    if not isinstance(rows, dict) or set(rows) != set(folders):
+        return "not one row per run"
+    for run, row in rows.items():
+        spread = row.get("speedup_spread") if isinstance(row, dict) else None
+        if not (isinstance(row, dict) and _number(row.get("images_per_s")) and _number(row.get("speedup"))
+                and isinstance(spread, list) and all(_number(v) for v in spread)):
+            return f"an unreadable row for {run}"
+    return None
 
 
 def _measure(chosen: list[RunRecord], device: str, batch_size: int, rounds: int,

@@ -1,19 +1,31 @@
-"""``tieta report``: a sweep folder to report.md, report.csv and the figures, ending with its reading."""
+"""``tieta report``: a sweep folder to report.md, report.csv and the figures, ending with its reading.
+
+The report's files have names tieta chooses in a folder that may be the user's, so each is written
+by :func:`tieta.files.write_owned`: only a file tieta wrote there is replaced (a report.md of the
+user's is refused, one sentence, before anything is measured or drawn). Files written by an older
+tieta, which kept no record, are recognised by their content: report.md by its first line,
+report.csv by its header, and a figure by the older report.md that shows it.
+"""
 
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 from tieta.errors import TietaError
+from tieta.files import MANIFEST, check_owned, read_json, read_regular, write_owned
 from tieta.report.aggregate import RunRow, Spread, headline_name, means_of, pareto_front, present_groups, run_rows
 from tieta.report.collect import SweepResults, collect, majority_share
+from tieta.report.figure import pyplot
 from tieta.report.plots import save_group_bars, save_tradeoff
 from tieta.report.sweep_bench import sweep_throughput
 
 MAJORITY = "majority class"
 FIGURES = ("accuracy_vs_throughput.png", "accuracy_vs_gflops.png", "group_means.png")
+REPORT_FILE, CSV_FILE = "report.md", "report.csv"
+CSV_START = "run,method,seeds,headline,headline_final_mean"  # how every report.csv tieta wrote begins
 
 
 def _cell(spread: Optional[Spread]) -> str:
@@ -31,7 +43,7 @@ def markdown_table(header: list[str], lines: list[list[str]]) -> str:
 
 def _majority(results: SweepResults) -> dict[str, float]:
     split = next((str((r.config.get("data") or {}).get("eval_split", "test")) for r in results.records), "test")
-    shares = {task: majority_share(results.task_paths[task], split) for task in results.tasks}
+    shares = {task: majority_share(results.task_paths.get(task), split) for task in results.tasks}
     return {task: share for task, share in shares.items() if share is not None}
 
 
@@ -106,8 +118,12 @@ def _task_table(rows: list[RunRow], tasks: list[str], groups: dict[str, Optional
 
 
 def write_csv(path: Path, rows: list[RunRow], best_rows: dict[str, RunRow], results: SweepResults,
-              throughput: Optional[dict[str, Any]]) -> None:
-    """One line per run: every number of the report, means and standard deviations in their own columns."""
+              throughput: Optional[dict[str, Any]], adopt: bool = False) -> None:
+    """One line per run: every number of the report, means and standard deviations in their own columns.
+
+    Args:
+        adopt: a file at ``path`` is known to be an older tieta's (see :func:`tieta.files.write_owned`).
+    """
     groups = present_groups(results)
     speed = (throughput or {}).get("rows", {})
     columns = ["run", "method", "seeds", "headline", "headline_final_mean", "headline_final_std", "headline_best_mean",
@@ -119,24 +135,25 @@ def write_csv(path: Path, rows: list[RunRow], best_rows: dict[str, RunRow], resu
     def value(spread: Optional[Spread], part: str) -> Any:
         return "" if spread is None else round(getattr(spread, part), 4)
 
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(columns)
-        for row in rows:
-            best = best_rows.get(row.run)
-            writer.writerow(
-                [row.run, row.method, max((s.n for s in row.final.values()), default=0), headline_name(results),
-                 value(row.headline, "mean"), value(row.headline, "std"),
-                 value(best.headline if best else None, "mean"), value(best.headline if best else None, "std")]
-                + [value(row.groups.get(g), "mean") for g in groups]
-                + [value(row.task_mean, "mean"), value(best.task_mean if best else None, "mean")]
-                + [value(row.final.get(t), "mean") for t in results.tasks]
-                + [value(row.final.get(t), "std") for t in results.tasks]
-                + [value(row.best.get(t), "mean") for t in results.tasks]
-                + [round(row.facts[k], 4) if k in row.facts else "" for k in ("trainable_percent", "gmacs", "pyra_gflops")]
-                + [round(speed[row.run]["images_per_s"], 2) if row.run in speed else "",
-                   round(speed[row.run]["speedup"], 4) if row.run in speed else "",
-                   (throughput or {}).get("machine", "") if row.run in speed else ""])
+    handle = io.StringIO(newline="")
+    writer = csv.writer(handle)
+    writer.writerow(columns)
+    for row in rows:
+        best = best_rows.get(row.run)
+        writer.writerow(
+            [row.run, row.method, max((s.n for s in row.final.values()), default=0), headline_name(results),
+             value(row.headline, "mean"), value(row.headline, "std"),
+             value(best.headline if best else None, "mean"), value(best.headline if best else None, "std")]
+            + [value(row.groups.get(g), "mean") for g in groups]
+            + [value(row.task_mean, "mean"), value(best.task_mean if best else None, "mean")]
+            + [value(row.final.get(t), "mean") for t in results.tasks]
+            + [value(row.final.get(t), "std") for t in results.tasks]
+            + [value(row.best.get(t), "mean") for t in results.tasks]
+            + [round(row.facts[k], 4) if k in row.facts else "" for k in ("trainable_percent", "gmacs", "pyra_gflops")]
+            + [round(speed[row.run]["images_per_s"], 2) if row.run in speed else "",
+               round(speed[row.run]["speedup"], 4) if row.run in speed else "",
+               (throughput or {}).get("machine", "") if row.run in speed else ""])
+    write_owned(path, handle.getvalue(), adopt=adopt)
 
 
 def _setup_line(results: SweepResults) -> str:
@@ -155,12 +172,15 @@ def write_report(folder: str | Path, output: Optional[str | Path] = None, bench:
                  batch_size: int = 32, rounds: int = 7, rebench: bool = False,
                  log: Callable[[str], None] = print) -> dict[str, Any]:
     """Write report.md, report.csv and the figures for the runs under ``folder`` into ``output``
-    (default: ``folder``).
+    (default: ``folder``); every run missing or left out is logged and listed with why.
 
     Returns:
         {"files": paths written, "reading": its sentences, "rows": RunRows (the majority class last),
-         "best_rows", "missing": cells not finished, "records": the finished runs, "throughput",
-         "headline": what the headline mean is, "groups"}.
+         "best_rows", "missing": cells not finished, "left_out": results not compared (with why),
+         "records": the finished runs, "throughput", "headline": what the headline mean is, "groups"}.
+
+    Raises:
+        TietaError: no run can be reported, or a file of the user's has a report file's name.
     """
     folder = Path(folder)
     results = collect(folder)
@@ -168,6 +188,11 @@ def write_report(folder: str | Path, output: Optional[str | Path] = None, bench:
     if output.exists() and not output.is_dir():
         raise TietaError(f"output {output} exists and is not a folder")
     output.mkdir(parents=True, exist_ok=True)
+    adopted = older_report_files(output, folder.name)
+    for name in (REPORT_FILE, CSV_FILE):  # refused now, not after the timing
+        check_owned(output / name, adopt=name in adopted)
+    for item in results.left_out:
+        log(f"left out {item}")
     rows = run_rows(results)
     best_rows = {row.run: row for row in run_rows(results, "best_acc")}
     throughput = sweep_throughput(results, folder, [row.run for row in rows], device, batch_size, rounds,
@@ -176,12 +201,15 @@ def write_report(folder: str | Path, output: Optional[str | Path] = None, bench:
     groups, headline = present_groups(results), headline_name(results)
     shown = rows + ([majority] if majority else [])
     text = reading(rows, throughput, headline)
-    lines = [f"# Report: {folder.name}", "", _setup_line(results) + ".", ""]
+    lines = [_title(folder), "", _setup_line(results) + ".", ""]
     if results.missing:
         lines += [f"**Partial:** {len(results.missing)} of {len(results.missing) + len(results.records)} runs are "
                   "missing; a run's means cover only the seeds where it has every task:", ""]
-        lines += [f"- {item}" for item in results.missing[:30]]
-        lines += ([f"- ... and {len(results.missing) - 30} more"] if len(results.missing) > 30 else []) + [""]
+        lines += _listed(results.missing)
+    if results.left_out:
+        lines += [f"**Left out:** {len(results.left_out)} run{'s' if len(results.left_out) != 1 else ''} "
+                  "with results that are not part of this comparison, each with why:", ""]
+        lines += _listed(results.left_out)
     lines += ["## Summary", "", f"Top-1 accuracy (%), mean ± standard deviation over seeds. The headline is the "
               f"{headline}" + (" (the papers' number; the mean over tasks is beside it)" if groups else "") +
               ". Final: after the last epoch; best: the best evaluated epoch (what the papers report).", ""]
@@ -196,41 +224,96 @@ def write_report(folder: str | Path, output: Optional[str | Path] = None, bench:
     lines += ["## Reading", "", text, ""]
     lines += ["## Per task: final top-1 (%)", "", _task_table(shown, results.tasks, results.groups, best=False), ""]
     lines += ["## Per task: best top-1 (%)", "", _task_table(rows, results.tasks, results.groups, best=True), ""]
-    files = [output / "report.md", output / "report.csv"]
+    files = [output / REPORT_FILE, output / CSV_FILE]
     try:
-        figures = _figures(rows, throughput, results, output, majority, headline, groups)
+        pyplot()
     except TietaError as error:  # no matplotlib: the tables are still worth writing
         log(f"no figures: {error}")
         figures = []
+    else:
+        figures = _figures(rows, throughput, results, output, majority, headline, groups, adopted)
     files += figures
     if figures:
         lines += ["## Figures", ""] + [f"![{path.stem}]({path.name})" for path in figures] + [""]
-    (output / "report.md").write_text("\n".join(lines))
-    write_csv(output / "report.csv", shown, best_rows, results, throughput)
+    write_csv(output / CSV_FILE, shown, best_rows, results, throughput, adopt=CSV_FILE in adopted)
+    write_owned(output / REPORT_FILE, "\n".join(lines), adopt=REPORT_FILE in adopted)
     return {"files": files, "reading": text, "rows": shown, "best_rows": best_rows, "missing": results.missing,
-            "records": results.records,
+            "left_out": results.left_out, "records": results.records,
             "throughput": throughput, "headline": headline, "groups": groups}
 
 
+def _title(folder: Path) -> str:
+    """report.md's first line (how an older tieta's report.md is recognised)."""
+    return f"# Report: {folder.name}"
+
+
+def _listed(items: list[str], limit: int = 30) -> list[str]:
+    """Markdown list lines of the first ``limit`` items, then how many more, then a blank line."""
+    lines = [f"- {item}" for item in items[:limit]]
+    return lines + ([f"- ... and {len(items) - limit} more"] if len(items) > limit else []) + [""]
+
+
+def _first_line(path: Path, limit: int = 1 << 20) -> Optional[str]:
+    """The first line of a regular file (None where there is no readable one)."""
+    try:
+        data = read_regular(path, "file", limit=limit)
+    except TietaError:
+        return None
+    return data.split(b"\n", 1)[0].rstrip(b"\r").decode("utf-8", "replace")
+
+
+def older_report_files(output: Path, name: str) -> set[str]:
+    """The report files in ``output`` that an older tieta wrote, recognised by their content where
+    tieta has no record of them (older versions kept none): report.md by its first line, report.csv
+    by its header, a figure by being shown in such a report.md."""
+    recorded = _recorded(output)
+    adopted: set[str] = set()
+    report = output / REPORT_FILE
+    if REPORT_FILE not in recorded and _first_line(report) == _title(Path(name)):
+        adopted.add(REPORT_FILE)
+        try:
+            text = read_regular(report, "file", limit=16 << 20).decode("utf-8", "replace")
+        except TietaError:
+            text = ""
+        adopted.update(figure for figure in FIGURES if f"]({figure})" in text and figure not in recorded)
+    line = _first_line(output / CSV_FILE)
+    if CSV_FILE not in recorded and line is not None and line.startswith(CSV_START):
+        adopted.add(CSV_FILE)
+    return adopted
+
+
+def _recorded(folder: Path) -> set[str]:
+    """The names of the files tieta has recorded writing in ``folder``."""
+    try:
+        values = read_json(folder / MANIFEST, "tieta's record of the files it wrote", limit=1 << 20)
+    except TietaError:
+        return set()
+    return set(values) if isinstance(values, dict) else set()
+
+
 def _figures(rows: list[RunRow], throughput: Optional[dict[str, Any]], results: SweepResults, output: Path,
-             majority: Optional[RunRow], headline: str, groups: list[str]) -> list[Path]:
+             majority: Optional[RunRow], headline: str, groups: list[str], adopted: set[str]) -> list[Path]:
+    """Draw the report's figures into ``output``: each is checked to be tieta's to replace before any
+    is drawn (``adopted``: the older tieta's files, see :func:`older_report_files`)."""
     label = f"{headline}, top-1 (%)"
     baseline = majority.headline.mean if majority and majority.headline else None
     caption = _setup_line(results)
-    written = []
+    drawings = []
     if throughput:
         speed = {run: values["images_per_s"] for run, values in throughput["rows"].items()}
-        path = output / FIGURES[0]
-        save_tradeoff(rows, speed, path, f"images/s on {throughput['machine']}, batch {throughput['batch_size']}",
-                      label, True, caption, baseline)
-        written.append(path)
+        x_label = f"images/s on {throughput['machine']}, batch {throughput['batch_size']}"
+        drawings.append((FIGURES[0], lambda path, adopt: save_tradeoff(rows, speed, path, x_label, label, True,
+                                                                       caption, baseline, adopt)))
     gmacs = {row.run: row.facts["gmacs"] for row in rows if "gmacs" in row.facts}
     if gmacs:
-        path = output / FIGURES[1]
-        save_tradeoff(rows, gmacs, path, "GFLOPs per image (MACs/1e9)", label, False, caption, baseline)
-        written.append(path)
+        drawings.append((FIGURES[1], lambda path, adopt: save_tradeoff(rows, gmacs, path, "GFLOPs per image (MACs/1e9)",
+                                                                       label, False, caption, baseline, adopt)))
     if groups:
-        path = output / FIGURES[2]
-        save_group_bars(rows, groups, path, caption)
-        written.append(path)
+        drawings.append((FIGURES[2], lambda path, adopt: save_group_bars(rows, groups, path, caption, adopt)))
+    for name, _ in drawings:
+        check_owned(output / name, adopt=name in adopted)
+    written = []
+    for name, draw in drawings:
+        draw(output / name, name in adopted)
+        written.append(output / name)
     return written
