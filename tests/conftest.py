@@ -168,3 +168,26 @@ def fill_disk(folder: Path, leave: int = 0) -> Path:
             except OSError:
                 break
     return filler
+
+
+def refused(capsys, *argv: str) -> str:
+    """Run the CLI in-process and return its one sentence, asserting exit status 2 and no traceback.
+
+    A usage error (argparse) is the usage lines and then one ``tieta <command>: error: ...`` line;
+    any other refusal is exactly one ``tieta: error: ...`` line.
+    """
+    from tieta.cli import main
+
+    try:
+        code, usage = main(list(argv)), False
+    except SystemExit as exit_info:
+        code, usage = exit_info.code, True
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    if usage:
+        assert lines[-1].startswith("tieta ") and ": error: " in lines[-1], err
+        return lines[-1]
+    assert len(lines) == 1 and lines[0].startswith("tieta: error: "), err
+    return lines[0]

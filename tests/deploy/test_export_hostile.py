@@ -208,7 +208,7 @@ def _set(**values):
     (_set(num_classes=3.7), "gives num_classes as 3.7; tieta export writes a whole number"),
     (_set(num_classes=True), "gives num_classes as true"),
     (_set(num_classes="3"), 'gives num_classes as "3"'),
-    (_set(img_size=10**12), "gives img_size as 1000000000000; tieta export writes a whole number from 1 to 8,192"),
+    (_set(img_size=10**12), "gives img_size as 1000000000000; tieta export writes a whole number from 1 to 4,096"),
     (_set(img_size=0), "gives img_size as 0"),
     (_set(class_names=["one"]), "names 1 classes but its model has 3"),
     (_set(class_names=["a", 2, "c"]), "gives class_names as a list; tieta export writes a list of names"),

@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import write_vtab_task
+from conftest import refused, write_vtab_task
 from tieta import TietaError, files
 from tieta.cli import main
 from tieta.data.vtab import fingerprint, open_task
@@ -25,16 +25,6 @@ TINY = {"model": "test_vit", "weights": "random", "img_size": 32, "optim.epochs"
         "optim.batch_size": 4, "eval_batch_size": 8, "lora.rank": 2}
 TINY_FLAGS = ["--model", "test_vit", "--weights", "random", "--img-size", "32", "--epochs", "1",
               "--warmup-epochs", "0", "--batch-size", "4"]
-
-
-def refused(capsys, *argv: str) -> str:
-    """Run the CLI in-process; assert exit status 2 and one line, and return that line."""
-    code = main(list(argv))
-    err = capsys.readouterr().err
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("tieta: error: ") and "Traceback" not in err, err
-    return lines[0]
 
 
 def quiet(text: str) -> None:

@@ -6,23 +6,13 @@ from __future__ import annotations
 import pytest
 
 from tieta import TietaError
-from tieta.cli import main
+from conftest import refused
 from tieta.measure import bench_suite
 from tieta.methods.method import MAX_EXPERTS, MAX_WIDTH
 from tieta.train.config import (MAX_BATCH_SIZE, MAX_CLIP_GRAD, MAX_EPOCHS, MAX_IMG_SIZE, MAX_LR, MAX_WEIGHT_DECAY,
                                 MAX_WORKERS, load_config)
 
 FLOPS = ["flops", "--model", "test_vit", "--weights", "random", "--img-size", "32"]
-
-
-def refused(capsys, *argv: str) -> str:
-    """Run the CLI in-process; assert exit status 2 and one line, and return that line."""
-    code = main(list(argv))
-    err = capsys.readouterr().err
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("tieta: error: ") and "Traceback" not in err, err
-    return lines[0]
 
 
 @pytest.mark.parametrize("overrides, message", [

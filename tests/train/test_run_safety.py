@@ -81,9 +81,16 @@ def test_a_second_process_is_kept_out_of_a_run_folder(vtab_task, tmp_path, capsy
     fit(_config(vtab_task), tmp_path / "run", overwrite=True)  # free again
 
 
-def test_divergence_is_a_failed_run_with_one_sentence(vtab_task, tmp_path, capsys):
+def test_divergence_is_a_failed_run_with_one_sentence(vtab_task, tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
-    code = main(["train", *TINY, "--epochs", "4", "--lr", "1e6", "--data", str(vtab_task), "--output", str(run)])
+    real = fit_module.training_objective  # a learning rate that diverges is refused now: a loss that does
+
+    def diverging(config):
+        loss_fn = real(config)
+        return lambda model, images, labels: loss_fn(model, images, labels) * float("inf")
+
+    monkeypatch.setattr(fit_module, "training_objective", diverging)
+    code = main(["train", *TINY, "--epochs", "4", "--data", str(vtab_task), "--output", str(run)])
     assert code == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith("tieta: error: training diverged") and "\n" not in error

@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 import tieta
+from tieta.backbone import MAX_IMG_SIZE
 from tieta.data.vtab import open_task
 from tieta.deploy.onnx import check_onnx, export_onnx
 from tieta.errors import TietaError, listing
@@ -59,7 +60,6 @@ WEIGHTS_FILE = "model.safetensors"
 ONNX_FILE = "model.onnx"  # with --onnx; a model over 2 GiB keeps its weights in model.onnx.data
 EXPORT_FILES = (WEIGHTS_FILE, INFO_FILE, ONNX_FILE, ONNX_FILE + ".data")  # all that an export folder holds
 MAX_INFO_BYTES = 16 << 20  # tieta_export.json: settings and class names, far below this
-MAX_IMAGE_SIZE = 8192
 MAX_CLASSES = 10**6
 
 
@@ -254,7 +254,7 @@ def read_info(folder: str | Path) -> ExportInfo:
                          "input size, settings)")
     num_classes = _whole(record, "num_classes", MAX_CLASSES, path)
     info = ExportInfo(_text(record, "model", path), _text(record, "method", path), num_classes,
-                      _whole(record, "img_size", MAX_IMAGE_SIZE, path), _text(record, "normalization", path),
+                      _whole(record, "img_size", MAX_IMG_SIZE, path), _text(record, "normalization", path),
                       _class_names(record.get("class_names"), num_classes, path), record["config"])
     _check_agreement(info, path)
     return info
