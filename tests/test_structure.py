@@ -29,6 +29,7 @@ LAZY_IMPORTS = {
     ("data/assets.py", "_onnx_to_timm"): "onnx is an optional dependency (tieta[assets])",
     ("report/figure.py", "pyplot"): "matplotlib is an optional dependency (tieta[plots])",
     ("backbone.py", "builtin_weights"): "tieta.data.assets, only when a built-in asset is named",
+    ("backbone.py", "builtin_models"): "tieta.data.assets, only when a built-in asset is named or suggested",
     ("data/assets.py", "saliency_dinov2_vits14_weights"): "timm and safetensors, only when the asset is built",
     ("data/assets.py", "_write_elpv"): "tqdm, only when the ELPV task is built",
     ("deploy/onnx.py", "_onnxruntime"): "onnxruntime is an optional dependency (tieta[onnx])",

@@ -9,13 +9,27 @@ loaded strictly but for the classifier, which is always reset to the task's clas
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
+import re
+import socket
+import threading
+import time
+import urllib.parse
+import urllib.request
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Callable, Iterator, Optional, Union
 
 import timm
+import torch
+from timm.models import get_pretrained_cfg
 from torch import nn
+
+try:  # timm fetches published weights with it; without it, from their URLs
+    from huggingface_hub import constants as hub_constants
+except ImportError:
+    hub_constants = None
 
 from tieta.errors import TietaError
 
@@ -27,11 +41,43 @@ RANDOM = "random"
 # config (tieta import --img-size)
 MAX_IMG_SIZE = 4096
 
+# how long the model hub may take to accept a connection before it counts as unreachable (then
+# only the local cache is read: timm's download would retry for about a minute)
+HUB_CONNECT_SECONDS = 3.0
+# how long the search for the timm model that a weights file was made for may take (it builds
+# candidate models on the meta device, a tenth of a second or so each)
+IDENTIFY_SECONDS = 3.0
+# the embedding width that each size word in a timm ViT name stands for (vit_<size>_patch<P>_...)
+_SIZE_WIDTHS = {"tiny": (192,), "small": (384,), "medium": (512,), "betwixt": (640,), "base": (768,),
+                "large": (1024,), "so400m": (1152,), "huge": (1280,), "giant": (1408, 1536), "gigantic": (1664,)}
+
 
 def builtin_weights() -> dict[str, Callable[[], Path]]:
     from tieta.data import assets  # imported lazily: building an asset needs the registry
 
     return {assets.SALIENCY_DINOV2_VITS14: assets.saliency_dinov2_vits14_weights}
+
+
+def builtin_models() -> dict[str, str]:
+    """Each built-in weights name -> the timm model they are for."""
+    from tieta.data import assets
+
+    return {assets.SALIENCY_DINOV2_VITS14: assets.SALIENCY_DINOV2_VITS14_MODEL}
+
+
+def builtin_suggestion() -> str:
+    """The clause that points to the built-in backbone, for messages about weights tieta cannot get."""
+    weights, model = next(iter(builtin_models().items()))
+    return f"tieta's built-in backbone is --model {model} --weights {weights} (no model hub needed)"
+
+
+def missing_weights(path: Path) -> str:
+    """Why ``path`` cannot be read as weights (it does not exist), and what to use instead."""
+    close = difflib.get_close_matches(path.name, list(builtin_models()), n=1)
+    if close:
+        return (f"weights file {path} does not exist; did you mean the built-in {close[0]!r} "
+                f"(for --model {builtin_models()[close[0]]})?")
+    return f"weights file {path} does not exist; {builtin_suggestion()}"
 
 
 def load_backbone(
@@ -45,7 +91,8 @@ def load_backbone(
 
     Args:
         name: a timm model name, e.g. "vit_base_patch16_224".
-        weights: None for timm's published weights of ``name`` (from the model hub, needs network);
+        weights: None for timm's published weights of ``name`` (from the model hub; where it does not
+            answer within HUB_CONNECT_SECONDS, from the local hub cache alone);
             "random" for random initialisation; the name of a built-in asset
             ("dinov2_vits14_saliency"); or a local .safetensors / .pth / .pt / .bin / .npz file.
         num_classes: classes of the task; the head is always re-initialised for them.
@@ -54,14 +101,20 @@ def load_backbone(
 
     Returns:
         The model, in train mode, on the CPU.
+
+    Raises:
+        TietaError: an unknown model, or weights that cannot be had or do not fit; the sentence names
+            the model they were made for, or the built-in backbone, where that helps.
     """
     if img_size is not None:
         timm_kwargs["img_size"] = img_size
     builtin = builtin_weights()
     if weights is None:
-        model = _create(name, pretrained=True, num_classes=num_classes, **timm_kwargs)
+        model = _from_hub(name, num_classes=num_classes, **timm_kwargs)
         model.reset_classifier(num_classes)  # even where the published head has as many classes
         return model
+    if str(weights) in builtin:
+        _check_builtin_fits(name, str(weights))  # before the asset is built (a download the first time)
     model = _create(name, pretrained=False, num_classes=num_classes, **timm_kwargs)
     if str(weights) == RANDOM:
         return model
@@ -70,11 +123,80 @@ def load_backbone(
     return model
 
 
-def _create(name: str, pretrained: bool, **kwargs) -> nn.Module:
+def _check_name(name: str) -> None:
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise TietaError(f"timm has no model named {name!r}{hint}")
+
+
+def _check_builtin_fits(name: str, weights: str) -> None:
+    """Refuse a built-in weights name for another model than the one it was made for."""
+    _check_name(name)
+    made_for = builtin_models()[weights]
+    if name.split(".")[0] != made_for:
+        raise TietaError(f"the built-in weights {weights!r} are for timm's {made_for}, not {name}; "
+                         f"use --model {made_for} --weights {weights}")
+
+
+def _from_hub(name: str, **kwargs) -> nn.Module:
+    """``name`` with timm's published weights; where the hub cannot be reached, from the local cache
+    alone (at once, instead of a minute of retries)."""
+    address = None if {"pretrained_cfg", "pretrained_cfg_overlay"} & set(kwargs) else _hub_address(name)
+    if address is None or _reachable(*address):
+        return _create(name, pretrained=True, **kwargs)
+    with _hub_offline():
+        return _create(name, pretrained=True, unreachable=address[0], **kwargs)
+
+
+def _hub_address(name: str) -> Optional[tuple[str, int]]:
+    """The host and port timm fetches the published weights of ``name`` from (the Hugging Face hub,
+    or the proxy to it); None where they come from elsewhere or offline mode is already on."""
+    cfg = get_pretrained_cfg(name) if timm.is_model(name) else None
+    if hub_constants is None or cfg is None or not cfg.hf_hub_id or hub_constants.HF_HUB_OFFLINE:
+        return None
+    endpoint = urllib.parse.urlsplit(hub_constants.ENDPOINT)
+    host, port = endpoint.hostname, endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    proxy = urllib.request.getproxies().get(endpoint.scheme)
+    if proxy and host and not urllib.request.proxy_bypass(host):
+        proxy_url = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        host, port = proxy_url.hostname, proxy_url.port or (443 if proxy_url.scheme == "https" else 80)
+    return (host, port) if host else None
+
+
+def _reachable(host: str, port: int) -> bool:
+    """Whether ``host`` accepts a connection within HUB_CONNECT_SECONDS, name lookup included (which a
+    socket timeout does not bound, so the attempt runs in a thread that is not waited for longer)."""
+    answer: list[bool] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((host, port), timeout=HUB_CONNECT_SECONDS).close()
+            answer.append(True)
+        except OSError:
+            answer.append(False)
+
+    attempt = threading.Thread(target=connect, daemon=True)
+    attempt.start()
+    attempt.join(HUB_CONNECT_SECONDS)
+    return bool(answer and answer[0])
+
+
+@contextlib.contextmanager
+def _hub_offline() -> Iterator[None]:
+    """huggingface_hub's offline mode for a while: files come from the local cache or fail at once."""
+    before = hub_constants.HF_HUB_OFFLINE
+    hub_constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        hub_constants.HF_HUB_OFFLINE = before
+
+
+def _create(name: str, pretrained: bool, unreachable: Optional[str] = None, **kwargs) -> nn.Module:
+    """``timm.create_model`` with one sentence for what goes wrong; ``unreachable``: the hub host
+    that could not be reached (the weights were looked for in the local cache only)."""
+    _check_name(name)
     img_size = kwargs.get("img_size")
     if img_size is not None and (type(img_size) is not int or not 1 <= img_size <= MAX_IMG_SIZE):
         raise TietaError(f"img_size must be a whole number of pixels from 1 to {MAX_IMG_SIZE}, got {img_size!r}")
@@ -87,11 +209,10 @@ def _create(name: str, pretrained: bool, **kwargs) -> nn.Module:
             raise TietaError(f"timm's {name} takes no img_size: it is not a VisionTransformer, the models tieta "
                              "works on") from error
         if pretrained:
-            raise TietaError(
-                f"could not get the published weights of {name} from the model hub ({type(error).__name__}: "
-                f"{str(error).splitlines()[0] if str(error) else 'no detail'}); pass a local weights file, "
-                "or 'random'"
-            ) from error
+            why = (f"{unreachable} cannot be reached from here and they are not in the local cache" if unreachable
+                   else f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'no detail'}")
+            raise TietaError(f"could not get the published weights of {name} from the model hub ({why}); pass a "
+                             f"local weights file or 'random'; {builtin_suggestion()}") from error
         raise TietaError(f"timm could not build {name}: {error}") from error
     _check_patch_grid(model, name, img_size)
     return model
@@ -119,7 +240,7 @@ def load_weights_file(model: nn.Module, path: Path) -> None:
     """
     path = Path(path)
     if not path.exists():
-        raise TietaError(f"weights file {path} does not exist")
+        raise TietaError(missing_weights(path))
     if not path.is_file():
         raise TietaError(f"weights file {path} is not a file")
     if path.suffix not in WEIGHT_SUFFIXES:
@@ -131,12 +252,15 @@ def load_weights_file(model: nn.Module, path: Path) -> None:
         state_dict = timm.models.load_state_dict(str(path), weights_only=True)
     except Exception as error:
         raise TietaError(f"could not read weights file {path}: {str(error).splitlines()[0]}") from error
+    as_read = state_dict
     filter_fn = getattr(importlib.import_module(type(model).__module__), "checkpoint_filter_fn", None)
     if filter_fn is not None:
         try:
             state_dict = filter_fn(state_dict, model)
         except Exception as error:
-            raise TietaError(f"weights file {path} does not fit {type(model).__name__}: {error}") from error
+            raise TietaError(f"weights file {path} does not fit {_model_name(model)} "
+                             f"({str(error).splitlines()[0] if str(error) else type(error).__name__})"
+                             f"{_made_for(as_read, model)}") from error
     head_names = _head_names(model)
     state_dict = {k: v for k, v in state_dict.items() if k.split(".")[0] not in head_names}
     expected = {k: v.shape for k, v in model.state_dict().items() if k.split(".")[0] not in head_names}
@@ -149,8 +273,97 @@ def load_weights_file(model: nn.Module, path: Path) -> None:
             for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
             if keys
         )
-        raise TietaError(f"weights file {path} does not fit this model ({detail})")
+        raise TietaError(f"weights file {path} does not fit {_model_name(model)} ({detail}){_made_for(as_read, model)}")
     model.load_state_dict(state_dict, strict=False)
+
+
+def _model_name(model: nn.Module) -> str:
+    """timm's name of ``model`` (its architecture), else its class's."""
+    cfg = getattr(model, "pretrained_cfg", None)
+    name = cfg.get("architecture") if isinstance(cfg, dict) else None
+    return name or type(model).__name__
+
+
+def _shape_facts(state_dict: dict[str, torch.Tensor]) -> Optional[tuple[int, int, int]]:
+    """(embedding width, blocks, patch size) of a timm ViT state dict; None where it has no timm
+    patch embedding (another layout, or not a ViT)."""
+    projection = state_dict.get("patch_embed.proj.weight")
+    if not isinstance(projection, torch.Tensor) or projection.dim() != 4:
+        return None
+    blocks = {int(found.group(1)) for key in state_dict if (found := re.match(r"blocks\.(\d+)\.", key))}
+    cls_token = state_dict.get("cls_token")
+    width = cls_token.shape[-1] if isinstance(cls_token, torch.Tensor) else projection.shape[0]
+    return int(width), len(blocks), int(projection.shape[-1])
+
+
+def _made_for(state_dict: dict[str, torch.Tensor], model: nn.Module) -> str:
+    """The clause that says which timm model ``state_dict`` was made for, where its shapes are not
+    ``model``'s (empty where they are: then a tensor is missing or extra, not the model wrong)."""
+    facts = _shape_facts(state_dict)
+    if facts is None or facts == _shape_facts(model.state_dict()):
+        return ""
+    shapes = f"width {facts[0]}, {facts[1]} blocks, patch {facts[2]}"
+    found = [name for name in identify_model(state_dict) if name != _model_name(model)]
+    if found:
+        return f"; its tensors are those of timm's {found[0]} ({shapes}): use --model {found[0]}"
+    return f"; no timm ViT with published weights has its shapes ({shapes}); {builtin_suggestion()}"
+
+
+def _named_widths(name: str) -> tuple[int, ...]:
+    """The widths the size word in a timm ViT name stands for ("vit_relpos_base_patch16_224": 768);
+    none where it has no size word tieta knows."""
+    for word in name.split("_patch")[0].split("_")[1:]:
+        if word in _SIZE_WIDTHS:
+            return _SIZE_WIDTHS[word]
+    return ()
+
+
+def _meta_shapes(name: str) -> Optional[dict[str, torch.Tensor]]:
+    """The state dict of timm's ``name`` on the meta device (shapes only), without its weight
+    initialisation where the model allows; None where it cannot be built so."""
+    for kwargs in ({"weight_init": "skip"}, {}):
+        try:
+            with torch.device("meta"):
+                return timm.create_model(name, pretrained=False, **kwargs).state_dict()
+        except Exception:  # a model that takes no weight_init, or cannot be built on the meta device
+            continue
+    return None
+
+
+def identify_model(state_dict: dict[str, torch.Tensor], seconds: float = IDENTIFY_SECONDS) -> list[str]:
+    """The timm ViTs with published weights whose tensors have the names and shapes of
+    ``state_dict`` (the head and the number of positions aside), those of the same input size first.
+
+    Candidates come from their names (the patch size, and the width a size word such as "small"
+    stands for: a name without a known size word is not tried), each built on the meta device (no
+    memory, no weights), the plainest names first, for at most ``seconds``.
+    """
+    facts = _shape_facts(state_dict)
+    if facts is None:
+        return []
+    width, _, patch = facts
+    names = {name.split(".")[0] for name in timm.list_models("vit_*", pretrained=True)}
+    names = [name for name in sorted(names, key=lambda name: (len(name), name))  # the plainest names first
+             if re.search(rf"_patch{patch}(?!\d)", name) and width in _named_widths(name)]
+    given, exact, close = _shapes(state_dict), [], []
+    deadline = time.monotonic() + seconds
+    for name in names:
+        if exact or time.monotonic() > deadline:
+            break
+        built = _meta_shapes(name)
+        if built is None:
+            continue
+        candidate = _shapes(built)
+        # the positions aside: the checkpoint filter resamples them to the model's input size
+        if candidate.keys() == given.keys() and all(candidate[k] == given[k] for k in given if k != "pos_embed"):
+            (exact if candidate.get("pos_embed") == given.get("pos_embed") else close).append(name)
+    return exact + close
+
+
+def _shapes(state_dict: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    """Each tensor's shape, the classifier's left out."""
+    return {key: tuple(value.shape) for key, value in state_dict.items()
+            if key.split(".")[0] not in ("head", "head_dist")}
 
 
 def _load_npz(model: nn.Module, path: Path) -> None:

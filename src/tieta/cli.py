@@ -87,7 +87,8 @@ def _add_config_arguments(parser: argparse.ArgumentParser, data_required: bool, 
         parser.add_argument("--config", type=Path, help="YAML file of settings (command-line flags override it)")
     parser.add_argument("--model", help="timm model name (default vit_base_patch16_224)")
     parser.add_argument("--weights", help="weights file (.safetensors/.pth/.bin/.npz), 'random', or "
-                        "'dinov2_vits14_saliency'; default: timm's published weights from the hub")
+                        "'dinov2_vits14_saliency' (the built-in backbone, no hub needed: with --model "
+                        "vit_small_patch14_dinov2); default: timm's published weights from the hub")
     parser.add_argument("--method", nargs="+" if grid else None,
                         help=f"methods joined by '+': {', '.join(catalog.CATALOG)}, e.g. pyra+lora (default lora)"
                         + ("; several: one run each" if grid else ""))
@@ -105,7 +106,8 @@ def _add_config_arguments(parser: argparse.ArgumentParser, data_required: bool, 
 
 def _add_schedule_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, help="training epochs (default 100)")
-    parser.add_argument("--warmup-epochs", type=int, help="linear warm-up epochs (default 10)")
+    parser.add_argument("--warmup-epochs", type=int, help="linear warm-up epochs (default: a tenth of the epochs, "
+                        "at most 10)")
     parser.add_argument("--lr", type=float, help="base learning rate (default 1e-3)")
     parser.add_argument("--batch-size", type=int, help="training batch size (default 64)")
     parser.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 1e-4)")
@@ -149,6 +151,7 @@ def _print_summary(rows: list[dict[str, Any]], demo: bool = False) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from tieta.train.fit import fit, resume_run
+    from tieta.train.reading import summary_notes
 
     if args.resume is not None:
         given = [key for key in _overrides_from(args) if key != "device"]
@@ -164,6 +167,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         folder = args.output
     if summary:  # under torchrun, the first process reports
         _print_summary([summary])
+        for note in summary_notes(summary):
+            print(note)
         print(f"run folder: {folder}")
     return 0
 
@@ -173,7 +178,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from tieta.sweep.runner import FAILED, run_sweep
 
     # --method and --data are the grid, not settings (a --set of them is a setting, and refused as one)
-    settings = _overrides_from(argparse.Namespace(**{**vars(args), "method": None, "data": None}))
+    # and --device is where they train (as --devices with one device), not a setting of each run
+    settings = _overrides_from(argparse.Namespace(**{**vars(args), "method": None, "data": None, "device": None}))
     _folder_to_write(args.output)
     if args.sweep_file is not None:
         if args.data or args.method:
@@ -191,6 +197,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                              "the grid is what they name")
         plan = plan_from_flags(args.data, args.method, args.seeds or [0], settings)
     devices = [d.strip() for d in args.devices.split(",") if d.strip()] if args.devices else None
+    if args.device is not None:
+        if devices is not None:
+            raise TietaError("give --device (one device) or --devices (several), not both")
+        if "," in args.device:
+            raise TietaError(f"--device takes one device, got {args.device!r}; give several with --devices")
+        devices = [args.device.strip()]
     outcomes = run_sweep(plan, args.output, devices)
     print(f"next: tieta report {args.output}")
     return 1 if any(outcome.status == FAILED for outcome in outcomes) else 0
@@ -209,13 +221,17 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from tieta.report.tables import EVAL_COLUMNS, format_table
     from tieta.train.fit import evaluate_checkpoint
+    from tieta.train.reading import summary_notes
 
-    result = evaluate_checkpoint(args.run, args.data, args.split, args.batch_size)
+    result = evaluate_checkpoint(args.run, args.data, args.split, args.batch_size, args.device)
+    result["notes"] = summary_notes(result)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
     print(f"{args.run}: {result['split']} split, {result['images']} images")
     print(format_table([result], EVAL_COLUMNS))
+    for note in result["notes"]:
+        print(note)
     return 0
 
 
@@ -314,20 +330,21 @@ def cmd_flops(args: argparse.Namespace) -> int:
     from tieta.measure.flops import count_flops
     from tieta.methods.params import trainable_parameters
     from tieta.report.tables import FLOPS_COLUMNS, fact_label, format_table
-    from tieta.train.fit import describe_methods, image_size_of
+    from tieta.train.fit import describe_methods, image_size_of, resolve_device
     from tieta.train.model import build_backbone, build_model
 
     config = _config_from(args)
+    device = resolve_device(args.device or "cpu")  # the count is the same anywhere; a large model is faster on a GPU
     # costs do not depend on the weights, so both start from random ones
-    model = build_model(config, args.num_classes, random_weights=True)
-    plain = build_backbone(config, args.num_classes, random_weights=True)
+    model = build_model(config, args.num_classes, random_weights=True).to(device)
+    plain = build_backbone(config, args.num_classes, random_weights=True).to(device)
     size = image_size_of(model)
-    images = torch.randn(1, 3, size, size)
+    images = torch.randn(1, 3, size, size).to(device)
     rows = _cost_rows(f"{config.model} + {config.method}", count_flops(plain, images), count_flops(model, images))
     trainable, total = trainable_parameters(model)
     print(f"{config.model} + {config.method} at {size} px, per image:")
     print(textwrap.indent(format_table(rows, FLOPS_COLUMNS), "  "))
-    print("  (GMACs are what most papers call GFLOPs; MACs/2^30 is the PYRA paper's GFLOPs)")
+    print("  (GMACs: multiply-accumulates / 1e9, the unit tieta shows everywhere; the PYRA paper divides by 2^30)")
     print(f"  parameters: {total:,} ({trainable:,} trainable, {100 * trainable / total:.3f}%)")
     for key, value in describe_methods(model, config).items():
         print(f"  {fact_label(key)}: {value}")
@@ -340,9 +357,12 @@ def cmd_flops(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from tieta.demo import BENCH_BATCH_SIZE, default_output, run_demo
+    from tieta.train.fit import resolve_device
 
     output = _folder_to_write(args.output or default_output())
-    report = run_demo(output, args.epochs)
+    if args.device is not None:
+        resolve_device(args.device)  # a device this machine lacks, before anything is fetched
+    report = run_demo(output, args.epochs, device=args.device)
     summaries = report["summaries"]
     print()
     print(f"tieta demo: ELPV solar cells, 4 classes, {summaries[0]['img_size']} px, {summaries[0]['device']}; "
@@ -356,13 +376,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-# a median of fewer interleaved rounds than this is at the mercy of one disturbed round
-RELIABLE_ROUNDS = 3
+# fewer interleaved rounds than this cannot rank speeds by their spread (tieta.report.speed.MIN_ROUNDS)
+RELIABLE_ROUNDS = 5
+
+
+def _bench_progress(text: str) -> None:
+    print(f"tieta bench: {text}", file=sys.stderr, flush=True)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from tieta.files import write_file
     from tieta.measure.bench_suite import check_sizes, run_suite
+    from tieta.measure.load import load_text, watched_load
+    from tieta.report.speed import bench_reading, spread_text
     from tieta.report.tables import bench_columns, format_table
     from tieta.train.fit import resolve_device
 
@@ -374,27 +400,35 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.rounds < RELIABLE_ROUNDS:
         print(f"tieta: warning: medians over fewer than {RELIABLE_ROUNDS} interleaved rounds are not reliable, "
               f"so take these numbers as a smoke test (--rounds {args.rounds}; the default is 7)", file=sys.stderr)
-    rows = run_suite(args.model, args.img_size, args.batch_size, args.dtype, args.schedules, args.rounds,
-                     args.train, args.device)
+    with watched_load() as load:
+        rows = run_suite(args.model, args.img_size, args.batch_size, args.dtype, args.schedules, args.rounds,
+                         args.train, args.device, log=_bench_progress)
+    for row in rows:
+        row["speedup_range"] = spread_text(row)
     kind = "training steps" if args.train else "evaluation"
     print(f"{args.model}, {kind}, batch {args.batch_size}, {args.dtype}, {args.device}, "
-          f"median of {args.rounds} interleaved rounds (speedup: per-round ratio to the first row)")
+          f"median of {args.rounds} interleaved rounds (speedup: per-round ratio to the first row, its range over "
+          f"the rounds beside it); {load_text(load)}")
     print(format_table(rows, bench_columns(rows, efficiency=not args.train)))
+    print()
+    print("\n".join(bench_reading(rows, args.rounds, load, efficiency=not args.train)))
     if args.output is not None:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"}
-        write_file(args.output, json.dumps({"settings": settings, "rows": rows}, indent=2) + "\n")
+        write_file(args.output, json.dumps({"settings": settings, "load": load, "rows": rows}, indent=2) + "\n")
     return 0
 
 
 def cmd_show_merges(args: argparse.Namespace) -> int:
     from tieta.report.visualize import merge_groups, save_merge_figure
-    from tieta.train.fit import image_size_of, load_run_model, seed_everything
+    from tieta.train.fit import image_size_of, load_run_model, resolve_device, seed_everything
     from tieta.train.model import build_model
 
-    if args.output.exists() and not args.overwrite:
-        raise TietaError(f"{args.output} already exists; pick another path or pass --overwrite")
-    _file_to_write(args.output)
+    picture, note = _merge_picture(args.output)
+    if picture.exists() and not args.overwrite:
+        raise TietaError(f"{picture} already exists; pick another --output or pass --overwrite")
+    _file_to_write(picture)
+    asked = resolve_device(args.device) if args.device else None  # before any model is built
     if args.run is not None:
         model, config, _ = load_run_model(args.run)
         if getattr(model, "token_state", None) is None:
@@ -407,13 +441,28 @@ def cmd_show_merges(args: argparse.Namespace) -> int:
             config.method = "tome"
         seed_everything(config.seed)
         model = build_model(config, num_classes=1000)
+    device = asked or resolve_device(config.device)
     images, inputs, names = _sample_images(args.data or config.data.path, args.split, args.count,
                                            image_size_of(model), config.data.normalization)
-    groups = merge_groups(model, inputs)
+    groups = merge_groups(model.to(device), inputs.to(device)).cpu()
     caption = f"{config.model} + {config.method}, r per block {getattr(model, 'token_schedule', [])}"
-    save_merge_figure(images, groups, args.output, names, caption)
-    print(f"wrote {args.output}")
+    save_merge_figure(images, groups, picture, names, caption)
+    print(f"wrote {picture}")
+    if note:
+        print(f"tieta: note: {note}", file=sys.stderr)
     return 0
+
+
+MERGES_PNG = "merges.png"
+
+
+def _merge_picture(output: Path) -> tuple[Path, Optional[str]]:
+    """Where show-merges draws: ``merges.png`` in the folder ``output``, as show-tokens does; a path
+    ending in .png (what --output named before) is still taken as the file, with a note."""
+    if output.suffix.lower() == ".png" and not output.is_dir():
+        return output, (f"--output names a folder now (the picture is {MERGES_PNG} in it); a .png file name is "
+                        "still taken as the file, but may not be in a later version")
+    return _folder_to_write(output) / MERGES_PNG, None
 
 
 def _sample_images(task_dir: str, split: str, count: int, image_size: int, normalization: str):
@@ -433,9 +482,10 @@ def _sample_images(task_dir: str, split: str, count: int, image_size: int, norma
 def cmd_show_tokens(args: argparse.Namespace) -> int:
     from tieta.methods.dyt import evaluation_masks
     from tieta.report.visualize import save_active_tokens, save_rate_chart
-    from tieta.train.fit import image_size_of, load_run_model
+    from tieta.train.fit import image_size_of, load_run_model, resolve_device
 
     _folder_to_write(args.output)
+    asked = resolve_device(args.device) if args.device else None  # before any model is built
     rates_png, tokens_png = args.output / "activation_rates.png", args.output / "active_tokens.png"
     for path in (rates_png, tokens_png):
         if path.exists() and not args.overwrite:
@@ -445,7 +495,8 @@ def cmd_show_tokens(args: argparse.Namespace) -> int:
         raise TietaError(f"the run {args.run} has no DyT dispatchers (method {config.method})")
     images, inputs, names = _sample_images(args.data or config.data.path, args.split, args.count,
                                            image_size_of(model), config.data.normalization)
-    masks = evaluation_masks(model, inputs)
+    device = asked or resolve_device(config.device)
+    masks = [mask.cpu() for mask in evaluation_masks(model.to(device), inputs.to(device))]
     rates = [float(mask.float().mean()) for mask in masks]
     caption = f"{config.model} + {config.method} ({config.dyt.variant} dispatch), {len(names)} {args.split} images"
     save_rate_chart(rates, rates_png, caption)
@@ -487,7 +538,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--runs", nargs="+", metavar="NAME", help="only these runs of the sweep file")
     sweep.add_argument("--seeds", nargs="+", type=int, help="seeds (default: the sweep file's, or 0)")
     sweep.add_argument("--devices", help="comma-separated devices, one run on each at a time, e.g. cuda:0,cuda:1 "
-                       "(default: auto, in this process)")
+                       "(default: the base settings' device, else auto, in this process)")
+    sweep.add_argument("--device", help="one device for every run, in this process, as train's --device (the same "
+                       "as --devices with one device)")
     _add_config_arguments(sweep, data_required=False, grid=True)
     _add_schedule_arguments(sweep)
     sweep.set_defaults(func=cmd_sweep)
@@ -495,14 +548,16 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="report.md, report.csv and plots of a sweep's runs",
                             description="Per-task top-1 (final and best), group means, their mean and the mean "
                             "over tasks, cost and throughput (the sweep's models timed side by side), with "
-                            "accuracy-vs-throughput and accuracy-vs-GFLOPs plots and their Pareto front.")
+                            "accuracy-vs-throughput and accuracy-vs-GMACs plots and their Pareto front.")
     report.add_argument("folder", type=Path, help="a sweep folder (or any folder of run folders)")
     report.add_argument("--output", type=Path, help="where to write (default: the folder itself)")
     report.add_argument("--no-bench", action="store_true", help="skip the throughput benchmark")
     report.add_argument("--rebench", action="store_true", help="time again even if a measurement is kept")
     report.add_argument("--device", default="cpu", help="device for the throughput benchmark (default cpu)")
     report.add_argument("--batch-size", type=_positive_int, default=32, help="benchmark batch (default 32)")
-    report.add_argument("--rounds", type=_positive_int, default=7, help="interleaved timing rounds (default 7)")
+    report.add_argument("--rounds", type=_positive_int, default=7,
+                        help=f"interleaved timing rounds (default 7; with fewer than {RELIABLE_ROUNDS} the reading "
+                        "ranks no speeds)")
     report.set_defaults(func=cmd_report)
 
     evaluate = sub.add_parser("eval", help="evaluate a trained checkpoint")
@@ -511,6 +566,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", help="split to evaluate (default: the run's eval split, test)")
     evaluate.add_argument("--batch-size", type=_positive_int, help="evaluation batch size")
     evaluate.add_argument("--json", action="store_true", help="print the raw result as JSON instead of a table")
+    evaluate.add_argument("--device", help="auto, cpu or cuda[:N] (default: the run's own device setting)")
     evaluate.set_defaults(func=cmd_eval)
 
     importer = sub.add_parser("import", help="turn a PYRA, DyT or NOAH reference-code checkpoint into a run folder",
@@ -575,39 +631,49 @@ def build_parser() -> argparse.ArgumentParser:
     flops = sub.add_parser("flops", help="per-image GMACs and parameters of a configured model")
     _add_config_arguments(flops, data_required=None)
     flops.add_argument("--num-classes", type=_positive_int, default=1000, help="classes of the head (default 1000)")
+    flops.add_argument("--device", help="cpu or cuda[:N] for the counting pass (default cpu; the count is the same)")
     flops.set_defaults(func=cmd_flops)
 
     bench = sub.add_parser("bench", help="throughput of unpatched timm, ToMe and PYRA side by side")
     bench.add_argument("--model", default="vit_small_patch16_224", help="timm ViT name (default vit_small_patch16_224)")
     bench.add_argument("--img-size", type=_positive_int, help="input resolution (default: the model's)")
-    bench.add_argument("--batch-size", type=_positive_int, default=32)
-    bench.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    bench.add_argument("--batch-size", type=_positive_int, default=32,
+                       help="images per timed forward pass (or training step) (default 32)")
+    bench.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                       help="fp32, or bf16 under autocast (default fp32)")
     bench.add_argument("--schedules", nargs="+", default=["low", "high"], choices=("low", "high"),
                        help="merge schedules (default low high)")
     bench.add_argument("--rounds", type=_positive_int, default=7,
                        help=f"interleaved timing rounds (default 7; fewer than {RELIABLE_ROUNDS} are not reliable)")
     bench.add_argument("--train", action="store_true", help="time training steps of LoRA, ToMe+LoRA, PYRA+LoRA")
-    bench.add_argument("--device", default="cpu")
+    bench.add_argument("--device", default="cpu", help="where to time: cpu, cuda or cuda:N (default cpu)")
     bench.add_argument("--output", type=Path, help="also write the rows as JSON here")
     bench.set_defaults(func=cmd_bench)
 
     show = sub.add_parser("show-merges", help="paint each final token's patch group over a few images (PNG)")
     _add_config_arguments(show, data_required=False)
     show.add_argument("--run", type=Path, help="a trained run folder (its model, schedule and data)")
-    _add_image_sample_arguments(show, "replace an existing PNG")
-    show.add_argument("--output", type=Path, default=Path("merges.png"), help="PNG to write (default merges.png)")
+    _add_image_sample_arguments(show, "replace an existing merges.png")
+    show.add_argument("--output", type=Path, default=Path("."),
+                      help=f"folder for {MERGES_PNG} (default .), as show-tokens; a path ending in .png is still "
+                      "taken as the file (deprecated)")
+    show.add_argument("--device", help="auto, cpu or cuda[:N] (default: the run's device setting, else auto)")
     show.set_defaults(func=cmd_show_merges)
 
     tokens = sub.add_parser("show-tokens", help="DyT: activation rate per layer and active tokens over images (PNGs)")
     tokens.add_argument("run", type=Path, help="a trained DyT run folder")
     tokens.add_argument("--data", help="task folder for the images (default: the run's)")
     _add_image_sample_arguments(tokens, "replace existing PNGs")
-    tokens.add_argument("--output", type=Path, default=Path("."), help="folder for the two PNGs (default .)")
+    tokens.add_argument("--output", type=Path, default=Path("."),
+                        help="folder for activation_rates.png and active_tokens.png (default .)")
+    tokens.add_argument("--device", help="auto, cpu or cuda[:N] (default: the run's device setting)")
     tokens.set_defaults(func=cmd_show_tokens)
 
     demo = sub.add_parser("demo", help="the built-in default: fine-tune on offline assets (no arguments needed)")
     demo.add_argument("--output", type=Path, help="folder for the run folders (default: a new one under $TIETA_HOME/demo)")
     demo.add_argument("--epochs", type=_positive_int, help="training epochs per method (default 2)")
+    demo.add_argument("--device", help="auto, cpu or cuda[:N] for training and timing (default: auto for training, "
+                      "cpu for timing)")
     demo.set_defaults(func=cmd_demo)
     return parser
 
@@ -622,11 +688,22 @@ def _tolerate_any_locale() -> None:
             stream.reconfigure(errors="surrogateescape" if utf8 else "replace")
 
 
+def parse_arguments(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """``build_parser().parse_args``, but an argument no subcommand knows is reported with that
+    subcommand's usage (``usage: tieta train ...``), as its other errors are, not with tieta's."""
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        subcommands = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
+        subcommands.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     _tolerate_any_locale()
     try:
         try:
-            args = build_parser().parse_args(argv)
+            args = parse_arguments(argv)
             return args.func(args)
         finally:
             # output to a pipe is buffered: a reader that has gone shows up here, not at interpreter exit

@@ -40,3 +40,26 @@ def test_merge_variants_keep_the_token_counts_and_pair_with_tome():
             {"name": "tome low, free merge", "round_rates": [4.0, 3.0, 4.0]}]
     _paired_ratios(rows)
     assert rows[1]["vs_tome"] == 0.5 and rows[0]["vs_free_merge"] == 1.0 and "vs_free_merge" not in rows[2]
+
+
+def test_rows_keep_their_per_round_speedups_and_their_range(monkeypatch):
+    from tieta.measure import benchmark as module
+
+    rates = {"plain": [10.0, 10.0, 20.0], "tome": [15.0, 20.0, 24.0]}  # calls/s per round, fixed
+    monkeypatch.setattr(module, "interleaved_rates", lambda steps, device, rounds, progress=None: rates)
+    models = {"plain": make_vit("plain"), "tome": tieta.add_tome(make_vit("plain"), r=[4, 2, 1])}
+    rows = tieta.benchmark(models, batch_size=2, rounds=3, image_size=32)
+    assert rows[1]["round_speedups"] == [1.5, 2.0, 1.2]
+    assert rows[1]["speedup"] == 1.5 and rows[1]["speedup_spread"] == (1.2, 2.0)
+    assert rows[1]["images_per_s"] == 40.0 and rows[0]["round_speedups"] == [1.0, 1.0, 1.0]
+
+
+def test_interleaved_rounds_report_their_progress():
+    from tieta.measure.benchmark import interleaved_rates
+
+    heard = []
+    rates = interleaved_rates({"a": lambda: None, "b": lambda: None}, torch.device("cpu"), rounds=3,
+                              min_round_seconds=1e-4, progress=lambda *told: heard.append(told))
+    assert [len(values) for values in rates.values()] == [3, 3]
+    assert [(done, total) for done, total, _ in heard] == [(0, 3), (1, 3), (2, 3), (3, 3)]
+    assert all(left >= 0 for _, _, left in heard) and heard[-1][2] == 0

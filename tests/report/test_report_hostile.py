@@ -104,7 +104,7 @@ def test_a_report_csv_link_is_refused_and_its_target_untouched(tmp_path, capsys)
 def test_a_report_replaces_its_own_files_and_an_older_tietas(tmp_path):
     folder = _sweep(tmp_path / "sweep")
     first = write_report(folder, bench=False, log=_quiet)
-    assert {p.name for p in first["files"]} == {"report.md", "report.csv", "accuracy_vs_gflops.png",
+    assert {p.name for p in first["files"]} == {"report.md", "report.csv", "accuracy_vs_gmacs.png",
                                                  "group_means.png"}
     write_report(folder, bench=False, log=_quiet)  # its own files, recorded: replaced
     # as an older tieta left them: the same files, no record of them
@@ -114,7 +114,7 @@ def test_a_report_replaces_its_own_files_and_an_older_tietas(tmp_path):
     # a figure the report.md does not show is not recognisably tieta's
     (folder / MANIFEST).unlink()
     (folder / "report.md").write_text("# Report: sweep\n")
-    with pytest.raises(TietaError, match="accuracy_vs_gflops.png exists and was not written by tieta"):
+    with pytest.raises(TietaError, match="accuracy_vs_gmacs.png exists and was not written by tieta"):
         write_report(folder, bench=False, log=_quiet)
     assert (folder / "report.md").read_text() == "# Report: sweep\n"  # refused before anything was written
 

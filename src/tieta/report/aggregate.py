@@ -53,7 +53,28 @@ def present_groups(results: SweepResults) -> list[str]:
 
 
 def headline_name(results: SweepResults) -> str:
-    return "mean of group means" if present_groups(results) else "mean over tasks"
+    """What the headline number is: "accuracy" (one task), "mean of group means" (tasks of several
+    groups, or of one group and none: the papers' headline), else "mean over tasks"."""
+    if len(results.tasks) == 1:
+        return "accuracy"
+    groups = present_groups(results)
+    if len(groups) > 1 or (groups and any(not results.groups.get(task) for task in results.tasks)):
+        return "mean of group means"
+    return "mean over tasks"
+
+
+def run_label(row: RunRow) -> str:
+    """A run as the reading and the plots name it: the sweep's run name, with its method beside it
+    where the two differ ("pyra-lora (pyra+lora)"), so that it reads the same as the table's run
+    and method columns."""
+    return row.run if row.method in (row.run, "-", "?", "") else f"{row.run} ({row.method})"
+
+
+def tradeoff_points(rows: list[RunRow], x_values: dict[str, float]) -> dict[str, tuple[float, float]]:
+    """run -> (x, headline mean) for the rows that have both: the points of an accuracy plot, and
+    what its Pareto front (:func:`pareto_front`) and the reading's are computed on."""
+    return {row.run: (float(x_values[row.run]), row.headline.mean) for row in rows
+            if row.headline is not None and row.run in x_values}
 
 
 def _means_of_seed(results: SweepResults, run: str, seed: int, key: str) -> Optional[dict[str, float]]:

@@ -6,6 +6,10 @@ same task, where the dispatchers' decisions are real) and times them interleaved
 of that task. The result is kept in the sweep folder (throughput.json) and reused while the
 same models (the same run folders, each checkpoint still the one timed: its checksum), device,
 batch size and rounds are asked for. A kept file that is not what tieta writes is timed again.
+
+Each run keeps its per-round speedups (their range says what the timing can tell apart, see
+:mod:`tieta.report.speed`), and the measurement keeps the machine's load before and after the
+timing (:mod:`tieta.measure.load`), so that a report can say when the machine was busy.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from tieta.data.vtab import ImageDataset, open_task
 from tieta.errors import TietaError
 from tieta.files import WriteError, parse_json, read_json, write_owned
 from tieta.measure.benchmark import benchmark
+from tieta.measure.load import valid as valid_load, watched_load
 from tieta.report.collect import RunRecord, SweepResults
 from tieta.train.checkpoint import CHECKSUM_KEY
 from tieta.train.fit import image_size_of, load_run_model, resolve_device
@@ -62,8 +67,9 @@ def sweep_throughput(results: SweepResults, folder: Path, runs: list[str], devic
 
     Returns:
         {"device", "machine", "batch_size", "rounds", "task", "folders": {run: folder},
-         "rows": {run: {"images_per_s", "speedup", "speedup_spread"}}}, or None where no task has
-        every run finished (nothing comparable to time).
+         "load": the machine's load (:func:`tieta.measure.load.watched_load`),
+         "rows": {run: {"images_per_s", "speedup", "round_speedups", "speedup_spread"}}}, or None
+        where no task has every run finished (nothing comparable to time).
     """
     device = str(resolve_device(device))  # "foo" or "cuda:7": one sentence before any model is loaded
     chosen = benchmark_records(results, runs)
@@ -79,9 +85,10 @@ def sweep_throughput(results: SweepResults, folder: Path, runs: list[str], devic
             and kept["rounds"] == rounds:
         log(f"throughput: measured before ({cache}; --rebench to time again)")
         return kept
-    measured = _measure(chosen, device, batch_size, rounds, log)
-    measured.update(folders=folders, models=models, device=device, machine=_machine(device), batch_size=batch_size,
-                    rounds=rounds, task=chosen[0].task, date=time.strftime("%Y-%m-%d"))
+    with watched_load() as load:
+        measured = _measure(chosen, device, batch_size, rounds, log)
+    measured.update(load=load, folders=folders, models=models, device=device, machine=_machine(device),
+                    batch_size=batch_size, rounds=rounds, task=chosen[0].task, date=time.strftime("%Y-%m-%d"))
     try:
         write_owned(cache, json.dumps(measured, indent=2) + "\n", adopt=tieta_wrote)
     except WriteError as error:
@@ -152,9 +159,13 @@ def cache_problem(kept: Any) -> Optional[str]:
         return "not one row per run"
     for run, row in rows.items():
         spread = row.get("speedup_spread") if isinstance(row, dict) else None
+        rounds = row.get("round_speedups", []) if isinstance(row, dict) else None  # an older tieta kept none
         if not (isinstance(row, dict) and _number(row.get("images_per_s")) and _number(row.get("speedup"))
-                and isinstance(spread, list) and all(_number(v) for v in spread)):
+                and isinstance(spread, list) and all(_number(v) for v in spread)
+                and isinstance(rounds, list) and all(_number(v) for v in rounds)):
             return f"an unreadable row for {run}"
+    if "load" in kept and kept["load"] != {} and not valid_load(kept["load"]):
+        return "an unreadable machine load"
     return None
 
 
@@ -176,7 +187,13 @@ def _measure(chosen: list[RunRecord], device: str, batch_size: int, rounds: int,
     log(f"throughput: timing {', '.join(models)} side by side, batch {len(images)}, {rounds} interleaved rounds "
         f"on {device}")
     started = time.perf_counter()
-    rows = benchmark(models, device=device, rounds=rounds, images=images)
+
+    def progress(done: int, total: int, left: float) -> None:
+        if done < total:
+            log(f"throughput: round {done + 1} of {total}, about {left:.0f} s left")
+
+    rows = benchmark(models, device=device, rounds=rounds, images=images, progress=progress)
     log(f"throughput: timed in {time.perf_counter() - started:.0f} s")
     return {"rows": {row["name"]: {"images_per_s": row["images_per_s"], "speedup": row["speedup"],
+                                   "round_speedups": list(row["round_speedups"]),
                                    "speedup_spread": list(row["speedup_spread"])} for row in rows}}

@@ -4,26 +4,39 @@ The report's files have names tieta chooses in a folder that may be the user's, 
 by :func:`tieta.files.write_owned`: only a file tieta wrote there is replaced (a report.md of the
 user's is refused, one sentence, before anything is measured or drawn). Files written by an older
 tieta, which kept no record, are recognised by their content: report.md by its first line,
-report.csv by its header, and a figure by the older report.md that shows it.
+report.csv by its header, and a figure by the older report.md that shows it. A figure this report
+does not draw (or an older tieta's name of one) is removed where tieta wrote it and nobody has
+changed it since, so that the folder shows no stale figure.
+
+What a report says of speed follows :mod:`tieta.report.speed`: the fastest run is the one of the
+highest measured throughput (the img/s column and the x axis of the plot), named only where the
+per-round speedups resolve it; the Pareto fronts are those of the plotted axes.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import os
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 from tieta.errors import TietaError
-from tieta.files import MANIFEST, check_owned, read_json, read_regular, write_owned
-from tieta.report.aggregate import RunRow, Spread, headline_name, means_of, pareto_front, present_groups, run_rows
+from tieta.files import MANIFEST, check_owned, read_json, read_regular, write_owned, written_by_tieta
+from tieta.measure.load import busy, busy_note, load_text
+from tieta.report.aggregate import (RunRow, Spread, headline_name, means_of, pareto_front, present_groups, run_label,
+                                    run_rows, tradeoff_points)
 from tieta.report.collect import SweepResults, collect, majority_share
 from tieta.report.figure import pyplot
 from tieta.report.plots import save_group_bars, save_tradeoff
+from tieta.report.speed import fastest_text, spread
 from tieta.report.sweep_bench import sweep_throughput
+from tieta.report.tables import PYRA_UNIT
+from tieta.train.reading import sweep_notes
 
 MAJORITY = "majority class"
-FIGURES = ("accuracy_vs_throughput.png", "accuracy_vs_gflops.png", "group_means.png")
+FIGURES = ("accuracy_vs_throughput.png", "accuracy_vs_gmacs.png", "group_means.png")
+OLDER_FIGURES = ("accuracy_vs_gflops.png",)  # an older tieta's name of accuracy_vs_gmacs.png
 REPORT_FILE, CSV_FILE = "report.md", "report.csv"
 CSV_START = "run,method,seeds,headline,headline_final_mean"  # how every report.csv tieta wrote begins
 
@@ -59,55 +72,97 @@ def _majority_row(results: SweepResults, shares: dict[str, float]) -> Optional[R
 
 
 def reading(rows: list[RunRow], throughput: Optional[dict[str, Any]], headline: str) -> str:
-    """Two or three sentences: the most accurate run, the fastest, and the trade between them."""
+    """A few sentences: the most accurate run; the fastest (the highest throughput, named only where
+    the per-round speedups resolve it; without a measurement, the cheapest in GMACs) and the trade
+    between the two; what the seed spread does not resolve; the Pareto front of each plot's axes;
+    and a busy machine. Runs are named by their run names, as in the table, with the method beside
+    a name the first time where the two differ (:func:`tieta.report.aggregate.run_label`)."""
     rated = [row for row in rows if row.headline is not None]
     if not rated:
         return "No run has every task finished, so no run can be ranked yet."
+    by_run = {row.run: row for row in rated}
     best = max(rated, key=lambda row: row.headline.mean)
-    speed = {run: values["speedup"] for run, values in (throughput or {}).get("rows", {}).items()}
-    if speed:
-        fastest = max((row for row in rated if row.run in speed), key=lambda row: speed[row.run], default=best)
-        how_fast, word = f"{speed[fastest.run]:.2f}x the first run's throughput", "fastest"
-    else:
-        fastest = min(rated, key=lambda row: row.facts.get("gmacs", float("inf")))
-        how_fast, word = f"{fastest.facts.get('gmacs', float('nan')):.3f} GMACs; throughput not measured", "cheapest"
-    text = f"Most accurate: {best.run} ({headline} {best.headline.text()}%)."
-    if fastest.run == best.run:
-        text += f" It is also the {word} ({how_fast})."
-    else:
-        gap = best.headline.mean - fastest.headline.mean
-        text += f" {word.capitalize()}: {fastest.run} ({how_fast}), {gap:.2f} points below it."
+
+    introduced: set[str] = set()
+
+    def name(run: str) -> str:
+        first = run not in introduced
+        introduced.add(run)
+        return run_label(by_run[run]) if first and run in by_run else run
+
+    timed = (throughput or {}).get("rows", {})
+    speed = {run: values for run, values in timed.items() if run in by_run}
+    text = f"Most accurate: {name(best.run)} ({headline} {best.headline.text()}%)."
+    found = fastest_text(speed, int((throughput or {}).get("rounds", 0)), next(iter(timed), ""), name) \
+        if speed else None
+    if found is not None:
+        fastest, said = found
+        if fastest is None:
+            text += f" Fastest: {said}."
+        elif fastest == best.run:
+            text += f" It is also the fastest: {said}."
+        else:
+            text += f" Fastest: {said}, {best.headline.mean - by_run[fastest].headline.mean:.2f} points below it."
+    elif not speed:
+        costed = [row for row in rated if "gmacs" in row.facts]
+        cheapest = min(costed, key=lambda row: row.facts["gmacs"]) if len(costed) > 1 else None
+        if cheapest is not None:
+            how = f"{cheapest.facts['gmacs']:.3f} GMACs; throughput not measured"
+            gap = best.headline.mean - cheapest.headline.mean
+            text += f" It is also the cheapest ({how})." if cheapest is best else \
+                f" Cheapest: {name(cheapest.run)} ({how}), {gap:.2f} points below it."
     seeds = max(row.headline.n for row in rated)
     if seeds > 1:
         noise = max(row.headline.std for row in rated)
-        close = [row.run for row in rated if row is not best and best.headline.mean - row.headline.mean < noise]
+        close = [name(row.run) for row in rated if row is not best and best.headline.mean - row.headline.mean < noise]
         if close:
             text += (f" Within the largest seed spread ({noise:.2f} points) of the best: {', '.join(close)}; "
                      "those differences are not resolved by these seeds.")
     else:
         text += " One seed: the spread between seeds is unknown, so small differences may be noise."
-    x_values = {row.run: speed[row.run] for row in rated if row.run in speed} or \
-        {row.run: -row.facts["gmacs"] for row in rated if "gmacs" in row.facts}
-    front = pareto_front({run: (x, next(r.headline.mean for r in rated if r.run == run)) for run, x in x_values.items()})
-    if front:
-        text += f" On the Pareto front (accuracy vs {'throughput' if speed else 'GFLOPs'}): {', '.join(front)}."
-    return text
+    for axis, better, x_values, higher in _plotted_axes(rated, speed):
+        points = tradeoff_points(rated, x_values)
+        if len(points) > 1:
+            front = pareto_front(points, higher)
+            text += (f" Pareto front of accuracy vs {axis} (no other run is both more accurate and {better}): "
+                     f"{', '.join(name(run) for run in front)}.")
+    note = busy_note((throughput or {}).get("load")) if speed else None
+    return text + (f" {note}" if note else "")
+
+
+def _plotted_axes(rows: list[RunRow], speed: dict[str, Any]) -> list[tuple[str, str, dict[str, float], bool]]:
+    """The x axes of the accuracy plots, as (name, what better means, run -> x, whether higher x is
+    better): measured throughput (img/s), then GMACs."""
+    axes = []
+    images_per_s = {run: values["images_per_s"] for run, values in speed.items() if "images_per_s" in values}
+    if images_per_s:
+        axes.append(("throughput", "faster", images_per_s, True))
+    gmacs = {row.run: row.facts["gmacs"] for row in rows if "gmacs" in row.facts}
+    if gmacs:
+        axes.append(("GMACs", "cheaper", gmacs, False))
+    return axes
 
 
 def _summary_table(rows: list[RunRow], best_rows: dict[str, RunRow], groups: list[str], headline: str,
-                   throughput: Optional[dict[str, Any]]) -> str:
+                   throughput: Optional[dict[str, Any]], task_mean: bool = True) -> str:
+    """The summary: one row per run, each number in one column only (``groups``: the group columns
+    to show, none where one group's mean is the headline; ``task_mean``: whether the mean over tasks
+    differs from the headline by its definition); speed columns only where speed was measured."""
     speed = (throughput or {}).get("rows", {})
     header = ["run", "method", f"{headline} (final)", f"{headline} (best)"] + [f"{g} (final)" for g in groups] + \
-        ["mean over tasks (final)", "trainable %", "GMACs (MACs/1e9)", "GFLOPs (MACs/2^30)", "img/s", "speedup"]
+        (["mean over tasks (final)"] if task_mean else []) + ["trainable %", "GMACs", PYRA_UNIT] + \
+        (["img/s", "speedup", "speedup per round"] if speed else [])
     lines = []
     for row in rows:
-        best = best_rows.get(row.run)
+        best, timed = best_rows.get(row.run), speed.get(row.run, {})
+        found = spread(timed)
         lines.append([row.run, row.method, _cell(row.headline), _cell(best.headline if best else None)]
                      + [_cell(row.groups.get(g)) for g in groups]
-                     + [_cell(row.task_mean), _number(row.facts.get("trainable_percent"), 3),
-                        _number(row.facts.get("gmacs"), 3), _number(row.facts.get("pyra_gflops"), 3),
-                        _number(speed.get(row.run, {}).get("images_per_s"), 1),
-                        _number(speed.get(row.run, {}).get("speedup"), 2)])
+                     + ([_cell(row.task_mean)] if task_mean else [])
+                     + [_number(row.facts.get("trainable_percent"), 3),
+                        _number(row.facts.get("gmacs"), 3), _number(row.facts.get("pyra_gflops"), 3)]
+                     + ([_number(timed.get("images_per_s"), 1), _number(timed.get("speedup"), 2),
+                         f"{found[0]:.2f}-{found[1]:.2f}" if found else "-"] if speed else []))
     return markdown_table(header, lines)
 
 
@@ -130,7 +185,8 @@ def write_csv(path: Path, rows: list[RunRow], best_rows: dict[str, RunRow], resu
                "headline_best_std"] + [f"{g}_final_mean" for g in groups] + ["task_mean_final", "task_mean_best"] \
         + [f"{t}_final_mean" for t in results.tasks] + [f"{t}_final_std" for t in results.tasks] \
         + [f"{t}_best_mean" for t in results.tasks] \
-        + ["trainable_percent", "gmacs", "pyra_gflops", "images_per_s", "speedup", "throughput_device"]
+        + ["trainable_percent", "gmacs", "pyra_gflops", "images_per_s", "speedup", "speedup_round_min",
+           "speedup_round_max", "throughput_device"]
 
     def value(spread: Optional[Spread], part: str) -> Any:
         return "" if spread is None else round(getattr(spread, part), 4)
@@ -139,7 +195,7 @@ def write_csv(path: Path, rows: list[RunRow], best_rows: dict[str, RunRow], resu
     writer = csv.writer(handle)
     writer.writerow(columns)
     for row in rows:
-        best = best_rows.get(row.run)
+        best, found = best_rows.get(row.run), spread(speed.get(row.run, {}))
         writer.writerow(
             [row.run, row.method, max((s.n for s in row.final.values()), default=0), headline_name(results),
              value(row.headline, "mean"), value(row.headline, "std"),
@@ -152,6 +208,7 @@ def write_csv(path: Path, rows: list[RunRow], best_rows: dict[str, RunRow], resu
             + [round(row.facts[k], 4) if k in row.facts else "" for k in ("trainable_percent", "gmacs", "pyra_gflops")]
             + [round(speed[row.run]["images_per_s"], 2) if row.run in speed else "",
                round(speed[row.run]["speedup"], 4) if row.run in speed else "",
+               round(found[0], 4) if found else "", round(found[1], 4) if found else "",
                (throughput or {}).get("machine", "") if row.run in speed else ""])
     write_owned(path, handle.getvalue(), adopt=adopt)
 
@@ -164,8 +221,14 @@ def _setup_line(results: SweepResults) -> str:
              else None,
              f"{optim['epochs']} epochs, lr {optim.get('lr')}, batch {optim.get('batch_size')}" if optim.get("epochs")
              else None,
-             f"{len(results.tasks)} tasks, {len(results.runs)} runs, seeds {', '.join(map(str, results.seeds))}"]
+             f"{_tasks_text(results)}, {len(results.runs)} run{'s' if len(results.runs) != 1 else ''}, "
+             f"seed{'s' if len(results.seeds) != 1 else ''} {', '.join(map(str, results.seeds))}"]
     return "; ".join(part for part in parts if part)
+
+
+def _tasks_text(results: SweepResults) -> str:
+    """"task elpv" where there is one, else "3 tasks"."""
+    return f"task {results.tasks[0]}" if len(results.tasks) == 1 else f"{len(results.tasks)} tasks"
 
 
 def write_report(folder: str | Path, output: Optional[str | Path] = None, bench: bool = True, device: str = "cpu",
@@ -177,7 +240,9 @@ def write_report(folder: str | Path, output: Optional[str | Path] = None, bench:
     Returns:
         {"files": paths written, "reading": its sentences, "rows": RunRows (the majority class last),
          "best_rows", "missing": cells not finished, "left_out": results not compared (with why),
-         "records": the finished runs, "throughput", "headline": what the headline mean is, "groups"}.
+         "records": the finished runs, "throughput" (with the per-round speedups and the machine's
+         load), "headline": what the headline is ("accuracy" for one task, see
+         :func:`tieta.report.aggregate.headline_name`), "groups"}.
 
     Raises:
         TietaError: no run can be reported, or a file of the user's has a report file's name.
@@ -188,7 +253,7 @@ def write_report(folder: str | Path, output: Optional[str | Path] = None, bench:
     if output.exists() and not output.is_dir():
         raise TietaError(f"output {output} exists and is not a folder")
     output.mkdir(parents=True, exist_ok=True)
-    adopted = older_report_files(output, folder.name)
+    adopted = older_report_files(output, folder.name, results.tasks)
     for name in (REPORT_FILE, CSV_FILE):  # refused now, not after the timing
         check_owned(output / name, adopt=name in adopted)
     for item in results.left_out:
@@ -200,8 +265,11 @@ def write_report(folder: str | Path, output: Optional[str | Path] = None, bench:
     majority = _majority_row(results, _majority(results))
     groups, headline = present_groups(results), headline_name(results)
     shown = rows + ([majority] if majority else [])
+    shown_groups = groups if len(groups) > 1 else []  # one group's mean is the headline itself
+    task_mean = headline == "mean of group means"  # otherwise the headline is the mean over tasks (or the task)
     text = reading(rows, throughput, headline)
-    lines = [_title(folder), "", _setup_line(results) + ".", ""]
+    text += "".join(f"\n\n{note}" for note in sweep_notes(results.records, _majority(results)))  # barely learned
+    lines = [_title(folder, results.tasks), "", _setup_line(results) + ".", ""]
     if results.missing:
         lines += [f"**Partial:** {len(results.missing)} of {len(results.missing) + len(results.records)} runs are "
                   "missing; a run's means cover only the seeds where it has every task:", ""]
@@ -210,20 +278,33 @@ def write_report(folder: str | Path, output: Optional[str | Path] = None, bench:
         lines += [f"**Left out:** {len(results.left_out)} run{'s' if len(results.left_out) != 1 else ''} "
                   "with results that are not part of this comparison, each with why:", ""]
         lines += _listed(results.left_out)
-    lines += ["## Summary", "", f"Top-1 accuracy (%), mean ± standard deviation over seeds. The headline is the "
-              f"{headline}" + (" (the papers' number; the mean over tasks is beside it)" if groups else "") +
-              ". Final: after the last epoch; best: the best evaluated epoch (what the papers report).", ""]
-    lines += [_summary_table(shown, best_rows, groups, headline, throughput), ""]
+    if len(results.tasks) == 1:
+        about = f"## Summary: {results.tasks[0]}", f"Top-1 accuracy (%) on {results.tasks[0]}" + \
+            (", mean ± standard deviation over seeds" if len(results.seeds) > 1 else "")
+    else:
+        about = "## Summary", (f"Top-1 accuracy (%), mean ± standard deviation over seeds. The headline is the "
+                               f"{headline}" + (" (the papers' number; the mean over tasks is beside it)"
+                                                if task_mean else ""))
+    lines += [about[0], "", about[1] + ". Final: after the last epoch; best: the best evaluated epoch (what the "
+              "papers report). GMACs: multiply-accumulates per image / 1e9.", ""]
+    lines += [_summary_table(shown, best_rows, shown_groups, headline, throughput, task_mean), ""]
     if throughput:
+        first = next(iter(throughput["rows"]), rows[0].run)
         lines += [f"Throughput: the trained models of task {throughput['task']} timed side by side on "
-                  f"{throughput['machine']} ({throughput['device']}), batch {throughput['batch_size']} of its test "
-                  f"images, median of {throughput['rounds']} interleaved rounds; speedup is the median per-round "
-                  f"ratio to {rows[0].run}. Ratios hold; absolute img/s hold for that device only.", ""]
+                  f"{throughput['machine']} ({throughput['device']}), batch {throughput['batch_size']} of its "
+                  f"evaluation images, median of {throughput['rounds']} interleaved rounds; speedup is the median "
+                  f"per-round ratio to {first}, and 'speedup per round' the range of those ratios: runs whose "
+                  f"ranges overlap are not told apart by this timing. Ratios hold; absolute img/s hold for that "
+                  f"device only. Machine: {load_text(throughput.get('load'))}"
+                  + ("; **busy: more than its cores, so these speeds are unreliable**." if busy(throughput.get("load"))
+                     else "."), ""]
     else:
         lines += ["Throughput: not measured (the GMACs column is the cost measure).", ""]
     lines += ["## Reading", "", text, ""]
-    lines += ["## Per task: final top-1 (%)", "", _task_table(shown, results.tasks, results.groups, best=False), ""]
-    lines += ["## Per task: best top-1 (%)", "", _task_table(rows, results.tasks, results.groups, best=True), ""]
+    if len(results.tasks) > 1:  # one task's numbers are all in the summary
+        lines += ["## Per task: final top-1 (%)", "", _task_table(shown, results.tasks, results.groups, best=False),
+                  ""]
+        lines += ["## Per task: best top-1 (%)", "", _task_table(rows, results.tasks, results.groups, best=True), ""]
     files = [output / REPORT_FILE, output / CSV_FILE]
     try:
         pyplot()
@@ -242,9 +323,10 @@ def write_report(folder: str | Path, output: Optional[str | Path] = None, bench:
             "throughput": throughput, "headline": headline, "groups": groups}
 
 
-def _title(folder: Path) -> str:
-    """report.md's first line (how an older tieta's report.md is recognised)."""
-    return f"# Report: {folder.name}"
+def _title(folder: Path, tasks: Optional[list[str]] = None) -> str:
+    """report.md's first line: the task where there is one, else the folder's name (how a report.md
+    of tieta's is recognised where it has no record of it)."""
+    return f"# Report: {tasks[0]}" if tasks and len(tasks) == 1 else f"# Report: {folder.name}"
 
 
 def _listed(items: list[str], limit: int = 30) -> list[str]:
@@ -262,20 +344,23 @@ def _first_line(path: Path, limit: int = 1 << 20) -> Optional[str]:
     return data.split(b"\n", 1)[0].rstrip(b"\r").decode("utf-8", "replace")
 
 
-def older_report_files(output: Path, name: str) -> set[str]:
+def older_report_files(output: Path, name: str, tasks: Optional[list[str]] = None) -> set[str]:
     """The report files in ``output`` that an older tieta wrote, recognised by their content where
-    tieta has no record of them (older versions kept none): report.md by its first line, report.csv
-    by its header, a figure by being shown in such a report.md."""
+    tieta has no record of them (older versions kept none): report.md by its first line (titled by
+    the folder ``name``, or by the one task of ``tasks``), report.csv by its header, a figure by
+    being shown in such a report.md."""
     recorded = _recorded(output)
     adopted: set[str] = set()
     report = output / REPORT_FILE
-    if REPORT_FILE not in recorded and _first_line(report) == _title(Path(name)):
+    titles = {_title(Path(name)), _title(Path(name), tasks)}
+    if REPORT_FILE not in recorded and _first_line(report) in titles:
         adopted.add(REPORT_FILE)
         try:
             text = read_regular(report, "file", limit=16 << 20).decode("utf-8", "replace")
         except TietaError:
             text = ""
-        adopted.update(figure for figure in FIGURES if f"]({figure})" in text and figure not in recorded)
+        adopted.update(figure for figure in FIGURES + OLDER_FIGURES
+                       if f"]({figure})" in text and figure not in recorded)
     line = _first_line(output / CSV_FILE)
     if CSV_FILE not in recorded and line is not None and line.startswith(CSV_START):
         adopted.add(CSV_FILE)
@@ -294,8 +379,11 @@ def _recorded(folder: Path) -> set[str]:
 def _figures(rows: list[RunRow], throughput: Optional[dict[str, Any]], results: SweepResults, output: Path,
              majority: Optional[RunRow], headline: str, groups: list[str], adopted: set[str]) -> list[Path]:
     """Draw the report's figures into ``output``: each is checked to be tieta's to replace before any
-    is drawn (``adopted``: the older tieta's files, see :func:`older_report_files`)."""
-    label = f"{headline}, top-1 (%)"
+    is drawn (``adopted``: the older tieta's files, see :func:`older_report_files`). An accuracy plot
+    for each measured cost (throughput, GMACs), a group chart where there are several groups; a
+    figure of tieta's that this report does not draw is removed (:func:`_remove_stale`)."""
+    tasks = results.tasks
+    label = f"top-1 accuracy on {tasks[0]} (%)" if len(tasks) == 1 else f"{headline}, top-1 (%)"
     baseline = majority.headline.mean if majority and majority.headline else None
     caption = _setup_line(results)
     drawings = []
@@ -306,9 +394,9 @@ def _figures(rows: list[RunRow], throughput: Optional[dict[str, Any]], results: 
                                                                        caption, baseline, adopt)))
     gmacs = {row.run: row.facts["gmacs"] for row in rows if "gmacs" in row.facts}
     if gmacs:
-        drawings.append((FIGURES[1], lambda path, adopt: save_tradeoff(rows, gmacs, path, "GFLOPs per image (MACs/1e9)",
+        drawings.append((FIGURES[1], lambda path, adopt: save_tradeoff(rows, gmacs, path, "GMACs per image (MACs/1e9)",
                                                                        label, False, caption, baseline, adopt)))
-    if groups:
+    if len(groups) > 1:
         drawings.append((FIGURES[2], lambda path, adopt: save_group_bars(rows, groups, path, caption, adopt)))
     for name, _ in drawings:
         check_owned(output / name, adopt=name in adopted)
@@ -316,4 +404,18 @@ def _figures(rows: list[RunRow], throughput: Optional[dict[str, Any]], results: 
     for name, draw in drawings:
         draw(output / name, name in adopted)
         written.append(output / name)
+    _remove_stale(output, {name for name, _ in drawings}, adopted)
     return written
+
+
+def _remove_stale(output: Path, drawn: set[str], adopted: set[str]) -> None:
+    """Remove the report figures in ``output`` that this report did not draw (a group chart of a
+    report that had groups, an older tieta's accuracy_vs_gflops.png) where tieta wrote them and
+    nobody has changed them since: report.md no longer shows them."""
+    for name in FIGURES + OLDER_FIGURES:
+        path = output / name
+        if name not in drawn and (name in adopted or written_by_tieta(path)):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass

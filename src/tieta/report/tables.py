@@ -34,7 +34,7 @@ SUMMARY_COLUMNS = (
     ("acc", "acc %", ".2f"),
     ("best_acc", "best %", ".2f"),
     ("trainable_percent", "trainable %", ".3f"),
-    ("gmacs", "GFLOPs (MACs/1e9)", ".3f"),
+    ("gmacs", "GMACs", ".3f"),
     ("eval_images_per_s", "eval img/s", ".1f"),
 )
 DEMO_COLUMNS = SUMMARY_COLUMNS + (("speedup", "speedup", ".2f"), ("activation_rate", "active tokens", ".2f"))
@@ -49,11 +49,14 @@ PREDICT_COLUMNS = (
     ("next", "next classes", ""),
 )
 
+# the one name of the PYRA paper's unit wherever it is shown (GMACs, MACs / 1e9, everywhere else)
+PYRA_UNIT = "MACs/2^30 (PYRA paper's GFLOPs)"
+
 # `tieta flops`: the unmodified model, then with the method, and the cost ratio between them
 FLOPS_COLUMNS = (
     ("name", "model", ""),
     ("gmacs", "GMACs (MACs/1e9)", ".3f"),
-    ("pyra_gflops", "GFLOPs (MACs/2^30)", ".3f"),
+    ("pyra_gflops", PYRA_UNIT, ".3f"),
     ("ratio", "ratio", ".3f"),
 )
 
@@ -63,13 +66,14 @@ BENCH_COLUMNS = (
     ("flops_ratio", "FLOPs ratio", ".3f"),
     ("images_per_s", "img/s", ".1f"),
     ("speedup", "speedup", ".3f"),
+    ("speedup_range", "per round", ""),
     ("efficiency", "efficiency", ".3f"),
     ("vs_tome", "PYRA / ToMe", ".3f"),
     ("vs_free_merge", "ToMe / free", ".3f"),
     ("ceiling_speedup", "ceiling speedup", ".3f"),
     ("ceiling_efficiency", "ceiling efficiency", ".3f"),
 )
-_OPTIONAL_BENCH_KEYS = {"vs_tome", "vs_free_merge", "ceiling_speedup", "ceiling_efficiency"}
+_OPTIONAL_BENCH_KEYS = {"speedup_range", "vs_tome", "vs_free_merge", "ceiling_speedup", "ceiling_efficiency"}
 
 
 def bench_columns(rows: Sequence[dict[str, Any]], efficiency: bool = True) -> list[tuple[str, str, str]]:

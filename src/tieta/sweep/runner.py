@@ -29,7 +29,7 @@ from typing import Any, Callable, Optional
 import yaml
 
 from tieta import files, safe_yaml
-from tieta.backbone import RANDOM, builtin_weights
+from tieta.backbone import RANDOM, builtin_weights, missing_weights
 from tieta.data.vtab import Task, fingerprint, open_task
 from tieta.errors import TietaError, listing
 from tieta.sweep.plan import PLAN_FILE, Cell, SweepPlan, check_size, plan_from_dict
@@ -107,7 +107,7 @@ def _weights_problem(weights: Any) -> Optional[str]:
         return None
     path = Path(weights)
     if not path.exists():
-        return f"weights file {path} does not exist"
+        return missing_weights(path)
     if not path.is_file():
         return f"weights file {path} is not a file"
     return None

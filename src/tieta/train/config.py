@@ -3,11 +3,13 @@
 The general settings are here; each method brings its own sections (``Method.sections``), so a
 run's config is these fields plus one section per registered method, e.g. ``lora.rank`` or
 ``merge.schedule``. Defaults are the papers' recipe (AdamW, lr 1e-3, weight decay 1e-4, 100
-epochs, 10 warm-up epochs, cosine to 1e-5, batch 64, LoRA rank 8 on qkv).
+epochs, 10 warm-up epochs, cosine to 1e-5, batch 64, LoRA rank 8 on qkv); a shorter run warms up for
+a tenth of its epochs (:func:`default_warmup_epochs`).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import re
@@ -49,11 +51,48 @@ class OptimConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     epochs: int = 100
-    warmup_epochs: int = 10
+    warmup_epochs: Optional[int] = None  # None: default_warmup_epochs(epochs), written resolved to config.yaml
     min_lr: float = 1e-5
     batch_size: int = 64
     clip_grad: Optional[float] = None  # max gradient norm, None for no clipping
     lr_groups: dict[str, float] = field(default_factory=dict)  # e.g. {"head": 1e-3, "adapter": 5e-4}
+
+
+# The warm-up rule. A run warms up for a tenth of its epochs, rounded down, and at most 10 (the
+# papers' 10 of 100): 1 to 9 epochs get none, 10 get 1, 50 get 5, 100 and more get 10. A warm-up
+# set explicitly (a config file, --warmup-epochs, --set optim.warmup_epochs, a sweep's base or run
+# settings) is kept as given; the dataclass default (None) means the rule. A warm-up of 10 epochs
+# in a 2-epoch run would keep the learning rate below a fifth of its base value for the whole run.
+MAX_DEFAULT_WARMUP_EPOCHS = 10
+WARMUP_SHARE = 10  # one warm-up epoch per this many epochs
+
+
+def default_warmup_epochs(epochs: int) -> int:
+    """The warm-up of a run of ``epochs`` that sets none: min(10, epochs // 10)."""
+    return min(MAX_DEFAULT_WARMUP_EPOCHS, epochs // WARMUP_SHARE)
+
+
+def with_warmup(config: RunConfig) -> RunConfig:
+    """``config`` with the warm-up rule applied where ``optim.warmup_epochs`` is None (then a copy;
+    otherwise ``config`` itself): what a run trains with, and writes to its config.yaml."""
+    if config.optim.warmup_epochs is not None:
+        return config
+    config = copy.deepcopy(config)
+    config.optim.warmup_epochs = default_warmup_epochs(config.optim.epochs)
+    return config
+
+
+def warmup_warning(config: RunConfig) -> Optional[str]:
+    """The sentence that says a warm-up of at least the run's length keeps the learning rate below
+    its base value (None where the warm-up is shorter, or left to the rule, which always is)."""
+    warmup, epochs = config.optim.warmup_epochs, config.optim.epochs
+    if warmup is None or warmup < epochs:
+        return None
+    reached = ("reaches its base value only at the last step" if warmup == epochs else
+               f"never reaches its base value (it ends at {epochs / warmup:.0%} of it)")
+    return (f"optim.warmup_epochs {warmup} is at least the run's {epochs} epochs: the learning rate {reached}; "
+            f"give fewer warm-up epochs, or leave them out for the default, min(10, epochs // 10) = "
+            f"{default_warmup_epochs(epochs)}")
 
 
 @dataclass
@@ -164,7 +203,8 @@ def _typed(value: Any, hint: Any, key: str) -> Any:
 
 
 def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[dict[str, Any]] = None) -> RunConfig:
-    """The defaults, updated by a YAML file, updated by dotted overrides ({"optim.lr": 1e-4}).
+    """The defaults, updated by a YAML file, updated by dotted overrides ({"optim.lr": 1e-4}); a
+    warm-up neither gives follows the rule (:func:`default_warmup_epochs`), resolved here.
 
     The file is read within ``tieta.safe_yaml``'s limits (at most 1 MiB, no repeated keys, aliases
     that share settings but do not multiply them) and must hold a mapping of settings.
@@ -192,7 +232,7 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[dic
         section[leaf] = value
     config = from_dict(RunConfig, values)
     validate(config)
-    return config
+    return with_warmup(config)
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -250,8 +290,8 @@ def _bounds(config: RunConfig) -> list[tuple[bool, str]]:
         (config.eval_batch_size <= MAX_BATCH_SIZE,
          f"eval_batch_size must be at most {MAX_BATCH_SIZE:,}, got {config.eval_batch_size:,}"),
         (optim.epochs <= MAX_EPOCHS, f"optim.epochs must be at most {MAX_EPOCHS:,}, got {optim.epochs:,}"),
-        (optim.warmup_epochs <= MAX_EPOCHS,
-         f"optim.warmup_epochs must be at most {MAX_EPOCHS:,}, got {optim.warmup_epochs:,}"),
+        (optim.warmup_epochs is None or optim.warmup_epochs <= MAX_EPOCHS,
+         f"optim.warmup_epochs must be at most {MAX_EPOCHS:,}, got {optim.warmup_epochs or 0:,}"),
         (optim.lr <= MAX_LR, f"optim.lr must be at most {MAX_LR:g}, got {optim.lr:g}"),
         (optim.min_lr <= MAX_LR, f"optim.min_lr must be at most {MAX_LR:g}, got {optim.min_lr:g}"),
         (optim.weight_decay <= MAX_WEIGHT_DECAY,
@@ -301,7 +341,8 @@ def validate(config: RunConfig) -> None:
     optim, data = config.optim, config.data
     checks = [
         (optim.epochs >= 1, f"optim.epochs must be at least 1, got {optim.epochs}"),
-        (0 <= optim.warmup_epochs, f"optim.warmup_epochs cannot be negative, got {optim.warmup_epochs}"),
+        (optim.warmup_epochs is None or optim.warmup_epochs >= 0,
+         f"optim.warmup_epochs cannot be negative, got {optim.warmup_epochs}"),
         (optim.batch_size >= 1, f"optim.batch_size must be at least 1, got {optim.batch_size}"),
         (optim.lr > 0, f"optim.lr must be positive, got {optim.lr}"),
         (optim.min_lr >= 0, f"optim.min_lr cannot be negative, got {optim.min_lr}"),

@@ -26,11 +26,12 @@ from tieta.methods.params import trainable_parameters
 from tieta.train.checkpoint import load_trained, read_checkpoint, save_checkpoint
 from tieta.train import distributed
 from tieta.train.config import (RunConfig, comparable, first_difference, from_dict, group_learning_rates, load_config,
-                                validate)
+                                validate, warmup_warning, with_warmup)
 from tieta.train.loop import check_finite, cross_entropy_step, evaluate, train_one_epoch
 from tieta.train.model import build_model
 from tieta.train.optim import build_optimizer, lr_multiplier
 from tieta.train.progress import Progress, load_progress, read_record, save_progress
+from tieta.train.reading import lr_reached_base, majority_accuracy
 from tieta.train.rundir import (CHECKPOINT, CONFIG, FAILED, FINISHED, INTERRUPTED, METRICS, PROGRESS, RunDir,
                                 read_state, strict_json)
 
@@ -78,8 +79,9 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, generator: tor
 
 def measure_cost(model: nn.Module, config: RunConfig, dataset: ImageDataset, normalize: nn.Module,
                  device: torch.device, batch_size: int, flops_images: int = 64) -> dict[str, Any]:
-    """GFLOPs per image, averaged over real evaluation images (the executed path can depend on
-    them), evaluation throughput, and what each method measures on those images."""
+    """GMACs (and the PYRA paper's MACs/2^30) per image, averaged over real evaluation images (the
+    executed path can depend on them), evaluation throughput, and what each method measures on
+    those images."""
     step = max(1, len(dataset) // flops_images)
     indices = list(range(0, len(dataset), step))[:flops_images]
     sample = normalize(torch.stack([dataset[i][0] for i in indices]).to(device))
@@ -149,6 +151,7 @@ def fit(config: RunConfig, output: str | Path, overwrite: bool = False, label: O
     (``tieta.train.distributed``) and the first one writes.
     """
     validate(config)
+    config = with_warmup(config)  # a warm-up left unset follows the rule (tieta.train.config)
     if config.data.path is None:
         raise TietaError("no data given: set data.path (or --data) to a task folder")
     processes, device_name = distributed.join(config.device)
@@ -267,6 +270,9 @@ def _train(config: RunConfig, run: Optional[RunDir], output: Path, resume: bool,
     if resume and distributed.sum_over_processes([float(found)], processes)[0] > 0:
         progress = load_progress(output / PROGRESS, model, optimizer, shuffle, processes)
     if run is not None:
+        warning = warmup_warning(config)
+        if warning:
+            tqdm.write(f"tieta: warning: {label + ': ' if label else ''}{warning}", file=sys.stderr)
         if resume:
             tqdm.write(f"resuming {output} after epoch {progress.epoch} of {optim.epochs}" if progress.epoch else
                        f"resuming {output} from its start (no epoch was checkpointed)")
@@ -320,6 +326,8 @@ def _train(config: RunConfig, run: Optional[RunDir], output: Path, resume: bool,
         "acc": last_eval["acc"],
         "best_acc": best["acc"],
         "best_epoch": best["epoch"],
+        "majority_acc": majority_accuracy(eval_set.labels.tolist()),  # always answering the most frequent class
+        "lr_reached_base": lr_reached_base(optim.warmup_epochs, optim.epochs),
         "trainable_params": trainable,
         "total_params": total,
         "trainable_percent": 100.0 * trainable / total,
@@ -421,10 +429,12 @@ def load_run_model(checkpoint: str | Path) -> tuple[nn.Module, RunConfig, int]:
 
 
 def evaluate_checkpoint(checkpoint: str | Path, data: Optional[str] = None, split: Optional[str] = None,
-                        batch_size: Optional[int] = None) -> dict[str, Any]:
-    """Accuracy and cost of a trained checkpoint on a split of a task (by default the run's own)."""
+                        batch_size: Optional[int] = None, device: Optional[str] = None) -> dict[str, Any]:
+    """Accuracy and cost of a trained checkpoint on a split of a task (by default the run's own), on
+    ``device`` (auto, cpu or cuda[:N]; by default the run's own)."""
+    asked = resolve_device(device) if device is not None else None  # a device this machine lacks: before any work
     model, config, num_classes = load_run_model(checkpoint)
-    device = resolve_device(config.device)
+    device = asked or resolve_device(config.device)
     model.to(device)
     task: Task = open_task(data or config.data.path)
     split = split or config.data.eval_split
@@ -434,5 +444,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: Optional[str] = None, spli
     result = evaluate(model, loader, normalize, device, config.bf16)
     trainable, total = trainable_parameters(model)
     return {"method": config.method, "split": split, "acc": result["acc"], "eval_loss": result["eval_loss"],
-            "images": len(dataset), "trainable_percent": 100.0 * trainable / total,
+            "images": len(dataset), "majority_acc": majority_accuracy(dataset.labels.tolist()),
+            "lr_reached_base": lr_reached_base(config.optim.warmup_epochs, config.optim.epochs),
+            "trainable_percent": 100.0 * trainable / total,
             **measure_cost(model, config, dataset, normalize, device, min(batch_size or config.eval_batch_size, 32))}
