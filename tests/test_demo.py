@@ -44,4 +44,4 @@ def test_the_demo_merges_where_there_is_something_left_to_merge():
     tieta.add_tome(merged, r=demo.DEMO_SETTINGS["merge.schedule"])
     images = torch.randn(1, 3, size, size)
     assert tokens_entering(merged, images)[-1] >= 24
-    assert count_flops(merged, images)["gmacs"] / count_flops(plain, images)["gmacs"] < 0.75
+    assert count_flops(merged, images)["gmacs"] / count_flops(plain, images)["gmacs"] <= 0.8

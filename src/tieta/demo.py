@@ -6,12 +6,12 @@ PyPI once and cached under ``$TIETA_HOME``. LoRA, ToMe+LoRA and PYRA+LoRA (the s
 schedule) and DyT are fine-tuned as one small sweep, then reported like any sweep: the table, the
 report and the accuracy-vs-throughput plot, with throughput measured side by side.
 
-To fit in about 5 minutes on a 2-core CPU it trades input size (112 px: 8 x 8 patches instead of
+To fit in about 6 minutes on a 2-core CPU it trades input size (98 px: 7 x 7 patches instead of
 16 x 16), epochs (2 instead of 100) and images (it trains on the 800 images of ``train800`` and
 evaluates on the 200 held-out images of ``val200``, not on the 1,624 test images) for time. It does
-not trade away what it exists to show: the merge schedule (r = 3 a block) still leaves 32 of the 65
+not trade away what it exists to show: the merge schedule (r = 2 a block) still leaves 28 of the 50
 tokens at the last block, so that ToMe and PYRA merge real patches (at the 'low' schedule, which
-reaches half the FLOPs, 2 tokens would be left at this size), at 0.71 of the unmerged FLOPs.
+reaches half the FLOPs, 3 tokens would be left at this size), at 0.75 of the unmerged FLOPs.
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ from tieta.sweep.runner import FAILED, run_sweep
 DEMO_SETTINGS: dict[str, Any] = {
     "model": assets.SALIENCY_DINOV2_VITS14_MODEL,
     "weights": assets.SALIENCY_DINOV2_VITS14,
-    "img_size": 112,  # 8 x 8 patches of 14 px, 65 tokens
+    "img_size": 98,  # 7 x 7 patches of 14 px, 50 tokens
     "lora.rank": 4,  # the papers' rank for ViT-S
-    "merge.schedule": 3,  # 65 tokens -> 32 at the last block, 0.71 of the FLOPs
+    "merge.schedule": 2,  # 50 tokens -> 28 at the last block, 0.75 of the FLOPs
     "data.train_split": "train800",
     "data.eval_split": "val200",
     "optim.epochs": 2,
@@ -67,7 +67,7 @@ def announce(epochs: int, log: Callable[[str], None]) -> None:
     log(f"tieta demo: fine-tunes {', '.join(method for _, method in DEMO_RUNS)} on ELPV solar cells (4 classes) "
         f"with a DINOv2 ViT-S/14, {epochs} epochs each, ToMe and PYRA merging "
         f"{DEMO_SETTINGS['merge.schedule']} tokens a block, DyT at rho 0.5; then times the four side by side and "
-        "writes a report with its plots. About 5 minutes on a 2-core CPU.")
+        "writes a report with its plots. About 6 minutes on a 2-core CPU.")
     log(f"  what it trades for time: {size} px instead of 224 ({size // 14} x {size // 14} patches), {epochs} epochs "
         "instead of 100, training on the 800 train800 images and evaluating on the 200 held-out val200 images (not "
         "the 1,624 test images), so its accuracies are a quick reading, not converged ones; what it keeps: the merge "
