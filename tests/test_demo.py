@@ -10,6 +10,7 @@ def test_demo_runs_end_to_end_on_the_offline_assets(home, tmp_path, monkeypatch)
     monkeypatch.setitem(demo.DEMO_SETTINGS, "img_size", 28)  # 2 x 2 patches of 14 px
     monkeypatch.setitem(demo.DEMO_SETTINGS, "merge.schedule", 0)  # 5 tokens: nothing to merge at this size
     monkeypatch.setitem(demo.DEMO_SETTINGS, "eval_batch_size", 256)
+    monkeypatch.setitem(demo.DEMO_SETTINGS, "data.train_split", "val200")  # 200 images: the path, not the accuracy
     lines = []
     report = demo.run_demo(tmp_path / "demo", epochs=1, rounds=1, log=lines.append)
     assert lines[0].startswith("tieta demo: fine-tunes lora, tome+lora, pyra+lora, dyt")  # said before it starts
