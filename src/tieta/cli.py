@@ -276,7 +276,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from tieta.deploy.predict import open_predictor, predict, predictions_csv, shown_path
     from tieta.report.tables import PREDICT_COLUMNS, format_table
-    from tieta.train.rundir import write_atomically
+    from tieta.files import write_file
 
     if args.output is not None:
         _file_to_write(args.output)
@@ -289,7 +289,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     found = predict(predictor, args.images, args.top_k, args.batch_size, args.device, report_skip)
     if args.output is not None:
-        write_atomically(args.output, predictions_csv(found, min(args.top_k, len(found.rows[0][1]))))
+        write_file(args.output, predictions_csv(found, min(args.top_k, len(found.rows[0][1]))))
     else:
         rows = [{"image": shown_path(path), "class": top[0][0], "probability": top[0][1],
                  "next": ", ".join(f"{name} {p:.2f}" for name, p in top[1:])} for path, top in found.rows]

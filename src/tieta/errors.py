@@ -1,4 +1,7 @@
-"""The one exception type that carries a user-facing message, and a helper for its wording."""
+"""The one exception type that carries a user-facing message, and helpers for its wording."""
+
+import json
+from typing import Any
 
 
 class TietaError(Exception):
@@ -22,3 +25,15 @@ def listing(names: list[str], limit: int = 3) -> str:
     """The first few of ``names`` for a one-sentence message: 'a, b, c and 4 more'."""
     shown = ", ".join(names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def shown(value: Any, limit: int = 40) -> str:
+    """A value read from a file, as a one-line message shows it: a mapping or a list by its kind,
+    anything else as JSON (one line, whatever it holds), cut to ``limit`` characters."""
+    if isinstance(value, (dict, list)):
+        return "a mapping" if isinstance(value, dict) else "a list"
+    try:
+        text = json.dumps(value, sort_keys=True, default=str)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."

@@ -25,6 +25,7 @@ import ctypes
 import errno
 import hashlib
 import json
+import math
 import os
 import shutil
 import stat
@@ -60,18 +61,20 @@ def _refuse_special(path: Path) -> Optional[os.stat_result]:
     return found
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
 def _file_mode() -> int:
     """0o666 less the umask: what ``open(path, "w")`` would have given."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
+    return 0o666 & ~_umask()
 
 
 def folder_mode() -> int:
     """0o777 less the umask: what ``mkdir`` would have given (``tempfile.mkdtemp`` gives 0o700)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o777 & ~mask
+    return 0o777 & ~_umask()
 
 
 def write_file(path: str | Path, data: bytes | str) -> Path:
@@ -258,9 +261,9 @@ def move_folder(source: Path, target: Path) -> None:
     os.rename(source, target)
 
 
-def read_regular(path: str | Path, what: str, limit: int) -> bytes:
+def read_regular(path: str | Path, what: str, limit: int, head: bool = False) -> bytes:
     """The bytes of a regular file of at most ``limit`` bytes (a FIFO, a device or a folder is refused,
-    and nothing blocks or reads without end).
+    and nothing blocks or reads without end); ``head``: its first ``limit`` bytes, however long it is.
 
     Raises:
         TietaError: one sentence naming ``what`` and the file.
@@ -276,7 +279,7 @@ def read_regular(path: str | Path, what: str, limit: int) -> bytes:
         found = os.fstat(handle)
         if not stat.S_ISREG(found.st_mode):
             raise TietaError(f"{what} {path} is not a regular file")
-        if found.st_size > limit:
+        if found.st_size > limit and not head:
             raise TietaError(f"{what} {path} is {found.st_size:,} bytes, more than the {limit:,} tieta reads")
         os.set_blocking(handle, True)
         chunks, size = [], 0
@@ -286,9 +289,9 @@ def read_regular(path: str | Path, what: str, limit: int) -> bytes:
                 break
             chunks.append(chunk)
             size += len(chunk)
-        if size > limit:
+        if size > limit and not head:
             raise TietaError(f"{what} {path} grew past the {limit:,} bytes tieta reads")
-        return b"".join(chunks)
+        return b"".join(chunks)[:limit]
     except OSError as error:
         raise TietaError(f"cannot read {what} {path}: {error.strerror}") from None
     finally:
@@ -345,6 +348,12 @@ def parse_json(text: str | bytes, what: str, allow_nan: bool = False) -> Any:
         raise TietaError(f"{what} is not valid JSON ({str(error).splitlines()[0]})") from None
     _check_shape(value, what)
     return value
+
+
+def is_number(value: Any) -> bool:
+    """Whether a value read back is a finite number (JSON and YAML also give true, NaN and
+    Infinity, which no count or accuracy may be)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def read_json(path: str | Path, what: str, limit: int = MAX_JSON_BYTES, allow_nan: bool = False) -> Any:

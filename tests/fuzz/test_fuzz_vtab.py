@@ -14,7 +14,7 @@ from PIL import Image
 from tieta.data.vtab import VTAB_SPLITS, Task, open_task
 from tieta.errors import TietaError
 
-from .conftest import FUZZ, FUZZ_FEW, parsed_or_refused
+from .conftest import FUZZ_FEW, parsed_or_refused
 
 LIST_FILES = sorted(set(VTAB_SPLITS.values()))
 PATHS = st.text(max_size=10) | st.sampled_from([

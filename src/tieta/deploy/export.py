@@ -44,7 +44,7 @@ import tieta
 from tieta.backbone import MAX_IMG_SIZE
 from tieta.data.vtab import open_task
 from tieta.deploy.onnx import check_onnx, export_onnx
-from tieta.errors import TietaError, listing
+from tieta.errors import TietaError, listing, shown
 from tieta.files import folder_mode, move_folder, read_json, remove_folder, swap_folders, write_file
 from tieta.methods.diffrate import DiffRateReduce, fix_rates
 from tieta.methods.lora import merge_lora
@@ -263,7 +263,7 @@ def read_info(folder: str | Path) -> ExportInfo:
 def _text(record: dict[str, Any], key: str, path: Path) -> str:
     value = record[key]
     if not isinstance(value, str) or not value:
-        raise TietaError(f"{path} gives {key} as {_shown(value)}; tieta export writes a name")
+        raise TietaError(f"{path} gives {key} as {shown(value)}; tieta export writes a name")
     return value
 
 
@@ -271,7 +271,7 @@ def _whole(record: dict[str, Any], key: str, largest: int, path: Path) -> int:
     """A whole number from 1 to ``largest`` (a float, a bool or a string is refused, never rounded)."""
     value = record[key]
     if type(value) is not int or not 1 <= value <= largest:
-        raise TietaError(f"{path} gives {key} as {_shown(value)}; tieta export writes a whole number from 1 to "
+        raise TietaError(f"{path} gives {key} as {shown(value)}; tieta export writes a whole number from 1 to "
                          f"{largest:,}")
     return value
 
@@ -281,25 +281,17 @@ def _class_names(names: Any, num_classes: int, path: Path) -> Optional[list[str]
     if names is None:
         return None
     if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
-        raise TietaError(f"{path} gives class_names as {_shown(names)}; tieta export writes a list of names")
+        raise TietaError(f"{path} gives class_names as {shown(names)}; tieta export writes a list of names")
     if len(names) != num_classes:
         raise TietaError(f"{path} names {len(names):,} classes but its model has {num_classes:,}")
     return names
-
-
-def _shown(value: Any) -> str:
-    """A value as a message shows it: short, on one line."""
-    if isinstance(value, (dict, list)):
-        return "a mapping" if isinstance(value, dict) else "a list"
-    text = json.dumps(value)
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _check_agreement(info: ExportInfo, path: Path) -> RunConfig:
     """The export's settings as a RunConfig, refused unless they are usable and say what the export
     itself says (model, methods, normalisation, input size)."""
     if not isinstance(info.config, dict):
-        raise TietaError(f"{path} gives config as {_shown(info.config)}; tieta export writes a mapping of settings")
+        raise TietaError(f"{path} gives config as {shown(info.config)}; tieta export writes a mapping of settings")
     try:
         config = from_dict(RunConfig, info.config)
         validate(config)
@@ -311,8 +303,8 @@ def _check_agreement(info: ExportInfo, path: Path) -> RunConfig:
         pairs.append(("img_size", info.img_size, config.img_size))
     for key, said, configured in pairs:
         if said != configured:
-            raise TietaError(f"{path} disagrees with itself: it gives {key} {_shown(said)} but its settings give "
-                             f"{_shown(configured)}")
+            raise TietaError(f"{path} disagrees with itself: it gives {key} {shown(said)} but its settings give "
+                             f"{shown(configured)}")
     return config
 
 

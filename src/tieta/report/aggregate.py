@@ -4,11 +4,11 @@ mean of the group means (the papers' headline) and the mean over tasks, with the
 
 from __future__ import annotations
 
-import math
 import statistics
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from tieta.files import is_number
 from tieta.report.collect import SweepResults
 from tieta.sweep.vtab1k import GROUPS
 
@@ -124,16 +124,11 @@ def run_rows(results: SweepResults, key: str = "acc") -> list[RunRow]:
             row.task_mean = Spread.of([m["task_mean"] for m in per_seed])
             row.groups = {g: Spread.of([m[g] for m in per_seed]) for g in present_groups(results)}
         for fact in ("trainable_percent", "gmacs", "pyra_gflops"):
-            values = [float(r.summary[fact]) for r in records if _finite(r.summary.get(fact))]
+            values = [float(r.summary[fact]) for r in records if is_number(r.summary.get(fact))]
             if values:
                 row.facts[fact] = statistics.fmean(values)
         rows.append(row)
     return rows
-
-
-def _finite(value: Any) -> bool:
-    """A number a mean can take (a summary from elsewhere may hold text, true or NaN)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def pareto_front(points: dict[str, tuple[float, float]], higher_x_better: bool = True) -> list[str]:

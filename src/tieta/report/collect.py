@@ -16,7 +16,6 @@ its task's other runs, or, in a folder of runs without a plan, one trained with 
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -25,8 +24,8 @@ from typing import Any, Optional
 
 from tieta import safe_yaml
 from tieta.data.vtab import open_task
-from tieta.errors import TietaError
-from tieta.files import read_json
+from tieta.errors import TietaError, shown
+from tieta.files import is_number, read_json
 from tieta.sweep.plan import PLAN_FILE, plan_from_dict
 from tieta.sweep.vtab1k import VTAB_1K
 from tieta.train.rundir import CONFIG, FINISHED, STATE, SUMMARY, read_state
@@ -71,24 +70,12 @@ def _reason(error: TietaError, path: Path) -> str:
     return str(error).replace(f" {path}", "")
 
 
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _as_text(value: Any) -> str:
     """A settings value as stable text (YAML may also give dates, sets, or keys of mixed types)."""
     try:
         return json.dumps(value, sort_keys=True, default=str)
     except (TypeError, ValueError):
         return repr(value)
-
-
-def _shown(value: Any) -> str:
-    """A value as a message shows it: short, on one line."""
-    if isinstance(value, (dict, list)):
-        return "a mapping" if isinstance(value, dict) else "a list"
-    text = _as_text(value)
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def summary_problem(values: Any) -> Optional[str]:
@@ -99,13 +86,13 @@ def summary_problem(values: Any) -> Optional[str]:
     if "acc" not in values:
         return "summary.json has no acc (not a tieta run summary)"
     for key in ("acc", "best_acc"):
-        if key in values and not (_number(values[key]) and 0 <= values[key] <= 100):
-            return f"summary.json gives {key} {_shown(values[key])}, not a percentage from 0 to 100"
+        if key in values and not (is_number(values[key]) and 0 <= values[key] <= 100):
+            return f"summary.json gives {key} {shown(values[key])}, not a percentage from 0 to 100"
     for key in ("method", "data", "data_fingerprint", "model"):
         if values.get(key) is not None and not isinstance(values[key], str):
-            return f"summary.json gives {key} as {_shown(values[key])}, not text"
+            return f"summary.json gives {key} as {shown(values[key])}, not text"
     if values.get("img_size") is not None and type(values["img_size"]) is not int:
-        return f"summary.json gives img_size as {_shown(values['img_size'])}, not a whole number"
+        return f"summary.json gives img_size as {shown(values['img_size'])}, not a whole number"
     return None
 
 
@@ -115,18 +102,18 @@ def config_problem(values: Any) -> Optional[str]:
         return "config.yaml is not a mapping of settings"
     for section in ("data", "optim"):
         if values.get(section) is not None and not isinstance(values[section], dict):
-            return f"config.yaml gives {section} as {_shown(values[section])}, not a mapping"
+            return f"config.yaml gives {section} as {shown(values[section])}, not a mapping"
     for key in ("model", "weights", "method"):
         if values.get(key) is not None and not isinstance(values[key], str):
-            return f"config.yaml gives {key} as {_shown(values[key])}, not text"
+            return f"config.yaml gives {key} as {shown(values[key])}, not text"
     if values.get("img_size") is not None and type(values["img_size"]) is not int:
-        return f"config.yaml gives img_size as {_shown(values['img_size'])}, not a whole number"
+        return f"config.yaml gives img_size as {shown(values['img_size'])}, not a whole number"
     if "seed" in values and type(values["seed"]) is not int:
-        shown = repr(values["seed"])
-        return f"config.yaml gives no whole-number seed ({shown if len(shown) <= 40 else shown[:37] + '...'})"
+        text = repr(values["seed"])
+        return f"config.yaml gives no whole-number seed ({text if len(text) <= 40 else text[:37] + '...'})"
     split = (values.get("data") or {}).get("eval_split")
     if split is not None and not isinstance(split, str):
-        return f"config.yaml gives data.eval_split as {_shown(split)}, not a name"
+        return f"config.yaml gives data.eval_split as {shown(split)}, not a name"
     return None
 
 

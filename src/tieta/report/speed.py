@@ -10,17 +10,13 @@ A busy machine (:func:`tieta.measure.load.busy`) is said too.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional
 
+from tieta.files import is_number
 from tieta.measure.load import busy_note
 
 MIN_ROUNDS = 5  # the fewest interleaved rounds whose range of speedups can rank two rows
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def spread(row: Mapping[str, Any]) -> Optional[tuple[float, float]]:
@@ -28,7 +24,7 @@ def spread(row: Mapping[str, Any]) -> Optional[tuple[float, float]]:
     (a kept measurement); None where it has neither."""
     for key in ("round_speedups", "speedup_spread"):
         values = row.get(key)
-        if isinstance(values, (list, tuple)) and values and all(_number(v) for v in values):
+        if isinstance(values, (list, tuple)) and values and all(is_number(v) for v in values):
             return min(values), max(values)
     return None
 
@@ -61,7 +57,7 @@ def rank(rows: Mapping[str, Mapping[str, Any]], rounds: int) -> Optional[Ranking
     median speedup is not below the fastest's (the two medians disagree); with fewer than
     :data:`MIN_ROUNDS` rounds, no row is. None where fewer than two rows have a throughput.
     """
-    timed = {name: row for name, row in rows.items() if _number(row.get("images_per_s"))}
+    timed = {name: row for name, row in rows.items() if is_number(row.get("images_per_s"))}
     if len(timed) < 2:
         return None
     top = max(timed, key=lambda name: timed[name]["images_per_s"])
@@ -70,7 +66,7 @@ def rank(rows: Mapping[str, Mapping[str, Any]], rounds: int) -> Optional[Ranking
         return Ranking(top, others, too_few_rounds=True)
     mine = timed[top].get("speedup")
     unresolved = [name for name in others if overlap(timed[top], timed[name])
-                  or not (_number(mine) and _number(timed[name].get("speedup")) and timed[name]["speedup"] < mine)]
+                  or not (is_number(mine) and is_number(timed[name].get("speedup")) and timed[name]["speedup"] < mine)]
     return Ranking(top, unresolved)
 
 
@@ -124,7 +120,7 @@ def bench_reading(rows: list[dict[str, Any]], rounds: int, load: Optional[Mappin
             lines.append(f"Fastest: {found[1]}.")
     for name, row in by_name.items():
         partner = name.replace("pyra", "tome", 1)
-        if name.startswith("pyra") and partner in by_name and _number(row.get("vs_tome")):
+        if name.startswith("pyra") and partner in by_name and is_number(row.get("vs_tome")):
             schedule = name.split(" ")[-1]
             lines.append(f"At {schedule}, PYRA runs at {row['vs_tome']:.2f}x ToMe's speed (median of per-round "
                          f"ratios): {pair_text(name, partner, by_name, rounds)}.")

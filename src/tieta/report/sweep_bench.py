@@ -15,10 +15,8 @@ timing (:mod:`tieta.measure.load`), so that a report can say when the machine wa
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
-import stat
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -28,16 +26,15 @@ import torch
 from tieta.data.transforms import Normalize
 from tieta.data.vtab import ImageDataset, open_task
 from tieta.errors import TietaError
-from tieta.files import WriteError, parse_json, read_json, write_owned
+from tieta.files import WriteError, is_number, read_json, write_owned
 from tieta.measure.benchmark import benchmark
 from tieta.measure.load import valid as valid_load, watched_load
 from tieta.report.collect import RunRecord, SweepResults
-from tieta.train.checkpoint import CHECKSUM_KEY
+from tieta.train.checkpoint import CHECKSUM_KEY, read_metadata
 from tieta.train.fit import image_size_of, load_run_model, resolve_device
 from tieta.train.rundir import CHECKPOINT
 
 THROUGHPUT_FILE = "throughput.json"
-MAX_HEADER_BYTES = 100 << 20  # a safetensors header: names, shapes and the run's settings
 
 
 def benchmark_records(results: SweepResults, runs: list[str]) -> Optional[list[RunRecord]]:
@@ -100,22 +97,9 @@ def checkpoint_checksum(folder: Path) -> Optional[str]:
     """The checksum in the header of a run's checkpoint (it changes whenever the run is trained
     again), read without the tensors; None where there is none to read."""
     try:
-        handle = os.open(folder / CHECKPOINT, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO must not block
-    except OSError:
+        value = read_metadata(folder / CHECKPOINT).get(CHECKSUM_KEY)
+    except TietaError:
         return None
-    try:
-        if not stat.S_ISREG(os.fstat(handle).st_mode):
-            return None
-        size = int.from_bytes(os.pread(handle, 8, 0), "little")
-        if not 0 < size <= MAX_HEADER_BYTES:
-            return None
-        header = parse_json(os.pread(handle, size, 8), "a checkpoint's header")
-    except (OSError, TietaError):
-        return None
-    finally:
-        os.close(handle)
-    metadata = header.get("__metadata__") if isinstance(header, dict) else None
-    value = metadata.get(CHECKSUM_KEY) if isinstance(metadata, dict) else None
     return value if isinstance(value, str) else None
 
 
@@ -134,10 +118,6 @@ def read_kept(cache: Path, log: Callable[[str], None] = print) -> tuple[Optional
         log(f"throughput: {cache} is not what tieta writes ({problem}); timing again")
         return None, False
     return kept, True
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def cache_problem(kept: Any) -> Optional[str]:
@@ -160,9 +140,9 @@ def cache_problem(kept: Any) -> Optional[str]:
     for run, row in rows.items():
         spread = row.get("speedup_spread") if isinstance(row, dict) else None
         rounds = row.get("round_speedups", []) if isinstance(row, dict) else None  # an older tieta kept none
-        if not (isinstance(row, dict) and _number(row.get("images_per_s")) and _number(row.get("speedup"))
-                and isinstance(spread, list) and all(_number(v) for v in spread)
-                and isinstance(rounds, list) and all(_number(v) for v in rounds)):
+        if not (isinstance(row, dict) and is_number(row.get("images_per_s")) and is_number(row.get("speedup"))
+                and isinstance(spread, list) and all(is_number(v) for v in spread)
+                and isinstance(rounds, list) and all(is_number(v) for v in rounds)):
             return f"an unreadable row for {run}"
     if "load" in kept and kept["load"] != {} and not valid_load(kept["load"]):
         return "an unreadable machine load"

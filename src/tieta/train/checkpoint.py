@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from safetensors import SafetensorError
@@ -26,6 +26,7 @@ from tieta.files import parse_json, read_regular, write_file
 
 # a checkpoint holds what was trained, an export the whole model: both far below this
 MAX_FILE_BYTES = 64 << 30
+MAX_HEADER_BYTES = 100 << 20  # a safetensors header: tensor names, shapes and the run's settings
 
 CONFIG_KEY = "tieta_config"
 NUM_CLASSES_KEY = "num_classes"
@@ -61,7 +62,8 @@ def write_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[s
 
 
 def _header_metadata(data: bytes, path: Path) -> dict[str, str]:
-    """The metadata of a safetensors file, read from its header within tieta's JSON limits."""
+    """The metadata of a safetensors file (its bytes, or their start), read from its header within
+    tieta's JSON limits."""
     if len(data) < 8:
         raise TietaError(f"{path} is not a readable safetensors checkpoint (too short)")
     size = int.from_bytes(data[:8], "little")
@@ -72,6 +74,15 @@ def _header_metadata(data: bytes, path: Path) -> dict[str, str]:
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise TietaError(f"{path} is not a readable safetensors checkpoint (its metadata is not text)")
     return metadata
+def read_metadata(path: Path) -> dict[str, str]:
+    """The metadata of a safetensors file from its header alone, for a fact of it (no tensor is
+    read and the checksum is not checked: use :func:`read_tensors` to trust the file)."""
+    size = int.from_bytes(read_regular(path, "checkpoint", 8, head=True), "little")
+    if size > MAX_HEADER_BYTES:
+        raise TietaError(f"{path} is not a readable safetensors checkpoint (a header of {size:,} bytes)")
+    return _header_metadata(read_regular(path, "checkpoint", 8 + size, head=True), path)
+
+
 def read_tensors(path: Path, require_checksum: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors, metadata) of a safetensors file that tieta wrote, its checksum verified.
 
@@ -107,6 +118,12 @@ def add_checksum(path: Path) -> bool:
     return True
 
 
+def metadata_count(text: str) -> Optional[int]:
+    """A whole number written into metadata as text, or None where the text is not one tieta writes
+    (ASCII digits only, below a billion: ``str.isdigit`` also takes "²", which ``int`` refuses)."""
+    return int(text) if text.isascii() and text.isdigit() and len(text) < 10 else None
+
+
 def save_checkpoint(model: nn.Module, path: Path, config: dict[str, Any], num_classes: int) -> None:
     """Write the trainable parameters of ``model`` and ``config`` to ``path``, atomically."""
     tensors = {name: p for name, p in model.named_parameters() if p.requires_grad}
@@ -119,9 +136,8 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     if CONFIG_KEY not in metadata or NUM_CLASSES_KEY not in metadata:
         raise TietaError(f"{path} is a safetensors file but not a tieta checkpoint (no run config inside)")
     config = parse_json(metadata[CONFIG_KEY], f"the run settings in {path}")
-    text = metadata[NUM_CLASSES_KEY]
-    num_classes = int(text) if text.isascii() and text.isdigit() and len(text) < 10 else 0
-    if not isinstance(config, dict) or num_classes < 1:
+    num_classes = metadata_count(metadata[NUM_CLASSES_KEY])
+    if not isinstance(config, dict) or not num_classes:
         raise TietaError(f"{path} holds unreadable run settings (its metadata is not what tieta writes)")
     return tensors, config, num_classes
 

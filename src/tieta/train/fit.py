@@ -32,7 +32,7 @@ from tieta.train.model import build_model
 from tieta.train.optim import build_optimizer, lr_multiplier
 from tieta.train.progress import Progress, load_progress, read_record, save_progress
 from tieta.train.reading import lr_reached_base, majority_accuracy
-from tieta.train.rundir import (CHECKPOINT, CONFIG, FAILED, FINISHED, INTERRUPTED, METRICS, PROGRESS, RunDir,
+from tieta.train.rundir import (CHECKPOINT, CONFIG, FAILED, FINISHED, INTERRUPTED, PROGRESS, RunDir,
                                 read_state, strict_json)
 
 

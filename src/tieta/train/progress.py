@@ -27,7 +27,7 @@ from torch import nn
 
 from tieta.errors import TietaError
 from tieta.files import parse_json
-from tieta.train.checkpoint import load_trained, read_tensors, write_tensors
+from tieta.train.checkpoint import load_trained, metadata_count, read_tensors, write_tensors
 from tieta.train.distributed import Processes, gather_tensors
 
 FORMAT = "tieta-progress-1"
@@ -129,15 +129,14 @@ def read_record(path: Path, metadata: Optional[dict[str, str]] = None) -> Progre
         raise TietaError(f"{path} is not a tieta resumable checkpoint (or one from another tieta version)")
     unreadable = TietaError(f"{path} holds unreadable progress metadata")
     try:
-        text = metadata["epoch"]  # ASCII digits only: str.isdigit() also takes "²", which int() refuses
-        epoch = int(text) if text.isascii() and text.isdigit() and len(text) < 10 else -1
+        epoch = metadata_count(metadata["epoch"])
         best = parse_json(metadata["best"], f"the best accuracy in {path}")
         records = parse_json(metadata["records"], f"the metrics in {path}") if "records" in metadata else None
         settings = parse_json(metadata.get("settings", "null"), f"the settings in {path}")
     except KeyError:
         raise unreadable from None
     records_ok = records is None or (isinstance(records, list) and all(isinstance(r, dict) for r in records))
-    if (epoch < 0 or not (best is None or isinstance(best, dict)) or not records_ok
+    if (epoch is None or not (best is None or isinstance(best, dict)) or not records_ok
             or not (settings is None or isinstance(settings, dict))):
         raise unreadable
     return Progress(epoch, best, records, settings, metadata.get("data", ""))

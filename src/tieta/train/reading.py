@@ -15,9 +15,10 @@ tieta without them are read from their task folder and settings instead.
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from typing import Any, Iterable, Mapping, Optional, Sequence
+
+from tieta.files import is_number
 
 # a final accuracy less than this many points above the majority class's is "barely learned"
 NEAR_MAJORITY_POINTS = 5.0
@@ -49,8 +50,7 @@ def near_majority(acc: Any, majority: Any) -> bool:
 
 
 def _percentage(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
-        and 0 <= value <= 100
+    return is_number(value) and 0 <= value <= 100
 
 
 def _majority_note(name: str, acc: float, majority: float, where: str = "") -> str:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime
 import fcntl
+import glob
 import json
 import math
 import os
@@ -71,11 +72,6 @@ class RunState:
     def describe(self) -> str:
         where = f" after epoch {self.epoch} of {self.epochs}" if self.epochs else ""
         return f"{self.state}{where}" + (f": {self.reason}" if self.reason else "")
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename (all or nothing)."""
-    write_file(path, text)
 
 
 def strict_json(value: Any) -> Any:
@@ -132,10 +128,6 @@ def read_state(folder: str | Path) -> RunState:
     if state.state == RUNNING and not _lock_is_held(folder):
         state.state, state.reason = INTERRUPTED, "its process ended without a word (killed?)"
     return state
-
-
-def glob_escape(text: str) -> str:
-    return "".join(f"[{c}]" if c in "*?[" else c for c in text)
 
 
 def _write_owner(handle) -> None:
@@ -245,7 +237,7 @@ class RunDir:
     def _stage(self) -> None:
         """Make the folder beside the run that the replacement writes into (and take its lock)."""
         prefix = f".{self.path.name}{STAGING}"
-        for leftover in self.path.parent.glob(glob_escape(prefix) + "*"):  # from replacements that were killed
+        for leftover in self.path.parent.glob(glob.escape(prefix) + "*"):  # from replacements that were killed
             if leftover.is_dir() and not leftover.is_symlink() and not _lock_is_held(leftover):
                 remove_folder(leftover)
         try:
@@ -275,7 +267,7 @@ class RunDir:
         """Write the resolved config (a resumed run keeps its own) and the state "running" from
         ``epoch`` (the epochs already checkpointed) of ``epochs``."""
         if not self.resume:  # the folder (or .incoming/) holds no run files: nothing is replaced here
-            write_atomically(self.file(CONFIG), yaml.safe_dump(config, sort_keys=False))
+            write_file(self.file(CONFIG), yaml.safe_dump(config, sort_keys=False))
         self.epochs = epochs
         self.set_state(RUNNING, epoch=epoch)
 
@@ -330,7 +322,7 @@ class RunDir:
         self.set_state(RUNNING, epoch=epoch)
 
     def finish(self, summary: dict[str, Any]) -> None:
-        write_atomically(self.file(SUMMARY), json.dumps(strict_json(summary), indent=2) + "\n")
+        write_file(self.file(SUMMARY), json.dumps(strict_json(summary), indent=2) + "\n")
         self.file(PROGRESS).unlink(missing_ok=True)  # the finished run needs no optimizer state
         self.set_state(FINISHED)
 
