@@ -1,3 +1,5 @@
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import timm
@@ -165,29 +167,30 @@ def test_missing_weights_point_to_the_built_in_backbone(tmp_path):
 
 @pytest.fixture
 def unreachable_hub(tmp_path, monkeypatch):
-    """A machine where every connection is refused, with an empty model-hub cache in ``tmp_path``."""
+    """A machine where every connection is refused (each attempt recorded), with an empty model-hub cache."""
     from huggingface_hub import constants
 
     import socket
 
+    attempts = []
+
     def refuse(*args, **kwargs):
+        attempts.append(args)
         raise ConnectionRefusedError(111, "Connection refused")
 
     monkeypatch.setattr(socket, "create_connection", refuse)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    return tmp_path / "hub"
+    return SimpleNamespace(cache=tmp_path / "hub", attempts=attempts)
 
 
 def test_an_unreachable_hub_fails_within_seconds_and_names_the_built_in_backbone(unreachable_hub):
-    import time
-
     from huggingface_hub import constants
 
-    started = time.monotonic()
+    # within seconds: one bounded connection check, then the local cache only (no retries, which took ~50 s)
     with pytest.raises(TietaError) as error:
         tieta.load_backbone("test_vit", num_classes=3)
-    assert time.monotonic() - started < 5
+    assert len(unreachable_hub.attempts) == 1
     message = str(error.value)
     assert "cannot be reached from here and they are not in the local cache" in message
     assert "--model vit_small_patch14_dinov2 --weights dinov2_vits14_saliency" in message
@@ -197,7 +200,7 @@ def test_an_unreachable_hub_fails_within_seconds_and_names_the_built_in_backbone
 def test_an_unreachable_hub_still_gives_the_weights_in_the_local_cache(unreachable_hub):
     source = _source()
     commit = "0" * 40
-    repo = unreachable_hub / "models--timm--test_vit.r160_in1k"
+    repo = unreachable_hub.cache / "models--timm--test_vit.r160_in1k"
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(commit)
     (repo / "snapshots" / commit).mkdir(parents=True)
@@ -209,22 +212,22 @@ def test_an_unreachable_hub_still_gives_the_weights_in_the_local_cache(unreachab
 def test_the_connection_check_is_bounded_even_where_it_hangs(monkeypatch):
     import socket
     import threading
-    import time
 
     from tieta import backbone
 
     released = threading.Event()
+    answered = []
 
     def hang(*args, **kwargs):  # as a name lookup with no answer does, whatever the socket's timeout
         released.wait(30)
+        answered.append(True)
         raise socket.gaierror(-3, "Temporary failure in name resolution")
 
     monkeypatch.setattr(backbone, "HUB_CONNECT_SECONDS", 0.2)
     monkeypatch.setattr(socket, "create_connection", hang)
-    started = time.monotonic()
     try:
         assert not backbone._reachable("huggingface.co", 443)
-        assert time.monotonic() - started < 2
+        assert answered == []  # it gave up before the lookup ended
     finally:
         released.set()
 
@@ -240,14 +243,11 @@ def test_train_with_the_built_in_weights_and_the_default_model_names_the_model_t
 
 
 def test_train_offline_with_the_hub_default_ends_within_seconds(unreachable_hub, vtab_task, tmp_path, capsys):
-    import time
-
     from conftest import refused
 
-    started = time.monotonic()
     message = refused(capsys, "train", "--model", "test_vit", "--img-size", "32", "--data", str(vtab_task),
                       "--output", str(tmp_path / "run"))
-    assert time.monotonic() - started < 5
+    assert len(unreachable_hub.attempts) == 1  # one bounded check, no retries
     assert "could not get the published weights of test_vit" in message
     assert "--model vit_small_patch14_dinov2 --weights dinov2_vits14_saliency" in message
 
