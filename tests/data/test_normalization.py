@@ -5,6 +5,7 @@ config) and predict; an older run without the setting is rebuilt with ImageNet's
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import timm
@@ -125,6 +126,7 @@ def test_run_export_load_and_timm_reproduce_the_training_transform(vtab_task, tm
     expected = (([0.5] * 3, [0.5] * 3, "bicubic") if setting == "model"  # test_vit's pretrained_cfg
                 else (setting["mean"], setting["std"], "bilinear"))
     assert _numbers(used) == expected
+    assert used["source"] == ("timm's pretrained_cfg of test_vit.r160_in1k" if setting == "model" else "the numbers given")
     export_run(run, tmp_path / "export")
     assert _numbers(json.loads((tmp_path / "export" / INFO_FILE).read_text())["normalization"]) == expected
     model = tieta.load(tmp_path / "export")
@@ -181,3 +183,14 @@ def test_an_older_interrupted_run_resumes_with_imagenet(vtab_task, tmp_path, mon
     _as_older_tieta(run)
     resume_run(run)
     assert load_run_model(run)[1].data.normalization == "imagenet"
+
+
+def test_the_papers_configs_the_vtab_mini_sweep_and_the_demo_name_their_normalization():
+    from tieta.demo import DEMO_SETTINGS
+
+    root = Path(__file__).resolve().parents[2]
+    named = {path: yaml.safe_load((root / path).read_text())["base"]["data"]["normalization"]
+             for path in ("configs/pyra_vtab.yaml", "configs/dyt_vtab.yaml", "benchmarks/vtab_mini.yaml")}
+    assert named == {"configs/pyra_vtab.yaml": "imagenet", "configs/dyt_vtab.yaml": "inception",
+                     "benchmarks/vtab_mini.yaml": "imagenet"}
+    assert DEMO_SETTINGS["data.normalization"] == "imagenet"

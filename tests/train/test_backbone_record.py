@@ -105,6 +105,21 @@ def test_hub_weights_are_recorded_by_timm_tag():
     assert backbone_record("test_vit", "random") == {"weights": "random"}
 
 
+def test_built_in_weights_are_recorded_by_name_and_checksum(tmp_path, monkeypatch):
+    from tieta.train import record
+
+    weights = _weights(tmp_path / "built.safetensors")
+    monkeypatch.setattr(record, "builtin_weights", lambda: {"built_in": lambda: weights})
+    assert backbone_record("test_vit", "built_in") == {"weights": "builtin", "name": "built_in",
+                                                       "sha256": hashlib.sha256(weights.read_bytes()).hexdigest()}
+    config = load_config(overrides={"model": "test_vit", "weights": "built_in",
+                                    "resolved": {"backbone": backbone_record("test_vit", "built_in")}})
+    check_backbone(config)
+    _weights(weights, seed=1)
+    with pytest.raises(TietaError, match="the built-in weights built_in are not those the run was trained on"):
+        check_backbone(config)
+
+
 def test_another_timm_tag_is_refused_before_any_download():
     recorded = {"weights": "hub", "timm": "test_vit.older_tag", "hf_hub_id": "timm/test_vit.older_tag", "url": ""}
     config = load_config(overrides={"model": "test_vit", "resolved": {"backbone": recorded}})
