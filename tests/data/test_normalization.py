@@ -126,7 +126,8 @@ def test_run_export_load_and_timm_reproduce_the_training_transform(vtab_task, tm
     expected = (([0.5] * 3, [0.5] * 3, "bicubic") if setting == "model"  # test_vit's pretrained_cfg
                 else (setting["mean"], setting["std"], "bilinear"))
     assert _numbers(used) == expected
-    assert used["source"] == ("timm's pretrained_cfg of test_vit.r160_in1k" if setting == "model" else "the numbers given")
+    source = "timm's pretrained_cfg of test_vit.r160_in1k" if setting == "model" else "the numbers given"
+    assert used["source"] == source
     export_run(run, tmp_path / "export")
     assert _numbers(json.loads((tmp_path / "export" / INFO_FILE).read_text())["normalization"]) == expected
     model = tieta.load(tmp_path / "export")

@@ -21,7 +21,7 @@ from typing import Any, Optional
 from torch import nn
 
 from tieta.data.transforms import INTERPOLATIONS, NORMALIZATIONS
-from tieta.errors import TietaError
+from tieta.errors import TietaError, shown
 
 MODEL = "model"  # the backbone's own statistics, from its pretrained_cfg
 DEFAULT_INTERPOLATION = "bicubic"  # the literature's resize, and that of every name above
@@ -40,14 +40,15 @@ def check_numbers(values: dict[str, Any], where: str) -> None:
         if (not isinstance(numbers, (list, tuple)) or len(numbers) != 3
                 or not all(_finite(n) for n in numbers)):
             raise TietaError(f"{where}.{key} must be three finite numbers (red, green, blue on the 0-1 scale), "
-                             f"got {_short(numbers)}")
+                             f"got {_listed(numbers)}")
     if not all(n > 0 for n in values["std"]):
-        raise TietaError(f"{where}.std must be positive (images are divided by it), got {_short(values['std'])}")
+        raise TietaError(f"{where}.std must be positive (images are divided by it), got {_listed(values['std'])}")
     interpolation = values.get("interpolation", DEFAULT_INTERPOLATION)
     if interpolation not in INTERPOLATIONS:
-        raise TietaError(f"{where}.interpolation must be one of {', '.join(INTERPOLATIONS)}, got {_short(interpolation)}")
+        raise TietaError(f"{where}.interpolation must be one of {', '.join(INTERPOLATIONS)}, "
+                         f"got {shown(interpolation)}")
     if not isinstance(values.get("source", ""), str):
-        raise TietaError(f"{where}.source is text that says where the numbers come from, got {_short(values['source'])}")
+        raise TietaError(f"{where}.source is text that says where the numbers come from, got {shown(values['source'])}")
 
 
 def check_setting(setting: Any, where: str = "data.normalization") -> None:
@@ -55,7 +56,7 @@ def check_setting(setting: Any, where: str = "data.normalization") -> None:
     if isinstance(setting, dict):
         check_numbers(setting, where)
     elif not isinstance(setting, str) or (setting != MODEL and setting not in NORMALIZATIONS):
-        raise TietaError(f"{where} must be {CHOICES}, got {_short(setting)}")
+        raise TietaError(f"{where} must be {CHOICES}, got {shown(setting)}")
 
 
 def resolve(setting: Any, model: Optional[nn.Module] = None) -> dict[str, Any]:
@@ -105,6 +106,13 @@ def timm_data_config(resolved: dict[str, Any], img_size: int) -> dict[str, Any]:
             "mean": tuple(resolved["mean"]), "std": tuple(resolved["std"]), "crop_pct": 1.0, "crop_mode": "squash"}
 
 
+def _listed(value: Any) -> str:
+    """A list of numbers as a message shows it: its first few items (anything else as errors.shown)."""
+    if not isinstance(value, (list, tuple)):
+        return shown(value)
+    return "[" + ", ".join(shown(item, 12) for item in value[:4]) + (", ...]" if len(value) > 4 else "]")
+
+
 def _finite(number: Any) -> bool:
     """Whether ``number`` is an int or float of finite value (an integer past a float's range is not)."""
     try:
@@ -116,8 +124,3 @@ def _finite(number: Any) -> bool:
 def interpolation_of(setting: Any) -> str:
     """The resize filter of a resolved (or named) setting."""
     return setting.get("interpolation", DEFAULT_INTERPOLATION) if isinstance(setting, dict) else DEFAULT_INTERPOLATION
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."

@@ -1,8 +1,9 @@
 """Classifying new images with a trained run or an export: ``tieta predict``.
 
 Images are prepared exactly as in training (the straight resize to the model's input size with the
-run's filter, bicubic unless the model's preprocessing names another, and the run's normalisation), decoded a batch at a time. A file that cannot be read is reported
-and skipped, and the others are classified.
+run's filter, bicubic unless the model's preprocessing names another, and the run's normalisation),
+decoded a batch at a time. A file that cannot be read is reported and skipped, and the others are
+classified.
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ from tieta.data.vtab import FOLDER_SPLITS, VTAB_SPLITS
 from tieta.errors import TietaError
 from tieta.methods import registry
 from tieta.methods.method import Method
+from tieta.train.record import check_record
 
 # numpy's and torch's seeds: 0 <= seed < 2**32
 SEED_LIMIT = 2**32
@@ -395,11 +396,8 @@ def validate(config: RunConfig) -> None:
 
 def _check_resolved(resolved: Any) -> None:
     """A run's record (config.yaml's ``resolved``) of the kind tieta writes, or none."""
-    if resolved is None:
-        return
-    from tieta.train.record import check_record  # imported lazily: it reads the backbone module
-
-    check_record(resolved)
+    if resolved is not None:
+        check_record(resolved)
 
 
 # what an older tieta's run settings mean where they lack a key: it normalised with ImageNet's

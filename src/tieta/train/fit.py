@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler, Subset
 from tqdm.auto import tqdm
 
+from tieta.data.normalization import described, interpolation_of
 from tieta.data.transforms import Normalize
 from tieta.data.vtab import ImageDataset, Task, fingerprint, open_task
 from tieta.errors import TietaError
@@ -32,7 +33,6 @@ from tieta.train.model import build_model
 from tieta.train.optim import build_optimizer, lr_multiplier
 from tieta.train.progress import Progress, load_progress, read_record, save_progress
 from tieta.train.record import fresh, run_normalization, with_record
-from tieta.data.normalization import described, interpolation_of
 from tieta.train.reading import lr_reached_base, majority_accuracy
 from tieta.train.rundir import (CHECKPOINT, CONFIG, FAILED, FINISHED, INTERRUPTED, PROGRESS, RunDir,
                                 read_state, strict_json)

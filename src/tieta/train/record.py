@@ -34,7 +34,7 @@ from torch import nn
 
 from tieta.backbone import RANDOM, builtin_weights
 from tieta.data import normalization as normalizations
-from tieta.errors import TietaError
+from tieta.errors import TietaError, shown
 
 HUB, FILE, BUILTIN = "hub", "file", "builtin"
 _KINDS = (HUB, FILE, BUILTIN, RANDOM)
@@ -116,14 +116,15 @@ def check_backbone(config: Any) -> None:
         return  # load_backbone refuses a missing file in its own words
     now = backbone_record(config.model, config.weights)
     if kind == HUB and (now["timm"], now["hf_hub_id"]) != (recorded.get("timm"), recorded.get("hf_hub_id")):
-        raise TietaError(f"the run was trained on timm's {recorded.get('timm')} ({recorded.get('hf_hub_id') or 'no hub id'}), "
-                         f"but this timm resolves {config.model} to {now['timm']} ({now['hf_hub_id'] or 'no hub id'}); "
-                         f"{advice}: use the timm version it was trained with")
+        then = f"{recorded.get('timm')} ({recorded.get('hf_hub_id') or 'no hub id'})"
+        raise TietaError(f"the run was trained on timm's {then}, but this timm resolves {config.model} to "
+                         f"{now['timm']} ({now['hf_hub_id'] or 'no hub id'}); {advice}: use the timm version it was "
+                         "trained with")
     if kind in (FILE, BUILTIN) and recorded.get("sha256") and now["sha256"] != recorded["sha256"]:
         then = f"SHA-256 {recorded['sha256'][:16]}... then, {now['sha256'][:16]}... now"
         if kind == BUILTIN:
-            raise TietaError(f"the built-in weights {recorded.get('name')} are not those the run was trained on ({then}); "
-                             f"{advice}")
+            raise TietaError(f"the built-in weights {recorded.get('name')} are not those the run was trained on "
+                             f"({then}); {advice}")
         if Path(now["path"]) == Path(str(recorded.get("path"))):
             raise TietaError(f"the weights file {now['path']} changed since the run was trained on it ({then}); "
                              f"{advice}: restore that file")
@@ -135,18 +136,18 @@ def check_record(resolved: Any) -> None:
     """Refuse a ``resolved`` field that is not of the kind a run writes (one sentence)."""
     if not isinstance(resolved, dict) or set(resolved) - set(_RECORD_KEYS):
         raise TietaError(f"resolved is what a run records ({' and '.join(_RECORD_KEYS)}), written by tieta, not set; "
-                         f"got {normalizations._short(resolved)}")
+                         f"got {shown(resolved)}")
     if resolved.get("normalization") is not None:
         if not isinstance(resolved["normalization"], dict):
             raise TietaError(f"resolved.normalization should be the numbers a run used, got "
-                             f"{normalizations._short(resolved['normalization'])}")
+                             f"{shown(resolved['normalization'])}")
         normalizations.check_numbers(resolved["normalization"], "resolved.normalization")
     backbone = resolved.get("backbone")
     if backbone is not None and (not isinstance(backbone, dict) or backbone.get("weights") not in _KINDS
                                  or not all(isinstance(key, str) and type(value) in (str, int) for key, value
                                             in backbone.items())):
         raise TietaError(f"resolved.backbone should be what a run records of its weights ({', '.join(_KINDS)}), got "
-                         f"{normalizations._short(backbone)}")
+                         f"{shown(backbone)}")
 
 
 def fresh(config: Any) -> Any:
