@@ -421,6 +421,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_show_merges(args: argparse.Namespace) -> int:
     from tieta.report.visualize import merge_groups, save_merge_figure
+    from tieta.train.record import normalization_of
     from tieta.train.fit import image_size_of, load_run_model, resolve_device, seed_everything
     from tieta.train.model import build_model
 
@@ -443,7 +444,7 @@ def cmd_show_merges(args: argparse.Namespace) -> int:
         model = build_model(config, num_classes=1000)
     device = asked or resolve_device(config.device)
     images, inputs, names = _sample_images(args.data or config.data.path, args.split, args.count,
-                                           image_size_of(model), config.data.normalization)
+                                           image_size_of(model), normalization_of(config, model))
     groups = merge_groups(model.to(device), inputs.to(device)).cpu()
     caption = f"{config.model} + {config.method}, r per block {getattr(model, 'token_schedule', [])}"
     save_merge_figure(images, groups, picture, names, caption)
@@ -465,7 +466,7 @@ def _merge_picture(output: Path) -> tuple[Path, Optional[str]]:
     return _folder_to_write(output) / MERGES_PNG, None
 
 
-def _sample_images(task_dir: str, split: str, count: int, image_size: int, normalization: str):
+def _sample_images(task_dir: str, split: str, count: int, image_size: int, normalization: dict):
     """A few evenly spaced images of a split: (uint8 images, normalised images, their paths)."""
     import torch
 
@@ -483,6 +484,7 @@ def cmd_show_tokens(args: argparse.Namespace) -> int:
     from tieta.methods.dyt import evaluation_masks
     from tieta.report.visualize import save_active_tokens, save_rate_chart
     from tieta.train.fit import image_size_of, load_run_model, resolve_device
+    from tieta.train.record import normalization_of
 
     _folder_to_write(args.output)
     asked = resolve_device(args.device) if args.device else None  # before any model is built
@@ -494,7 +496,7 @@ def cmd_show_tokens(args: argparse.Namespace) -> int:
     if getattr(model, "dispatch_state", None) is None:
         raise TietaError(f"the run {args.run} has no DyT dispatchers (method {config.method})")
     images, inputs, names = _sample_images(args.data or config.data.path, args.split, args.count,
-                                           image_size_of(model), config.data.normalization)
+                                           image_size_of(model), normalization_of(config, model))
     device = asked or resolve_device(config.device)
     masks = [mask.cpu() for mask in evaluation_masks(model.to(device), inputs.to(device))]
     rates = [float(mask.float().mean()) for mask in masks]

@@ -27,6 +27,7 @@ from tieta.train.fit import fit
 from tieta.train.rundir import CHECKPOINT
 
 TINY = {"model": "test_vit", "weights": "random", "img_size": 32, "optim.epochs": 1, "optim.warmup_epochs": 0,
+        "data.normalization": "imagenet",  # named, so that an export saying another name disagrees with it
         "optim.batch_size": 4, "eval_batch_size": 8, "lora.rank": 2, "adapter.dim": 2}
 NEW_FILES = {WEIGHTS_FILE, INFO_FILE}
 OLD_FILES = NEW_FILES | {ONNX_FILE}  # the older export was written with --onnx

@@ -22,7 +22,14 @@ from tieta.errors import TietaError
 NORMALIZATIONS = {
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     "inception": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # DyT's choice
+    "half": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # timm's published ViT-B/16 (augreg) weights
+    "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),  # OpenAI's: CLIP, EVA-02
+    "openai": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
 }
+# the resize filters a normalisation can name (timm's pretrained_cfg names), as PIL's
+INTERPOLATIONS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
+                  "nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS,
+                  "box": Image.Resampling.BOX, "hamming": Image.Resampling.HAMMING}
 
 # Largest image decoded, as width * height, checked on the header before any pixel is read: far above
 # any benchmark image, far below what would exhaust memory (PIL's own bomb check starts at ~89 Mpx).
@@ -39,8 +46,9 @@ _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeEr
 _OPEN_LOCK = threading.Lock()
 
 
-def load_resized(path: Path, size: int) -> torch.Tensor:
-    """Read an image as RGB and resize it straight to size x size (bicubic, PIL's antialiasing).
+def load_resized(path: Path, size: int, interpolation: str = "bicubic") -> torch.Tensor:
+    """Read an image as RGB and resize it straight to size x size (bicubic, PIL's antialiasing; or
+    another of INTERPOLATIONS, where the model's preprocessing names it).
 
     Decoding is faithful or refused. RGB and 8-bit grey images without a transparency key decode
     exactly as ``image.convert("RGB")`` always did; 1-bit, palette, CMYK, YCbCr, LAB and HSV images go
@@ -59,7 +67,7 @@ def load_resized(path: Path, size: int) -> torch.Tensor:
     try:
         with _open_checked(path) as image:
             rgb = _to_rgb(image, path)  # reads the pixels
-            array = np.asarray(rgb.resize((size, size), Image.Resampling.BICUBIC), dtype=np.uint8)
+            array = np.asarray(rgb.resize((size, size), INTERPOLATIONS[interpolation]), dtype=np.uint8)
     except UnidentifiedImageError as error:
         raise TietaError(f"cannot read image {path}: it is not an image file PIL knows, "
                          "or it is corrupt") from error
@@ -126,17 +134,38 @@ class Normalize(torch.nn.Module):
     """uint8 images to normalised floats: ``(x / 255 - mean) / std``.
 
     Args:
-        name: "imagenet" (0.485.../0.229...) or "inception" (0.5/0.5).
+        name: "imagenet" (0.485.../0.229...), "inception" or "half" (0.5/0.5), "clip" or "openai"
+            (OpenAI's 0.481.../0.268...), or the numbers themselves as {"mean": [r, g, b], "std":
+            [r, g, b]} on the 0-1 scale (what ``tieta.data.normalization`` resolves "model" to).
     """
 
-    def __init__(self, name: str = "imagenet") -> None:
+    def __init__(self, name: str | dict = "imagenet") -> None:
         super().__init__()
-        if name not in NORMALIZATIONS:
-            raise TietaError(f"normalization must be one of {', '.join(NORMALIZATIONS)}, got {name!r}")
-        mean, std = NORMALIZATIONS[name]
+        mean, std = normalization_numbers(name)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255, persistent=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Args: images: (B, 3, H, W) uint8. Returns: (B, 3, H, W) float32."""
         return (images.float() - self.mean) / self.std
+
+
+def normalization_numbers(setting: str | dict) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) of a named normalisation or of explicit numbers ({"mean": ..., "std": ...}, checked
+    where they were read: tieta.data.normalization).
+
+    Raises:
+        TietaError: an unknown name, or numbers that are not three means and three deviations.
+    """
+    if isinstance(setting, dict):
+        try:
+            mean, std = tuple(map(float, setting["mean"])), tuple(map(float, setting["std"]))
+        except (KeyError, TypeError, ValueError):
+            mean = std = ()
+        if len(mean) != 3 or len(std) != 3:
+            raise TietaError("normalization as numbers is {mean: [r, g, b], std: [r, g, b]}")
+        return mean, std
+    if setting not in NORMALIZATIONS:
+        raise TietaError(f"normalization must be one of {', '.join(NORMALIZATIONS)}, or model, or "
+                         f"{{mean: [r, g, b], std: [r, g, b]}}, got {setting!r}")
+    return NORMALIZATIONS[setting]

@@ -256,13 +256,14 @@ def _class_folders(folder: Path) -> list[Path]:
 
 
 @functools.lru_cache(maxsize=2)
-def _decode_all(paths: tuple[Path, ...], image_size: int, description: str) -> torch.Tensor:
+def _decode_all(paths: tuple[Path, ...], image_size: int, description: str,
+                interpolation: str = "bicubic") -> torch.Tensor:
     """All images of a split, resized, as one (n, 3, S, S) uint8 tensor; the last two splits decoded
     stay in memory, so runs one after another in one process (the demo) decode them once.
     (Images are read-only here: nothing writes into the returned tensor.)"""
     images = torch.empty(len(paths), 3, image_size, image_size, dtype=torch.uint8)
     with ThreadPoolExecutor(max_workers=4) as pool:
-        decoded = pool.map(lambda path: load_resized(path, image_size), paths)
+        decoded = pool.map(lambda path: load_resized(path, image_size, interpolation), paths)
         try:
             for index, image in enumerate(tqdm(decoded, total=len(paths), desc=description, leave=False,
                                                disable=None)):
@@ -282,10 +283,12 @@ class ImageDataset(Dataset):
         num_classes: labels must lie in [0, num_classes).
         cache: decode everything up front (threads, progress bar) and keep it: the transform is
             deterministic, so every later epoch reads memory (3 * S * S bytes per image).
+        interpolation: the resize filter (tieta.data.transforms.INTERPOLATIONS), as the model's
+            normalisation names it.
     """
 
     def __init__(self, items: list[tuple[Path, int]], image_size: int, num_classes: int, cache: bool = True,
-                 description: str = "decoding images") -> None:
+                 description: str = "decoding images", interpolation: str = "bicubic") -> None:
         for path, label in items:
             if not 0 <= label < num_classes:
                 raise TietaError(f"label {label} of {_shown(path)} is out of range for a model with {num_classes} "
@@ -296,10 +299,11 @@ class ImageDataset(Dataset):
             raise TietaError("the split has no images")
         self.items = items
         self.image_size = image_size
+        self.interpolation = interpolation
         self.labels = torch.tensor([label for _, label in items])
         self.images: Optional[torch.Tensor] = None
         if cache:
-            self.images = _decode_all(tuple(path for path, _ in items), image_size, description)
+            self.images = _decode_all(tuple(path for path, _ in items), image_size, description, interpolation)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -307,4 +311,4 @@ class ImageDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         if self.images is not None:
             return self.images[index], int(self.labels[index])
-        return load_resized(self.items[index][0], self.image_size), int(self.labels[index])
+        return load_resized(self.items[index][0], self.image_size, self.interpolation), int(self.labels[index])

@@ -42,6 +42,7 @@ from torch import nn
 
 import tieta
 from tieta.backbone import MAX_IMG_SIZE
+from tieta.data import normalization as normalizations
 from tieta.data.vtab import open_task
 from tieta.deploy.onnx import check_onnx, export_onnx
 from tieta.errors import TietaError, listing, shown
@@ -52,9 +53,10 @@ from tieta.train.checkpoint import read_tensors, write_tensors
 from tieta.train.config import RunConfig, from_dict, validate
 from tieta.train.fit import image_size_of, load_run_model
 from tieta.train.model import build_backbone, build_model
+from tieta.train.record import run_normalization
 from tieta.train.rundir import CHECKPOINT
 
-EXPORT_FORMAT = 1  # raised when an export changes so that an older tieta cannot read it
+EXPORT_FORMAT = 2  # raised when an export changes so that an older tieta cannot read it (2: normalization as numbers)
 INFO_FILE = "tieta_export.json"
 WEIGHTS_FILE = "model.safetensors"
 ONNX_FILE = "model.onnx"  # with --onnx; a model over 2 GiB keeps its weights in model.onnx.data
@@ -71,7 +73,7 @@ class ExportInfo:
     method: str
     num_classes: int
     img_size: int
-    normalization: str
+    normalization: str | dict[str, Any]  # the numbers it was trained with (tieta.data.normalization), or a name
     class_names: Optional[list[str]]
     config: dict[str, Any]
 
@@ -113,7 +115,7 @@ def export_run(run: str | Path, output: str | Path, overwrite: bool = False,
     merge_lora(model)
     model.eval()
     tensors = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
-    info = ExportInfo(config.model, config.method, num_classes, image_size_of(model), config.data.normalization,
+    info = ExportInfo(config.model, config.method, num_classes, image_size_of(model), run_normalization(config),
                       task_class_names(config, num_classes), config.to_dict())
     record = {"format": EXPORT_FORMAT, "tieta_version": tieta.__version__, "source_run": str(run.resolve()),
               **info.__dict__}
@@ -254,7 +256,7 @@ def read_info(folder: str | Path) -> ExportInfo:
                          "input size, settings)")
     num_classes = _whole(record, "num_classes", MAX_CLASSES, path)
     info = ExportInfo(_text(record, "model", path), _text(record, "method", path), num_classes,
-                      _whole(record, "img_size", MAX_IMG_SIZE, path), _text(record, "normalization", path),
+                      _whole(record, "img_size", MAX_IMG_SIZE, path), _normalization(record, path),
                       _class_names(record.get("class_names"), num_classes, path), record["config"])
     _check_agreement(info, path)
     return info
@@ -264,6 +266,16 @@ def _text(record: dict[str, Any], key: str, path: Path) -> str:
     value = record[key]
     if not isinstance(value, str) or not value:
         raise TietaError(f"{path} gives {key} as {shown(value)}; tieta export writes a name")
+    return value
+
+
+def _normalization(record: dict[str, Any], path: Path) -> str | dict[str, Any]:
+    """The numbers (or, in an older export, the name) of the normalisation the model was trained with."""
+    value = record["normalization"]
+    try:
+        normalizations.check_setting(value, "normalization")
+    except TietaError as error:
+        raise TietaError(f"{path} gives normalization as {shown(value)}, which tieta cannot use ({error})") from None
     return value
 
 
@@ -297,15 +309,29 @@ def _check_agreement(info: ExportInfo, path: Path) -> RunConfig:
         validate(config)
     except TietaError as error:
         raise TietaError(f"{path} holds settings tieta cannot use: {error}") from None
-    pairs = [("model", info.model, config.model), ("method", info.method, config.method),
-             ("normalization", info.normalization, config.data.normalization)]
+    pairs = [("model", info.model, config.model), ("method", info.method, config.method)]
     if config.img_size is not None:
         pairs.append(("img_size", info.img_size, config.img_size))
     for key, said, configured in pairs:
         if said != configured:
             raise TietaError(f"{path} disagrees with itself: it gives {key} {shown(said)} but its settings give "
                              f"{shown(configured)}")
+    _check_normalization(info, config, path)
     return config
+
+
+def _check_normalization(info: ExportInfo, config: RunConfig, path: Path) -> None:
+    """The export's normalisation the numbers its settings stand for: those of the name they give, or
+    those the run recorded where they give "model" (an older export's settings may record none)."""
+    configured = config.data.normalization
+    if configured == normalizations.MODEL:
+        configured = (config.resolved or {}).get("normalization")
+    if configured is None or info.normalization == normalizations.MODEL:
+        return
+    numbers = lambda setting: {key: value for key, value in normalizations.resolve(setting).items() if key != "source"}
+    if numbers(info.normalization) != numbers(configured):
+        raise TietaError(f"{path} disagrees with itself: it gives normalization {shown(info.normalization)} but its "
+                         f"settings give {shown(configured)}")
 
 
 def _check_keys(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], where: Path) -> None:
@@ -346,8 +372,10 @@ def load_export(folder: str | Path) -> tuple[nn.Module, ExportInfo]:
     expected = model.state_dict()
     _check_keys(expected, tensors, folder / WEIGHTS_FILE)
     model.load_state_dict(tensors, strict=True)
+    # timm.data.resolve_model_data_config(model) gives the transform the model was trained with
+    preprocessing = normalizations.timm_data_config(normalizations.resolve(info.normalization, model), info.img_size)
     model.pretrained_cfg = {**getattr(model, "pretrained_cfg", {}), "num_classes": info.num_classes,
-                            "input_size": (3, info.img_size, info.img_size)}
+                            **preprocessing}
     return model.eval(), info
 
 

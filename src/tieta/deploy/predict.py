@@ -1,8 +1,9 @@
 """Classifying new images with a trained run or an export: ``tieta predict``.
 
-Images are prepared exactly as in training (the straight bicubic resize to the model's input size
-and the run's normalisation), decoded a batch at a time. A file that cannot be read is reported
-and skipped, and the others are classified.
+Images are prepared exactly as in training (the straight resize to the model's input size with the
+run's filter, bicubic unless the model's preprocessing names another, and the run's normalisation),
+decoded a batch at a time. A file that cannot be read is reported and skipped, and the others are
+classified.
 """
 
 from __future__ import annotations
@@ -12,17 +13,19 @@ import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from tieta.data import normalization as normalizations
 from tieta.data.transforms import Normalize, load_resized
 from tieta.data.vtab import IMAGE_SUFFIXES
 from tieta.deploy.export import is_export, load_export, task_class_names
 from tieta.errors import TietaError
 from tieta.train.fit import image_size_of, load_run_model, resolve_device
+from tieta.train.record import run_normalization
 
 
 @dataclass
@@ -31,7 +34,7 @@ class Predictor:
 
     model: nn.Module
     img_size: int
-    normalization: str
+    normalization: dict[str, Any]  # the numbers and resize filter it was trained with (tieta.data.normalization)
     class_names: Optional[list[str]]
 
     def name(self, index: int) -> str:
@@ -45,9 +48,9 @@ def open_predictor(source: str | Path) -> Predictor:
         raise TietaError(f"{source} does not exist: give a run folder or an export folder")
     if source.is_dir() and is_export(source):
         model, info = load_export(source)
-        return Predictor(model, info.img_size, info.normalization, info.class_names)
+        return Predictor(model, info.img_size, normalizations.resolve(info.normalization, model), info.class_names)
     model, config, num_classes = load_run_model(source)
-    return Predictor(model.eval(), image_size_of(model), config.data.normalization,
+    return Predictor(model.eval(), image_size_of(model), run_normalization(config),
                      task_class_names(config, num_classes))
 
 
@@ -72,14 +75,14 @@ def image_files(paths: list[str | Path], skip: Callable[[Path, str], None]) -> l
     return found
 
 
-def _batches(files: list[Path], size: int, batch_size: int, skip: Callable[[Path, str], None]
-             ) -> Iterator[tuple[list[Path], torch.Tensor]]:
+def _batches(files: list[Path], size: int, batch_size: int, skip: Callable[[Path, str], None],
+             interpolation: str = "bicubic") -> Iterator[tuple[list[Path], torch.Tensor]]:
     """(files, (b, 3, S, S) uint8 images) of up to ``batch_size`` readable images at a time."""
     chunk: list[Path] = []
     images: list[torch.Tensor] = []
     for path in files:
         try:
-            images.append(load_resized(path, size))
+            images.append(load_resized(path, size, interpolation))
             chunk.append(path)
         except TietaError as error:
             skip(path, str(error))
@@ -113,7 +116,8 @@ def predict(predictor: Predictor, paths: list[str | Path], top_k: int = 5, batch
     model = predictor.model.to(target)
     normalize = Normalize(predictor.normalization).to(target)
     with tqdm(total=len(files), desc="classifying", unit="img", disable=None) as progress:
-        for chunk, images in _batches(files, predictor.img_size, batch_size, skip):
+        for chunk, images in _batches(files, predictor.img_size, batch_size, skip,
+                                      normalizations.interpolation_of(predictor.normalization)):
             probabilities = model(normalize(images.to(target))).float().softmax(dim=-1)
             values, indices = probabilities.topk(min(top_k, probabilities.shape[-1]), dim=-1)
             for path, row_values, row_indices in zip(chunk, values.tolist(), indices.tolist()):

@@ -24,6 +24,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from tieta.data.transforms import Normalize
+from tieta.train.record import normalization_of
 from tieta.data.vtab import ImageDataset, open_task
 from tieta.errors import TietaError
 from tieta.files import WriteError, is_number, read_json, write_owned
@@ -163,7 +164,8 @@ def _measure(chosen: list[RunRecord], device: str, batch_size: int, rounds: int,
     task = open_task(config.data.path)
     items = task.split(config.data.eval_split)[:batch_size]
     dataset = ImageDataset(items, sizes.pop(), task.num_classes, cache=True)
-    images = Normalize(config.data.normalization)(torch.stack([dataset[i][0] for i in range(len(dataset))]))
+    normalize = Normalize(normalization_of(config, models[chosen[0].run]))  # as the runs were trained
+    images = normalize(torch.stack([dataset[i][0] for i in range(len(dataset))]))
     log(f"throughput: timing {', '.join(models)} side by side, batch {len(images)}, {rounds} interleaved rounds "
         f"on {device}")
     started = time.perf_counter()

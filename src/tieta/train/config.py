@@ -22,12 +22,13 @@ from typing import Any, Optional, Union
 import yaml
 
 from tieta import safe_yaml
-from tieta.backbone import MAX_IMG_SIZE
-from tieta.data.transforms import NORMALIZATIONS
+from tieta.backbone import MAX_IMG_SIZE, WEIGHT_SUFFIXES
+from tieta.data import normalization as normalizations
 from tieta.data.vtab import FOLDER_SPLITS, VTAB_SPLITS
 from tieta.errors import TietaError
 from tieta.methods import registry
 from tieta.methods.method import Method
+from tieta.train.record import check_record
 
 # numpy's and torch's seeds: 0 <= seed < 2**32
 SEED_LIMIT = 2**32
@@ -41,7 +42,10 @@ class DataConfig:
     path: Optional[str] = None  # a VTAB-1k task folder or an image folder
     train_split: str = "train"  # train800val200 in VTAB-1k
     eval_split: str = "test"
-    normalization: str = "imagenet"  # or "inception" (0.5/0.5, DyT)
+    # "model": the backbone's own mean, std and resize filter (its timm pretrained_cfg); or "imagenet",
+    # "inception"/"half" (0.5/0.5, DyT), "clip"/"openai", or {mean: [r, g, b], std: [r, g, b]}
+    # (tieta.data.normalization); a run writes what it resolved to into config.yaml's resolved
+    normalization: Any = field(default=normalizations.MODEL, metadata={"any_type": True})
     cache: bool = True  # keep decoded images in memory (no augmentation, so nothing changes per epoch)
     num_workers: int = 0
 
@@ -111,6 +115,9 @@ class GeneralConfig:
     seed: int = 0
     bf16: bool = False  # bfloat16 autocast
     device: str = "auto"  # "auto": cuda if available, else cpu
+    # written by a run, not set: the numbers data.normalization resolved to and the backbone it was
+    # trained on (tieta.train.record), which rebuilding the run uses and checks
+    resolved: Any = field(default=None, metadata={"any_type": True})
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -202,9 +209,12 @@ def _typed(value: Any, hint: Any, key: str) -> Any:
     return value
 
 
-def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[dict[str, Any]] = None) -> RunConfig:
+def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[dict[str, Any]] = None,
+                older: bool = False) -> RunConfig:
     """The defaults, updated by a YAML file, updated by dotted overrides ({"optim.lr": 1e-4}); a
     warm-up neither gives follows the rule (:func:`default_warmup_epochs`), resolved here.
+    ``older``: the file is a run's config.yaml, which an older tieta may have written without some
+    settings (:func:`with_older_defaults`).
 
     The file is read within ``tieta.safe_yaml``'s limits (at most 1 MiB, no repeated keys, aliases
     that share settings but do not multiply them) and must hold a mapping of settings.
@@ -218,6 +228,8 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[dic
                              "out --config")
         if not isinstance(values, dict):
             raise TietaError(f"config file {path} should hold a mapping of settings, got a {type(values).__name__}")
+        if older:
+            values = with_older_defaults(values)
     for dotted, value in (overrides or {}).items():
         if not isinstance(dotted, str):
             raise TietaError(f"setting names are dotted text such as optim.lr, got {_shown(dotted)}")
@@ -358,8 +370,6 @@ def validate(config: RunConfig) -> None:
          f"seed must be in 0 .. 2**32 - 1 (numpy's and torch's range), got {config.seed}"),
         (_DEVICE.fullmatch(config.device) is not None, f"device must be auto, cpu or cuda[:N], got {config.device!r}"),
         (data.num_workers >= 0, f"data.num_workers cannot be negative, got {data.num_workers}"),
-        (data.normalization in NORMALIZATIONS,
-         f"data.normalization must be one of {', '.join(NORMALIZATIONS)}, got {data.normalization!r}"),
     ]
     for name in ("train_split", "eval_split"):
         split = getattr(data, name)
@@ -372,6 +382,8 @@ def validate(config: RunConfig) -> None:
     for ok, message in checks + _bounds(config):
         if not ok:
             raise TietaError(message)
+    normalizations.check_setting(data.normalization)
+    _check_resolved(config.resolved)
     _check_declared_bounds(config)
     for method in registry.METHODS.values():
         if method.validate is not None:
@@ -380,6 +392,31 @@ def validate(config: RunConfig) -> None:
     objectives = [method.name for method in config.method_list if method.objective is not None]
     if len(objectives) > 1:
         raise TietaError(f"{' and '.join(objectives)} each train with their own loss; combine at most one of them")
+
+
+def _check_resolved(resolved: Any) -> None:
+    """A run's record (config.yaml's ``resolved``) of the kind tieta writes, or none."""
+    if resolved is not None:
+        check_record(resolved)
+
+
+# what an older tieta's run settings mean where they lack a key: it normalised with ImageNet's
+# statistics (then the default, written out only by later versions)
+OLDER_DEFAULTS = {"data": {"normalization": "imagenet"}}
+
+
+def with_older_defaults(values: Any) -> Any:
+    """A run's settings (config.yaml, a checkpoint's) with what an older tieta left out filled in as
+    it was then (:data:`OLDER_DEFAULTS`); anything but a mapping is returned as it is."""
+    if not isinstance(values, dict):
+        return values
+    values = dict(values)
+    for section, defaults in OLDER_DEFAULTS.items():
+        if section not in values:
+            values[section] = dict(defaults)
+        elif isinstance(values[section], dict):
+            values[section] = {**defaults, **values[section]}
+    return values
 
 
 def group_learning_rates(config: RunConfig) -> dict[str, float]:
@@ -393,12 +430,16 @@ def group_learning_rates(config: RunConfig) -> dict[str, float]:
 
 
 def comparable(config: dict[str, Any]) -> dict[str, Any]:
-    """A resolved config without what may differ between equal runs (the device, the path's spelling)."""
-    values = {key: value for key, value in config.items() if key != "device"}
+    """A resolved config without what may differ between equal runs (the device, the path's spelling,
+    what the run recorded of its inputs)."""
+    values = {key: value for key, value in config.items() if key not in ("device", "resolved")}
     data = dict(values.get("data") or {})
     if data.get("path"):
         data["path"] = str(Path(data["path"]).resolve())
     values["data"] = data
+    weights = values.get("weights")
+    if isinstance(weights, str) and weights.endswith(WEIGHT_SUFFIXES):  # a weights file: its spelling aside
+        values["weights"] = str(Path(weights).resolve())
     return values
 
 

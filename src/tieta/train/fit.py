@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler, Subset
 from tqdm.auto import tqdm
 
+from tieta.data.normalization import described, interpolation_of
 from tieta.data.transforms import Normalize
 from tieta.data.vtab import ImageDataset, Task, fingerprint, open_task
 from tieta.errors import TietaError
@@ -26,11 +27,12 @@ from tieta.methods.params import trainable_parameters
 from tieta.train.checkpoint import load_trained, read_checkpoint, save_checkpoint
 from tieta.train import distributed
 from tieta.train.config import (RunConfig, comparable, first_difference, from_dict, group_learning_rates, load_config,
-                                validate, warmup_warning, with_warmup)
+                                validate, warmup_warning, with_older_defaults, with_warmup)
 from tieta.train.loop import check_finite, cross_entropy_step, evaluate, train_one_epoch
 from tieta.train.model import build_model
 from tieta.train.optim import build_optimizer, lr_multiplier
 from tieta.train.progress import Progress, load_progress, read_record, save_progress
+from tieta.train.record import fresh, run_normalization, with_record
 from tieta.train.reading import lr_reached_base, majority_accuracy
 from tieta.train.rundir import (CHECKPOINT, CONFIG, FAILED, FINISHED, INTERRUPTED, PROGRESS, RunDir,
                                 read_state, strict_json)
@@ -152,6 +154,8 @@ def fit(config: RunConfig, output: str | Path, overwrite: bool = False, label: O
     """
     validate(config)
     config = with_warmup(config)  # a warm-up left unset follows the rule (tieta.train.config)
+    if not resume:  # a new run records its own inputs (tieta.train.record)
+        config = fresh(config)
     if config.data.path is None:
         raise TietaError("no data given: set data.path (or --data) to a task folder")
     processes, device_name = distributed.join(config.device)
@@ -176,11 +180,12 @@ def _fit(config: RunConfig, output: Path, overwrite: bool, label: Optional[str],
         task = open_task(config.data.path)
         seed_everything(config.seed)
         model = build_model(config, task.num_classes).to(device)
-        size = image_size_of(model)
+        config = with_record(config, model)  # the numbers data.normalization stands for, the backbone's identity
+        size, interpolation = image_size_of(model), interpolation_of(run_normalization(config))
         train_set = ImageDataset(task.split(config.data.train_split), size, task.num_classes, config.data.cache,
-                                 "decoding train images")
+                                 "decoding train images", interpolation=interpolation)
         eval_set = ImageDataset(task.split(config.data.eval_split), size, task.num_classes, config.data.cache,
-                                "decoding eval images")
+                                "decoding eval images", interpolation=interpolation)
         if run is not None:
             run.check_writable(_needed_bytes(model))
             run.open()
@@ -244,7 +249,7 @@ class _TermAsInterrupt:
 def _train(config: RunConfig, run: Optional[RunDir], output: Path, resume: bool, task: Task, model: nn.Module,
            train_set: ImageDataset, eval_set: ImageDataset, device: torch.device, label: Optional[str],
            processes: distributed.Processes, started: float) -> dict[str, Any]:
-    normalize = Normalize(config.data.normalization).to(device)
+    normalize = Normalize(run_normalization(config)).to(device)
     optim = config.optim
     shuffle = torch.Generator().manual_seed(config.seed)
     train_loader = make_loader(train_set, optim.batch_size, True, shuffle, config.data.num_workers, processes)
@@ -273,6 +278,9 @@ def _train(config: RunConfig, run: Optional[RunDir], output: Path, resume: bool,
         warning = warmup_warning(config)
         if warning:
             tqdm.write(f"tieta: warning: {label + ': ' if label else ''}{warning}", file=sys.stderr)
+        if not resume and run_normalization(config)["source"].startswith("imagenet ("):  # "model" found no numbers
+            tqdm.write(f"tieta: note: {label + ': ' if label else ''}normalization: "
+                       f"{described(run_normalization(config))}", file=sys.stderr)
         if resume:
             tqdm.write(f"resuming {output} after epoch {progress.epoch} of {optim.epochs}" if progress.epoch else
                        f"resuming {output} from its start (no epoch was checkpointed)")
@@ -379,7 +387,7 @@ def resume_run(folder: str | Path, device: Optional[str] = None, label: Optional
         raise TietaError(f"the run in {folder} has finished; there is nothing to resume")
     if state.state == "empty":
         raise TietaError(f"{folder} holds no run to resume (no {CONFIG})")
-    config = load_config(folder / CONFIG)
+    config = load_config(folder / CONFIG, older=True)
     if device is not None:
         config.device = device
     check_unchanged(folder, config)
@@ -396,7 +404,7 @@ def check_unchanged(folder: Path, config: RunConfig) -> None:
     except TietaError:
         return  # a damaged checkpoint: fit reads it again, refuses it, and the run folder records why
     if record.settings is not None:
-        difference = first_difference(comparable(record.settings), comparable(config.to_dict()))
+        difference = first_difference(comparable(with_older_defaults(record.settings)), comparable(config.to_dict()))
         if difference:
             raise TietaError(f"{folder / CONFIG} was changed since the run started ({difference}); a resume continues "
                              "the run as it began: restore the setting, or train a new run into another folder")
@@ -420,12 +428,12 @@ def load_run_model(checkpoint: str | Path) -> tuple[nn.Module, RunConfig, int]:
             raise TietaError(f"the run in {path} has not finished ({state.describe()}){advice}")
         path = path / CHECKPOINT
     tensors, config_dict, num_classes = read_checkpoint(path)
-    config = from_dict(RunConfig, config_dict)
+    config = from_dict(RunConfig, with_older_defaults(config_dict))  # an older run normalised with ImageNet's
     validate(config)  # the settings come from a file: refuse what cannot work before torch sees it
     seed_everything(config.seed)  # as in fit, so that a "random" backbone comes back the same
-    model = build_model(config, num_classes)
+    model = build_model(config, num_classes)  # refuses a backbone other than the one recorded
     load_trained(model, tensors)
-    return model, config, num_classes
+    return model, with_record(config, model), num_classes  # resolved: the numbers it trained with
 
 
 def evaluate_checkpoint(checkpoint: str | Path, data: Optional[str] = None, split: Optional[str] = None,
@@ -438,8 +446,9 @@ def evaluate_checkpoint(checkpoint: str | Path, data: Optional[str] = None, spli
     model.to(device)
     task: Task = open_task(data or config.data.path)
     split = split or config.data.eval_split
-    dataset = ImageDataset(task.split(split), image_size_of(model), num_classes, config.data.cache)
-    normalize = Normalize(config.data.normalization).to(device)
+    dataset = ImageDataset(task.split(split), image_size_of(model), num_classes, config.data.cache,
+                           interpolation=interpolation_of(run_normalization(config)))
+    normalize = Normalize(run_normalization(config)).to(device)
     loader = make_loader(dataset, batch_size or config.eval_batch_size, False, config.seed, config.data.num_workers)
     result = evaluate(model, loader, normalize, device, config.bf16)
     trainable, total = trainable_parameters(model)

@@ -7,6 +7,7 @@ from torch import nn
 from tieta.backbone import load_backbone
 from tieta.methods.params import freeze_backbone
 from tieta.train.config import RunConfig
+from tieta.train.record import check_backbone
 
 
 def apply_methods(model: nn.Module, config: RunConfig) -> nn.Module:
@@ -24,7 +25,12 @@ def build_backbone(config: RunConfig, num_classes: int, random_weights: bool = F
         num_classes: the task's classes.
         random_weights: start from random weights instead of the configured ones (where they are
             about to be replaced or do not matter, as for FLOPs).
+
+    Raises:
+        TietaError: the configured weights are not those the run's record names (tieta.train.record).
     """
+    if not random_weights:
+        check_backbone(config)
     return load_backbone(
         config.model,
         weights="random" if random_weights else config.weights,

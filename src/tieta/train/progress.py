@@ -7,7 +7,8 @@ Written after every epoch (``progress.safetensors``, safetensors with a checksum
   Python's, and the generator that shuffles the training images (the sampler's position);
 - the epoch, the best accuracy so far, and how many processes trained;
 - the metric records of the finished epochs (``metrics.jsonl`` is rebuilt from them on resume);
-- the settings and the data's fingerprint the run started with (a resume refuses a change).
+- the settings and the data's fingerprint the run started with (a resume refuses a change); the
+  settings include the run's record of its normalisation and backbone (``tieta.train.record``).
 
 The learning-rate schedule and every method's per-epoch schedule are functions of the step and the
 epoch, so they need no state of their own.

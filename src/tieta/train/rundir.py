@@ -1,6 +1,8 @@
 """A run folder, written so that nothing in it is ever lost or half-written.
 
-    config.yaml              the resolved settings
+    config.yaml              the resolved settings, and what the run resolved of its inputs
+                             (``resolved``: the normalisation's numbers, the backbone's identity;
+                             tieta.train.record)
     metrics.jsonl            one JSON line per epoch (strict JSON: a non-finite number is null)
     progress.safetensors     the resumable checkpoint, replaced after every epoch
     checkpoint.safetensors   the trained tensors, once the run has finished
