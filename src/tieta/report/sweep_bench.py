@@ -160,7 +160,7 @@ def _measure(chosen: list[RunRecord], device: str, batch_size: int, rounds: int,
         raise TietaError(f"the runs take different input sizes ({sorted(sizes)}), so they cannot be timed side by "
                          "side; report them separately (--runs)")
     config = configs[chosen[0].run]
-    task = open_task(config.data.path)
+    task = open_task(config.data.path, config.data.holdout)
     items = task.split(config.data.eval_split)[:batch_size]
     dataset = ImageDataset(items, sizes.pop(), task.num_classes, cache=True)
     images = Normalize(config.data.normalization)(torch.stack([dataset[i][0] for i in range(len(dataset))]))

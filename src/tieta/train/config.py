@@ -44,6 +44,13 @@ class DataConfig:
     normalization: str = "imagenet"  # or "inception" (0.5/0.5, DyT)
     cache: bool = True  # keep decoded images in memory (no augmentation, so nothing changes per epoch)
     num_workers: int = 0
+    # a fraction of the images held out for testing (seeded, stratified), for a source without a test
+    # split: a class-per-folder tree, a single list file (tieta.data.sources)
+    holdout: Optional[float] = None
+    augment: str = "none"  # or "timm": timm's RandAugment training transform (tieta.data.augment)
+
+
+AUGMENTS = ("none", "timm")
 
 
 @dataclass
@@ -361,6 +368,11 @@ def validate(config: RunConfig) -> None:
         (data.normalization in NORMALIZATIONS,
          f"data.normalization must be one of {', '.join(NORMALIZATIONS)}, got {data.normalization!r}"),
     ]
+    checks += [
+        (data.holdout is None or 0 < data.holdout < 1,
+         f"data.holdout, the fraction of images held out for testing, must be between 0 and 1, got {data.holdout}"),
+        (data.augment in AUGMENTS, f"data.augment must be one of {', '.join(AUGMENTS)}, got {data.augment!r}"),
+    ]
     for name in ("train_split", "eval_split"):
         split = getattr(data, name)
         checks.append((split in SPLITS, f"data.{name} must be one of {', '.join(SPLITS)}, got {split!r}"))
@@ -396,7 +408,7 @@ def comparable(config: dict[str, Any]) -> dict[str, Any]:
     """A resolved config without what may differ between equal runs (the device, the path's spelling)."""
     values = {key: value for key, value in config.items() if key != "device"}
     data = dict(values.get("data") or {})
-    if data.get("path"):
+    if data.get("path") and not str(data["path"]).startswith("hf:"):  # a hub dataset's name is no path
         data["path"] = str(Path(data["path"]).resolve())
     values["data"] = data
     return values
