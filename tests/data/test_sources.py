@@ -176,9 +176,9 @@ def _train(tmp_path, data, *extra) -> dict:
     return json.loads((run / "summary.json").read_text())
 
 
-def test_training_on_a_class_tree(tmp_path, capsys):
+def test_training_on_a_class_tree_with_augmentation(tmp_path, capsys):
     root = write_class_tree(tmp_path / "tree", per_class=5)
-    summary = _train(tmp_path, root, "--set", "data.holdout=0.2")
+    summary = _train(tmp_path, root, "--set", "data.holdout=0.2", "--set", "data.augment=timm")
     assert summary["num_classes"] == 3 and summary["data"] == str(root.resolve())
     assert summary["data_fingerprint"].startswith("3 classes, 15 images")
     # the run's held-out split is evaluated again with the checkpoint, and its class names exported

@@ -145,6 +145,8 @@ def open_task(path: str | Path, holdout: Optional[float] = None) -> Task:
             raise TietaError(f"the list files in {_shown(root)} name no images")
         sources.refuse_holdout(root, holdout)
         return Task(root, "vtab", _check_labels(root, lists))
+    if (root / hub.DATASET_DICT).is_file():  # before train/: save_to_disk writes the splits into folders
+        return hub.open_saved(root, holdout)
     if (root / "train").is_dir():
         sources.refuse_holdout(root, holdout)
         classes = [p.name for p in _class_folders(root / "train")]
@@ -155,8 +157,6 @@ def open_task(path: str | Path, holdout: Optional[float] = None) -> Task:
                 raise TietaError(f"class folder {_shown(root / 'train' / name)} has no images "
                                  f"({', '.join(sorted(IMAGE_SUFFIXES))})")
         return Task(root, "folder", len(classes), classes)
-    if (root / hub.DATASET_DICT).is_file():
-        return hub.open_saved(root, holdout)
     if sources.list_files(root):
         return sources.open_list_folder(root, holdout)
     if _class_folders(root):
