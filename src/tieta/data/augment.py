@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 from PIL import Image
+from timm.data import create_transform
 
 from tieta.data.transforms import load_rgb
 from tieta.data.vtab import ImageDataset
@@ -39,8 +40,6 @@ def training_transform(name: str, image_size: int, mean: tuple[float, ...], std:
         return None
     if name != "timm":
         raise TietaError(f"data.augment must be none or timm, got {name!r}")
-    from timm.data import create_transform  # timm is a core dependency; its data module is only needed here
-
     crop_and_flip, rand_augment, _to_tensor_and_normalize = create_transform(
         image_size, is_training=True, auto_augment=RAND_AUGMENT, mean=tuple(mean), std=tuple(std), separate=True)
 
