@@ -15,6 +15,16 @@ TINY = {"model": "test_vit", "weights": "random", "img_size": 32, "optim.epochs"
         "eval_batch_size": 8, "lora.rank": 2}
 
 
+@pytest.fixture(autouse=True)
+def quick_throughput(monkeypatch):
+    """The runs here check the data path, not the speed: the throughput is timed over 3 batches."""
+    from tieta.train import fit as fit_module
+
+    real = fit_module.measure_throughput
+    monkeypatch.setattr(fit_module, "measure_throughput",
+                        lambda *args, **kwargs: real(*args, **{**kwargs, "min_seconds": 0.0, "max_steps": 3}))
+
+
 class Colours(Dataset):
     """Images whose colour says their class, as PIL images, uint8 tensors or 0-1 float tensors."""
 
@@ -77,9 +87,21 @@ def test_fit_needs_both_datasets_and_no_folder(vtab_task, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_fit_trains_on_given_datasets(tmp_path):
-    summary = fit(load_config(overrides={**TINY, "data.augment": "timm"}), tmp_path / "run",
-                  train=Colours("pil"), test=Colours("uint8", per_class=2, seed=1))
+def test_resume_with_given_datasets_needs_the_same_data(tmp_path):
+    from conftest import fail_in_epoch
+
+    """A real run on given datasets (PIL images to train, uint8 tensors to test, augmented), stopped
+    after its first epoch and resumed."""
+    config = load_config(overrides={**TINY, "optim.epochs": 2, "data.augment": "timm"})
+    with pytest.MonkeyPatch.context() as patch:
+        fail_in_epoch(patch, 2)
+        with pytest.raises(KeyboardInterrupt):
+            fit(config, tmp_path / "run", train=Colours("pil"), test=Colours("uint8", per_class=2, seed=1))
+    assert "path: null" in (tmp_path / "run" / "config.yaml").read_text()
+    with pytest.raises(TietaError, match="the datasets given changed since the run"):
+        fit(config, tmp_path / "run", resume=True, train=Colours("pil", seed=2),
+            test=Colours("uint8", per_class=2, seed=1))
+    summary = fit(config, tmp_path / "run", resume=True, train=Colours("pil"),
+                  test=Colours("uint8", per_class=2, seed=1))
     assert summary["num_classes"] == 3 and summary["data"] == "torch datasets"
     assert summary["data_fingerprint"].startswith("3 classes, 15 images")
-    assert "path: null" in (tmp_path / "run" / "config.yaml").read_text()

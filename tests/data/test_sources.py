@@ -17,6 +17,16 @@ TINY = ["--model", "test_vit", "--weights", "random", "--img-size", "32", "--lor
         "--set", "optim.batch_size=4"]
 
 
+@pytest.fixture(autouse=True)
+def quick_throughput(monkeypatch):
+    """The runs here check the data path, not the speed: the throughput is timed over 3 batches."""
+    from tieta.train import fit as fit_module
+
+    real = fit_module.measure_throughput
+    monkeypatch.setattr(fit_module, "measure_throughput",
+                        lambda *args, **kwargs: real(*args, **{**kwargs, "min_seconds": 0.0, "max_steps": 3}))
+
+
 def write_image(path: Path, label: int, seed: int = 0) -> None:
     """A 12 x 12 image whose colour says its class (so the classes can be learned)."""
     pixels = np.random.default_rng(seed).integers(0, 60, size=(12, 12, 3), dtype=np.uint8)
@@ -193,15 +203,30 @@ def test_training_on_a_single_list_file(tmp_path):
     assert summary["data_fingerprint"].startswith("3 classes, 12 images")
 
 
-def test_training_on_list_files_resumes_only_on_the_same_list(tmp_path, monkeypatch):
+def test_training_on_list_files_resumes_only_on_the_same_list(tmp_path):
     from conftest import fail_in_epoch
     from tieta.train.fit import resume_run
 
     root = write_lists(tmp_path / "lists")
-    fail_in_epoch(monkeypatch, 2)
-    assert main(["train", *TINY, "--epochs", "2", "--data", str(root), "--output", str(tmp_path / "run")]) != 0
-    monkeypatch.undo()
+    with pytest.MonkeyPatch.context() as patch:
+        fail_in_epoch(patch, 2)
+        assert main(["train", *TINY, "--epochs", "2", "--data", str(root), "--output", str(tmp_path / "run")]) != 0
     (root / "train.csv").write_text("path,label\nimages/train-ant-0.png,ant\nimages/train-zebra-0.png,zebra\n"
                                     "images/train-moose-0.png,moose\n")
     with pytest.raises(TietaError, match="changed since the run started"):
         resume_run(tmp_path / "run")
+
+
+def test_adding_an_image_keeps_the_other_classes_held_out_images(tmp_path):
+    root = write_class_tree(tmp_path / "tree", per_class=10)
+    before = open_task(root, holdout=0.2).split("test")
+    write_image(root / "dog" / "new.png", 1, seed=999)
+    after = open_task(root, holdout=0.2).split("test")
+    assert [item for item in before if item[1] != 1] == [item for item in after if item[1] != 1]
+
+
+def test_val_list_tests_where_there_is_no_test_list(tmp_path):
+    root = write_lists(tmp_path / "lists")
+    (root / "test.csv").rename(root / "val.csv")
+    task = open_task(root)
+    assert len(task.split("test")) == 6 and task.split("val") == task.split("test")

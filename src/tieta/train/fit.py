@@ -314,6 +314,9 @@ def _train(config: RunConfig, run: Optional[RunDir], output: Path, resume: bool,
     found = resume and processes.main and (output / PROGRESS).is_file()
     if resume and distributed.sum_over_processes([float(found)], processes)[0] > 0:
         progress = load_progress(output / PROGRESS, model, optimizer, shuffle, processes)
+        if task.source == GIVEN and progress.data and progress.data != data_print:  # (a folder: resume_run checks)
+            raise TietaError(f"the datasets given changed since the run in {output} started (then {progress.data}; "
+                             f"now {data_print}); a resume needs the data it began with")
     if run is not None:
         warning = warmup_warning(config)
         if warning:
