@@ -41,3 +41,12 @@ def test_images_without_a_tag_are_read_as_stored(tmp_path):
     pixels = np.random.default_rng(0).integers(0, 255, (8, 16, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(tmp_path / "plain.png")
     assert np.array_equal(np.asarray(load_rgb(tmp_path / "plain.png")), pixels)
+
+
+def test_predict_reads_images_upright(tmp_path):
+    from tieta.deploy.predict import _batches
+
+    _sideways(tmp_path / "photo.jpg", orientation=3)
+    (files, images), = _batches([tmp_path / "photo.jpg"], 16, 4, lambda path, why: None)
+    assert torch.equal(images[0], load_resized(tmp_path / "photo.jpg", 16))
+    assert images[0, 0, :, -2:].float().mean() > 200  # red on the right: turned upside down

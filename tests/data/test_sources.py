@@ -230,3 +230,9 @@ def test_val_list_tests_where_there_is_no_test_list(tmp_path):
     (root / "test.csv").rename(root / "val.csv")
     task = open_task(root)
     assert len(task.split("test")) == 6 and task.split("val") == task.split("test")
+
+
+def test_folders_of_folders_are_no_class_tree(tmp_path):
+    write_image(tmp_path / "task" / "images" / "train" / "0.png", 0)  # a VTAB task without its lists
+    with pytest.raises(TietaError, match="is neither a VTAB-1k task folder"):
+        open_task(tmp_path / "task", holdout=0.2)

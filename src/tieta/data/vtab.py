@@ -159,8 +159,8 @@ def open_task(path: str | Path, holdout: Optional[float] = None) -> Task:
         return Task(root, "folder", len(classes), classes)
     if sources.list_files(root):
         return sources.open_list_folder(root, holdout)
-    if _class_folders(root):
-        return sources.open_class_tree(root, holdout)
+    if any(p.suffix.lower() in IMAGE_SUFFIXES for folder in _class_folders(root) for p in _listdir(folder)):
+        return sources.open_class_tree(root, holdout)  # (a lone images/ of split folders is none)
     raise TietaError(
         f"{_shown(root)} is neither a VTAB-1k task folder (train800val200.txt, test.txt, images/), an image folder "
         "with train/<class>/ subfolders, a class-per-folder tree (<class>/*.jpg), a folder with train.csv and "
