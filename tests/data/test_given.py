@@ -9,7 +9,7 @@ from torch.utils.data import Dataset
 from tieta import TietaError
 from tieta.data.given import GivenImages, count_classes
 from tieta.train.config import load_config
-from tieta.train.fit import fit
+from tieta.train.fit import evaluate_checkpoint, fit
 
 TINY = {"model": "test_vit", "weights": "random", "img_size": 32, "optim.epochs": 1, "optim.batch_size": 4,
         "eval_batch_size": 8, "lora.rank": 2}
@@ -105,3 +105,5 @@ def test_resume_with_given_datasets_needs_the_same_data(tmp_path):
                   test=Colours("uint8", per_class=2, seed=1))
     assert summary["num_classes"] == 3 and summary["data"] == "torch datasets"
     assert summary["data_fingerprint"].startswith("3 classes, 15 images")
+    with pytest.raises(TietaError, match="trained on datasets given to fit in Python: give the data"):
+        evaluate_checkpoint(tmp_path / "run")

@@ -139,5 +139,8 @@ class GivenImages(Dataset):
 
 def given_task(train: GivenImages, test: GivenImages, num_classes: int) -> Task:
     """A Task over given datasets: what fit records and fingerprints ("train" and "test" splits)."""
-    return Task(Path.cwd(), "torch", num_classes, getattr(train.dataset, "classes", None),
+    names = getattr(train.dataset, "classes", None)  # torchvision's ImageFolder has them
+    if not (isinstance(names, (list, tuple)) and len(names) == num_classes and all(isinstance(n, str) for n in names)):
+        names = None
+    return Task(Path.cwd(), "torch", num_classes, list(names) if names else None,
                 {"train": train.items, "test": test.items}, source=GIVEN)

@@ -485,6 +485,9 @@ def evaluate_checkpoint(checkpoint: str | Path, data: Optional[str] = None, spli
     model, config, num_classes = load_run_model(checkpoint)
     device = asked or resolve_device(config.device)
     model.to(device)
+    if data is None and config.data.path is None:
+        raise TietaError(f"the run {checkpoint} was trained on datasets given to fit in Python: give the data to "
+                         "evaluate on (--data)")
     # the run's held-out fraction goes with the run's own data (another source has its own, or refuses)
     task: Task = open_task(data or config.data.path, config.data.holdout if data in (None, config.data.path) else None)
     split = split or config.data.eval_split
