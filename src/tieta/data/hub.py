@@ -48,6 +48,11 @@ class StoredImage:
         """Its name within the dataset, wherever the dataset lies (fingerprints, the hold-out)."""
         return f"{self.split}[{self.row}]"
 
+    @property
+    def name(self) -> str:
+        """What a picture's caption shows, as a file's name would be shown."""
+        return self.key
+
     def open_binary(self) -> BinaryIO:
         value = self.dataset[self.row][self.column]
         if value and value.get("bytes"):
