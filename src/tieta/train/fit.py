@@ -16,9 +16,9 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler, Subset
 from tqdm.auto import tqdm
 
-from tieta.data.augment import AugmentedImages, normalization_of, training_transform
+from tieta.data.augment import AugmentedImages, training_transform
 from tieta.data.given import GIVEN, GivenImages, count_classes, given_task
-from tieta.data.transforms import Normalize
+from tieta.data.transforms import NORMALIZATIONS, Normalize
 from tieta.data.vtab import ImageDataset, Task, fingerprint, open_task
 from tieta.errors import TietaError
 from tieta.measure.flops import count_flops
@@ -197,8 +197,10 @@ def open_data(config: RunConfig, device: torch.device,
     seed_everything(config.seed)
     model = build_model(config, classes).to(device)
     size = image_size_of(model)
-    # the fill colour of the augmentation: the named normalisation's mean
-    augment = training_transform(config.data.augment, size, *normalization_of(Normalize(config.data.normalization)))
+    # RandAugment's fill colour: the named normalisation's mean (ImageNet's for one resolved elsewhere);
+    # the augmented uint8 images are normalised per batch as every image is
+    fill = NORMALIZATIONS.get(config.data.normalization, NORMALIZATIONS["imagenet"])
+    augment = training_transform(config.data.augment, size, *fill)
     if task is None:
         train_set = GivenImages(given[0], "train", size, classes, augment, "decoding train images")
         eval_set = GivenImages(given[1], "test", size, classes, None, "decoding eval images")
