@@ -236,3 +236,14 @@ def test_folders_of_folders_are_no_class_tree(tmp_path):
     write_image(tmp_path / "task" / "images" / "train" / "0.png", 0)  # a VTAB task without its lists
     with pytest.raises(TietaError, match="is neither a VTAB-1k task folder"):
         open_task(tmp_path / "task", holdout=0.2)
+
+
+def test_a_sweep_opens_a_class_tree_with_its_base_holdout(tmp_path):
+    from tieta.sweep.plan import plan_from_flags
+    from tieta.sweep.runner import _open_tasks
+
+    root = write_class_tree(tmp_path / "tree")
+    tasks, problems = _open_tasks(plan_from_flags([str(root)], ["lora"], [0], {"data.holdout": 0.2}))
+    assert not problems and tasks["tree"].layout == "classes" and len(tasks["tree"].split("test")) == 3
+    with pytest.raises(TietaError, match="no task of the sweep has data .*set data.holdout"):
+        _open_tasks(plan_from_flags([str(root)], ["lora"], [0], {}))
