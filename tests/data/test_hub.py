@@ -137,3 +137,19 @@ def test_training_on_a_hub_dataset(tmp_path, monkeypatch):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["data"] == "hf:someone/colours"
     assert "hf:someone/colours" in (run / "config.yaml").read_text()
+
+
+def test_corrupt_stored_image_names_its_split_and_row(tmp_path):
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
+    rows = {"image": [{"bytes": b"not an image", "path": None}, {"bytes": b"nor this", "path": None}],
+            "label": [0, 1]}
+    part = datasets.Dataset.from_dict(rows, features=features)
+    datasets.DatasetDict(train=part, test=part).save_to_disk(str(tmp_path / "bad"))
+    task = open_task(tmp_path / "bad")
+    with pytest.raises(TietaError, match=r"cannot read image .*bad\[train\]\[0\]: it is not an image file"):
+        ImageDataset(task.split("train"), 16, 2, cache=True)
+
+
+def test_hub_name_must_be_given():
+    with pytest.raises(TietaError, match="hf:NAME needs a dataset name"):
+        open_task("hf:")
