@@ -47,3 +47,13 @@ def test_normalization_is_read_back_from_the_module():
 def test_bad_settings_are_refused(key, value, message):
     with pytest.raises(TietaError, match=message):
         validate(load_config(overrides={key: value}))
+
+
+def test_runs_from_before_the_data_settings_compare_equal():
+    from tieta.train.config import RunConfig, comparable, first_difference
+
+    now = RunConfig().to_dict()
+    before = {**now, "data": {k: v for k, v in now["data"].items() if k not in ("holdout", "augment")}}
+    assert first_difference(comparable(before), comparable(now)) == ""
+    augmented = {**now, "data": {**now["data"], "augment": "timm"}}
+    assert first_difference(comparable(before), comparable(augmented)) == "data.augment 'none' there, 'timm' now"

@@ -410,6 +410,9 @@ def comparable(config: dict[str, Any]) -> dict[str, Any]:
     data = dict(values.get("data") or {})
     if data.get("path") and not str(data["path"]).startswith("hf:"):  # a hub dataset's name is no path
         data["path"] = str(Path(data["path"]).resolve())
+    # settings a run of an older tieta did not record: theirs were the defaults
+    data.setdefault("holdout", None)
+    data.setdefault("augment", "none")
     values["data"] = data
     return values
 
