@@ -34,6 +34,8 @@ LAZY_IMPORTS = {
     ("data/assets.py", "_write_elpv"): "tqdm, only when the ELPV task is built",
     ("deploy/onnx.py", "_onnxruntime"): "onnxruntime is an optional dependency (tieta[onnx])",
     ("deploy/onnx.py", "_onnx_translations"): "onnxscript is an optional dependency (tieta[onnx])",
+    ("data/hub.py", "_datasets"): "datasets is an optional dependency (tieta[datasets])",
+    ("data/vtab.py", "open_task"): "tieta.data.sources and tieta.data.hub, which build on this module's Task",
 }
 LAZY_FILES = {"cli.py"}  # every function of these may import lazily
 

@@ -101,7 +101,9 @@ def _add_config_arguments(parser: argparse.ArgumentParser, data_required: bool, 
                             metavar="NAME" if long_list else None)
     if data_required is not None:
         parser.add_argument("--data", required=data_required, nargs="+" if grid else None,
-                            help="task folder: VTAB-1k layout or train/<class>/ folders" + ("; several" if grid else ""))
+                            help="task: a VTAB-1k or train/<class>/ folder, a folder with train.csv + test.csv, a saved "
+                            "datasets DatasetDict, hf:NAME, or a <class>/ tree or list.csv with --set data.holdout=0.2"
+                            + ("; several" if grid else ""))
 
 
 def _add_schedule_arguments(parser: argparse.ArgumentParser) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from tieta.errors import TietaError
 
@@ -57,17 +57,32 @@ def load_resized(path: Path, size: int, interpolation: str = "bicubic") -> torch
     0-65535, read as 16-bit) become 8-bit by round(value / 257), which inverts the usual x * 257
     widening exactly; PIL reads 16-bit colour PNGs by their high byte. 32-bit float images (no standard
     range) and other modes are refused, as are images over MAX_IMAGE_PIXELS (checked on the header)
-    and corrupt or truncated files.
+    and corrupt or truncated files. An EXIF orientation tag is applied first (ImageOps.exif_transpose).
 
     Returns:
         (3, size, size) uint8 tensor.
     Raises:
         TietaError: the file is missing, corrupt, truncated, too large or of a refused pixel type.
     """
+    rgb = load_rgb(path)
+    array = np.asarray(rgb.resize((size, size), INTERPOLATIONS[interpolation]), dtype=np.uint8)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
+
+def load_rgb(path: Path) -> Image.Image:
+    """The image at ``path`` as an upright 8-bit RGB PIL image, at its own size: decoded as
+    :func:`load_resized` says, and turned as its EXIF orientation tag says (a photo taken with the
+    phone sideways is stored sideways, with a tag saying how to turn it).
+
+    ``path`` may also be an object with an ``open_binary()`` method returning a binary file (an image
+    stored inside a dataset); its ``str()`` names it in messages.
+
+    Raises:
+        TietaError: as :func:`load_resized`.
+    """
     try:
         with _open_checked(path) as image:
-            rgb = _to_rgb(image, path)  # reads the pixels
-            array = np.asarray(rgb.resize((size, size), INTERPOLATIONS[interpolation]), dtype=np.uint8)
+            return _to_rgb(_upright(image), path)  # reads the pixels
     except UnidentifiedImageError as error:
         raise TietaError(f"cannot read image {path}: it is not an image file PIL knows, "
                          "or it is corrupt") from error
@@ -75,7 +90,18 @@ def load_resized(path: Path, size: int, interpolation: str = "bicubic") -> torch
         system = isinstance(error, OSError) and error.strerror  # missing, a folder, no permission
         reason = error.strerror if system else f"it is corrupt or truncated ({error})"
         raise TietaError(f"cannot read image {path}: {reason}") from error
-    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """``image`` turned as its EXIF orientation tag says (ImageOps.exif_transpose), or ``image``
+    itself where it has no such tag, the tag says "as stored", or its EXIF block cannot be read."""
+    try:
+        orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+    except _DECODE_ERRORS:  # a damaged EXIF block: the pixels may still be fine, shown as stored
+        return image
+    if orientation not in (2, 3, 4, 5, 6, 7, 8):
+        return image
+    return ImageOps.exif_transpose(image)
 
 
 def _open_checked(path: Path) -> Image.Image:
@@ -83,7 +109,8 @@ def _open_checked(path: Path) -> Image.Image:
     with _OPEN_LOCK, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            image = Image.open(path)
+            opener = getattr(path, "open_binary", None)  # an image stored in a dataset, not a file
+            image = Image.open(opener() if opener is not None else path)
         except Image.DecompressionBombError as error:  # over twice PIL's limit, so over ours
             limit = min(MAX_IMAGE_PIXELS, 2 * (Image.MAX_IMAGE_PIXELS or MAX_IMAGE_PIXELS))
             raise TietaError(f"image {path} has more than {limit:,} pixels, too many to decode") from error

@@ -8,6 +8,10 @@ VTAB-1k layout (the public release the NOAH / VPT / PYRA / DyT code reads)::
 ImageFolder layout::
 
     <task>/train/<class name>/*.jpg   <task>/test/<class name>/*.jpg   (or val/ for test)
+
+The other sources (a class-per-folder tree without a split, CSV/TSV list files, a ``datasets``
+DatasetDict on disk or on the hub) are read by tieta.data.sources and tieta.data.hub into the same
+Task, with their splits listed up front.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch.utils.data import Dataset
@@ -52,9 +56,18 @@ class Task:
     """A classification task folder: its layout, location and number of classes."""
 
     root: Path
-    layout: str  # "vtab" or "folder"
+    layout: str  # "vtab" or "folder"; "classes", "lists" or "datasets" (tieta.data.sources, tieta.data.hub)
     num_classes: int
     class_names: Optional[list[str]] = None
+    # the other sources: their (image, label) pairs per split ("train", "test", "val"), read when opened
+    items: Optional[dict[str, list[tuple[Any, int]]]] = None
+    identity: str = ""  # what else the fingerprint covers (a dataset's own fingerprint, the held-out fraction)
+    source: Optional[str] = None  # how data.path names it where that is not root (a list file, "hf:NAME")
+
+    @property
+    def data_path(self) -> str:
+        """What data.path must say to open this task again."""
+        return self.source or str(self.root)
 
     def split(self, name: str) -> list[tuple[Path, int]]:
         """The (image path, label) pairs of a split ("train", "test", "train800", "val200").
@@ -62,7 +75,9 @@ class Task:
         Raises:
             TietaError: the split is unknown, missing, malformed or has no images.
         """
-        if self.layout == "vtab":
+        if self.items is not None:
+            items, where = _listed_split(self, name), self.data_path
+        elif self.layout == "vtab":
             file = _vtab_list_file(self.root, name)
             items = _read_list(self.root, file)
             where = file
@@ -79,18 +94,26 @@ def fingerprint(task: Task, splits: tuple[str, ...]) -> str:
     to the task folder) and label, and the number of classes; it changes when a list file, an image
     folder's contents or the classes change (not when an image file is edited in place)."""
     digest = hashlib.sha256(f"{task.layout}|{task.num_classes}|".encode())
+    if task.identity:  # the other sources only, so that the folders' fingerprints stay as they were
+        digest.update(f"{task.identity}|".encode())
     count = 0
     for name in splits:
         items = task.split(name)
         count += len(items)
         digest.update(f"{name}|{len(items)}|".encode())
         for path, label in items:
-            digest.update(os.fsencode(os.path.relpath(path, task.root)) + f"|{label}|".encode())
+            # a file by its path in the task folder; an image stored in a dataset by its split and row
+            shown = os.fsencode(os.path.relpath(path, task.root)) if isinstance(path, Path) else path.key.encode()
+            digest.update(shown + f"|{label}|".encode())
     return f"{task.num_classes} classes, {count} images, sha256 {digest.hexdigest()[:16]}"
 
 
-def open_task(path: str | Path) -> Task:
-    """Recognise the task folder at ``path`` (accepting the reference scripts' folder aliases).
+def open_task(path: str | Path, holdout: Optional[float] = None) -> Task:
+    """Recognise the task folder at ``path`` (accepting the reference scripts' folder aliases), or
+    one of the other sources: ``hf:NAME`` (a hub dataset), a folder saved by ``datasets``
+    (dataset_dict.json), a folder with train.csv and test.csv (or .tsv), a single .csv/.tsv list
+    file, or a class-per-folder tree ``<class>/*.jpg``. The last two have no test split: ``holdout``
+    (a fraction, e.g. 0.2) takes a seeded, stratified test split out of them (tieta.data.sources).
 
     A VTAB-1k task has the classes 0 to the largest label of its list files, and each of them must
     have an image in some list: a stray label (a 99 among ten classes) is refused, not turned into a
@@ -103,7 +126,12 @@ def open_task(path: str | Path) -> Task:
         TietaError: the folder is missing, has neither layout, or its lists or class folders are
             malformed (the message names the file and line).
     """
+    from tieta.data import hub, sources  # they build on this module
+    if str(path).startswith(hub.HUB_PREFIX):
+        return hub.open_hub(str(path)[len(hub.HUB_PREFIX):], holdout)
     root = Path(path)
+    if root.suffix.lower() in sources.LIST_SEPARATORS and root.is_file():
+        return sources.open_list_file(root.resolve(), holdout)
     if not root.is_dir() and root.name in TASK_ALIASES and (root.parent / TASK_ALIASES[root.name]).is_dir():
         root = root.parent / TASK_ALIASES[root.name]
     if not root.is_dir():
@@ -115,8 +143,12 @@ def open_task(path: str | Path) -> Task:
                  if (root / name).exists()}
         if not any(lists.values()):
             raise TietaError(f"the list files in {_shown(root)} name no images")
+        sources.refuse_holdout(root, holdout)
         return Task(root, "vtab", _check_labels(root, lists))
+    if (root / hub.DATASET_DICT).is_file():  # before train/: save_to_disk writes the splits into folders
+        return hub.open_saved(root, holdout)
     if (root / "train").is_dir():
+        sources.refuse_holdout(root, holdout)
         classes = [p.name for p in _class_folders(root / "train")]
         if not classes:
             raise TietaError(f"{_shown(root / 'train')} has no class folders")
@@ -125,10 +157,26 @@ def open_task(path: str | Path) -> Task:
                 raise TietaError(f"class folder {_shown(root / 'train' / name)} has no images "
                                  f"({', '.join(sorted(IMAGE_SUFFIXES))})")
         return Task(root, "folder", len(classes), classes)
+    if sources.list_files(root):
+        return sources.open_list_folder(root, holdout)
+    if any(p.suffix.lower() in IMAGE_SUFFIXES for folder in _class_folders(root) for p in _listdir(folder)):
+        return sources.open_class_tree(root, holdout)  # (a lone images/ of split folders is none)
     raise TietaError(
-        f"{_shown(root)} is neither a VTAB-1k task folder (train800val200.txt, test.txt, images/) "
-        "nor an image folder with train/<class>/ subfolders"
+        f"{_shown(root)} is neither a VTAB-1k task folder (train800val200.txt, test.txt, images/), an image folder "
+        "with train/<class>/ subfolders, a class-per-folder tree (<class>/*.jpg), a folder with train.csv and "
+        "test.csv, nor a dataset saved by datasets (dataset_dict.json)"
     )
+
+
+def _listed_split(task: Task, split: str) -> list[tuple[Any, int]]:
+    """A split of a source whose splits were read when it was opened (the folder layout's names)."""
+    if split not in FOLDER_SPLITS:
+        raise TietaError(f"{_shown(task.data_path)} has the splits {', '.join(FOLDER_SPLITS)}, not {split!r}")
+    found = next((task.items[name] for name in FOLDER_SPLITS[split] if name in task.items), None)
+    if found is None:
+        raise TietaError(f"{_shown(task.data_path)} has no {' or '.join(FOLDER_SPLITS[split])} split "
+                         f"for the {split!r} split")
+    return found
 
 
 def _shown(path: str | Path) -> str:
@@ -287,13 +335,13 @@ class ImageDataset(Dataset):
             normalisation names it.
     """
 
-    def __init__(self, items: list[tuple[Path, int]], image_size: int, num_classes: int, cache: bool = True,
+    def __init__(self, items: list[tuple[Any, int]], image_size: int, num_classes: int, cache: bool = True,
                  description: str = "decoding images", interpolation: str = "bicubic") -> None:
         for path, label in items:
             if not 0 <= label < num_classes:
                 raise TietaError(f"label {label} of {_shown(path)} is out of range for a model with {num_classes} "
                                  "classes")
-            if not path.is_file():
+            if isinstance(path, Path) and not path.is_file():  # (an image stored in a dataset is no file)
                 raise TietaError(f"image {_shown(path)} {'is not a file' if path.exists() else 'does not exist'}")
         if not items:
             raise TietaError("the split has no images")

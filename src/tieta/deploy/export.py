@@ -85,7 +85,7 @@ def is_export(folder: Path) -> bool:
 def task_class_names(config: RunConfig, num_classes: int) -> Optional[list[str]]:
     """The task's class names (an image folder's class folders), where its data is still there."""
     try:
-        names = open_task(config.data.path).class_names if config.data.path else None
+        names = open_task(config.data.path, config.data.holdout).class_names if config.data.path else None
     except TietaError:
         return None
     return names if names and len(names) == num_classes else None

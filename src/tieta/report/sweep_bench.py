@@ -161,7 +161,7 @@ def _measure(chosen: list[RunRecord], device: str, batch_size: int, rounds: int,
         raise TietaError(f"the runs take different input sizes ({sorted(sizes)}), so they cannot be timed side by "
                          "side; report them separately (--runs)")
     config = configs[chosen[0].run]
-    task = open_task(config.data.path)
+    task = open_task(config.data.path, config.data.holdout)
     items = task.split(config.data.eval_split)[:batch_size]
     dataset = ImageDataset(items, sizes.pop(), task.num_classes, cache=True)
     normalize = Normalize(normalization_of(config, models[chosen[0].run]))  # as the runs were trained

@@ -128,7 +128,7 @@ def _open_tasks(plan: SweepPlan) -> tuple[dict[str, Task], dict[str, str]]:
     found, problems = {}, {}
     for task in plan.tasks:
         try:
-            found[task.name] = open_task(task.path)
+            found[task.name] = open_task(task.path, plan.base.get("data.holdout"))
         except TietaError as error:
             problems[task.name] = str(error)
             continue

@@ -48,6 +48,13 @@ class DataConfig:
     normalization: Any = field(default=normalizations.MODEL, metadata={"any_type": True})
     cache: bool = True  # keep decoded images in memory (no augmentation, so nothing changes per epoch)
     num_workers: int = 0
+    # a fraction of the images held out for testing (seeded, stratified), for a source without a test
+    # split: a class-per-folder tree, a single list file (tieta.data.sources)
+    holdout: Optional[float] = None
+    augment: str = "none"  # or "timm": timm's RandAugment training transform (tieta.data.augment)
+
+
+AUGMENTS = ("none", "timm")
 
 
 @dataclass
@@ -371,6 +378,11 @@ def validate(config: RunConfig) -> None:
         (_DEVICE.fullmatch(config.device) is not None, f"device must be auto, cpu or cuda[:N], got {config.device!r}"),
         (data.num_workers >= 0, f"data.num_workers cannot be negative, got {data.num_workers}"),
     ]
+    checks += [
+        (data.holdout is None or 0 < data.holdout < 1,
+         f"data.holdout, the fraction of images held out for testing, must be between 0 and 1, got {data.holdout}"),
+        (data.augment in AUGMENTS, f"data.augment must be one of {', '.join(AUGMENTS)}, got {data.augment!r}"),
+    ]
     for name in ("train_split", "eval_split"):
         split = getattr(data, name)
         checks.append((split in SPLITS, f"data.{name} must be one of {', '.join(SPLITS)}, got {split!r}"))
@@ -434,8 +446,11 @@ def comparable(config: dict[str, Any]) -> dict[str, Any]:
     what the run recorded of its inputs)."""
     values = {key: value for key, value in config.items() if key not in ("device", "resolved")}
     data = dict(values.get("data") or {})
-    if data.get("path"):
+    if data.get("path") and not str(data["path"]).startswith("hf:"):  # a hub dataset's name is no path
         data["path"] = str(Path(data["path"]).resolve())
+    # settings a run of an older tieta did not record: theirs were the defaults
+    data.setdefault("holdout", None)
+    data.setdefault("augment", "none")
     values["data"] = data
     weights = values.get("weights")
     if isinstance(weights, str) and weights.endswith(WEIGHT_SUFFIXES):  # a weights file: its spelling aside

@@ -16,6 +16,8 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler, Subset
 from tqdm.auto import tqdm
 
+from tieta.data.augment import AugmentedImages, training_transform
+from tieta.data.given import GIVEN, GivenImages, count_classes, given_task
 from tieta.data.normalization import described, interpolation_of
 from tieta.data.transforms import Normalize
 from tieta.data.vtab import ImageDataset, Task, fingerprint, open_task
@@ -138,7 +140,8 @@ def _estimate_seconds(started: float, done: int, first: int, total: int) -> floa
 
 
 def fit(config: RunConfig, output: str | Path, overwrite: bool = False, label: Optional[str] = None,
-        resume: bool = False) -> dict[str, Any]:
+        resume: bool = False, *, train: Optional[Dataset] = None, test: Optional[Dataset] = None,
+        num_classes: Optional[int] = None) -> dict[str, Any]:
     """Fine-tune as configured, evaluate, and write the run folder. Returns the summary.
 
     Args:
@@ -146,6 +149,10 @@ def fit(config: RunConfig, output: str | Path, overwrite: bool = False, label: O
         label: prefixes the progress lines (e.g. a sweep's "task · run · seed").
         resume: continue the run in ``output`` from its last checkpointed epoch (``config`` must be
             the run's own, as :func:`resume_run` reads it).
+        train, test: torch Datasets of (PIL image or (3, H, W) tensor, int label) to train and
+            evaluate on, in place of ``data.path`` (tieta.data.given); both or neither.
+        num_classes: with ``train``: by default ``len(train.classes)`` where it has them, else the
+            largest training label + 1.
 
     The run folder (``tieta.train.rundir``) gets config.yaml, metrics.jsonl (one line per epoch),
     a resumable checkpoint after every epoch, and at the end checkpoint.safetensors (trained
@@ -156,17 +163,64 @@ def fit(config: RunConfig, output: str | Path, overwrite: bool = False, label: O
     config = with_warmup(config)  # a warm-up left unset follows the rule (tieta.train.config)
     if not resume:  # a new run records its own inputs (tieta.train.record)
         config = fresh(config)
-    if config.data.path is None:
+    given = _given_datasets(config, train, test, num_classes)
+    if config.data.path is None and given is None:
         raise TietaError("no data given: set data.path (or --data) to a task folder")
     processes, device_name = distributed.join(config.device)
     try:
-        return _fit(config, Path(output), overwrite, label, resume, processes, device_name)
+        return _fit(config, Path(output), overwrite, label, resume, processes, device_name, given)
     finally:
         distributed.leave(processes)
 
 
+def _given_datasets(config: RunConfig, train: Optional[Dataset], test: Optional[Dataset],
+                    num_classes: Optional[int]) -> Optional[tuple[Dataset, Dataset, Optional[int]]]:
+    """(train, test, num_classes) where fit was given torch Datasets, else None (then data.path)."""
+    if train is None and test is None:
+        if num_classes is not None:
+            raise TietaError("num_classes goes with train and test datasets; a task folder has its own classes")
+        return None
+    if train is None or test is None:
+        raise TietaError(f"fit was given a {'train' if test is None else 'test'} dataset but no "
+                         f"{'test' if test is None else 'train'} one: give both")
+    if config.data.path is not None:
+        raise TietaError(f"fit was given datasets and data.path ({config.data.path}): give one of them")
+    return train, test, num_classes
+
+
+def open_data(config: RunConfig, device: torch.device,
+              given: Optional[tuple[Dataset, Dataset, Optional[int]]] = None
+              ) -> tuple[RunConfig, Task, nn.Module, Dataset, Dataset]:
+    """(the config with the run's record, the task, the model built for its classes, the training
+    images, the evaluation images), from data.path or from given torch Datasets; the training images
+    augmented as data.augment says, every image resized with the filter of the run's normalisation."""
+    if given is None:
+        task: Optional[Task] = open_task(config.data.path, config.data.holdout)
+        classes = task.num_classes
+    else:
+        task, classes = None, count_classes(given[0], given[2])
+    seed_everything(config.seed)
+    model = build_model(config, classes).to(device)
+    config = with_record(config, model)  # the numbers data.normalization stands for, the backbone's identity
+    normalization = run_normalization(config)
+    size, interpolation = image_size_of(model), interpolation_of(normalization)
+    # RandAugment fills with the mean colour; the augmented uint8 images are normalised per batch as every image is
+    augment = training_transform(config.data.augment, size, normalization["mean"], normalization["std"])
+    if task is None:
+        train_set = GivenImages(given[0], "train", size, classes, augment, "decoding train images", interpolation)
+        eval_set = GivenImages(given[1], "test", size, classes, None, "decoding eval images", interpolation)
+        return config, given_task(train_set, eval_set, classes), model, train_set, eval_set
+    train_items = task.split(config.data.train_split)
+    train_set = AugmentedImages(train_items, size, classes, augment) if augment is not None else \
+        ImageDataset(train_items, size, classes, config.data.cache, "decoding train images", interpolation)
+    eval_set = ImageDataset(task.split(config.data.eval_split), size, classes, config.data.cache,
+                            "decoding eval images", interpolation)
+    return config, task, model, train_set, eval_set
+
+
 def _fit(config: RunConfig, output: Path, overwrite: bool, label: Optional[str], resume: bool,
-         processes: distributed.Processes, device_name: str) -> dict[str, Any]:
+         processes: distributed.Processes, device_name: str,
+         given: Optional[tuple[Dataset, Dataset, Optional[int]]] = None) -> dict[str, Any]:
     started = time.perf_counter()
     run: Optional[RunDir] = None
     try:  # everything that can refuse the run, before the folder is touched
@@ -177,15 +231,7 @@ def _fit(config: RunConfig, output: Path, overwrite: bool, label: Optional[str],
             run = RunDir(output, overwrite, resume)
             run.check_writable()
         device = resolve_device(device_name)
-        task = open_task(config.data.path)
-        seed_everything(config.seed)
-        model = build_model(config, task.num_classes).to(device)
-        config = with_record(config, model)  # the numbers data.normalization stands for, the backbone's identity
-        size, interpolation = image_size_of(model), interpolation_of(run_normalization(config))
-        train_set = ImageDataset(task.split(config.data.train_split), size, task.num_classes, config.data.cache,
-                                 "decoding train images", interpolation=interpolation)
-        eval_set = ImageDataset(task.split(config.data.eval_split), size, task.num_classes, config.data.cache,
-                                "decoding eval images", interpolation=interpolation)
+        config, task, model, train_set, eval_set = open_data(config, device, given)
         if run is not None:
             run.check_writable(_needed_bytes(model))
             run.open()
@@ -266,14 +312,18 @@ def _train(config: RunConfig, run: Optional[RunDir], output: Path, resume: bool,
         return lr_multiplier(step, total_steps, warmup_steps, min_ratio)
 
     resolved = config.to_dict()
-    resolved["data"]["path"] = str(task.root)
-    data_print = fingerprint(task, (config.data.train_split, config.data.eval_split))
+    resolved["data"]["path"] = None if task.source == GIVEN else task.data_path
+    data_print = fingerprint(task, ("train", "test") if task.source == GIVEN else
+                             (config.data.train_split, config.data.eval_split))
     progress = Progress(0, None)
     # the first process decides whether there is an epoch to resume from; all load it (a run folder
     # that several machines train into must be on a filesystem they all see)
     found = resume and processes.main and (output / PROGRESS).is_file()
     if resume and distributed.sum_over_processes([float(found)], processes)[0] > 0:
         progress = load_progress(output / PROGRESS, model, optimizer, shuffle, processes)
+        if task.source == GIVEN and progress.data and progress.data != data_print:  # (a folder: resume_run checks)
+            raise TietaError(f"the datasets given changed since the run in {output} started (then {progress.data}; "
+                             f"now {data_print}); a resume needs the data it began with")
     if run is not None:
         warning = warmup_warning(config)
         if warning:
@@ -327,7 +377,7 @@ def _train(config: RunConfig, run: Optional[RunDir], output: Path, resume: bool,
         "model": config.model,
         "weights": config.weights,
         "method": config.method,
-        "data": str(task.root),
+        "data": task.data_path,
         "data_fingerprint": data_print,
         "num_classes": task.num_classes,
         "img_size": image_size_of(model),
@@ -409,7 +459,8 @@ def check_unchanged(folder: Path, config: RunConfig) -> None:
             raise TietaError(f"{folder / CONFIG} was changed since the run started ({difference}); a resume continues "
                              "the run as it began: restore the setting, or train a new run into another folder")
     if record.data and config.data.path is not None:
-        now = fingerprint(open_task(config.data.path), (config.data.train_split, config.data.eval_split))
+        now = fingerprint(open_task(config.data.path, config.data.holdout),
+                          (config.data.train_split, config.data.eval_split))
         if now != record.data:
             raise TietaError(f"the task folder {config.data.path} changed since the run started (then {record.data}; "
                              f"now {now}); a resume needs the data it began with")
@@ -444,7 +495,11 @@ def evaluate_checkpoint(checkpoint: str | Path, data: Optional[str] = None, spli
     model, config, num_classes = load_run_model(checkpoint)
     device = asked or resolve_device(config.device)
     model.to(device)
-    task: Task = open_task(data or config.data.path)
+    if data is None and config.data.path is None:
+        raise TietaError(f"the run {checkpoint} was trained on datasets given to fit in Python: give the data to "
+                         "evaluate on (--data)")
+    # the run's held-out fraction goes with the run's own data (another source has its own, or refuses)
+    task: Task = open_task(data or config.data.path, config.data.holdout if data in (None, config.data.path) else None)
     split = split or config.data.eval_split
     dataset = ImageDataset(task.split(split), image_size_of(model), num_classes, config.data.cache,
                            interpolation=interpolation_of(run_normalization(config)))
