@@ -85,10 +85,12 @@ def _add_config_arguments(parser: argparse.ArgumentParser, data_required: bool, 
     there is no --config (a sweep file has its own base settings)."""
     if not grid:
         parser.add_argument("--config", type=Path, help="YAML file of settings (command-line flags override it)")
-    parser.add_argument("--model", help="timm model name (default vit_base_patch16_224)")
-    parser.add_argument("--weights", help="weights file (.safetensors/.pth/.bin/.npz), 'random', or "
+    parser.add_argument("--model", help="timm model name (default vit_base_patch16_224; left out with a "
+                        "transformers checkpoint as --weights)")
+    parser.add_argument("--weights", help="weights file (.safetensors/.pth/.bin/.npz), 'random', "
                         "'dinov2_vits14_saliency' (the built-in backbone, no hub needed: with --model "
-                        "vit_small_patch14_dinov2); default: timm's published weights from the hub")
+                        "vit_small_patch14_dinov2), or a transformers checkpoint: a save_pretrained folder or "
+                        "hf:ORG/NAME (ViT, DINOv2, CLIP, SigLIP); default: timm's published weights from the hub")
     parser.add_argument("--method", nargs="+" if grid else None,
                         help=f"methods joined by '+': {', '.join(catalog.CATALOG)}, e.g. pyra+lora (default lora)"
                         + ("; several: one run each" if grid else ""))

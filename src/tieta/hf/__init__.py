@@ -12,3 +12,7 @@ Reading a checkpoint needs neither ``transformers`` nor its code: config.json is
 weights are safetensors (or ``torch.load(weights_only=True)``). Only the export imports
 ``transformers``, to check that it loads what was written.
 """
+
+from tieta.hf.source import describe
+
+__all__ = ["describe"]

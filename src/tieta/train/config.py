@@ -26,6 +26,7 @@ from tieta.backbone import MAX_IMG_SIZE
 from tieta.data.transforms import NORMALIZATIONS
 from tieta.data.vtab import FOLDER_SPLITS, VTAB_SPLITS
 from tieta.errors import TietaError
+from tieta.hf import source as hf_source
 from tieta.methods import registry
 from tieta.methods.method import Method
 
@@ -100,7 +101,8 @@ class GeneralConfig:
     """The settings that do not belong to one method."""
 
     model: str = "vit_base_patch16_224"
-    weights: Optional[str] = None  # None: timm's published weights; "random"; a built-in name; a file
+    weights: Optional[str] = None  # None: timm's published weights; "random"; a built-in name; a file;
+    # a transformers checkpoint folder or hf:ORG/NAME (then the model, left out, is the same)
     img_size: Optional[int] = None  # None: the model's own
     drop_path: float = 0.1
     method: str = "lora"  # methods joined by "+", applied in order, e.g. "lora+adapter"
@@ -230,9 +232,19 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[dic
                 raise TietaError(f"cannot set {shown}: {parent if parent.isprintable() else repr(parent)} is not "
                                  "a section")
         section[leaf] = value
+    _model_from_weights(values)
     config = from_dict(RunConfig, values)
     validate(config)
     return with_warmup(config)
+
+
+def _model_from_weights(values: dict[str, Any]) -> None:
+    """Settings that leave out the model but give a transformers checkpoint (a save_pretrained
+    folder or hf:ORG/NAME) as the weights name that checkpoint as the model too: its config.json
+    gives the architecture, also where the weights are not read (a model rebuilt from a run)."""
+    weights = values.get("weights")
+    if "model" not in values and isinstance(weights, str) and hf_source.is_source(weights):
+        values["model"] = weights
 
 
 def parse_override(text: str) -> tuple[str, Any]:
