@@ -34,6 +34,8 @@ LAZY_IMPORTS = {
     ("data/assets.py", "_write_elpv"): "tqdm, only when the ELPV task is built",
     ("deploy/onnx.py", "_onnxruntime"): "onnxruntime is an optional dependency (tieta[onnx])",
     ("deploy/onnx.py", "_onnx_translations"): "onnxscript is an optional dependency (tieta[onnx])",
+    ("hf/source.py", "_download"): "huggingface_hub, only for hf:ORG/NAME (tieta[transformers])",
+    ("hf/export.py", "_transformers"): "transformers is an optional dependency (tieta[transformers])",
 }
 LAZY_FILES = {"cli.py"}  # every function of these may import lazily
 

@@ -262,6 +262,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from tieta.deploy.export import export_run
 
     _folder_to_write(args.output)
+    if args.format == "transformers":
+        return _export_transformers(args)
     written = export_run(args.run, args.output, overwrite=args.overwrite,
                          onnx_batch_size=args.onnx_batch_size if args.onnx else None)
     print(f"exported {written['model']} + {written['method']} to {written['output']}")
@@ -272,6 +274,19 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.onnx:
         print(f"  model.onnx ({_size(written['onnx_bytes'])}, batch {written['onnx_batch_size']}): largest logit "
               f"difference from PyTorch in onnxruntime {written['onnx_max_difference']:.1e}")
+    return 0
+
+
+def _export_transformers(args: argparse.Namespace) -> int:
+    from tieta.deploy.export import export_transformers_run
+
+    if args.onnx:
+        raise TietaError("--onnx goes with tieta's own export format; leave out --format transformers or --onnx")
+    written = export_transformers_run(args.run, args.output, overwrite=args.overwrite)
+    print(f"exported {written['model']} + {written['method']} to {written['output']} as transformers' "
+          f"{written['transformers_class']} ({_size(written['export_bytes'])})")
+    print(f"  logits: {written['note']}")
+    print(f"  largest logit difference from tieta's model: {written['max_difference']:.1e}")
     return 0
 
 
@@ -605,6 +620,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(needs tieta[onnx])")
     export.add_argument("--onnx-batch-size", type=_positive_int, default=1,
                         help="the ONNX file's fixed batch size (default 1)")
+    export.add_argument("--format", choices=("tieta", "transformers"), default="tieta",
+                        help="tieta (default: for tieta.load, any method) or transformers: a folder that "
+                        "transformers loads as its own model class, for LoRA-only runs (needs tieta[transformers])")
     export.set_defaults(func=cmd_export)
 
     predictor = sub.add_parser("predict", help="classify image files or folders with a run or an export",

@@ -52,7 +52,7 @@ DEFAULTS = {
 # transformers' activation name -> timm's (gelu_new is the tanh approximation written out)
 ACTIVATIONS = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
 # the prefixes the tensors of each family sit under, by the class that saved them
-PREFIXES = {"vit": ("vit.", ""), "dinov2": ("dinov2.", ""), "clip": ("vision_model.", ""),
+PREFIXES = {"vit": ("vit.", ""), "dinov2": ("dinov2.", "dinov2_with_registers.", ""), "clip": ("vision_model.", ""),
             "siglip": ("vision_model.", "")}
 
 
@@ -231,6 +231,34 @@ def to_timm(arch: Architecture, tensors: dict[str, torch.Tensor], model: nn.Modu
                              f"(the model it describes has {None if target is None else tuple(target.shape)})")
         converted[name] = tensor.reshape(target.shape).to(target.dtype)
     return converted
+
+
+def from_timm(arch: Architecture, tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`to_timm` for a timm model of ``arch``'s layout (the head left out): its
+    tensors under the names a transformers checkpoint of the family saves, under ``prefix``."""
+    width = tensors["patch_embed.proj.weight"].shape[0]
+    converted = {hf_name: tensors[timm_name] for hf_name, timm_name in name_pairs(arch)}
+    for i in range(int(arch.settings["num_hidden_layers"])):
+        parts, fused = _qkv_names(arch.family, i)
+        kinds = ("weight", "bias") if f"{fused}.bias" in tensors else ("weight",)
+        for kind in kinds:
+            for part, chunk in zip(parts, tensors[f"{fused}.{kind}"].chunk(3)):
+                converted[f"{part}.{kind}"] = chunk
+    if arch.family in ("clip", "siglip"):  # transformers keeps these without the batch axis
+        converted["embeddings.position_embedding.weight"] = tensors["pos_embed"].reshape(-1, width)
+    if arch.family == "clip":
+        converted["embeddings.class_embedding"] = tensors["cls_token"].reshape(width)
+    if arch.family == "siglip" and arch.settings["vision_use_head"]:
+        converted["head.attention.in_proj_weight"] = torch.cat([tensors["attn_pool.q.weight"],
+                                                                tensors["attn_pool.kv.weight"]])
+        converted["head.attention.in_proj_bias"] = torch.cat([tensors["attn_pool.q.bias"],
+                                                              tensors["attn_pool.kv.bias"]])
+    if arch.family == "dinov2":
+        converted["embeddings.mask_token"] = torch.zeros(1, width)  # used only for masked pre-training
+        if arch.registers:  # the class token's position is already in the class token (no_embed_class)
+            converted["embeddings.position_embeddings"] = torch.cat([torch.zeros(1, 1, width), tensors["pos_embed"]],
+                                                                    dim=1)
+    return {prefix + name: tensor.detach().contiguous() for name, tensor in converted.items()}
 
 
 def _fold_class_position(arch: Architecture, converted: dict[str, torch.Tensor]) -> None:
