@@ -241,10 +241,16 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[dic
 def _model_from_weights(values: dict[str, Any]) -> None:
     """Settings that leave out the model but give a transformers checkpoint (a save_pretrained
     folder or hf:ORG/NAME) as the weights name that checkpoint as the model too: its config.json
-    gives the architecture, also where the weights are not read (a model rebuilt from a run)."""
+    gives the architecture, also where the weights are not read (a model rebuilt from a run). A
+    model named beside such weights is refused."""
     weights = values.get("weights")
-    if "model" not in values and isinstance(weights, str) and hf_source.is_source(weights):
+    if not isinstance(weights, str) or not hf_source.is_source(weights):
+        return
+    if "model" not in values:
         values["model"] = weights
+    elif values["model"] != weights:
+        raise TietaError(f"the weights {weights} are a transformers checkpoint, whose config.json gives the "
+                         f"architecture; leave out the model ({values['model']})")
 
 
 def parse_override(text: str) -> tuple[str, Any]:
