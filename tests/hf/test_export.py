@@ -4,6 +4,7 @@ computes the LoRA-trained model's logits; what it cannot run is refused."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -75,7 +76,7 @@ def test_a_timm_vit_exports_as_transformers_vit(vtab_task, tmp_path):
     torch.testing.assert_close(backbone.forward_features(images), features, rtol=1e-4, atol=1e-5)
 
 
-def test_the_command_exports_and_refuses_what_transformers_cannot_run(vtab_task, tmp_path, capsys):
+def test_the_command_exports_and_refuses_what_transformers_cannot_run(vtab_task, tmp_path, capsys, monkeypatch):
     save_hf_model("vit", tmp_path / "checkpoint")
     run = _trained(vtab_task, tmp_path / "run", method="lora+adapter", weights=str(tmp_path / "checkpoint"))
     capsys.readouterr()
@@ -93,3 +94,7 @@ def test_the_command_exports_and_refuses_what_transformers_cannot_run(vtab_task,
                    "transformers").endswith("pass --overwrite")
     assert main(["export", str(run), "--output", str(tmp_path / "export"), "--format", "transformers",
                  "--overwrite"]) == 0
+    capsys.readouterr()
+    monkeypatch.setitem(sys.modules, "transformers", None)  # not installed
+    assert "pip install 'tieta[transformers]'" in refused(capsys, "export", str(run), "--output",
+                                                         str(tmp_path / "other"), "--format", "transformers")

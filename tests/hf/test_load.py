@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 
 import pytest
 import torch
@@ -102,7 +103,8 @@ def test_a_hub_name_is_fetched_with_snapshot_download(tmp_path, monkeypatch):
 
     monkeypatch.setattr("huggingface_hub.snapshot_download", snapshot_download)
     model = tieta.load_backbone(weights="hf:google/tiny-vit", num_classes=3).eval()
-    assert asked[0][0] == "google/tiny-vit" and "*.safetensors" in asked[0][1]["allow_patterns"]
+    assert asked[0][0] == "google/tiny-vit"
+    assert {"*.json", "*.safetensors"} <= set(asked[0][1]["allow_patterns"])
     with torch.no_grad():
         torch.testing.assert_close(model.forward_features(IMAGES), vision_outputs(hf_model, IMAGES)[0], rtol=0,
                                    atol=1e-5)
@@ -135,6 +137,15 @@ def test_pytorch_bin_weights_are_read_without_unpickling_code(tmp_path, monkeypa
     with torch.no_grad():
         torch.testing.assert_close(model.forward_head(model.forward_features(IMAGES), pre_logits=True),
                                    vision_outputs(hf_model, IMAGES)[1], rtol=0, atol=1e-5)
+
+
+def test_reading_a_checkpoint_needs_no_transformers(tmp_path, monkeypatch):
+    hf_model = save_hf_model("dinov2_registers", tmp_path)
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers now fails
+    model = tieta.load_backbone(weights=tmp_path, num_classes=3).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_features(IMAGES), vision_outputs(hf_model, IMAGES)[0], rtol=0,
+                                   atol=1e-5)
 
 
 def test_what_cannot_be_converted_is_one_sentence(tmp_path):
