@@ -45,8 +45,8 @@ from tieta.backbone import MAX_IMG_SIZE
 from tieta.data.vtab import open_task
 from tieta.deploy.onnx import check_onnx, export_onnx
 from tieta.errors import TietaError, listing, shown
-from tieta.hf.export import TRANSFORMERS_FILES, check_methods, write_transformers
 from tieta.files import folder_mode, move_folder, read_json, remove_folder, swap_folders, write_file
+from tieta.hf.export import TRANSFORMERS_FILES, check_methods, write_transformers
 from tieta.methods.diffrate import DiffRateReduce, fix_rates
 from tieta.methods.lora import merge_lora
 from tieta.train.checkpoint import read_tensors, write_tensors

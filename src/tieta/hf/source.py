@@ -36,7 +36,12 @@ def is_source(weights: Union[str, Path, None]) -> bool:
     folder is never a timm weights file, so it is read as one, and refused by name if it is not)."""
     if weights is None:
         return False
-    return str(weights).startswith(HUB_PREFIX) or Path(weights).is_dir()
+    if str(weights).startswith(HUB_PREFIX):
+        return True
+    try:
+        return Path(weights).is_dir()
+    except (OSError, ValueError):  # a name too long for the file system, or one it cannot encode
+        return False
 
 
 def resolve(source: Union[str, Path]) -> Path:
