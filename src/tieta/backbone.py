@@ -117,8 +117,8 @@ def load_backbone(
         return hf_load.load_hf_backbone(transformers_model, num_classes, img_size,
                                         random_weights=str(weights) == RANDOM, **timm_kwargs)
     if name is None:
-        raise TietaError("give a timm model name (--model), or a transformers checkpoint folder or hf:ORG/NAME as "
-                         "the weights, whose config.json names the architecture")
+        raise TietaError("give a timm model name (--model), or a transformers checkpoint as the weights (a folder "
+                         "with the config.json and weights save_pretrained writes, or hf:ORG/NAME)")
     if img_size is not None:
         timm_kwargs["img_size"] = img_size
     builtin = builtin_weights()

@@ -151,8 +151,10 @@ def test_reading_a_checkpoint_needs_no_transformers(tmp_path, monkeypatch):
 def test_what_cannot_be_converted_is_one_sentence(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(tieta.TietaError, match="holds no config.json"):
+    with pytest.raises(tieta.TietaError, match="give a timm model name .*a folder with the config.json"):
         tieta.load_backbone(weights=empty, num_classes=3)
+    with pytest.raises(tieta.TietaError, match="is not a file"):  # a folder is no timm weights file either
+        tieta.load_backbone("test_vit", weights=empty, num_classes=3)
     bert = tmp_path / "bert"
     bert.mkdir()
     (bert / "config.json").write_text(json.dumps({"model_type": "bert"}))

@@ -32,14 +32,14 @@ MAX_WEIGHTS_BYTES = 64 << 30
 
 
 def is_source(weights: Union[str, Path, None]) -> bool:
-    """Whether ``weights`` names a ``transformers`` checkpoint: ``hf:ORG/NAME``, or a folder (a
-    folder is never a timm weights file, so it is read as one, and refused by name if it is not)."""
+    """Whether ``weights`` names a ``transformers`` checkpoint: ``hf:ORG/NAME``, or a folder with a
+    config.json (any other folder is left to be refused as the weights file it is not)."""
     if weights is None:
         return False
     if str(weights).startswith(HUB_PREFIX):
         return True
     try:
-        return Path(weights).is_dir()
+        return (Path(weights) / CONFIG_FILE).is_file()
     except (OSError, ValueError):  # a name too long for the file system, or one it cannot encode
         return False
 
