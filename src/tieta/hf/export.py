@@ -129,12 +129,14 @@ def _settings(model: VisionTransformer, family: str, num_classes: int,
     size, patch = tuple(model.patch_embed.img_size), tuple(model.patch_embed.patch_size)
     settings: dict[str, Any] = dict(
         hidden_size=width, num_hidden_layers=len(model.blocks), num_attention_heads=block.attn.num_heads,
-        hidden_act=_activation(model), layer_norm_eps=model.norm.eps, image_size=size[0] if size[0] == size[1]
-        else list(size), patch_size=patch[0] if patch[0] == patch[1] else list(patch),
+        hidden_act=_activation(model), layer_norm_eps=model.norm.eps,
+        image_size=size[0] if size[0] == size[1] else list(size),  # a number where square, as transformers writes
+        patch_size=patch[0] if patch[0] == patch[1] else list(patch),
         num_channels=model.patch_embed.proj.in_channels)
     if family.startswith("dinov2"):
         ratio = hidden / width
-        settings.update(mlp_ratio=int(ratio) if ratio.is_integer() else ratio, qkv_bias=block.attn.qkv.bias is not None, layerscale_value=1.0)
+        settings.update(mlp_ratio=int(ratio) if ratio.is_integer() else ratio,
+                        qkv_bias=block.attn.qkv.bias is not None, layerscale_value=1.0)
         if family == "dinov2_registers":
             settings["num_register_tokens"] = model.num_reg_tokens
     else:
@@ -221,8 +223,8 @@ def _check(transformers, class_name: str, folder: Path, model: nn.Module, head: 
     loaded, info = getattr(transformers, class_name).from_pretrained(folder, output_loading_info=True)
     gaps = [*info.get("missing_keys", ()), *info.get("unexpected_keys", ()), *info.get("mismatched_keys", ())]
     if gaps:
-        raise TietaError(f"transformers' {class_name} does not take the converted tensors ({', '.join(map(str, gaps[:3]))}); "
-                         "nothing was exported")
+        raise TietaError(f"transformers' {class_name} does not take the converted tensors "
+                         f"({', '.join(map(str, gaps[:3]))}); nothing was exported")
     images = torch.randn(CHECK_IMAGES, 3, img_size, img_size, generator=torch.Generator().manual_seed(0))
     loaded.eval()
     with torch.no_grad():
