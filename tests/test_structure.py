@@ -36,6 +36,8 @@ LAZY_IMPORTS = {
     ("deploy/onnx.py", "_onnx_translations"): "onnxscript is an optional dependency (tieta[onnx])",
     ("data/hub.py", "_datasets"): "datasets is an optional dependency (tieta[datasets])",
     ("data/vtab.py", "open_task"): "tieta.data.sources and tieta.data.hub, which build on this module's Task",
+    ("hf/source.py", "_download"): "huggingface_hub, only for hf:ORG/NAME (tieta[transformers])",
+    ("hf/export.py", "_transformers"): "transformers is an optional dependency (tieta[transformers])",
 }
 LAZY_FILES = {"cli.py"}  # every function of these may import lazily
 

@@ -32,6 +32,7 @@ except ImportError:
     hub_constants = None
 
 from tieta.errors import TietaError
+from tieta.hf import load as hf_load, source as hf_source
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".npz")
 RANDOM = "random"
@@ -81,7 +82,7 @@ def missing_weights(path: Path) -> str:
 
 
 def load_backbone(
-    name: str,
+    name: Optional[str] = None,
     weights: Optional[Union[str, Path]] = None,
     num_classes: int = 1000,
     img_size: Optional[int] = None,
@@ -90,11 +91,14 @@ def load_backbone(
     """Create the timm model ``name`` with pretrained weights and a fresh head for ``num_classes``.
 
     Args:
-        name: a timm model name, e.g. "vit_base_patch16_224".
+        name: a timm model name, e.g. "vit_base_patch16_224"; None (or the same as ``weights``) where
+            ``weights`` is a transformers checkpoint, whose config.json gives the architecture.
         weights: None for timm's published weights of ``name`` (from the model hub; where it does not
             answer within HUB_CONNECT_SECONDS, from the local hub cache alone);
             "random" for random initialisation; the name of a built-in asset
-            ("dinov2_vits14_saliency"); or a local .safetensors / .pth / .pt / .bin / .npz file.
+            ("dinov2_vits14_saliency"); a local .safetensors / .pth / .pt / .bin / .npz file; or a
+            transformers checkpoint: a folder written by ``save_pretrained`` or "hf:ORG/NAME"
+            (converted to the matching timm ViT by :mod:`tieta.hf`).
         num_classes: classes of the task; the head is always re-initialised for them.
         img_size: input resolution; position embeddings are resampled to it. None keeps the model's.
         **timm_kwargs: passed to ``timm.create_model`` (e.g. ``drop_path_rate``).
@@ -106,6 +110,15 @@ def load_backbone(
         TietaError: an unknown model, or weights that cannot be had or do not fit; the sentence names
             the model they were made for, or the built-in backbone, where that helps.
     """
+    transformers_model = _transformers_source(name, weights)
+    if transformers_model is not None:
+        if img_size is not None and (type(img_size) is not int or not 1 <= img_size <= MAX_IMG_SIZE):
+            raise TietaError(f"img_size must be a whole number of pixels from 1 to {MAX_IMG_SIZE}, got {img_size!r}")
+        return hf_load.load_hf_backbone(transformers_model, num_classes, img_size,
+                                        random_weights=str(weights) == RANDOM, **timm_kwargs)
+    if name is None:
+        raise TietaError("give a timm model name (--model), or a transformers checkpoint as the weights (a folder "
+                         "with the config.json and weights save_pretrained writes, or hf:ORG/NAME)")
     if img_size is not None:
         timm_kwargs["img_size"] = img_size
     builtin = builtin_weights()
@@ -121,6 +134,26 @@ def load_backbone(
     path = builtin[str(weights)]() if str(weights) in builtin else Path(weights)
     load_weights_file(model, path)
     return model
+
+
+def _transformers_source(name: Optional[str], weights: Optional[Union[str, Path]]) -> Optional[str]:
+    """The transformers checkpoint that gives the model, where ``weights`` or ``name`` is one (a
+    config that leaves out the model names the checkpoint twice); None for a timm model.
+
+    Raises:
+        TietaError: a timm model name given with a transformers checkpoint as its weights.
+    """
+    if weights is not None and str(weights) != RANDOM and hf_source.is_source(weights):
+        if name is not None and name != str(weights):
+            raise TietaError(f"the weights {weights} are a transformers checkpoint, whose config.json gives the "
+                             f"architecture; leave out the model name ({name})")
+        return str(weights)
+    if name is not None and not timm.is_model(name) and hf_source.is_source(name):
+        if weights is not None and str(weights) != RANDOM and str(weights) != name:
+            raise TietaError(f"the model {name} is a transformers checkpoint and brings its own weights; give them "
+                             f"as the weights too, or 'random'")
+        return name
+    return None
 
 
 def _check_name(name: str) -> None:

@@ -85,10 +85,12 @@ def _add_config_arguments(parser: argparse.ArgumentParser, data_required: bool, 
     there is no --config (a sweep file has its own base settings)."""
     if not grid:
         parser.add_argument("--config", type=Path, help="YAML file of settings (command-line flags override it)")
-    parser.add_argument("--model", help="timm model name (default vit_base_patch16_224)")
-    parser.add_argument("--weights", help="weights file (.safetensors/.pth/.bin/.npz), 'random', or "
+    parser.add_argument("--model", help="timm model name (default vit_base_patch16_224; left out with a "
+                        "transformers checkpoint as --weights)")
+    parser.add_argument("--weights", help="weights file (.safetensors/.pth/.bin/.npz), 'random', "
                         "'dinov2_vits14_saliency' (the built-in backbone, no hub needed: with --model "
-                        "vit_small_patch14_dinov2); default: timm's published weights from the hub")
+                        "vit_small_patch14_dinov2), or a transformers checkpoint: a save_pretrained folder or "
+                        "hf:ORG/NAME (ViT, DINOv2, CLIP, SigLIP); default: timm's published weights from the hub")
     parser.add_argument("--method", nargs="+" if grid else None,
                         help=f"methods joined by '+': {', '.join(catalog.CATALOG)}, e.g. pyra+lora (default lora)"
                         + ("; several: one run each" if grid else ""))
@@ -262,6 +264,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from tieta.deploy.export import export_run
 
     _folder_to_write(args.output)
+    if args.format == "transformers":
+        return _export_transformers(args)
     written = export_run(args.run, args.output, overwrite=args.overwrite,
                          onnx_batch_size=args.onnx_batch_size if args.onnx else None)
     print(f"exported {written['model']} + {written['method']} to {written['output']}")
@@ -272,6 +276,19 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.onnx:
         print(f"  model.onnx ({_size(written['onnx_bytes'])}, batch {written['onnx_batch_size']}): largest logit "
               f"difference from PyTorch in onnxruntime {written['onnx_max_difference']:.1e}")
+    return 0
+
+
+def _export_transformers(args: argparse.Namespace) -> int:
+    from tieta.deploy.export import export_transformers_run
+
+    if args.onnx:
+        raise TietaError("--onnx goes with tieta's own export format; leave out --format transformers or --onnx")
+    written = export_transformers_run(args.run, args.output, overwrite=args.overwrite)
+    print(f"exported {written['model']} + {written['method']} to {written['output']} as transformers' "
+          f"{written['transformers_class']} ({_size(written['export_bytes'])})")
+    print(f"  logits: {written['note']}")
+    print(f"  largest logit difference from tieta's model: {written['max_difference']:.1e}")
     return 0
 
 
@@ -607,6 +624,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(needs tieta[onnx])")
     export.add_argument("--onnx-batch-size", type=_positive_int, default=1,
                         help="the ONNX file's fixed batch size (default 1)")
+    export.add_argument("--format", choices=("tieta", "transformers"), default="tieta",
+                        help="tieta (default: for tieta.load, any method) or transformers: a folder that "
+                        "transformers loads as its own model class, for LoRA-only runs (needs tieta[transformers])")
     export.set_defaults(func=cmd_export)
 
     predictor = sub.add_parser("predict", help="classify image files or folders with a run or an export",

@@ -1,7 +1,9 @@
 import timm
 import torch
+from timm.models.vision_transformer import VisionTransformer
 
 import tieta
+from tieta.measure.flops import count_flops
 from tests.conftest import make_vit
 
 
@@ -38,3 +40,12 @@ def test_lora_unmerged_costs_and_merged_does_not():
     assert round((tieta.count_flops(model, x)["gmacs"] - base) * 1e9) == extra
     tieta.merge_lora(model)
     assert tieta.count_flops(model, x)["gmacs"] == base
+
+
+def test_an_attention_pool_head_is_counted_and_its_parameters_still_train():
+    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, global_pool="map",
+                              class_token=False)  # SigLIP's head
+    model.blocks[0].attn.qkv.weight.requires_grad_(False)  # a frozen weight stays frozen
+    assert count_flops(model, torch.randn(2, 3, 32, 32))["gmacs"] > 0
+    frozen = [name for name, parameter in model.named_parameters() if not parameter.requires_grad]
+    assert frozen == ["blocks.0.attn.qkv.weight"]

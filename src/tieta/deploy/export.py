@@ -47,6 +47,7 @@ from tieta.data.vtab import open_task
 from tieta.deploy.onnx import check_onnx, export_onnx
 from tieta.errors import TietaError, listing, shown
 from tieta.files import folder_mode, move_folder, read_json, remove_folder, swap_folders, write_file
+from tieta.hf.export import TRANSFORMERS_FILES, check_methods, write_transformers
 from tieta.methods.diffrate import DiffRateReduce, fix_rates
 from tieta.methods.lora import merge_lora
 from tieta.train.checkpoint import read_tensors, write_tensors
@@ -61,6 +62,7 @@ INFO_FILE = "tieta_export.json"
 WEIGHTS_FILE = "model.safetensors"
 ONNX_FILE = "model.onnx"  # with --onnx; a model over 2 GiB keeps its weights in model.onnx.data
 EXPORT_FILES = (WEIGHTS_FILE, INFO_FILE, ONNX_FILE, ONNX_FILE + ".data")  # all that an export folder holds
+EXPORT_FILES += TRANSFORMERS_FILES  # or, with --format transformers, a transformers model folder
 MAX_INFO_BYTES = 16 << 20  # tieta_export.json: settings and class names, far below this
 MAX_CLASSES = 10**6
 
@@ -139,6 +141,33 @@ def export_run(run: str | Path, output: str | Path, overwrite: bool = False,
     return {"output": output, "checkpoint_bytes": _bytes(checkpoint), "export_bytes": export_bytes,
             "backbone_bytes": sum(t.numel() * t.element_size() for t in backbone.state_dict().values()),
             "method": config.method, "model": config.model, **onnx_facts}
+
+
+def export_transformers_run(run: str | Path, output: str | Path, overwrite: bool = False) -> dict[str, Any]:
+    """Write the LoRA-only run in ``run`` to ``output`` as a transformers model folder
+    (:mod:`tieta.hf.export`), whole or not at all as :func:`export_run` writes.
+
+    Returns:
+        {"output", "model", "method", "transformers_class", "max_difference", "note", "export_bytes"}.
+    """
+    run, output = Path(run), Path(output)
+    _check_output(output, overwrite)
+    before = _identity(output)
+    model, config, num_classes = load_run_model(run)
+    check_methods(config.methods)
+    merge_lora(model)
+    model.eval()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tieta-export-", dir=output.parent))
+    try:
+        facts = write_transformers(model, config.methods, num_classes, config.data.normalization,
+                                   task_class_names(config, num_classes), staging, str(run.resolve()))
+        export_bytes = sum(_bytes(path) for path in staging.iterdir())
+        _give_usual_modes(staging, output)
+        _commit(staging, output, before, overwrite)
+    finally:
+        remove_folder(staging)
+    return {"output": output, "model": config.model, "method": config.method, "export_bytes": export_bytes, **facts}
 
 
 def _identity(path: Path) -> Optional[tuple[int, int]]:

@@ -50,12 +50,19 @@ def count_flops(model: nn.Module, images: torch.Tensor) -> dict[str, float]:
          "flops": FLOPs (2 per MAC) per image}
     """
     was_training = model.training
+    # the counter's module tracker hooks the backward of parameters that require grad, and fails on
+    # those used without a graph (timm's attention-pool latent under no_grad): none require it here
+    wanted = [parameter for parameter in model.parameters() if parameter.requires_grad]
     model.eval()
     try:
+        for parameter in wanted:
+            parameter.requires_grad_(False)
         # the native merge does the tensor code's arithmetic where the counter can't see it
         with tensor_code(), flop_counter() as counter:
             model(images)
     finally:
+        for parameter in wanted:
+            parameter.requires_grad_(True)
         model.train(was_training)
     flops = counter.get_total_flops() / images.shape[0]
     macs = flops / 2

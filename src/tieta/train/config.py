@@ -26,6 +26,7 @@ from tieta.backbone import MAX_IMG_SIZE, WEIGHT_SUFFIXES
 from tieta.data import normalization as normalizations
 from tieta.data.vtab import FOLDER_SPLITS, VTAB_SPLITS
 from tieta.errors import TietaError
+from tieta.hf import source as hf_source
 from tieta.methods import registry
 from tieta.methods.method import Method
 from tieta.train.record import check_record
@@ -111,7 +112,8 @@ class GeneralConfig:
     """The settings that do not belong to one method."""
 
     model: str = "vit_base_patch16_224"
-    weights: Optional[str] = None  # None: timm's published weights; "random"; a built-in name; a file
+    weights: Optional[str] = None  # None: timm's published weights; "random"; a built-in name; a file;
+    # a transformers checkpoint folder or hf:ORG/NAME (then the model, left out, is the same)
     img_size: Optional[int] = None  # None: the model's own
     drop_path: float = 0.1
     method: str = "lora"  # methods joined by "+", applied in order, e.g. "lora+adapter"
@@ -249,9 +251,25 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[dic
                 raise TietaError(f"cannot set {shown}: {parent if parent.isprintable() else repr(parent)} is not "
                                  "a section")
         section[leaf] = value
+    _model_from_weights(values)
     config = from_dict(RunConfig, values)
     validate(config)
     return with_warmup(config)
+
+
+def _model_from_weights(values: dict[str, Any]) -> None:
+    """Settings that leave out the model but give a transformers checkpoint (a save_pretrained
+    folder or hf:ORG/NAME) as the weights name that checkpoint as the model too: its config.json
+    gives the architecture, also where the weights are not read (a model rebuilt from a run). A
+    model named beside such weights is refused."""
+    weights = values.get("weights")
+    if not isinstance(weights, str) or not hf_source.is_source(weights):
+        return
+    if "model" not in values:
+        values["model"] = weights
+    elif values["model"] != weights:
+        raise TietaError(f"the weights {weights} are a transformers checkpoint, whose config.json gives the "
+                         f"architecture; leave out the model ({values['model']})")
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -14,6 +14,8 @@ the run started from:
     weights: hub      the timm tag (``architecture.tag``) and hf_hub_id timm resolved the model name to
     weights: file     the weights file's absolute path, SHA-256 and size in bytes
     weights: builtin  the built-in asset's name and its file's SHA-256
+    weights: transformers  a transformers checkpoint (a save_pretrained folder or hf:ORG/NAME): its
+                      model type, the folder's absolute path or the hub name, each weights file's SHA-256
     weights: random   nothing more: a random backbone comes back from the run's seed
 
 Rebuilding the run (``tieta eval``, ``export``, ``predict``, ``train --resume``) checks the backbone
@@ -35,9 +37,10 @@ from torch import nn
 from tieta.backbone import RANDOM, builtin_weights
 from tieta.data import normalization as normalizations
 from tieta.errors import TietaError, shown
+from tieta.hf import source as hf_source
 
-HUB, FILE, BUILTIN = "hub", "file", "builtin"
-_KINDS = (HUB, FILE, BUILTIN, RANDOM)
+HUB, FILE, BUILTIN, TRANSFORMERS = "hub", "file", "builtin", "transformers"
+_KINDS = (HUB, FILE, BUILTIN, TRANSFORMERS, RANDOM)
 _RECORD_KEYS = ("normalization", "backbone")
 
 
@@ -54,11 +57,14 @@ def sha256_of(path: Path) -> str:
 
 
 def weights_kind(weights: Optional[str]) -> str:
-    """hub (timm's published weights), random, builtin or file: what ``load_backbone`` makes of it."""
+    """hub (timm's published weights), random, builtin, transformers or file: what ``load_backbone``
+    makes of it."""
     if weights is None:
         return HUB
     if str(weights) == RANDOM:
         return RANDOM
+    if hf_source.is_source(weights):
+        return TRANSFORMERS
     return BUILTIN if str(weights) in builtin_weights() else FILE
 
 
@@ -74,6 +80,10 @@ def backbone_record(model_name: str, weights: Optional[str]) -> dict[str, Any]:
                 "url": (cfg.url if cfg else None) or ""}
     if kind == RANDOM:
         return {"weights": RANDOM}
+    if kind == TRANSFORMERS:
+        described = hf_source.describe(weights)
+        return {"weights": TRANSFORMERS, "model_type": described["model_type"], "source": described["source"],
+                "sha256": " ".join(f"{item['file']}:{item['sha256']}" for item in described["weights"])}
     if kind == BUILTIN:
         path = builtin_weights()[str(weights)]()
         return {"weights": BUILTIN, "name": str(weights), "sha256": sha256_of(path)}
@@ -92,6 +102,8 @@ def _shown(record: dict[str, Any]) -> str:
         return f"the weights file {record.get('path')}"
     if kind == BUILTIN:
         return f"the built-in weights {record.get('name')}"
+    if kind == TRANSFORMERS:
+        return f"the transformers checkpoint {record.get('source')}"
     return "random weights"
 
 
@@ -114,12 +126,18 @@ def check_backbone(config: Any) -> None:
         return
     if kind == FILE and not Path(config.weights).is_file():
         return  # load_backbone refuses a missing file in its own words
+    if kind == TRANSFORMERS and not str(config.weights).startswith(hf_source.HUB_PREFIX) \
+            and not Path(config.weights).is_dir():
+        return
     now = backbone_record(config.model, config.weights)
     if kind == HUB and (now["timm"], now["hf_hub_id"]) != (recorded.get("timm"), recorded.get("hf_hub_id")):
         then = f"{recorded.get('timm')} ({recorded.get('hf_hub_id') or 'no hub id'})"
         raise TietaError(f"the run was trained on timm's {then}, but this timm resolves {config.model} to "
                          f"{now['timm']} ({now['hf_hub_id'] or 'no hub id'}); {advice}: use the timm version it was "
                          "trained with")
+    if kind == TRANSFORMERS and recorded.get("sha256") and now["sha256"] != recorded["sha256"]:
+        raise TietaError(f"the weights of the transformers checkpoint {now['source']} are not those the run was "
+                         f"trained on ({recorded.get('source')}: other SHA-256s); {advice}")
     if kind in (FILE, BUILTIN) and recorded.get("sha256") and now["sha256"] != recorded["sha256"]:
         then = f"SHA-256 {recorded['sha256'][:16]}... then, {now['sha256'][:16]}... now"
         if kind == BUILTIN:
@@ -168,8 +186,12 @@ def with_record(config: Any, model: nn.Module) -> Any:
         resolved["normalization"] = normalizations.resolve(config.data.normalization, model)
     if resolved.get("backbone") is None:
         resolved["backbone"] = backbone_record(config.model, config.weights)
-    if weights_kind(config.weights) == FILE:
-        config.weights = str(Path(config.weights).resolve())
+    kind = weights_kind(config.weights)
+    if kind == FILE or (kind == TRANSFORMERS and not str(config.weights).startswith(hf_source.HUB_PREFIX)):
+        absolute = str(Path(config.weights).resolve())
+        if config.model == config.weights:  # a transformers checkpoint names the model too
+            config.model = absolute
+        config.weights = absolute
     config.resolved = resolved
     return config
 
