@@ -158,6 +158,55 @@ def test_dynamicvit_kept_tokens_keep_their_positions():
     assert all(len(set(row)) == 8 for row in positions.tolist())
 
 
+def _rotated_qk(block, tokens, rope):
+    """Block ``block``'s queries and keys on ``tokens`` as timm's AttentionRope rotates them (one
+    class token; the fused, biased qkv of the rope ViT)."""
+    from timm.layers.pos_embed_sincos import apply_rot_embed_cat
+
+    attn = block.attn
+    qkv = attn.qkv(block.norm1(tokens)).reshape(*tokens.shape[:2], 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+    q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
+    return tuple(torch.cat([t[:, :, :1], apply_rot_embed_cat(t[:, :, 1:], rope)], dim=2) for t in (q, k))
+
+
+@pytest.mark.parametrize("method", ["tome", "evit", "diffrate"])
+def test_tokens_are_ranked_by_the_queries_and_keys_attention_used(monkeypatch, method):
+    """On a rope model ToMe's key similarity, EViT's and DiffRate's class attention see the rotated
+    queries and keys; the native merge, which gives no kept rows for positions to follow, steps aside."""
+    import tieta.methods.diffrate as diffrate
+    import tieta.methods.evit as evit
+    import tieta.methods.tome as tome
+
+    seen = []
+    for module, name in ((tome, "bipartite_soft_matching"), (evit, "class_attention"), (diffrate, "token_importance")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *args, real=real: seen.append(args[:2]) or real(*args))
+    monkeypatch.setattr(tome, "native_merge", lambda *args: pytest.fail("the native merge ran on a rope model"))
+    model = make_vit("rope_vit")
+    x = images()
+    with torch.no_grad():  # block 0's (DiffRate's block 0 ranks and sorts, keeping every token)
+        q, k = _rotated_qk(model.blocks[0], model._pos_embed(model.patch_embed(x))[0], model.rope.get_embed())
+        if method == "tome":
+            tieta.add_tome(model, r=[2, 0, 0])
+        elif method == "evit":
+            tieta.add_evit(model, keep_rate=0.5, locations=(0,))
+        else:
+            tieta.add_diffrate(model, [17, 12, 10], [17, 10, 8])
+        model(x)
+    if method == "tome":
+        torch.testing.assert_close(seen[0][0], k.sum(dim=1), rtol=1e-5, atol=1e-5)
+    else:
+        torch.testing.assert_close(seen[0], (q, k), rtol=1e-5, atol=1e-5)
+
+
+def test_diffrate_merge_destinations_keep_their_positions():
+    model = tieta.add_diffrate(make_vit("rope_vit"), [17, 12, 12], [17, 9, 9])
+    with torch.no_grad():
+        model(images())
+    positions = model.token_state.positions  # the 8 most important of 16 patches; the rest merged in
+    assert positions.shape == (2, 8) and all(len(set(row)) == 8 for row in positions.tolist())
+
+
 # --- timm's Eva attention, restated for masked training ------------------------------------------
 
 
@@ -190,14 +239,15 @@ def test_lora_on_eva_changes_the_output_and_merges_exactly(build, layers, target
     with torch.no_grad():
         before = model(x)
         tieta.add_lora(model, rank=2, targets=targets, dropout=0.0)
+        attn = model.blocks[0].attn
+        assert all(isinstance(getattr(attn, name), LoRALinear) for name in layers if targets == "qkv" or
+                   name[0] in targets)
         torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-6)  # a fresh LoRA is the identity
         randomise_parameters(model, ("lora_B",), seed=1)
         unmerged = model(x)
         assert not torch.allclose(unmerged, before, atol=1e-4), "LoRA must be on the path the attention runs"
         tieta.merge_lora(model)
         torch.testing.assert_close(model(x), unmerged, rtol=1e-4, atol=1e-5)
-    adapted = [name for name, module in build().blocks[0].attn.named_children() if name in layers]
-    assert adapted == list(layers)
 
 
 def test_lora_targets_on_separate_projections():
