@@ -317,13 +317,24 @@ def tieta_test_eva(pretrained: bool = False, **kwargs):
     return timm.models.eva._create_eva("eva02_tiny_patch14_224", pretrained=pretrained, **{**shape, **kwargs})
 
 
-def test_load_backbone_and_train_an_eva_from_the_command_line(vtab_task, tmp_path, capsys):
+def test_load_backbone_train_export_and_load_an_eva(vtab_task, tmp_path, capsys):
     from tieta.cli import main
 
     model = tieta.load_backbone("eva02_tiny_patch14_224", weights="random", num_classes=3, img_size=28)
     assert type(model).__name__ == "Eva" and model.num_classes == 3 and model.patch_embed.img_size == (28, 28)
     run = tmp_path / "run"
     assert main(["train", "--model", "tieta_test_eva", "--weights", "random", "--img-size", "28",
-                 "--method", "pyra", "--data", str(vtab_task), "--output", str(run), "--epochs", "1",
-                 "--batch-size", "4"]) == 0
+                 "--method", "pyra+lora", "--lora-rank", "2", "--data", str(vtab_task), "--output", str(run),
+                 "--epochs", "1", "--batch-size", "4"]) == 0
     assert "acc %" in capsys.readouterr().out
+    # tieta export -> tieta.load: the trained model's logits, LoRA folded
+    from tieta.deploy.export import export_run
+    from tieta.train.fit import load_run_model
+
+    export_run(run, tmp_path / "export")
+    loaded = tieta.load(tmp_path / "export")
+    trained = load_run_model(run)[0].eval()
+    x = torch.randn(3, 3, 28, 28, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), trained(x), rtol=1e-4, atol=1e-5)
+    assert not any("lora" in key for key in loaded.state_dict())
