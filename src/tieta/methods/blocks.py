@@ -17,6 +17,11 @@ off adds nothing, not zeros.
 
 With every slot empty, a patched model computes exactly what timm computes.
 
+timm's ``Eva`` models (EVA-02, the rope ViTs) get the same slots in :class:`TietaEvaBlock`; their
+rotary position embeddings follow the tokens that reductions keep (``follow_tokens``, see
+``tieta.ops.rope``), and what ranks tokens by attention sees the rotated queries and keys
+(``rotated``).
+
 The model itself gets :class:`TietaViT` mixed into its class: it resets the per-pass state
 (token sizes, masks) whenever a new token sequence starts, whichever timm entry point started it,
 and weights average pooling by token size.
@@ -250,7 +255,7 @@ def rotated(block: nn.Module, t: torch.Tensor) -> torch.Tensor:
 
 
 class TietaViT(Swappable):
-    """Mixed into a timm VisionTransformer's class by :func:`patch_blocks`.
+    """Mixed into a timm VisionTransformer's (or Eva's) class by :func:`patch_blocks`.
 
     - Every timm entry point (``forward``, ``forward_features``, ``forward_intermediates``,
       ``get_intermediate_layers``) starts a token sequence in ``_pos_embed``; the per-pass states
