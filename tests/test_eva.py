@@ -66,7 +66,7 @@ def test_intermediates(vit_variant):
     test_entry_points.test_nchw_intermediates_without_merging_equal_timm(vit_variant)
 
 
-@pytest.mark.parametrize("method", ["pyra+lora", "dyt+tome"])
+@pytest.mark.parametrize("vit_variant,method", [("eva02", "pyra+lora"), ("rope_vit", "dyt+tome")])
 def test_copies_and_saved_models_compute_the_same(vit_variant, method):
     test_persistence.test_deepcopy_computes_the_same(vit_variant, method)
     test_persistence.test_state_dict_loads_into_a_model_built_the_same_way(vit_variant, method)
@@ -338,3 +338,22 @@ def test_load_backbone_train_export_and_load_an_eva(vtab_task, tmp_path, capsys)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), trained(x), rtol=1e-4, atol=1e-5)
     assert not any("lora" in key for key in loaded.state_dict())
+
+
+# --- ONNX -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant,attach", [
+    ("eva02", lambda m: tieta.add_tome(m, r=4)),
+    ("rope_vit", lambda m: tieta.add_evit(m, keep_rate=0.5, locations=(1, 2))),
+])
+def test_onnx_logits_of_a_reduced_eva_match_pytorch(tmp_path, variant, attach):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from tieta.deploy.onnx import check_onnx, export_onnx
+
+    model = randomise_parameters(tieta.add_lora(make_vit(variant), rank=2), ("lora_B",), seed=1)
+    model = tieta.merge_lora(attach(model)).eval()
+    path = export_onnx(model, tmp_path / "eva.onnx", 2, 32)
+    assert check_onnx(model, path, images(seed=10)) < 1e-4
