@@ -54,7 +54,7 @@ def test_dyt_real_skipping_is_the_masked_computation(vit_variant, variant):
     test_dyt.test_real_skipping_equals_masked_computation(vit_variant, variant, 4)
 
 
-@pytest.mark.parametrize("method", ["pyra", "dyt_attn", "lora"])
+@pytest.mark.parametrize("method", ["pyra", "dyt_attn"])
 def test_timm_entry_points(vit_variant, method):
     test_entry_points.test_forward_is_forward_head_of_forward_features(vit_variant, method)
     test_entry_points.test_mixed_entry_points_and_batch_sizes_give_what_a_fresh_model_gives(vit_variant, method)
