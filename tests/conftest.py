@@ -24,14 +24,30 @@ VIT_VARIANTS = {
     "avg_pool": lambda: VisionTransformer(**SMALL, class_token=False, global_pool="avg", fc_norm=True),
 }
 
+# name -> builder of a small, random timm Eva (tests/test_eva.py runs the ViT parity tests on them):
+# EVA-02 (fused qkv with q/v biases, SwiGLU, rope, average pool) and a rope ViT (AttentionRope,
+# LayerScale, class-token head, no absolute position embedding)
+EVA_VARIANTS = {
+    "eva02": lambda: _eva("eva02_tiny_patch14_224"),
+    "rope_vit": lambda: _eva("vit_small_patch16_rope_224"),
+}
+
+
+def _eva(name: str, **kwargs):
+    """A small random timm Eva with SMALL's shape."""
+    import timm
+
+    shape = {key: SMALL[key] for key in ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "num_classes")}
+    return timm.create_model(name, pretrained=False, **shape, **kwargs)
+
 
 def make_vit(variant: str, seed: int = 0) -> VisionTransformer:
     """A small random ViT in eval mode, with non-trivial norm and LayerScale parameters."""
     torch.manual_seed(seed)
-    model = VIT_VARIANTS[variant]()
+    model = VIT_VARIANTS[variant]() if variant in VIT_VARIANTS else EVA_VARIANTS[variant]()
     with torch.no_grad():  # timm initialises norms to 1/0 and some heads to 0; randomise them
         for name, param in model.named_parameters():
-            if "norm" in name or "ls" in name or "head" in name:
+            if "norm" in name or "ls" in name or "head" in name or "gamma" in name or name.endswith("_bias"):
                 param.add_(torch.randn_like(param) * 0.1)
     return model.eval()
 

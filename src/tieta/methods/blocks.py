@@ -17,6 +17,11 @@ off adds nothing, not zeros.
 
 With every slot empty, a patched model computes exactly what timm computes.
 
+timm's ``Eva`` models (EVA-02, the rope ViTs) get the same slots in :class:`TietaEvaBlock`; their
+rotary position embeddings follow the tokens that reductions keep (``follow_tokens``, see
+``tieta.ops.rope``), and what ranks tokens by attention sees the rotated queries and keys
+(``rotated``).
+
 The model itself gets :class:`TietaViT` mixed into its class: it resets the per-pass state
 (token sizes, masks) whenever a new token sequence starts, whichever timm entry point started it,
 and weights average pooling by token size.
@@ -30,11 +35,13 @@ from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
+from timm.models.eva import Eva, EvaBlock
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from tieta.errors import TietaError
-from tieta.methods.attention import masked_attention
+from tieta.methods.attention import masked_attention, masked_eva_attention
 from tieta.methods.swap import Swappable, swap_in, swap_out
+from tieta.ops.rope import follow, rope_at, rotate
 
 Branch = Callable[..., torch.Tensor]
 
@@ -67,6 +74,11 @@ class TokenState(PassState):
         prop_attn: add log(size) to the attention logits (proportional attention).
         trace_source: keep ``source`` (for visualising merges; costs memory).
         features: the (B, N, D) features this pass ended with, which the pool weights belong to.
+        rope_follows: the model rotates queries and keys by position (an Eva with rope), so
+            reductions record where the tokens they keep stand (``positions``).
+        positions: (B, N - prefix) grid position of each patch token once a reduction has changed
+            them (``tieta.ops.rope``), None before.
+        rope: the rope rows the current block's attention used, for steps that rank by attention.
     """
 
     prop_attn: bool = True
@@ -76,9 +88,13 @@ class TokenState(PassState):
     source: Optional[torch.Tensor] = None
     policy: Optional[torch.Tensor] = None
     features: Optional[torch.Tensor] = None
+    rope_follows: bool = False
+    positions: Optional[torch.Tensor] = None
+    rope: Optional[torch.Tensor] = None
 
     def reset(self) -> None:
         self.size, self.attn_bias, self.source, self.policy, self.features = None, None, None, None, None
+        self.positions, self.rope = None, None
 
     def pool_weights(self) -> Optional[torch.Tensor]:
         """(B, N, 1) weights of each token in an average pool (size x policy), None for uniform."""
@@ -152,8 +168,94 @@ class TietaBlock(Block):
         return self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
+class TietaEvaBlock(EvaBlock):
+    """timm's pre-norm ``EvaBlock`` (EVA-02, the rope ViTs) with the same slots as :class:`TietaBlock`.
+
+    The block keeps timm's ``norm1``, ``attn`` (EvaAttention or AttentionRope: fused or separate
+    q/k/v, sub-LayerNorm, rotary embedding), ``gamma_1``, ``drop_path1``, ``norm2``, ``mlp``
+    (SwiGLU or not), ``gamma_2`` and ``drop_path2``; this restates only ``EvaBlock.forward``'s order
+    of calls (timm 1.0: LayerScale as an optional ``gamma * branch``), pinned by the parity tests.
+
+    The rope timm passes in covers the full patch grid; once a reduction has recorded where the
+    remaining tokens stand (``token_state.positions``), the block takes those rows (per image).
+    """
+
+    adapter: Optional[nn.Module]
+    token_state: Optional[TokenState]
+    # DyT's real skipping packs the active tokens: the attention branch needs their order to
+    # take their rope rows (tieta.ops.dispatch.attend_on_active)
+    attends_by_position = True
+
+    def forward(self, x: torch.Tensor, rope: Optional[torch.Tensor] = None, attn_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False) -> torch.Tensor:
+        """Args: x: (B, N, D) tokens; rope: the pass's rope rows (tieta.ops.rope). Returns: (B, N', D)."""
+        x = self.select(x, self)
+        state = self.token_state
+        if state is not None:
+            if state.attn_bias is not None:
+                attn_mask = state.attn_bias if attn_mask is None else attn_mask + state.attn_bias
+            if rope is not None and state.positions is not None:
+                rope = rope_at(rope, state.positions)  # (B, 1 or H, N - prefix, d)
+            state.rope = rope
+        attention = functools.partial(self.attention, rope=rope, is_causal=is_causal)
+        x = x + self.attn_gate(x, attention, attn_mask, self)
+        x = self.reduce(x, self)
+        out = x + self.mlp_gate(x, self.feed_forward, None, self)
+        if self.adapter is not None:
+            out = out + self.adapter(x)
+        return out
+
+    def attention(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, order: Optional[torch.Tensor] = None,
+                  rope: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
+        """The attention branch, ``drop_path1(gamma_1 * attn(norm1(x), rope))``, on the tokens it is given.
+
+        Args: x: (B, N, D); attn_mask: additive mask or None; order: (B, N) which of the block's
+            tokens ``x`` holds (DyT's packed active tokens), None for all in order.
+        """
+        if rope is not None and order is not None:
+            prefix = self.num_prefix_tokens
+            rope = rope_at(rope, order[:, prefix:] - prefix)
+        state = self.token_state
+        if state is not None and state.policy is not None:
+            out = masked_eva_attention(self.attn, self.norm1(x), state.policy, attn_mask, rope)
+        else:
+            out = self.attn(self.norm1(x), rope=rope, attn_mask=attn_mask, is_causal=is_causal)
+        if self.gamma_1 is not None:
+            out = self.gamma_1 * out
+        return self.drop_path1(out)
+
+    def feed_forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The MLP branch, ``drop_path2(gamma_2 * mlp(norm2(x)))`` (``mask`` is unused)."""
+        out = self.mlp(self.norm2(x))
+        if self.gamma_2 is not None:
+            out = self.gamma_2 * out
+        return self.drop_path2(out)
+
+
+def follow_tokens(block: nn.Module, index: torch.Tensor, patches: int) -> None:
+    """Record, after a reduction, which of the ``patches`` patch tokens before it each patch token
+    after it continues (its own index, its merge destination's, or ``NO_POSITION``), so that rotary
+    embeddings follow the tokens (tieta.ops.rope); nothing on models without rope.
+
+    Args: index: (B, P') indices among the patch tokens (prefix tokens not counted).
+    """
+    state = block.token_state
+    if state is not None and state.rope_follows:
+        state.positions = follow(state.positions, index, patches)
+
+
+def rotated(block: nn.Module, t: torch.Tensor) -> torch.Tensor:
+    """Queries or keys kept from ``q_norm`` / ``k_norm`` (B, H, N, hd) as the block's attention used
+    them: rotated by the block's rope on an Eva with rope, unchanged otherwise."""
+    state = block.token_state
+    rope = None if state is None else state.rope
+    if rope is None:
+        return t
+    return rotate(t, rope, block.num_prefix_tokens, getattr(block.attn, "rotate_half", False))
+
+
 class TietaViT(Swappable):
-    """Mixed into a timm VisionTransformer's class by :func:`patch_blocks`.
+    """Mixed into a timm VisionTransformer's (or Eva's) class by :func:`patch_blocks`.
 
     - Every timm entry point (``forward``, ``forward_features``, ``forward_intermediates``,
       ``get_intermediate_layers``) starts a token sequence in ``_pos_embed``; the per-pass states
@@ -229,10 +331,20 @@ def _to_nchw(out: Any, model: VisionTransformer, image_size: tuple[int, int]) ->
 
 
 def check_vit(model: nn.Module) -> None:
-    """Raise a TietaError unless ``model`` is a timm VisionTransformer made of pre-norm ``Block``s."""
+    """Raise a TietaError unless ``model`` is a timm VisionTransformer made of pre-norm ``Block``s
+    or a timm Eva (EVA-02, the rope ViTs) made of pre-norm ``EvaBlock``s."""
+    if type(model).__name__ == "VisionTransformerSAM":
+        raise TietaError("tieta does not work on SAM's image encoder: its windowed attention needs the full patch "
+                         "grid, which merging and pruning take apart")
+    if isinstance(model, Eva):
+        for index, block in enumerate(model.blocks):
+            if type(block) not in (EvaBlock, TietaEvaBlock):
+                raise TietaError(f"block {index} of this Eva is a {type(block).__name__}; tieta supports timm's "
+                                 "pre-norm eva.EvaBlock only")
+        return
     if not isinstance(model, VisionTransformer):
         raise TietaError(
-            f"tieta works on timm VisionTransformer models, and this model is a {type(model).__name__}"
+            f"tieta works on timm VisionTransformer and Eva models, and this model is a {type(model).__name__}"
         )
     for index, block in enumerate(model.blocks):
         if type(block) not in (Block, TietaBlock):
@@ -242,7 +354,7 @@ def check_vit(model: nn.Module) -> None:
             )
 
 
-def patch_blocks(model: nn.Module) -> list[TietaBlock]:
+def patch_blocks(model: nn.Module) -> list[nn.Module]:
     """Make the model and its blocks tieta's (idempotent, in place) and return the blocks.
 
     The class swaps keep every submodule, parameter and state-dict key as timm made them.
@@ -253,8 +365,8 @@ def patch_blocks(model: nn.Module) -> list[TietaBlock]:
         model.__dict__["tieta_pass_states"] = []
     blocks = []
     for block in model.blocks:
-        if type(block) is Block:
-            block.__class__ = TietaBlock
+        if type(block) in (Block, EvaBlock):
+            block.__class__ = TietaBlock if type(block) is Block else TietaEvaBlock
             block.select, block.reduce = Unchanged(), Unchanged()
             block.attn_gate, block.mlp_gate = EveryToken(), EveryToken()
             block.adapter = None
@@ -282,6 +394,7 @@ def pass_state(model: nn.Module, name: str, factory: Callable[[], Any]) -> Any:
 def token_state(model: nn.Module) -> TokenState:
     """The model's shared TokenState (made on first use) and each block's reference to it."""
     state = pass_state(model, "token_state", TokenState)
+    state.rope_follows = getattr(model, "rope", None) is not None
     for block in model.blocks:
         block.token_state = state
     return state
@@ -349,4 +462,4 @@ def take_output(module: nn.Module) -> torch.Tensor:
     return out
 
 
-__all__ = ["TietaBlock", "TietaViT", "TokenState", "check_vit", "patch_blocks", "pass_state", "token_state"]
+__all__ = ["TietaBlock", "TietaEvaBlock", "TietaViT", "TokenState", "check_vit", "patch_blocks", "pass_state", "token_state"]

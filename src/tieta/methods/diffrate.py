@@ -68,7 +68,8 @@ from tqdm.auto import tqdm
 from tieta import shard
 from tieta.errors import TietaError
 from tieta.methods import catalog
-from tieta.methods.blocks import (TietaBlock, TokenState, claim_reduction, keep_output, patch_blocks, take_output,
+from tieta.methods.blocks import (TietaBlock, TokenState, claim_reduction, follow_tokens, keep_output, patch_blocks,
+                                  rotated, take_output,
                                   token_state)
 from tieta.methods.method import Method
 from tieta.methods.schedules import ViTShape, vit_shape
@@ -221,7 +222,8 @@ class DiffRateReduce(nn.Module):
     def forward(self, x: torch.Tensor, block: TietaBlock) -> torch.Tensor:
         """Args: x: (B, N, D) after the attention residual.
         Returns: (B, min(N, kept_prune, kept_merge), D); during a search (B, N, D)."""
-        q, k = take_output(block.attn.q_norm), take_output(block.attn.k_norm)  # (B, H, N, hd)
+        # (B, H, N, hd), rotated as attention used them on a model with rope
+        q, k = rotated(block, take_output(block.attn.q_norm)), rotated(block, take_output(block.attn.k_norm))
         if block.training and self.searching:  # the block's mode: a step attached later may not share it yet
             return self._search(x, block, q, k)
         return self._gather(x, block, q, k)
@@ -231,9 +233,12 @@ class DiffRateReduce(nn.Module):
         state, prefix = block.token_state, block.num_prefix_tokens
         kept_prune, kept_merge = self.kept_numbers()
         scores = token_importance(q, k, block.attn.scale, prefix, self.criterion, state.attn_bias)
-        x, size, _ = sort_by_importance(x, _sizes(state, x), scores, prefix)
+        tokens = x.shape[1]
+        x, size, order = sort_by_importance(x, _sizes(state, x), scores, prefix)
         merges = kept_merge < min(x.shape[1], kept_prune)
         x, size = prune_merge(x, size, kept_prune, kept_merge, prefix)
+        # the kept tokens (merge destinations among them) keep their positions
+        follow_tokens(block, order[:, prefix:x.shape[1]] - prefix, tokens - prefix)
         if merges:
             size = size.clamp(min=SIZE_EPS)  # keeps log(size) finite (module docstring)
         _store_sizes(state, size, x, merges)
@@ -246,6 +251,7 @@ class DiffRateReduce(nn.Module):
         policy = state.policy
         scores = token_importance(q, k, block.attn.scale, prefix, self.criterion, state.attn_bias, policy)
         x, size, order = sort_by_importance(x, _sizes(state, x), scores, prefix)
+        follow_tokens(block, order[:, prefix:] - prefix, tokens - prefix)  # tokens stay, sorted
         active = tokens
         if policy is not None:
             policy = policy.gather(1, order)

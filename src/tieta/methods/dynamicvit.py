@@ -23,7 +23,8 @@ from torch import nn
 from tieta import shard
 from tieta.errors import TietaError
 from tieta.methods import catalog
-from tieta.methods.blocks import PassState, TietaBlock, claim_reduction, pass_state, patch_blocks, token_state
+from tieta.methods.blocks import (PassState, TietaBlock, claim_reduction, follow_tokens, pass_state, patch_blocks,
+                                  token_state)
 from tieta.methods.method import Method
 from tieta.methods.schedules import stage_blocks
 from tieta.ops.dynamicvit import PredictorLG, distillation_loss, gather_tokens, ratio_loss, sample_keep, top_keep
@@ -77,7 +78,9 @@ class DynamicViTSelect(nn.Module):
             return x
         kept = min(int(self.patches * self.ratio), patches.shape[1])
         log_probs = self.predictor(patches, torch.ones_like(patches[..., :1]))
-        return gather_tokens(x, top_keep(log_probs, kept), prefix)
+        indices = top_keep(log_probs, kept)
+        follow_tokens(block, indices, patches.shape[1])  # kept tokens keep their positions
+        return gather_tokens(x, indices, prefix)
 
 
 def add_dynamicvit(model: nn.Module, ratios: Sequence[float] = (0.9, 0.7, 0.5),

@@ -121,7 +121,8 @@ class AttentionDispatch(Dispatch):
         if active is None:
             return branch(x, mask)
         if not block.training and block.dispatch_state.real_skip:
-            return attend_on_active(branch, x, active[..., 0] > 0, mask)
+            return attend_on_active(branch, x, active[..., 0] > 0, mask,
+                                    with_order=getattr(block, "attends_by_position", False))
         keys = key_mask(active[..., 0] > 0, x.dtype)
         return active * branch(x, keys if mask is None else mask + keys)
 

@@ -21,11 +21,13 @@ from torch import nn
 
 from tieta.errors import TietaError
 from tieta.methods import catalog
-from tieta.methods.blocks import TietaBlock, claim_reduction, keep_output, patch_blocks, take_output, token_state
+from tieta.methods.blocks import (TietaBlock, claim_reduction, follow_tokens, keep_output, patch_blocks, rotated,
+                                  take_output, token_state)
 from tieta.methods.method import Method
 from tieta.methods.schedules import stage_blocks
 from tieta.ops.attention import class_attention, received_attention
-from tieta.ops.evit import evit_reduce, keep_count, keep_rate_at
+from tieta.ops.evit import evit_reduce, keep_count, keep_rate_at, kept_order
+from tieta.ops.rope import NO_POSITION
 
 
 class EViTReduce(nn.Module):
@@ -48,11 +50,18 @@ class EViTReduce(nn.Module):
         """Args: x: (B, N, D) after the attention residual. Returns: (B, prefix + k (+ 1), D)."""
         q, k = take_output(block.attn.q_norm), take_output(block.attn.k_norm)  # (B, H, N, hd)
         prefix = block.num_prefix_tokens
-        if keep_count(x.shape[1] - prefix, self.keep_rate) >= x.shape[1] - prefix:
+        scored = x.shape[1] - prefix
+        kept = keep_count(scored, self.keep_rate)
+        if kept >= scored:
             return x  # nothing to drop: skip the scoring too
         score = class_attention if self.class_token else received_attention
-        scores = score(q, k, block.attn.scale, prefix)
-        return evit_reduce(x, scores.to(x.dtype), self.keep_rate, prefix, self.fuse)
+        scores = score(rotated(block, q), rotated(block, k), block.attn.scale, prefix).to(x.dtype)
+        if block.token_state.rope_follows:  # kept tokens keep their positions; the fused token has none
+            order = kept_order(scores, kept)
+            if self.fuse:
+                order = torch.cat([order, order.new_full((order.shape[0], 1), NO_POSITION)], dim=1)
+            follow_tokens(block, order, scored)
+        return evit_reduce(x, scores, self.keep_rate, prefix, self.fuse)
 
 
 def add_evit(model: nn.Module, keep_rate: float = 0.7, locations: Optional[Sequence[int]] = None,

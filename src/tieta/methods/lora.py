@@ -8,6 +8,10 @@ Two flavours share one module:
   projection, as LoRA on separate query/value layers, usually with ``alpha`` so that the update is
   scaled by ``alpha / rank``.
 
+timm's Eva models: a fused ``qkv`` (EVA-02, the rope ViTs) takes LoRA as above, its separate
+``q_bias``/``v_bias`` still added; separate ``q_proj``/``k_proj``/``v_proj`` layers (no fused layer)
+get one pair each for the letters given, and ``"qkv"`` means all three (three pairs, not one).
+
 Initialisation: A kaiming-uniform (a = sqrt 5), B zeros, so a fresh LoRA is the identity.
 """
 
@@ -145,7 +149,17 @@ def add_lora(
     """
     slots = parse_targets(targets)
     for block in patch_blocks(model):
-        attach_lora(block.attn.qkv, rank, slots, alpha, dropout)
+        attn = block.attn
+        if getattr(attn, "qkv", None) is None:  # an Eva attention with separate q_proj, k_proj, v_proj
+            names = ("q_proj", "k_proj", "v_proj")
+            for slot in (0, 1, 2) if slots is None else slots:
+                attach_lora(getattr(attn, names[slot]), rank, None, alpha, dropout)
+            continue
+        attach_lora(attn.qkv, rank, slots, alpha, dropout)
+        if getattr(attn, "q_bias", None) is not None:
+            # timm's EvaAttention applies its q/v biases with the qkv weight in one F.linear, which
+            # would skip the LoRA layer; "separate" adds them after calling the layer (same sum)
+            attn.qkv_bias_separate = True
     return model
 
 

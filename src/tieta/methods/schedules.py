@@ -118,6 +118,13 @@ class ViTShape:
 VIT_B16 = ViTShape(12, 768, 3072, 12, 196, 1, 196 * 768 * 768, 768 * 1000)
 
 
+def mlp_hidden(mlp: nn.Module, width: int) -> int:
+    """The hidden width h of a plain MLP (D -> h -> D) that costs what ``mlp`` costs: its own for
+    timm's ``Mlp``; for the SwiGLU MLPs of Eva models (D -> 2h' -> gated h' -> D) 1.5 h'."""
+    macs = sum(m.in_features * m.out_features for m in mlp.modules() if isinstance(m, nn.Linear))
+    return macs // (2 * width)
+
+
 def vit_shape(model: nn.Module) -> ViTShape:
     """Read a timm ViT's dimensions."""
     check_vit(model)
@@ -129,7 +136,7 @@ def vit_shape(model: nn.Module) -> ViTShape:
     return ViTShape(
         depth=len(model.blocks),
         width=model.embed_dim,
-        hidden=block.mlp.fc1.out_features,
+        hidden=mlp_hidden(block.mlp, model.embed_dim),
         heads=block.attn.num_heads,
         patches=patches,
         prefix=model.num_prefix_tokens,

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from tieta.methods import catalog
-from tieta.methods.blocks import (TietaBlock, Unchanged, claim_reduction, keep_output, patch_blocks, release_output,
-                                  take_output, token_state)
+from tieta.methods.blocks import (TietaBlock, Unchanged, claim_reduction, follow_tokens, keep_output, patch_blocks,
+                                  release_output, rotated, take_output, token_state)
 from tieta.methods.method import Method
 from tieta.methods.schedules import (MergeConfig, resolve_schedule, schedule_setting, token_counts, validate_merge,
                                      vit_shape)
@@ -47,12 +47,14 @@ class TokenMerge(nn.Module):
     def forward(self, x: torch.Tensor, block: TietaBlock) -> torch.Tensor:
         """Args: x: (B, N, D) after the attention residual. Returns: (B, N - r, D)."""
         state = block.token_state
-        keys = take_output(block.attn.k_norm)  # (B, H, N, hd)
+        keys = rotated(block, take_output(block.attn.k_norm))  # (B, H, N, hd), rotated as attention used them
         modulation = self.modulation(block)
         prefix = block.num_prefix_tokens
         # a ctypes call cannot be traced: torch.compile and torch.export (ONNX) take the tensor
-        # merge below, which computes the same, and so keep the whole forward pass in one graph
-        if not state.trace_source and not torch.compiler.is_compiling() and native_merge_applies(keys, x, modulation):
+        # merge below, which computes the same, and so keep the whole forward pass in one graph;
+        # rotary embeddings follow the kept rows, which only the tensor merge gives
+        if (not state.trace_source and not state.rope_follows and not torch.compiler.is_compiling()
+                and native_merge_applies(keys, x, modulation)):
             r = min(self.r, max_merges(x.shape[1], prefix))
             merged = native_merge(keys, x, state.size, r, prefix, modulation)
             if merged is not None:  # None: no compiler here; the tensor code below does the same
@@ -63,6 +65,10 @@ class TokenMerge(nn.Module):
         matching = bipartite_soft_matching(keys.sum(dim=1), self.r, prefix)
         if state.trace_source:
             state.source = merge_source(matching, state.source, x.shape[1])
+        if state.rope_follows:  # a merged token keeps its destination's position, the others their own
+            batch, tokens = x.shape[0], x.shape[1]
+            kept = matching.kept_rows.view(batch, -1) - torch.arange(batch, device=x.device)[:, None] * tokens
+            follow_tokens(block, kept[:, prefix:] - prefix, tokens - prefix)
         x, state.size = merge_wavg(matching, x, state.size, modulation)
         if state.prop_attn:
             state.attn_bias = size_bias_mask(state.size, x)

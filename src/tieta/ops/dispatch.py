@@ -64,7 +64,7 @@ def run_on_active(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, a
 
 
 def attend_on_active(attn: Callable[..., torch.Tensor], x: torch.Tensor, active: torch.Tensor,
-                     bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     bias: Optional[torch.Tensor] = None, with_order: bool = False) -> torch.Tensor:
     """Self-attention among each image's active tokens only; zeros at inactive tokens.
 
     Active tokens are packed to the front of a (B, L, D) tensor, L the largest active count;
@@ -74,6 +74,8 @@ def attend_on_active(attn: Callable[..., torch.Tensor], x: torch.Tensor, active:
         attn: the attention branch, called as ``attn(tokens, additive_mask_or_None)``.
         x: (B, N, D) normalised tokens; active: (B, N) bool.
         bias: optional (B, 1, 1, N) additive key bias (proportional attention).
+        with_order: call ``attn(tokens, mask, order)``, order (B, L) the index in ``x`` of each
+            packed token (attention with rotary embeddings needs the packed tokens' positions).
     """
     batch, tokens, width = x.shape
     counts = active.sum(dim=1)
@@ -89,7 +91,7 @@ def attend_on_active(attn: Callable[..., torch.Tensor], x: torch.Tensor, active:
     if not bool(valid.all()):
         padding = key_mask(valid, x.dtype)
         mask = padding if mask is None else mask + padding
-    out = attn(packed, mask)
+    out = attn(packed, mask, order) if with_order else attn(packed, mask)
     out = out * valid[..., None].to(out.dtype)
     return x.new_zeros(batch, tokens, out.shape[-1]).scatter_(1, order[..., None].expand(-1, -1, out.shape[-1]), out)
 

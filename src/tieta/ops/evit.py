@@ -92,7 +92,7 @@ def evit_reduce(
         raise ValueError(f"keep rate {keep_rate} keeps no token out of {scored}")
 
     prefix, rest = x[:, :num_prefix], x[:, num_prefix:]
-    order = scores.topk(kept_count, dim=1, largest=True, sorted=True).indices  # (B, k), best first
+    order = kept_order(scores, kept_count)
     kept = rest.gather(1, order.unsqueeze(-1).expand(-1, -1, width))
     if not fuse:
         return torch.cat([prefix, kept], dim=1)
@@ -104,6 +104,12 @@ def evit_reduce(
     weights = scores.to(compute_dtype).masked_fill(is_kept, 0.0)
     fused = (rest.to(compute_dtype) * weights.unsqueeze(-1)).sum(dim=1, keepdim=True)
     return torch.cat([prefix, kept, fused.to(x.dtype)], dim=1)
+
+
+def kept_order(scores: torch.Tensor, kept_count: int) -> torch.Tensor:
+    """(B, k) indices of the ``kept_count`` highest scores (B, n), best first: the kept tokens in
+    the order :func:`evit_reduce` puts them."""
+    return scores.topk(kept_count, dim=1, largest=True, sorted=True).indices
 
 
 def keep_rate_at(epoch: float, base_rate: float, start_epoch: float = 0, epochs: float = 0) -> float:
