@@ -25,6 +25,11 @@ def test_shape_ceiling_is_a_speedup():
     assert shape_ceiling(make_vit("plain"), [4, 2, 1], batch_size=2, rounds=1) > 0
 
 
+def test_shape_ceiling_runs_on_an_eva_block():  # gamma_1 / gamma_2 LayerScale, no ls1 / ls2
+    model = make_vit("eva02")
+    assert shape_ceiling(model, [4] * len(model.blocks), batch_size=2, rounds=1) > 0
+
+
 def test_merge_variants_keep_the_token_counts_and_pair_with_tome():
     from tieta.measure.bench_suite import TensorMerge, _paired_ratios, free_merge
 

@@ -156,6 +156,17 @@ def benchmark(
     return rows
 
 
+def _scaled(block: nn.Module, branch: int, out: torch.Tensor) -> torch.Tensor:
+    """A branch's output under its LayerScale: a ViT block's ``ls1``/``ls2`` module, an Eva block's
+    ``gamma_1``/``gamma_2`` (None when off). Eva's rotary embedding is not applied here: an elementwise
+    step whose time is small beside the products it precedes."""
+    scale = getattr(block, f"ls{branch}", None)
+    if scale is not None:
+        return scale(out)
+    gamma = getattr(block, f"gamma_{branch}", None)
+    return out if gamma is None else out * gamma
+
+
 def shape_ceiling(
     model: nn.Module, schedule: list[int], batch_size: int, device: str | torch.device = "cpu",
     dtype: Optional[torch.dtype] = None, rounds: int = 7, progress: Optional[Progress] = None,
@@ -188,9 +199,9 @@ def shape_ceiling(
             with torch.inference_mode(), autocast:
                 for block, n_in, n_out in zip(blocks, entering, leaving):
                     x = inputs[n_in]
-                    x = x + block.ls1(block.attn(block.norm1(x)))
+                    x = x + _scaled(block, 1, block.attn(block.norm1(x)))
                     x = x[:, :n_out]
-                    x = x + block.ls2(block.mlp(block.norm2(x)))
+                    x = x + _scaled(block, 2, block.mlp(block.norm2(x)))
 
         return step
 
