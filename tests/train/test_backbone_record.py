@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import pytest
 import timm
@@ -12,7 +13,7 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from conftest import fail_in_epoch
+from conftest import fail_in_epoch, write_vtab_task
 from tieta import TietaError
 from tieta.cli import main
 from tieta.deploy.export import export_run
@@ -35,18 +36,29 @@ def _weights(path, seed: int = 0):
     return path
 
 
-@pytest.fixture
-def trained(vtab_task, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def trained_once(tmp_path_factory):
     """A run trained on the weights file named relatively, from the folder that holds it."""
-    home = tmp_path / "weights"
+    root = tmp_path_factory.mktemp("record")
+    task = write_vtab_task(root / "task")
+    home = root / "weights"
     home.mkdir()
     _weights(home / "vit.safetensors")
-    monkeypatch.chdir(home)
-    fit(load_config(overrides={**TINY, "weights": "vit.safetensors", "data.path": str(vtab_task)}), tmp_path / "run")
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    monkeypatch.chdir(elsewhere)
-    return tmp_path / "run", home / "vit.safetensors"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(home)
+        fit(load_config(overrides={**TINY, "weights": "vit.safetensors", "data.path": str(task)}), root / "run")
+    files = (home / "vit.safetensors", root / "run" / "checkpoint.safetensors")
+    return root / "run", home / "vit.safetensors", {path: path.read_bytes() for path in files}
+
+
+@pytest.fixture
+def trained(trained_once, tmp_path, monkeypatch):
+    """The run and its weights file as trained (a test may change them), seen from another folder."""
+    run, weights, pristine = trained_once
+    for path, data in pristine.items():
+        path.write_bytes(data)
+    monkeypatch.chdir(tmp_path)
+    return run, weights
 
 
 def test_a_weights_file_is_recorded_by_absolute_path_and_checksum(trained):
@@ -58,7 +70,7 @@ def test_a_weights_file_is_recorded_by_absolute_path_and_checksum(trained):
     assert json.loads((run / "summary.json").read_text())["weights"] == str(weights)
     # from another folder, the run is rebuilt on the same file
     assert evaluate_checkpoint(run)["images"] == 6
-    assert export_run(run, "export")["output"].is_dir()
+    assert export_run(run, "export")["output"].is_dir()  # in this test's own folder
 
 
 def test_a_changed_weights_file_is_refused_by_eval_export_and_predict(trained, capsys):
@@ -71,7 +83,7 @@ def test_a_changed_weights_file_is_refused_by_eval_export_and_predict(trained, c
     for command in (["export", str(run), "--output", "export"], ["predict", str(run), str(image)]):
         assert main(command) == 2
         assert CHANGED in capsys.readouterr().err
-    assert not (run.parent / "elsewhere" / "export").exists()
+    assert not Path("export").exists()
 
 
 def test_a_run_without_the_record_is_rebuilt_as_before(trained):
