@@ -16,7 +16,7 @@ from tieta.methods.attention import masked_eva_attention
 from tieta.methods.blocks import TietaEvaBlock, patch_blocks
 from tieta.methods.lora import LoRALinear
 from tieta.ops.rope import NO_POSITION, follow, rope_at, rotate
-from tests.conftest import EVA_VARIANTS, SMALL, _eva, make_vit, randomise_parameters, refused
+from tests.conftest import EVA_VARIANTS, SMALL, _eva, make_vit, randomise_parameters
 
 
 @pytest.fixture(params=list(EVA_VARIANTS))

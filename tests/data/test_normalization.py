@@ -18,7 +18,7 @@ import tieta
 from tieta import TietaError
 from tieta.cli import main
 from tieta.data import normalization
-from tieta.data.transforms import NORMALIZATIONS, Normalize, load_resized
+from tieta.data.transforms import Normalize, load_resized
 from tieta.deploy.export import INFO_FILE, export_run
 from tieta.deploy.predict import open_predictor
 from tieta.train.checkpoint import CONFIG_KEY, read_tensors, write_tensors
