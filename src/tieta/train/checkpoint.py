@@ -124,10 +124,12 @@ def metadata_count(text: str) -> Optional[int]:
     return int(text) if text.isascii() and text.isdigit() and len(text) < 10 else None
 
 
-def save_checkpoint(model: nn.Module, path: Path, config: dict[str, Any], num_classes: int) -> None:
-    """Write the trainable parameters of ``model`` and ``config`` to ``path``, atomically."""
+def save_checkpoint(model: nn.Module, path: Path, config: dict[str, Any], num_classes: int,
+                    extra: Optional[dict[str, str]] = None) -> None:
+    """Write the trainable parameters of ``model`` and ``config`` to ``path``, atomically (``extra``:
+    more metadata, e.g. the epoch of a best checkpoint)."""
     tensors = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    write_tensors(tensors, path, {CONFIG_KEY: json.dumps(config), NUM_CLASSES_KEY: str(num_classes)})
+    write_tensors(tensors, path, {CONFIG_KEY: json.dumps(config), NUM_CLASSES_KEY: str(num_classes), **(extra or {})})
 
 
 def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], int]:

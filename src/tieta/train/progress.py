@@ -7,6 +7,7 @@ Written after every epoch (``progress.safetensors``, safetensors with a checksum
   Python's, and the generator that shuffles the training images (the sampler's position);
 - the epoch, the best accuracy so far, and how many processes trained;
 - the metric records of the finished epochs (``metrics.jsonl`` is rebuilt from them on resume);
+- fp16's gradient scaler (its scale and the steps since it last changed);
 - the settings and the data's fingerprint the run started with (a resume refuses a change).
 
 The learning-rate schedule and every method's per-epoch schedule are functions of the step and the
@@ -43,6 +44,7 @@ class Progress:
     # older checkpoint, which did not record them)
     settings: Optional[dict[str, Any]] = None  # the resolved config the run started with
     data: str = ""  # the fingerprint of its data (tieta.data.vtab.fingerprint)
+    scaler: Optional[dict[str, Any]] = None  # fp16's GradScaler.state_dict() (None without one)
 
 
 def save_progress(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, shuffle: torch.Generator,
@@ -76,6 +78,8 @@ def save_progress(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer
         "settings": json.dumps(progress.settings),
         "data": progress.data,
     }
+    if progress.scaler is not None:
+        metadata["scaler"] = json.dumps(progress.scaler)
     if processes.main:
         write_tensors(tensors, path, metadata)
 
@@ -133,10 +137,11 @@ def read_record(path: Path, metadata: Optional[dict[str, str]] = None) -> Progre
         best = parse_json(metadata["best"], f"the best accuracy in {path}")
         records = parse_json(metadata["records"], f"the metrics in {path}") if "records" in metadata else None
         settings = parse_json(metadata.get("settings", "null"), f"the settings in {path}")
+        scaler = parse_json(metadata.get("scaler", "null"), f"the gradient scaler's state in {path}")
     except KeyError:
         raise unreadable from None
     records_ok = records is None or (isinstance(records, list) and all(isinstance(r, dict) for r in records))
     if (epoch is None or not (best is None or isinstance(best, dict)) or not records_ok
-            or not (settings is None or isinstance(settings, dict))):
+            or not (settings is None or isinstance(settings, dict)) or not (scaler is None or isinstance(scaler, dict))):
         raise unreadable
-    return Progress(epoch, best, records, settings, metadata.get("data", ""))
+    return Progress(epoch, best, records, settings, metadata.get("data", ""), scaler)
