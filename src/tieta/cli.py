@@ -258,7 +258,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2))
         return 0
     print(f"{args.run}{' (best epoch)' if args.best else ''}: {result['split']} split, {result['images']} images")
-    print(format_table([result], EVAL_COLUMNS))
+    shown = {**result, "top5": "n/a" if result.get("top5") is None else result["top5"]}  # under 5 classes
+    print(format_table([shown], EVAL_COLUMNS))
     for note in result["notes"]:
         print(note)
     return 0
