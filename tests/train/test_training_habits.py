@@ -103,7 +103,8 @@ def test_fp16_with_loggers_resumes_exactly_with_its_scaler_logs_and_best_checkpo
     monkeypatch.undo()
     scaler = read_record(tmp_path / "run" / "progress.safetensors").scaler
     assert scaler is not None and scaler["scale"] > 0 and "_growth_tracker" in scaler
-    assert (tmp_path / "run" / "checkpoint_best.safetensors").is_file()
+    kept = read_tensors(tmp_path / "run" / "progress.safetensors")[0]
+    assert any(name.startswith("best.") for name in kept)  # the best epoch's tensors, until the end
     summary = resume_run(tmp_path / "run")
     # the run left alone, without loggers: logging changes nothing a run computes
     alone = fit(_config(vtab_task, amp="fp16", **{"optim.epochs": 3}), tmp_path / "alone")
@@ -262,3 +263,22 @@ def test_a_missing_logger_package_is_one_sentence(vtab_task, tmp_path, monkeypat
     assert main(["train", "--data", str(vtab_task), "--model", "test_vit", "--weights", "random", "--img-size", "32",
                  "--log", "wandb", "--output", str(tmp_path / "run")]) == 2
     assert not (tmp_path / "run").exists()  # refused before the folder is touched
+
+
+def test_two_processes_accumulating_train_as_one_process_with_the_whole_batch(tmp_path):
+    import subprocess
+
+    task = write_vtab_task(tmp_path / "task")  # 12 training images: 2 steps of 2 x 3 images, or of 6
+    common = ["-m", "tieta", "train", "--model", "test_vit", "--weights", "random", "--img-size", "32", "--epochs",
+              "1", "--warmup-epochs", "0", "--drop-path", "0", "--set", "lora.dropout=0", "--set", "eval_batch_size=4",
+              "--data", str(task)]
+    runs = {"one": [sys.executable, *common, "--batch-size", "6"],
+            "two": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *common,
+                    "--batch-size", "3", "--grad-accum-steps", "2"]}
+    for name, command in runs.items():
+        done = subprocess.run([*command, "--output", str(tmp_path / name)], capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    one, two = (_metrics(tmp_path / name)[0] for name in runs)
+    for key in ("loss", "acc", "balanced_acc", "eval_loss", "lr"):
+        assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-6), (key, one, two)

@@ -132,10 +132,11 @@ def describe_methods(model: nn.Module, config: RunConfig) -> dict[str, Any]:
 
 
 def _needed_bytes(model: nn.Module) -> int:
-    """Disk a run needs: the progress checkpoint (tensors and two AdamW moments), the final one and
-    the best epoch's, each written beside the file it replaces, plus room for the logs."""
+    """Disk a run needs: the progress checkpoint (tensors, the best epoch's and two AdamW moments)
+    and the final one, each written beside the file it replaces, and the best epoch's, plus room
+    for the logs."""
     trained = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    return 2 * (3 * trained + trained + trained) + 2**20
+    return 2 * (4 * trained + trained) + trained + 2**20
 
 
 def _estimate_seconds(started: float, done: int, first: int, total: int) -> float:
@@ -296,6 +297,8 @@ def _train(config: RunConfig, run: Optional[RunDir], output: Path, resume: bool,
             run.restore_metrics(progress.records)
     last = list(progress.records or [])
     best = progress.best
+    # the best epoch's trained tensors: in every progress checkpoint, written as checkpoint_best at the end
+    best_tensors = progress.best_tensors
     last_eval = next(({key: r.get(key) for key in ("acc", "top5", "balanced_acc", "eval_loss")}
                       for r in reversed(last) if "acc" in r), None)
     logs = loggers.open_loggers(run.path if run is not None else None, config.log, progress.epoch, resolved)
@@ -312,18 +315,17 @@ def _train(config: RunConfig, run: Optional[RunDir], output: Path, resume: bool,
                                           device, config.precision, optim.clip_grad, objective,
                                           f"epoch {epoch + 1}", processes, global_sizes, optim.grad_accum_steps,
                                           scaler))
-            improved = False
             if (epoch + 1) % config.eval_every == 0 or epoch + 1 == optim.epochs:
                 last_eval = evaluate(model, eval_loader, normalize, device, config.precision, processes=processes)
                 record.update(last_eval)
                 if best is None or last_eval["acc"] > best["acc"]:
                     best = {"acc": last_eval["acc"], "epoch": epoch + 1}
-                    improved = True
+                    best_tensors = trained_tensors(model)
             last.append(strict_json(record))
             scaler_state = scaler.state_dict() if scaler is not None else None
             _save_epoch(run, record, model, optimizer, shuffle,
-                        Progress(epoch + 1, best, last, resolved, data_print, scaler_state), processes,
-                        (resolved, task.num_classes) if improved else None)
+                        Progress(epoch + 1, best, last, resolved, data_print, scaler_state, best_tensors),
+                        processes)
             if logs is not None:
                 logs.log(last)
             shown = (f"{prefix}epoch {epoch + 1}/{optim.epochs}: loss {record['loss']:.4f}, "
@@ -336,6 +338,9 @@ def _train(config: RunConfig, run: Optional[RunDir], output: Path, resume: bool,
         distributed.barrier(processes)  # the first process measures and writes; the others are done
         return {}
     save_checkpoint(model, run.checkpoint, resolved, task.num_classes)
+    if best_tensors is not None:  # None only after resuming a checkpoint of a tieta that did not keep them
+        save_checkpoint(model, run.file(CHECKPOINT_BEST), resolved, task.num_classes, {"epoch": str(best["epoch"])},
+                        tensors=best_tensors)
     trainable, total = trainable_parameters(model)
     summary = {
         "model": config.model,
@@ -369,24 +374,20 @@ def _train(config: RunConfig, run: Optional[RunDir], output: Path, resume: bool,
     return summary
 
 
-def _save_epoch(run: Optional[RunDir], record: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
-                shuffle: torch.Generator, progress: Progress, processes: distributed.Processes,
-                best: Optional[tuple[dict[str, Any], int]] = None) -> None:
-    """Log the epoch and write its resumable checkpoint; if the first process cannot (a full disk),
-    every process stops, and the checkpoint of the epoch before stays.
+def trained_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of the trained tensors of ``model`` (those a checkpoint holds)."""
+    return {name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.requires_grad}
 
-    Args:
-        best: (resolved config, classes) where this epoch is the best so far: its trained tensors
-            go to checkpoint_best.safetensors first (a run killed before its progress checkpoint
-            does the epoch again, and writes it again).
-    """
+
+def _save_epoch(run: Optional[RunDir], record: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
+                shuffle: torch.Generator, progress: Progress, processes: distributed.Processes) -> None:
+    """Log the epoch and write its resumable checkpoint; if the first process cannot (a full disk),
+    every process stops, and the checkpoint of the epoch before stays."""
     check_finite(model, f"after epoch {progress.epoch}")  # never checkpoint NaNs over the last good epoch
     failure = None
     try:
         if run is not None:
             run.log(record)
-            if best is not None:
-                save_checkpoint(model, run.file(CHECKPOINT_BEST), best[0], best[1], {"epoch": str(progress.epoch)})
     except TietaError as error:
         failure = error
     try:

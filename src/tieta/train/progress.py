@@ -8,6 +8,7 @@ Written after every epoch (``progress.safetensors``, safetensors with a checksum
 - the epoch, the best accuracy so far, and how many processes trained;
 - the metric records of the finished epochs (``metrics.jsonl`` is rebuilt from them on resume);
 - fp16's gradient scaler (its scale and the steps since it last changed);
+- the trained tensors of the best epoch so far (checkpoint_best.safetensors once finished);
 - the settings and the data's fingerprint the run started with (a resume refuses a change).
 
 The learning-rate schedule and every method's per-epoch schedule are functions of the step and the
@@ -45,6 +46,9 @@ class Progress:
     settings: Optional[dict[str, Any]] = None  # the resolved config the run started with
     data: str = ""  # the fingerprint of its data (tieta.data.vtab.fingerprint)
     scaler: Optional[dict[str, Any]] = None  # fp16's GradScaler.state_dict() (None without one)
+    # the trained tensors of the best epoch (None: none evaluated yet, or an older checkpoint); only
+    # load_progress reads them
+    best_tensors: Optional[dict[str, torch.Tensor]] = None
 
 
 def save_progress(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, shuffle: torch.Generator,
@@ -61,6 +65,8 @@ def save_progress(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         for rank, rng in enumerate(gather_tensors(torch.cuda.get_rng_state(), processes)):
             tensors[f"rng.cuda.{rank}"] = rng
+    for name, tensor in (progress.best_tensors or {}).items():
+        tensors[f"best.{name}"] = tensor
     tensors["rng.shuffle"] = shuffle.get_state()
     kind, keys, position, has_gauss, gauss = np.random.get_state()
     tensors["rng.numpy"] = torch.from_numpy(keys.astype(np.int64))
@@ -120,6 +126,8 @@ def load_progress(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer
     np.random.set_state((numpy_kind, tensors["rng.numpy"].numpy().astype(np.uint32), numpy_position,
                          numpy_has_gauss, numpy_gauss))
     random.setstate((python_version, tuple(tensors["rng.python"].tolist()), python_gauss))
+    best = {name.removeprefix("best."): t for name, t in tensors.items() if name.startswith("best.")}
+    progress.best_tensors = best if best.keys() == trained.keys() else None
     return progress
 
 
