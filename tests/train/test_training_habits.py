@@ -140,7 +140,7 @@ def test_bf16_flag_is_amp_bf16_and_older_configs_still_resume(vtab_task, tmp_pat
     # a run started by a tieta without the new settings: its config.yaml and checkpoint lack them
     fail_in_epoch(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
-        fit(_config(vtab_task), tmp_path / "old")
+        fit(_config(vtab_task, bf16=True), tmp_path / "old")
     monkeypatch.undo()
     config = yaml.safe_load((tmp_path / "old" / "config.yaml").read_text())
     for values, keys in ((config, ("amp", "log")), (config["optim"], ("grad_accum_steps", "label_smoothing"))):
@@ -152,7 +152,7 @@ def test_bf16_flag_is_amp_bf16_and_older_configs_still_resume(vtab_task, tmp_pat
     metadata.pop("format"), metadata.pop("tieta_sha256")
     metadata["settings"] = json.dumps(config)
     write_tensors(tensors, progress, metadata)
-    assert resume_run(tmp_path / "old")["amp"] is None
+    assert resume_run(tmp_path / "old")["amp"] == "bf16"
 
 
 def test_tf32_is_used_on_cuda_only():
@@ -183,8 +183,9 @@ def test_label_smoothing_smooths_the_cross_entropy(vtab_task):
     assert loss.item() == pytest.approx(F.cross_entropy(model(images), labels, label_smoothing=0.2).item(), rel=1e-6)
     plain = training_objective(_config(vtab_task))(model, images, labels)
     assert plain.item() != pytest.approx(loss.item())
-    with pytest.raises(TietaError, match="own loss"):
-        _config(vtab_task, method="dyt", **{"optim.label_smoothing": 0.1})
+    for method in ("dyt", "dynamicvit", "diffrate"):
+        with pytest.raises(TietaError, match="own loss"):
+            _config(vtab_task, method=method, **{"optim.label_smoothing": 0.1})
 
 
 # --- top-5 and balanced accuracy -------------------------------------------------------------------
@@ -224,7 +225,9 @@ def test_best_checkpoint_is_kept_checksummed_and_used_by_eval_and_export(vtab_ta
     best = tmp_path / "run" / "checkpoint_best.safetensors"
     _, metadata = read_tensors(best)  # checksum verified
     assert int(metadata["epoch"]) == summary["best_epoch"]
-    assert evaluate_checkpoint(tmp_path / "run", best=True)["acc"] == pytest.approx(summary["best_acc"])
+    evaluated = evaluate_checkpoint(tmp_path / "run", best=True)  # what tieta eval --json prints
+    assert evaluated["acc"] == pytest.approx(summary["best_acc"])
+    assert evaluated["top5"] is None and evaluated["balanced_acc"] is not None
     assert summary["top5"] is None and summary["balanced_acc"] is not None  # 3 classes
     records = _metrics(tmp_path / "run")
     assert all("top5" in r and "balanced_acc" in r for r in records)
