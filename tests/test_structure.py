@@ -34,6 +34,8 @@ LAZY_IMPORTS = {
     ("data/assets.py", "_write_elpv"): "tqdm, only when the ELPV task is built",
     ("deploy/onnx.py", "_onnxruntime"): "onnxruntime is an optional dependency (tieta[onnx])",
     ("deploy/onnx.py", "_onnx_translations"): "onnxscript is an optional dependency (tieta[onnx])",
+    ("train/loggers.py", "_import_tensorboard"): "tensorboard is an optional dependency (tieta[tensorboard])",
+    ("train/loggers.py", "_import_wandb"): "wandb is an optional dependency (tieta[wandb])",
 }
 LAZY_FILES = {"cli.py"}  # every function of these may import lazily
 

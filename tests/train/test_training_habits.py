@@ -85,9 +85,10 @@ def test_accumulated_run_has_the_metrics_of_the_larger_batch(vtab_task, tmp_path
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4) and a["acc"] == b["acc"]
 
 
-def test_accumulation_is_refused_with_diffrate_and_below_one(vtab_task):
-    with pytest.raises(TietaError, match="grad_accum_steps must stay 1"):
-        _config(vtab_task, method="diffrate", **{"optim.grad_accum_steps": 2})
+def test_accumulation_is_refused_with_a_method_of_its_own_loss_and_below_one(vtab_task):
+    for method in ("dyt", "dynamicvit", "diffrate"):
+        with pytest.raises(TietaError, match="grad_accum_steps must stay 1"):
+            _config(vtab_task, method=method, **{"optim.grad_accum_steps": 2})
     with pytest.raises(TietaError, match="at least 1"):
         _config(vtab_task, **{"optim.grad_accum_steps": 0})
 

@@ -336,9 +336,11 @@ def _training_habits(config: RunConfig) -> list[tuple[bool, str]]:
         (optim.label_smoothing == 0 or not own_loss,
          f"optim.label_smoothing smooths the cross-entropy, but {' and '.join(own_loss)} trains with its own loss; "
          "leave it at 0"),
-        # DiffRate's search steps its own optimizer on every batch, inside the loss
-        (optim.grad_accum_steps == 1 or "diffrate" not in config.methods,
-         "diffrate's rate search steps on every batch; optim.grad_accum_steps must stay 1 with it"),
+        # a method's own loss is no mean over images (a rate penalty, a search that steps on every
+        # batch), so batches of it do not add up to one larger batch
+        (optim.grad_accum_steps == 1 or not own_loss,
+         f"{' and '.join(own_loss)} trains with its own loss, which batches do not add up to: "
+         "optim.grad_accum_steps must stay 1 with it"),
         (len(set(config.log)) == len(config.log), f"log names a logger twice: {config.log}"),
     ]
     for logger in config.log:

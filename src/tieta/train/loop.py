@@ -113,7 +113,6 @@ def train_one_epoch(
         last_in_group = position == accum_steps - 1 or index == batches - 1
         if position == 0:
             set_lr(optimizer, lr_at(step))
-            optimizer.zero_grad(set_to_none=True)
         with shard.sharded(processes.shard(images_in_step)), autocast(device, bf16):
             loss = loss_fn(model, images, labels)
         value = loss.item()  # the global batch's loss, the same in every process
@@ -121,6 +120,8 @@ def train_one_epoch(
             raise Diverged(f"training diverged: the loss became {value} at step {step - first_step + 1} of "
                            f"{description} (lr {optimizer.param_groups[0]['lr']:.3g}); lower the learning rate "
                            "or set optim.clip_grad")
+        if position == 0:  # after the forward pass: an objective may leave gradients of its own (DiffRate)
+            optimizer.zero_grad(set_to_none=True)
         if accum_steps > 1:  # the step's loss is the mean over all its images
             in_group = group_images[index // accum_steps] if group_images is not None else None
             loss = loss * (images_in_step / in_group if in_group else 1.0 / accum_steps)
