@@ -134,10 +134,10 @@ def run_rows(results: SweepResults, key: str = "acc") -> list[RunRow]:
             values = [float(r.summary[fact]) for r in records if is_number(r.summary.get(fact))]
             if values:
                 row.facts[fact] = statistics.fmean(values)
-        for key in EXTRA_ACCURACIES:
-            if any(key in r.summary for r in records):
-                values = [float(r.summary[key]) for r in records if is_number(r.summary.get(key))]
-                row.extra_accuracies[key] = statistics.fmean(values) if len(values) == len(records) else None
+        for extra in EXTRA_ACCURACIES:
+            if any(extra in r.summary for r in records):
+                values = [float(r.summary[extra]) for r in records if is_number(r.summary.get(extra))]
+                row.extra_accuracies[extra] = statistics.fmean(values) if len(values) == len(records) else None
         rows.append(row)
     return rows
 
