@@ -156,8 +156,9 @@ def fit(config: RunConfig, output: str | Path, overwrite: bool = False, label: O
     The run folder (``tieta.train.rundir``) gets config.yaml, metrics.jsonl (one line per epoch),
     a resumable checkpoint after every epoch, and at the end checkpoint.safetensors (trained
     tensors only), checkpoint_best.safetensors (those of the epoch with the best top-1) and
-    summary.json; the loggers of ``log`` (``tieta.train.loggers``) get every epoch. Started by ``torchrun``, the processes train data-parallel
-    (``tieta.train.distributed``) and the first one writes.
+    summary.json; the loggers of ``log`` (``tieta.train.loggers``) get every epoch. Started by
+    ``torchrun``, the processes train data-parallel (``tieta.train.distributed``) and the first
+    one writes.
     """
     validate(config)
     config = with_warmup(config)  # a warm-up left unset follows the rule (tieta.train.config)
