@@ -150,6 +150,7 @@ def read_record(path: Path, metadata: Optional[dict[str, str]] = None) -> Progre
         raise unreadable from None
     records_ok = records is None or (isinstance(records, list) and all(isinstance(r, dict) for r in records))
     if (epoch is None or not (best is None or isinstance(best, dict)) or not records_ok
-            or not (settings is None or isinstance(settings, dict)) or not (scaler is None or isinstance(scaler, dict))):
+            or not (settings is None or isinstance(settings, dict))
+            or not (scaler is None or isinstance(scaler, dict))):
         raise unreadable
     return Progress(epoch, best, records, settings, metadata.get("data", ""), scaler)
