@@ -38,6 +38,8 @@ LAZY_IMPORTS = {
     ("data/vtab.py", "open_task"): "tieta.data.sources and tieta.data.hub, which build on this module's Task",
     ("hf/source.py", "_download"): "huggingface_hub, only for hf:ORG/NAME (tieta[transformers])",
     ("hf/export.py", "_transformers"): "transformers is an optional dependency (tieta[transformers])",
+    ("train/loggers.py", "_import_tensorboard"): "tensorboard is an optional dependency (tieta[tensorboard])",
+    ("train/loggers.py", "_import_wandb"): "wandb is an optional dependency (tieta[wandb])",
 }
 LAZY_FILES = {"cli.py"}  # every function of these may import lazily
 

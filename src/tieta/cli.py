@@ -32,6 +32,17 @@ FLAG_KEYS = {
     "device": "device",
     "eval_every": "eval_every",
 }
+# the training conveniences, by timm's train.py names where it has them
+FLAG_KEYS.update({
+    "amp": "amp",
+    "grad_accum_steps": "optim.grad_accum_steps",
+    "drop_path": "drop_path",
+    "min_lr": "optim.min_lr",
+    "clip_grad": "optim.clip_grad",
+    "workers": "data.num_workers",
+    "smoothing": "optim.label_smoothing",
+    "log": "log",
+})
 
 
 def _method_flags() -> dict[str, Any]:
@@ -116,7 +127,23 @@ def _add_schedule_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, help="training batch size (default 64)")
     parser.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 1e-4)")
     parser.add_argument("--eval-every", type=int, help="epochs between evaluations (default 1)")
-    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (the same as --amp bf16)")
+    _add_training_habit_arguments(parser)
+
+
+def _add_training_habit_arguments(parser: argparse.ArgumentParser) -> None:
+    """Mixed precision, accumulation, regularisation, data workers and loggers (timm's names)."""
+    parser.add_argument("--amp", choices=("bf16", "fp16"), help="autocast: bf16, or fp16 with a gradient scaler "
+                        "(default: fp32)")
+    parser.add_argument("--grad-accum-steps", type=_positive_int, metavar="N",
+                        help="batches per optimizer step: N x --batch-size images a step (default 1)")
+    parser.add_argument("--drop-path", type=float, help="stochastic depth rate of the backbone (default 0.1)")
+    parser.add_argument("--min-lr", type=float, help="learning rate at the end of the cosine (default 1e-5)")
+    parser.add_argument("--clip-grad", type=float, help="largest gradient norm (default: no clipping)")
+    parser.add_argument("--workers", type=int, help="data-loading processes (default 0: in the training process)")
+    parser.add_argument("--smoothing", type=float, help="label smoothing of the cross-entropy (default 0)")
+    parser.add_argument("--log", action="append", choices=("csv", "tensorboard", "wandb"),
+                        help="also log each epoch: csv (summary.csv), tensorboard, wandb (repeatable)")
 
 
 def _add_image_sample_arguments(parser: argparse.ArgumentParser, overwrite_help: str) -> None:
@@ -142,7 +169,9 @@ def _overrides_from(args: argparse.Namespace) -> dict[str, Any]:
         if value is not None:
             overrides[key] = value
     if getattr(args, "bf16", False):
-        overrides["bf16"] = True
+        if getattr(args, "amp", None) not in (None, "bf16"):
+            raise TietaError(f"--bf16 is --amp bf16; give one of --bf16 and --amp {args.amp}")
+        overrides["amp"] = "bf16"
     overrides.update(dict(parse_override(item) for item in args.set))
     return overrides
 
@@ -227,13 +256,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from tieta.train.fit import evaluate_checkpoint
     from tieta.train.reading import summary_notes
 
-    result = evaluate_checkpoint(args.run, args.data, args.split, args.batch_size, args.device)
+    result = evaluate_checkpoint(args.run, args.data, args.split, args.batch_size, args.device, best=args.best)
     result["notes"] = summary_notes(result)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    print(f"{args.run}: {result['split']} split, {result['images']} images")
-    print(format_table([result], EVAL_COLUMNS))
+    print(f"{args.run}{' (best epoch)' if args.best else ''}: {result['split']} split, {result['images']} images")
+    shown = {**result, "top5": "n/a" if result.get("top5") is None else result["top5"]}  # under 5 classes
+    print(format_table([shown], EVAL_COLUMNS))
     for note in result["notes"]:
         print(note)
     return 0
@@ -267,7 +297,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.format == "transformers":
         return _export_transformers(args)
     written = export_run(args.run, args.output, overwrite=args.overwrite,
-                         onnx_batch_size=args.onnx_batch_size if args.onnx else None)
+                         onnx_batch_size=args.onnx_batch_size if args.onnx else None, best=args.best)
     print(f"exported {written['model']} + {written['method']} to {written['output']}")
     print(f"  sizes: the run's checkpoint {_size(written['checkpoint_bytes'])} (trained tensors only), the export "
           f"{_size(written['export_bytes'])} (the whole inference model), the backbone alone "
@@ -588,6 +618,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=_positive_int, help="evaluation batch size")
     evaluate.add_argument("--json", action="store_true", help="print the raw result as JSON instead of a table")
     evaluate.add_argument("--device", help="auto, cpu or cuda[:N] (default: the run's own device setting)")
+    evaluate.add_argument("--best", action="store_true", help="the best epoch's tensors (checkpoint_best.safetensors "
+                          "of the run folder) instead of the final ones")
     evaluate.set_defaults(func=cmd_eval)
 
     importer = sub.add_parser("import", help="turn a PYRA, DyT or NOAH reference-code checkpoint into a run folder",
@@ -620,6 +652,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("run", type=Path, help="a finished run folder")
     export.add_argument("--output", type=Path, required=True, help="export folder to create")
     export.add_argument("--overwrite", action="store_true", help="replace the files of an existing export")
+    export.add_argument("--best", action="store_true", help="export the best epoch's model "
+                        "(checkpoint_best.safetensors of the run folder) instead of the final one")
     export.add_argument("--onnx", action="store_true", help="also write model.onnx, checked with onnxruntime "
                         "(needs tieta[onnx])")
     export.add_argument("--onnx-batch-size", type=_positive_int, default=1,

@@ -22,7 +22,7 @@ def test_run_folder_contents(vtab_task, tmp_path):
     summary = fit(_config(vtab_task, method="lora+adapter"), tmp_path / "run")
     run = tmp_path / "run"
     assert {p.name for p in run.iterdir()} == {"config.yaml", "metrics.jsonl", "summary.json", "checkpoint.safetensors",
-                                              "state.json", ".lock"}
+                                              "checkpoint_best.safetensors", "state.json", ".lock"}
     config = yaml.safe_load((run / "config.yaml").read_text())
     assert config["method"] == "lora+adapter" and config["optim"]["lr"] == 1e-3
     epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -55,7 +55,7 @@ from tieta.train.config import RunConfig, from_dict, validate
 from tieta.train.fit import image_size_of, load_run_model
 from tieta.train.model import build_backbone, build_model
 from tieta.train.record import run_normalization
-from tieta.train.rundir import CHECKPOINT
+from tieta.train.rundir import CHECKPOINT, CHECKPOINT_BEST
 
 EXPORT_FORMAT = 2  # raised when an export changes so that an older tieta cannot read it (2: normalization as numbers)
 INFO_FILE = "tieta_export.json"
@@ -98,10 +98,11 @@ def _bytes(path: Path) -> int:
 
 
 def export_run(run: str | Path, output: str | Path, overwrite: bool = False,
-               onnx_batch_size: Optional[int] = None) -> dict[str, Any]:
+               onnx_batch_size: Optional[int] = None, best: bool = False) -> dict[str, Any]:
     """Write the inference model of the finished run in ``run`` to the folder ``output``.
 
     Args:
+        best: the run's best evaluated epoch (checkpoint_best.safetensors) instead of its final one.
         onnx_batch_size: also write ``model.onnx`` at this fixed batch size, checked against
             PyTorch with onnxruntime (``tieta.deploy.onnx``).
 
@@ -113,7 +114,7 @@ def export_run(run: str | Path, output: str | Path, overwrite: bool = False,
     run, output = Path(run), Path(output)
     _check_output(output, overwrite)
     before = _identity(output)  # what stands there now: a change by the end means another writer
-    model, config, num_classes = load_run_model(run)
+    model, config, num_classes = load_run_model(run, best)
     merge_lora(model)
     model.eval()
     tensors = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
@@ -137,7 +138,7 @@ def export_run(run: str | Path, output: str | Path, overwrite: bool = False,
     finally:
         remove_folder(staging)
     backbone = build_backbone(config, num_classes, random_weights=True)
-    checkpoint = run / CHECKPOINT if run.is_dir() else run
+    checkpoint = run / (CHECKPOINT_BEST if best else CHECKPOINT) if run.is_dir() else run
     return {"output": output, "checkpoint_bytes": _bytes(checkpoint), "export_bytes": export_bytes,
             "backbone_bytes": sum(t.numel() * t.element_size() for t in backbone.state_dict().values()),
             "method": config.method, "model": config.model, **onnx_facts}

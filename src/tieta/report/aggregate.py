@@ -44,6 +44,13 @@ class RunRow:
     task_mean: Optional[Spread] = None  # mean over tasks
     complete: bool = True  # every task has every seed
     facts: dict[str, Any] = field(default_factory=dict)  # trainable_percent, gmacs, pyra_gflops (means)
+    # top5, balanced_acc: final, mean over every task and seed; None (n/a) where a run lacks one (a
+    # task of fewer than 5 classes has no top-5); absent where no run recorded them (an older tieta)
+    extra_accuracies: dict[str, Optional[float]] = field(default_factory=dict)
+
+
+# the accuracies beside top-1 that a run's summary records
+EXTRA_ACCURACIES = ("top5", "balanced_acc")
 
 
 def present_groups(results: SweepResults) -> list[str]:
@@ -127,6 +134,10 @@ def run_rows(results: SweepResults, key: str = "acc") -> list[RunRow]:
             values = [float(r.summary[fact]) for r in records if is_number(r.summary.get(fact))]
             if values:
                 row.facts[fact] = statistics.fmean(values)
+        for extra in EXTRA_ACCURACIES:
+            if any(extra in r.summary for r in records):
+                values = [float(r.summary[extra]) for r in records if is_number(r.summary.get(extra))]
+                row.extra_accuracies[extra] = statistics.fmean(values) if len(values) == len(records) else None
         rows.append(row)
     return rows
 

@@ -24,8 +24,8 @@ from typing import Any, Callable, Optional
 from tieta.errors import TietaError
 from tieta.files import MANIFEST, check_owned, read_json, read_regular, write_owned, written_by_tieta
 from tieta.measure.load import busy, busy_note, load_text
-from tieta.report.aggregate import (RunRow, Spread, headline_name, means_of, pareto_front, present_groups, run_label,
-                                    run_rows, tradeoff_points)
+from tieta.report.aggregate import (EXTRA_ACCURACIES, RunRow, Spread, headline_name, means_of, pareto_front,
+                                    present_groups, run_label, run_rows, tradeoff_points)
 from tieta.report.collect import SweepResults, collect, majority_share
 from tieta.report.figure import pyplot
 from tieta.report.plots import save_group_bars, save_tradeoff
@@ -149,9 +149,10 @@ def _summary_table(rows: list[RunRow], best_rows: dict[str, RunRow], groups: lis
     to show, none where one group's mean is the headline; ``task_mean``: whether the mean over tasks
     differs from the headline by its definition); speed columns only where speed was measured."""
     speed = (throughput or {}).get("rows", {})
+    extra = extra_accuracy_keys(rows)
     header = ["run", "method", f"{headline} (final)", f"{headline} (best)"] + [f"{g} (final)" for g in groups] + \
-        (["mean over tasks (final)"] if task_mean else []) + ["trainable %", "GMACs", PYRA_UNIT] + \
-        (["img/s", "speedup", "speedup per round"] if speed else [])
+        (["mean over tasks (final)"] if task_mean else []) + [EXTRA_HEADERS[key] for key in extra] + \
+        ["trainable %", "GMACs", PYRA_UNIT] + (["img/s", "speedup", "speedup per round"] if speed else [])
     lines = []
     for row in rows:
         best, timed = best_rows.get(row.run), speed.get(row.run, {})
@@ -159,6 +160,7 @@ def _summary_table(rows: list[RunRow], best_rows: dict[str, RunRow], groups: lis
         lines.append([row.run, row.method, _cell(row.headline), _cell(best.headline if best else None)]
                      + [_cell(row.groups.get(g)) for g in groups]
                      + ([_cell(row.task_mean)] if task_mean else [])
+                     + [_extra_cell(row, key) for key in extra]
                      + [_number(row.facts.get("trainable_percent"), 3),
                         _number(row.facts.get("gmacs"), 3), _number(row.facts.get("pyra_gflops"), 3)]
                      + ([_number(timed.get("images_per_s"), 1), _number(timed.get("speedup"), 2),
@@ -166,10 +168,32 @@ def _summary_table(rows: list[RunRow], best_rows: dict[str, RunRow], groups: lis
     return markdown_table(header, lines)
 
 
+# the accuracies beside top-1 (tieta.report.aggregate.EXTRA_ACCURACIES), shown where a run records them
+EXTRA_HEADERS = {"top5": "top-5 % (final)", "balanced_acc": "balanced % (final)"}
+
+
+def extra_accuracy_keys(rows: list[RunRow]) -> list[str]:
+    """The accuracies beside top-1 that some row records, in their order."""
+    return [key for key in EXTRA_ACCURACIES if any(key in row.extra_accuracies for row in rows)]
+
+
+def _extra_cell(row: RunRow, key: str) -> str:
+    """A run's top-5 or balanced accuracy: "n/a" where a run lacks it (top-5 of fewer than 5 classes)."""
+    if key not in row.extra_accuracies:
+        return "-"
+    value = row.extra_accuracies[key]
+    return f"{value:.2f}" if value is not None else "n/a"
+
+
 def _task_table(rows: list[RunRow], tasks: list[str], groups: dict[str, Optional[str]], best: bool) -> str:
     header = ["run"] + [f"{task} ({groups[task] or 'no group'})" for task in tasks]
     lines = [[row.run] + [_cell((row.best if best else row.final).get(task)) for task in tasks] for row in rows]
     return markdown_table(header, lines)
+
+
+def _extra_csv(row: RunRow, key: str) -> Any:
+    value = row.extra_accuracies.get(key, "")
+    return "n/a" if value is None else (round(value, 4) if value != "" else "")
 
 
 def write_csv(path: Path, rows: list[RunRow], best_rows: dict[str, RunRow], results: SweepResults,
@@ -186,7 +210,7 @@ def write_csv(path: Path, rows: list[RunRow], best_rows: dict[str, RunRow], resu
         + [f"{t}_final_mean" for t in results.tasks] + [f"{t}_final_std" for t in results.tasks] \
         + [f"{t}_best_mean" for t in results.tasks] \
         + ["trainable_percent", "gmacs", "pyra_gflops", "images_per_s", "speedup", "speedup_round_min",
-           "speedup_round_max", "throughput_device"]
+           "speedup_round_max", "throughput_device"] + [f"{key}_final_mean" for key in EXTRA_ACCURACIES]
 
     def value(spread: Optional[Spread], part: str) -> Any:
         return "" if spread is None else round(getattr(spread, part), 4)
@@ -209,7 +233,8 @@ def write_csv(path: Path, rows: list[RunRow], best_rows: dict[str, RunRow], resu
             + [round(speed[row.run]["images_per_s"], 2) if row.run in speed else "",
                round(speed[row.run]["speedup"], 4) if row.run in speed else "",
                round(found[0], 4) if found else "", round(found[1], 4) if found else "",
-               (throughput or {}).get("machine", "") if row.run in speed else ""])
+               (throughput or {}).get("machine", "") if row.run in speed else ""]
+            + [_extra_csv(row, key) for key in EXTRA_ACCURACIES])
     write_owned(path, handle.getvalue(), adopt=adopt)
 
 
@@ -285,8 +310,11 @@ def write_report(folder: str | Path, output: Optional[str | Path] = None, bench:
         about = "## Summary", (f"Top-1 accuracy (%), mean ± standard deviation over seeds. The headline is the "
                                f"{headline}" + (" (the papers' number; the mean over tasks is beside it)"
                                                 if task_mean else ""))
+    extra_note = (" Top-5 and balanced accuracy (the mean over classes of each class's recall): final, the mean "
+                  "over every task and seed; n/a where a run lacks one (top-5 needs at least 5 classes)."
+                  if extra_accuracy_keys(rows) else "")
     lines += [about[0], "", about[1] + ". Final: after the last epoch; best: the best evaluated epoch (what the "
-              "papers report). GMACs: multiply-accumulates per image / 1e9.", ""]
+              "papers report). GMACs: multiply-accumulates per image / 1e9." + extra_note, ""]
     lines += [_summary_table(shown, best_rows, shown_groups, headline, throughput, task_mean), ""]
     if throughput:
         first = next(iter(throughput["rows"]), rows[0].run)

@@ -38,8 +38,9 @@ SUMMARY_COLUMNS = (
     ("eval_images_per_s", "eval img/s", ".1f"),
 )
 DEMO_COLUMNS = SUMMARY_COLUMNS + (("speedup", "speedup", ".2f"), ("activation_rate", "active tokens", ".2f"))
-# an evaluation has no best epoch to report
+# an evaluation has no best epoch to report; it shows top-5 ("n/a" under 5 classes) and balanced accuracy
 EVAL_COLUMNS = tuple(column for column in SUMMARY_COLUMNS if column[0] != "best_acc")
+EVAL_COLUMNS = EVAL_COLUMNS[:2] + (("top5", "top-5 %", ".2f"), ("balanced_acc", "balanced %", ".2f")) + EVAL_COLUMNS[2:]
 
 # `tieta predict`: the best class of each image, its probability, and the next ones
 PREDICT_COLUMNS = (

@@ -124,10 +124,17 @@ def metadata_count(text: str) -> Optional[int]:
     return int(text) if text.isascii() and text.isdigit() and len(text) < 10 else None
 
 
-def save_checkpoint(model: nn.Module, path: Path, config: dict[str, Any], num_classes: int) -> None:
-    """Write the trainable parameters of ``model`` and ``config`` to ``path``, atomically."""
-    tensors = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    write_tensors(tensors, path, {CONFIG_KEY: json.dumps(config), NUM_CLASSES_KEY: str(num_classes)})
+def save_checkpoint(model: nn.Module, path: Path, config: dict[str, Any], num_classes: int,
+                    extra: Optional[dict[str, str]] = None, tensors: Optional[dict[str, torch.Tensor]] = None) -> None:
+    """Write the trainable parameters of ``model`` and ``config`` to ``path``, atomically.
+
+    Args:
+        extra: more metadata, e.g. the epoch of a best checkpoint.
+        tensors: these trained tensors instead of the model's own now (an earlier epoch's).
+    """
+    if tensors is None:
+        tensors = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    write_tensors(tensors, path, {CONFIG_KEY: json.dumps(config), NUM_CLASSES_KEY: str(num_classes), **(extra or {})})
 
 
 def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], int]:

@@ -67,6 +67,9 @@ class OptimConfig:
     min_lr: float = 1e-5
     batch_size: int = 64
     clip_grad: Optional[float] = None  # max gradient norm, None for no clipping
+    # micro-batches of batch_size whose gradients make one optimizer step (one step of N x batch_size)
+    grad_accum_steps: int = 1
+    label_smoothing: float = 0.0  # of the cross-entropy's targets, as timm's --smoothing
     lr_groups: dict[str, float] = field(default_factory=dict)  # e.g. {"head": 1e-3, "adapter": 5e-4}
 
 
@@ -122,7 +125,9 @@ class GeneralConfig:
     eval_every: int = 1  # epochs between evaluations on the eval split (the last epoch always)
     eval_batch_size: int = 128
     seed: int = 0
-    bf16: bool = False  # bfloat16 autocast
+    bf16: bool = False  # bfloat16 autocast (an older spelling of amp: bf16, kept for existing configs)
+    amp: Optional[str] = None  # autocast: "bf16", or "fp16" with a gradient scaler; None: fp32
+    log: list[str] = field(default_factory=list)  # loggers besides metrics.jsonl: csv, tensorboard, wandb
     device: str = "auto"  # "auto": cuda if available, else cpu
     # written by a run, not set: the numbers data.normalization resolved to and the backbone it was
     # trained on (tieta.train.record), which rebuilding the run uses and checks
@@ -130,6 +135,11 @@ class GeneralConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def precision(self) -> Optional[str]:
+        """The autocast type training and evaluation run under: "bf16", "fp16", or None (fp32)."""
+        return self.amp or ("bf16" if self.bf16 else None)
 
     @property
     def method_list(self) -> list[Method]:
@@ -314,6 +324,10 @@ MAX_WEIGHT_DECAY = 10.0
 MAX_CLIP_GRAD = 1e6
 # data-loading processes: each is a whole Python process with its own copy of the dataset index
 MAX_WORKERS = 256
+# micro-batches per optimizer step: 1,024 of the papers' 64 images are an epoch of most VTAB-1k tasks
+MAX_GRAD_ACCUM_STEPS = 1_024
+AMP_TYPES = ("bf16", "fp16")
+LOGGERS = ("csv", "tensorboard", "wandb")
 
 
 def _bounds(config: RunConfig) -> list[tuple[bool, str]]:
@@ -340,6 +354,34 @@ def _bounds(config: RunConfig) -> list[tuple[bool, str]]:
     ]
     for group, lr in optim.lr_groups.items():
         checks.append((lr <= MAX_LR, f"optim.lr_groups.{group} must be at most {MAX_LR:g}, got {lr:g}"))
+    checks.append((optim.grad_accum_steps <= MAX_GRAD_ACCUM_STEPS,
+                   f"optim.grad_accum_steps must be at most {MAX_GRAD_ACCUM_STEPS:,}, got {optim.grad_accum_steps:,}"))
+    return checks
+
+
+def _training_habits(config: RunConfig) -> list[tuple[bool, str]]:
+    """(allowed, the sentence if not) for mixed precision, accumulation, label smoothing and loggers."""
+    optim = config.optim
+    own_loss = [method.name for method in config.method_list if method.objective is not None]
+    checks = [
+        (config.amp is None or config.amp in AMP_TYPES,
+         f"amp must be one of {', '.join(AMP_TYPES)} (or null for fp32), got {config.amp!r}"),
+        (not (config.bf16 and config.amp not in (None, "bf16")),
+         f"bf16: true asks for bf16 autocast but amp is {config.amp!r}; give one of them"),
+        (optim.grad_accum_steps >= 1, f"optim.grad_accum_steps must be at least 1, got {optim.grad_accum_steps}"),
+        (0 <= optim.label_smoothing < 1, f"optim.label_smoothing must be in [0, 1), got {optim.label_smoothing}"),
+        (optim.label_smoothing == 0 or not own_loss,
+         f"optim.label_smoothing smooths the cross-entropy, but {' and '.join(own_loss)} trains with its own loss; "
+         "leave it at 0"),
+        # a method's own loss is no mean over images (a rate penalty, a search that steps on every
+        # batch), so batches of it do not add up to one larger batch
+        (optim.grad_accum_steps == 1 or not own_loss,
+         f"{' and '.join(own_loss)} trains with its own loss, which batches do not add up to: "
+         "optim.grad_accum_steps must stay 1 with it"),
+        (len(set(config.log)) == len(config.log), f"log names a logger twice: {config.log}"),
+    ]
+    for logger in config.log:
+        checks.append((logger in LOGGERS, f"log takes {', '.join(LOGGERS)}, got {logger!r}"))
     return checks
 
 
@@ -409,7 +451,7 @@ def validate(config: RunConfig) -> None:
         checks.append((group in groups, f"optim.lr_groups names a parameter group, one of {', '.join(groups)}; "
                                         f"got {group!r}"))
         checks.append((lr > 0, f"optim.lr_groups.{group} must be positive, got {lr}"))
-    for ok, message in checks + _bounds(config):
+    for ok, message in checks + _bounds(config) + _training_habits(config):
         if not ok:
             raise TietaError(message)
     normalizations.check_setting(data.normalization)

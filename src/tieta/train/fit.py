@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import math
 import random
 import signal
 import sys
@@ -30,13 +32,15 @@ from tieta.train.checkpoint import load_trained, read_checkpoint, save_checkpoin
 from tieta.train import distributed
 from tieta.train.config import (RunConfig, comparable, first_difference, from_dict, group_learning_rates, load_config,
                                 validate, warmup_warning, with_older_defaults, with_warmup)
-from tieta.train.loop import check_finite, cross_entropy_step, evaluate, train_one_epoch
+from tieta.train import loggers
+from tieta.train.loop import (autocast_dtype, check_finite, cross_entropy_step, evaluate, smoothed_cross_entropy_step,
+                              train_one_epoch)
 from tieta.train.model import build_model
 from tieta.train.optim import build_optimizer, lr_multiplier
 from tieta.train.progress import Progress, load_progress, read_record, save_progress
 from tieta.train.record import fresh, run_normalization, with_record
 from tieta.train.reading import lr_reached_base, majority_accuracy
-from tieta.train.rundir import (CHECKPOINT, CONFIG, FAILED, FINISHED, INTERRUPTED, PROGRESS, RunDir,
+from tieta.train.rundir import (CHECKPOINT, CHECKPOINT_BEST, CONFIG, FAILED, FINISHED, INTERRUPTED, PROGRESS, RunDir,
                                 read_state, strict_json)
 
 
@@ -92,7 +96,7 @@ def measure_cost(model: nn.Module, config: RunConfig, dataset: ImageDataset, nor
     flops = count_flops(model, sample)
     size = image_size_of(model)
     # real images: where a method's path depends on them (DyT), so does the speed
-    throughput = measure_throughput(model, size, batch_size, device, torch.bfloat16 if config.bf16 else None,
+    throughput = measure_throughput(model, size, batch_size, device, autocast_dtype(config.precision),
                                     images=sample[:batch_size])
     cost = {"gmacs": flops["gmacs"], "pyra_gflops": flops["pyra_gflops"], "eval_images_per_s": throughput,
             "throughput_batch_size": batch_size}
@@ -103,10 +107,13 @@ def measure_cost(model: nn.Module, config: RunConfig, dataset: ImageDataset, nor
 
 
 def training_objective(config: RunConfig) -> LossFn:
-    """Cross-entropy, or the loss of the method that brings its own (validate allows one)."""
+    """Cross-entropy (with ``optim.label_smoothing``), or the loss of the method that brings its own
+    (validate allows one, and no smoothing with it)."""
     for method in config.method_list:
         if method.objective is not None:
             return method.objective(config)
+    if config.optim.label_smoothing:
+        return smoothed_cross_entropy_step(config.optim.label_smoothing)
     return cross_entropy_step
 
 
@@ -129,10 +136,11 @@ def describe_methods(model: nn.Module, config: RunConfig) -> dict[str, Any]:
 
 
 def _needed_bytes(model: nn.Module) -> int:
-    """Disk a run needs: the progress checkpoint (tensors and two AdamW moments) and the final one,
-    each written beside the file it replaces, plus room for the logs."""
+    """Disk a run needs: the progress checkpoint (tensors, the best epoch's and two AdamW moments)
+    and the final one, each written beside the file it replaces, and the best epoch's, plus room
+    for the logs."""
     trained = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    return 2 * (3 * trained + trained) + 2**20
+    return 2 * (4 * trained + trained) + trained + 2**20
 
 
 def _estimate_seconds(started: float, done: int, first: int, total: int) -> float:
@@ -156,8 +164,10 @@ def fit(config: RunConfig, output: str | Path, overwrite: bool = False, label: O
 
     The run folder (``tieta.train.rundir``) gets config.yaml, metrics.jsonl (one line per epoch),
     a resumable checkpoint after every epoch, and at the end checkpoint.safetensors (trained
-    tensors only) and summary.json. Started by ``torchrun``, the processes train data-parallel
-    (``tieta.train.distributed``) and the first one writes.
+    tensors only), checkpoint_best.safetensors (those of the epoch with the best top-1) and
+    summary.json; the loggers of ``log`` (``tieta.train.loggers``) get every epoch. Started by
+    ``torchrun``, the processes train data-parallel (``tieta.train.distributed``) and the first
+    one writes.
     """
     validate(config)
     config = with_warmup(config)  # a warm-up left unset follows the rule (tieta.train.config)
@@ -224,6 +234,7 @@ def _fit(config: RunConfig, output: Path, overwrite: bool, label: Optional[str],
     started = time.perf_counter()
     run: Optional[RunDir] = None
     try:  # everything that can refuse the run, before the folder is touched
+        loggers.check_available(config.log)  # a logger's missing package, before the folder is touched
         reasons = [method.one_process(config) for method in config.method_list if method.one_process]
         if processes.parallel and any(reasons):
             raise TietaError(next(reason for reason in reasons if reason))
@@ -304,13 +315,16 @@ def _train(config: RunConfig, run: Optional[RunDir], output: Path, resume: bool,
                               config.data.num_workers)
     optimizer = build_optimizer(model, optim.lr, optim.weight_decay, group_learning_rates(config))
     global_sizes = distributed.global_batch_sizes(len(train_set), optim.batch_size)
-    steps_per_epoch = len(global_sizes)
+    # the schedule counts optimizer steps: one per optim.grad_accum_steps batches (the last may have fewer)
+    steps_per_epoch = math.ceil(len(global_sizes) / optim.grad_accum_steps)
     total_steps, warmup_steps = optim.epochs * steps_per_epoch, optim.warmup_epochs * steps_per_epoch
     min_ratio = optim.min_lr / optim.lr
 
     def lr_at(step: int) -> float:
         return lr_multiplier(step, total_steps, warmup_steps, min_ratio)
 
+    scaler = torch.amp.GradScaler(device.type) if config.precision == "fp16" else None
+    tf32 = use_tf32(device)
     resolved = config.to_dict()
     resolved["data"]["path"] = None if task.source == GIVEN else task.data_path
     data_print = fingerprint(task, ("train", "test") if task.source == GIVEN else
@@ -324,6 +338,8 @@ def _train(config: RunConfig, run: Optional[RunDir], output: Path, resume: bool,
         if task.source == GIVEN and progress.data and progress.data != data_print:  # (a folder: resume_run checks)
             raise TietaError(f"the datasets given changed since the run in {output} started (then {progress.data}; "
                              f"now {data_print}); a resume needs the data it began with")
+        if scaler is not None and progress.scaler is not None:
+            scaler.load_state_dict(progress.scaler)
     if run is not None:
         warning = warmup_warning(config)
         if warning:
@@ -341,27 +357,37 @@ def _train(config: RunConfig, run: Optional[RunDir], output: Path, resume: bool,
             run.restore_metrics(progress.records)
     last = list(progress.records or [])
     best = progress.best
-    last_eval = next(({"acc": r["acc"], "eval_loss": r.get("eval_loss")} for r in reversed(last) if "acc" in r), None)
+    # the best epoch's trained tensors: in every progress checkpoint, written as checkpoint_best at the end
+    best_tensors = progress.best_tensors
+    last_eval = next(({key: r.get(key) for key in ("acc", "top5", "balanced_acc", "eval_loss")}
+                      for r in reversed(last) if "acc" in r), None)
+    logs = loggers.open_loggers(run.path if run is not None else None, config.log, progress.epoch, resolved)
     objective = training_objective(config)
     prefix = f"{label}: " if label else ""
     quiet = None if processes.main else True
     record: dict[str, Any] = last[-1] if last else {}
     training_started = time.perf_counter()
-    with _TermAsInterrupt():
+    with _TermAsInterrupt(), _closing(logs):
         for epoch in tqdm(range(progress.epoch, optim.epochs), desc=label or "epochs", disable=quiet,
                           initial=progress.epoch, total=optim.epochs):
             record = {"epoch": epoch + 1, **epoch_updates(model, config, epoch)}
             record.update(train_one_epoch(model, train_loader, normalize, optimizer, lr_at, epoch * steps_per_epoch,
-                                          device, config.bf16, optim.clip_grad, objective, f"epoch {epoch + 1}",
-                                          processes, global_sizes))
+                                          device, config.precision, optim.clip_grad, objective,
+                                          f"epoch {epoch + 1}", processes, global_sizes, optim.grad_accum_steps,
+                                          scaler))
             if (epoch + 1) % config.eval_every == 0 or epoch + 1 == optim.epochs:
-                last_eval = evaluate(model, eval_loader, normalize, device, config.bf16, processes=processes)
+                last_eval = evaluate(model, eval_loader, normalize, device, config.precision, processes=processes)
                 record.update(last_eval)
                 if best is None or last_eval["acc"] > best["acc"]:
                     best = {"acc": last_eval["acc"], "epoch": epoch + 1}
+                    best_tensors = trained_tensors(model)
             last.append(strict_json(record))
-            _save_epoch(run, record, model, optimizer, shuffle, Progress(epoch + 1, best, last, resolved, data_print),
+            scaler_state = scaler.state_dict() if scaler is not None else None
+            _save_epoch(run, record, model, optimizer, shuffle,
+                        Progress(epoch + 1, best, last, resolved, data_print, scaler_state, best_tensors),
                         processes)
+            if logs is not None:
+                logs.log(last)
             shown = (f"{prefix}epoch {epoch + 1}/{optim.epochs}: loss {record['loss']:.4f}, "
                      f"{record['train_images_per_s']:.1f} img/s")
             shown += f", {config.data.eval_split} acc {record['acc']:.2f}%" if "acc" in record else ""
@@ -372,6 +398,9 @@ def _train(config: RunConfig, run: Optional[RunDir], output: Path, resume: bool,
         distributed.barrier(processes)  # the first process measures and writes; the others are done
         return {}
     save_checkpoint(model, run.checkpoint, resolved, task.num_classes)
+    if best_tensors is not None:  # None only after resuming a checkpoint of a tieta that did not keep them
+        save_checkpoint(model, run.file(CHECKPOINT_BEST), resolved, task.num_classes, {"epoch": str(best["epoch"])},
+                        tensors=best_tensors)
     trainable, total = trainable_parameters(model)
     summary = {
         "model": config.model,
@@ -382,6 +411,8 @@ def _train(config: RunConfig, run: Optional[RunDir], output: Path, resume: bool,
         "num_classes": task.num_classes,
         "img_size": image_size_of(model),
         "acc": last_eval["acc"],
+        "top5": last_eval.get("top5"),
+        "balanced_acc": last_eval.get("balanced_acc"),
         "best_acc": best["acc"],
         "best_epoch": best["epoch"],
         "majority_acc": majority_accuracy(eval_set.labels.tolist()),  # always answering the most frequent class
@@ -393,12 +424,19 @@ def _train(config: RunConfig, run: Optional[RunDir], output: Path, resume: bool,
         **measure_cost(model, config, eval_set, normalize, device, min(config.eval_batch_size, 32)),
         "train_images_per_s": record.get("train_images_per_s"),
         "device": str(device),
+        "amp": config.precision,
+        "tf32": tf32,
         "processes": processes.world,
         "wall_time_s": time.perf_counter() - started,
     }
     run.finish(summary)
     distributed.barrier(processes)
     return summary
+
+
+def trained_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of the trained tensors of ``model`` (those a checkpoint holds)."""
+    return {name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
 def _save_epoch(run: Optional[RunDir], record: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -420,6 +458,27 @@ def _save_epoch(run: Optional[RunDir], record: dict[str, Any], model: nn.Module,
         raise failure or TietaError("the first process could not write the checkpoint (see its message)")
     if run is not None:
         run.checkpointed(progress.epoch)
+
+
+@contextlib.contextmanager
+def _closing(logs: Optional[loggers.EpochLoggers]):
+    """Close the loggers however the epochs end (their files are whole: each epoch flushes)."""
+    try:
+        yield
+    finally:
+        if logs is not None:
+            logs.close()
+
+
+def use_tf32(device: torch.device) -> bool:
+    """Let float32 matmuls and convolutions use TF32 on CUDA (as timm's train.py does: Ampere and
+    later GPUs run them several times faster, at a 10-bit mantissa); returns whether it is on."""
+    if device.type != "cuda":
+        return False
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.set_float32_matmul_precision("high")
+    return True
 
 
 def resume_run(folder: str | Path, device: Optional[str] = None, label: Optional[str] = None) -> dict[str, Any]:
@@ -454,7 +513,8 @@ def check_unchanged(folder: Path, config: RunConfig) -> None:
     except TietaError:
         return  # a damaged checkpoint: fit reads it again, refuses it, and the run folder records why
     if record.settings is not None:
-        difference = first_difference(comparable(with_older_defaults(record.settings)), comparable(config.to_dict()))
+        difference = first_difference(comparable(with_defaults(with_older_defaults(record.settings))),
+                                      comparable(config.to_dict()))
         if difference:
             raise TietaError(f"{folder / CONFIG} was changed since the run started ({difference}); a resume continues "
                              "the run as it began: restore the setting, or train a new run into another folder")
@@ -466,10 +526,27 @@ def check_unchanged(folder: Path, config: RunConfig) -> None:
                              f"now {now}); a resume needs the data it began with")
 
 
-def load_run_model(checkpoint: str | Path) -> tuple[nn.Module, RunConfig, int]:
+def with_defaults(settings: dict[str, Any]) -> dict[str, Any]:
+    """A run's recorded settings with the keys a later tieta added at their defaults (which is how
+    the run trained), so that a run from before them resumes; settings that no longer read stay as
+    they are."""
+    try:
+        return from_dict(RunConfig, settings).to_dict()
+    except (TietaError, TypeError):
+        return settings
+
+
+def load_run_model(checkpoint: str | Path, best: bool = False) -> tuple[nn.Module, RunConfig, int]:
     """Rebuild a trained model from a checkpoint file (or a run folder holding one): the backbone
-    from the weights its config names, the methods, then the trained tensors."""
+    from the weights its config names, the methods, then the trained tensors.
+
+    Args:
+        best: take the run folder's checkpoint_best.safetensors (the best evaluated epoch's tensors)
+            instead of the final checkpoint.
+    """
     path = Path(checkpoint)
+    if best and not path.is_dir():
+        raise TietaError(f"--best takes a run folder (it reads the folder's {CHECKPOINT_BEST}), got the file {path}")
     if path.is_dir():
         state = read_state(path)
         if state.state == "empty":
@@ -477,7 +554,10 @@ def load_run_model(checkpoint: str | Path) -> tuple[nn.Module, RunConfig, int]:
         if state.state != FINISHED:
             advice = (f"; resume it with tieta train --resume {path}" if state.state in (INTERRUPTED, FAILED) else "")
             raise TietaError(f"the run in {path} has not finished ({state.describe()}){advice}")
-        path = path / CHECKPOINT
+        path = path / (CHECKPOINT_BEST if best else CHECKPOINT)
+        if best and not path.is_file():
+            raise TietaError(f"the run in {path.parent} kept no {CHECKPOINT_BEST} (it was trained by a tieta that "
+                             "did not keep the best epoch); use its final checkpoint")
     tensors, config_dict, num_classes = read_checkpoint(path)
     config = from_dict(RunConfig, with_older_defaults(config_dict))  # an older run normalised with ImageNet's
     validate(config)  # the settings come from a file: refuse what cannot work before torch sees it
@@ -488,11 +568,13 @@ def load_run_model(checkpoint: str | Path) -> tuple[nn.Module, RunConfig, int]:
 
 
 def evaluate_checkpoint(checkpoint: str | Path, data: Optional[str] = None, split: Optional[str] = None,
-                        batch_size: Optional[int] = None, device: Optional[str] = None) -> dict[str, Any]:
-    """Accuracy and cost of a trained checkpoint on a split of a task (by default the run's own), on
-    ``device`` (auto, cpu or cuda[:N]; by default the run's own)."""
+                        batch_size: Optional[int] = None, device: Optional[str] = None,
+                        best: bool = False) -> dict[str, Any]:
+    """Accuracy (top-1, top-5, balanced) and cost of a trained checkpoint on a split of a task (by
+    default the run's own), on ``device`` (auto, cpu or cuda[:N]; by default the run's own);
+    ``best``: the run folder's best epoch (checkpoint_best.safetensors)."""
     asked = resolve_device(device) if device is not None else None  # a device this machine lacks: before any work
-    model, config, num_classes = load_run_model(checkpoint)
+    model, config, num_classes = load_run_model(checkpoint, best)
     device = asked or resolve_device(config.device)
     model.to(device)
     if data is None and config.data.path is None:
@@ -505,9 +587,10 @@ def evaluate_checkpoint(checkpoint: str | Path, data: Optional[str] = None, spli
                            interpolation=interpolation_of(run_normalization(config)))
     normalize = Normalize(run_normalization(config)).to(device)
     loader = make_loader(dataset, batch_size or config.eval_batch_size, False, config.seed, config.data.num_workers)
-    result = evaluate(model, loader, normalize, device, config.bf16)
+    result = evaluate(model, loader, normalize, device, config.precision)
     trainable, total = trainable_parameters(model)
-    return {"method": config.method, "split": split, "acc": result["acc"], "eval_loss": result["eval_loss"],
+    return {"method": config.method, "split": split, "acc": result["acc"], "top5": result["top5"],
+            "balanced_acc": result["balanced_acc"], "eval_loss": result["eval_loss"],
             "images": len(dataset), "majority_acc": majority_accuracy(dataset.labels.tolist()),
             "lr_reached_base": lr_reached_base(config.optim.warmup_epochs, config.optim.epochs),
             "trainable_percent": 100.0 * trainable / total,

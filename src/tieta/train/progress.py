@@ -7,6 +7,8 @@ Written after every epoch (``progress.safetensors``, safetensors with a checksum
   Python's, and the generator that shuffles the training images (the sampler's position);
 - the epoch, the best accuracy so far, and how many processes trained;
 - the metric records of the finished epochs (``metrics.jsonl`` is rebuilt from them on resume);
+- fp16's gradient scaler (its scale and the steps since it last changed);
+- the trained tensors of the best epoch so far (checkpoint_best.safetensors once finished);
 - the settings and the data's fingerprint the run started with (a resume refuses a change); the
   settings include the run's record of its normalisation and backbone (``tieta.train.record``).
 
@@ -44,6 +46,10 @@ class Progress:
     # older checkpoint, which did not record them)
     settings: Optional[dict[str, Any]] = None  # the resolved config the run started with
     data: str = ""  # the fingerprint of its data (tieta.data.vtab.fingerprint)
+    scaler: Optional[dict[str, Any]] = None  # fp16's GradScaler.state_dict() (None without one)
+    # the trained tensors of the best epoch (None: none evaluated yet, or an older checkpoint); only
+    # load_progress reads them
+    best_tensors: Optional[dict[str, torch.Tensor]] = None
 
 
 def save_progress(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, shuffle: torch.Generator,
@@ -60,6 +66,8 @@ def save_progress(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         for rank, rng in enumerate(gather_tensors(torch.cuda.get_rng_state(), processes)):
             tensors[f"rng.cuda.{rank}"] = rng
+    for name, tensor in (progress.best_tensors or {}).items():
+        tensors[f"best.{name}"] = tensor
     tensors["rng.shuffle"] = shuffle.get_state()
     kind, keys, position, has_gauss, gauss = np.random.get_state()
     tensors["rng.numpy"] = torch.from_numpy(keys.astype(np.int64))
@@ -77,6 +85,8 @@ def save_progress(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer
         "settings": json.dumps(progress.settings),
         "data": progress.data,
     }
+    if progress.scaler is not None:
+        metadata["scaler"] = json.dumps(progress.scaler)
     if processes.main:
         write_tensors(tensors, path, metadata)
 
@@ -117,6 +127,8 @@ def load_progress(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer
     np.random.set_state((numpy_kind, tensors["rng.numpy"].numpy().astype(np.uint32), numpy_position,
                          numpy_has_gauss, numpy_gauss))
     random.setstate((python_version, tuple(tensors["rng.python"].tolist()), python_gauss))
+    best = {name.removeprefix("best."): t for name, t in tensors.items() if name.startswith("best.")}
+    progress.best_tensors = best if best.keys() == trained.keys() else None
     return progress
 
 
@@ -134,10 +146,12 @@ def read_record(path: Path, metadata: Optional[dict[str, str]] = None) -> Progre
         best = parse_json(metadata["best"], f"the best accuracy in {path}")
         records = parse_json(metadata["records"], f"the metrics in {path}") if "records" in metadata else None
         settings = parse_json(metadata.get("settings", "null"), f"the settings in {path}")
+        scaler = parse_json(metadata.get("scaler", "null"), f"the gradient scaler's state in {path}")
     except KeyError:
         raise unreadable from None
     records_ok = records is None or (isinstance(records, list) and all(isinstance(r, dict) for r in records))
     if (epoch is None or not (best is None or isinstance(best, dict)) or not records_ok
-            or not (settings is None or isinstance(settings, dict))):
+            or not (settings is None or isinstance(settings, dict))
+            or not (scaler is None or isinstance(scaler, dict))):
         raise unreadable
-    return Progress(epoch, best, records, settings, metadata.get("data", ""))
+    return Progress(epoch, best, records, settings, metadata.get("data", ""), scaler)

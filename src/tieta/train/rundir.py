@@ -6,6 +6,8 @@
     metrics.jsonl            one JSON line per epoch (strict JSON: a non-finite number is null)
     progress.safetensors     the resumable checkpoint, replaced after every epoch
     checkpoint.safetensors   the trained tensors, once the run has finished
+    checkpoint_best.safetensors  the trained tensors of the best evaluated epoch (by top-1)
+    summary.csv, tensorboard/, wandb/, wandb.json   what the loggers asked for write (tieta.train.loggers)
     summary.json             accuracy and cost, once the run has finished
     state.json               running, finished, failed (with the reason) or interrupted
 
@@ -43,6 +45,7 @@ CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 CHECKPOINT = "checkpoint.safetensors"
+CHECKPOINT_BEST = "checkpoint_best.safetensors"
 PROGRESS = "progress.safetensors"
 STATE = "state.json"
 LOCK = ".lock"
@@ -51,7 +54,8 @@ STAGING = ".tieta-incoming-"  # a replacement's folder beside the run: .NAME.tie
 # written by tieta but not results: a folder holding only these holds no run
 HOUSEKEEPING = (LOCK, INCOMING)
 # the files of a run (what a replacement does not carry over from the run it replaces)
-RUN_FILES = (CONFIG, METRICS, SUMMARY, CHECKPOINT, PROGRESS, STATE, "backbone.safetensors", *HOUSEKEEPING)
+RUN_FILES = (CONFIG, METRICS, SUMMARY, CHECKPOINT, PROGRESS, STATE, "backbone.safetensors", *HOUSEKEEPING,
+             CHECKPOINT_BEST, "summary.csv", "tensorboard", "wandb", "wandb.json")
 
 RUNNING, FINISHED, FAILED, INTERRUPTED = "running", "finished", "failed", "interrupted"
 
