@@ -161,7 +161,7 @@ def export_transformers_run(run: str | Path, output: str | Path, overwrite: bool
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tieta-export-", dir=output.parent))
     try:
-        facts = write_transformers(model, config.methods, num_classes, config.data.normalization,
+        facts = write_transformers(model, config.methods, num_classes, run_normalization(config),
                                    task_class_names(config, num_classes), staging, str(run.resolve()))
         export_bytes = sum(_bytes(path) for path in staging.iterdir())
         _give_usual_modes(staging, output)

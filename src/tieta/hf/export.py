@@ -31,7 +31,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 import tieta
-from tieta.data.transforms import NORMALIZATIONS
+from tieta.data.transforms import INTERPOLATIONS, normalization_numbers
 from tieta.errors import TietaError
 from tieta.files import write_file
 from tieta.hf.convert import Architecture, from_timm
@@ -50,7 +50,6 @@ CLASSES = {
     "siglip": ("SiglipVisionConfig", "SiglipVisionModel", "vision_model.", "SiglipImageProcessor"),
 }
 # PIL's bicubic filter, as processor configs number it: tieta resizes images bicubically
-BICUBIC = 3
 # random images the written folder is checked on
 CHECK_IMAGES = 2
 
@@ -168,15 +167,18 @@ def _tensors(model: VisionTransformer, family: str, settings: dict[str, Any]) ->
     return {name: tensor.contiguous() for name, tensor in converted.items()}
 
 
-def _processor(family: str, img_size: int, normalization: str) -> dict[str, Any]:
-    mean, std = NORMALIZATIONS[normalization]
+def _processor(family: str, img_size: int, normalization: str | dict[str, Any]) -> dict[str, Any]:
+    """The image processor's settings: the run's input size, normalisation and resize filter (PIL's
+    number for it, as transformers stores ``resample``)."""
+    mean, std = normalization_numbers(normalization)
+    interpolation = normalization.get("interpolation", "bicubic") if isinstance(normalization, dict) else "bicubic"
     return {"image_processor_type": CLASSES[family][3], "do_resize": True,
-            "size": {"height": img_size, "width": img_size}, "resample": BICUBIC, "do_center_crop": False,
+            "size": {"height": img_size, "width": img_size}, "resample": int(INTERPOLATIONS[interpolation]), "do_center_crop": False,
             "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(mean),
             "image_std": list(std), "do_convert_rgb": True}
 
 
-def write_transformers(model: nn.Module, methods: list[str], num_classes: int, normalization: str,
+def write_transformers(model: nn.Module, methods: list[str], num_classes: int, normalization: str | dict[str, Any],
                        class_names: Optional[list[str]], folder: Path, source_run: str) -> dict[str, Any]:
     """Write ``model`` (LoRA folded, in eval mode) into ``folder`` as a transformers model, and check
     that transformers loads it and computes its logits.

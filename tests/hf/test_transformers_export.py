@@ -51,14 +51,16 @@ def test_a_lora_run_exported_to_transformers_gives_its_logits(vtab_task, tmp_pat
     run = _trained(vtab_task, tmp_path / "run", weights=str(tmp_path / "checkpoint"))
     written = export_transformers_run(run, tmp_path / "export")
     assert written["transformers_class"] == transformers_class and written["max_difference"] < 1e-5
-    trained, _, _ = load_run_model(run)  # LoRA still unfolded here
+    trained, config, _ = load_run_model(run)  # LoRA still unfolded here
     assert all(value.abs().sum() > 0 for name, value in trained.state_dict().items() if name.endswith("lora_B"))
     images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = trained.eval()(images)
     torch.testing.assert_close(_transformers_logits(tmp_path / "export", images), expected, rtol=1e-4, atol=1e-5)
     processor = json.loads((tmp_path / "export" / "preprocessor_config.json").read_text())
-    assert processor["image_mean"] == [0.485, 0.456, 0.406] and processor["size"] == {"height": 32, "width": 32}
+    trained_with = config.resolved["normalization"]  # data.normalization: model, the checkpoint's processor's
+    assert processor["image_mean"] == trained_with["mean"] and processor["image_std"] == trained_with["std"]
+    assert processor["size"] == {"height": 32, "width": 32}
 
 
 def test_a_timm_vit_exports_as_transformers_vit(vtab_task, tmp_path):
