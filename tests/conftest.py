@@ -207,3 +207,13 @@ def refused(capsys, *argv: str) -> str:
         return lines[-1]
     assert len(lines) == 1 and lines[0].startswith("tieta: error: "), err
     return lines[0]
+
+
+@pytest.fixture
+def quick_throughput(monkeypatch):
+    """Training runs that check a path, not the speed: their throughput is timed over 3 batches."""
+    from tieta.train import fit as fit_module
+
+    real = fit_module.measure_throughput
+    monkeypatch.setattr(fit_module, "measure_throughput",
+                        lambda *args, **kwargs: real(*args, **{**kwargs, "min_seconds": 0.0, "max_steps": 3}))

@@ -152,6 +152,15 @@ def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes, in hex, read a MiB at a time (OSError where it cannot be read)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _manifest(folder: Path) -> dict[str, str]:
     try:
         values = read_json(folder / MANIFEST, "tieta's record of the files it wrote", limit=1 << 20)

@@ -15,14 +15,7 @@ TINY = {"model": "test_vit", "weights": "random", "img_size": 32, "optim.epochs"
         "eval_batch_size": 8, "lora.rank": 2}
 
 
-@pytest.fixture(autouse=True)
-def quick_throughput(monkeypatch):
-    """The runs here check the data path, not the speed: the throughput is timed over 3 batches."""
-    from tieta.train import fit as fit_module
-
-    real = fit_module.measure_throughput
-    monkeypatch.setattr(fit_module, "measure_throughput",
-                        lambda *args, **kwargs: real(*args, **{**kwargs, "min_seconds": 0.0, "max_steps": 3}))
+pytestmark = pytest.mark.usefixtures("quick_throughput")  # the runs here check the data path, not the speed
 
 
 class Colours(Dataset):

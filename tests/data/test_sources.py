@@ -17,14 +17,7 @@ TINY = ["--model", "test_vit", "--weights", "random", "--img-size", "32", "--lor
         "--set", "optim.batch_size=4"]
 
 
-@pytest.fixture(autouse=True)
-def quick_throughput(monkeypatch):
-    """The runs here check the data path, not the speed: the throughput is timed over 3 batches."""
-    from tieta.train import fit as fit_module
-
-    real = fit_module.measure_throughput
-    monkeypatch.setattr(fit_module, "measure_throughput",
-                        lambda *args, **kwargs: real(*args, **{**kwargs, "min_seconds": 0.0, "max_steps": 3}))
+pytestmark = pytest.mark.usefixtures("quick_throughput")  # the runs here check the data path, not the speed
 
 
 def write_image(path: Path, label: int, seed: int = 0) -> None:

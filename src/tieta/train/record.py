@@ -27,7 +27,6 @@ before.
 from __future__ import annotations
 
 import copy
-import hashlib
 from pathlib import Path
 from typing import Any, Optional
 
@@ -37,6 +36,7 @@ from torch import nn
 from tieta.backbone import RANDOM, builtin_weights
 from tieta.data import normalization as normalizations
 from tieta.errors import TietaError, shown
+from tieta.files import file_sha256
 from tieta.hf import source as hf_source
 
 HUB, FILE, BUILTIN, TRANSFORMERS = "hub", "file", "builtin", "transformers"
@@ -46,14 +46,10 @@ _RECORD_KEYS = ("normalization", "backbone")
 
 def sha256_of(path: Path) -> str:
     """The SHA-256 of a file's bytes, in hex."""
-    digest = hashlib.sha256()
     try:
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
+        return file_sha256(path)
     except OSError as error:
         raise TietaError(f"cannot read the weights file {path}: {error.strerror or error}") from None
-    return digest.hexdigest()
 
 
 def weights_kind(weights: Optional[str]) -> str:
