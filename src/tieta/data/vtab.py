@@ -136,7 +136,7 @@ def open_task(path: str | Path, holdout: Optional[float] = None) -> Task:
         root = root.parent / TASK_ALIASES[root.name]
     if not root.is_dir():
         raise TietaError(f"data folder {_shown(path)} "
-                         + ("is a file, not a folder" if root.exists() else "does not exist"))
+                         + ("is a file, not a folder or a .csv / .tsv list" if root.exists() else "does not exist"))
     root = root.resolve()  # run configs record it, and must still find it from another folder
     if (root / VTAB_SPLITS["train"]).exists() or (root / VTAB_SPLITS["train800"]).exists():
         lists = {name: _read_lines(root, root / name) for name in sorted(set(VTAB_SPLITS.values()))
