@@ -361,8 +361,11 @@ def parse_json(text: str | bytes, what: str, allow_nan: bool = False) -> Any:
 
 def is_number(value: Any) -> bool:
     """Whether a value read back is a finite number (JSON and YAML also give true, NaN and
-    Infinity, which no count or accuracy may be)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    Infinity, which no count or accuracy may be; an integer past a float's range is not one either)."""
+    try:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def read_json(path: str | Path, what: str, limit: int = MAX_JSON_BYTES, allow_nan: bool = False) -> Any:

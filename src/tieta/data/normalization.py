@@ -15,13 +15,13 @@ exported model builds the same transform (:func:`timm_data_config`).
 
 from __future__ import annotations
 
-import math
 from typing import Any, Optional
 
 from torch import nn
 
 from tieta.data.transforms import INTERPOLATIONS, NORMALIZATIONS
 from tieta.errors import TietaError, shown
+from tieta.files import is_number
 
 MODEL = "model"  # the backbone's own statistics, from its pretrained_cfg
 DEFAULT_INTERPOLATION = "bicubic"  # the literature's resize, and that of every name above
@@ -38,7 +38,7 @@ def check_numbers(values: dict[str, Any], where: str) -> None:
     for key in ("mean", "std"):
         numbers = values[key]
         if (not isinstance(numbers, (list, tuple)) or len(numbers) != 3
-                or not all(_finite(n) for n in numbers)):
+                or not all(is_number(n) for n in numbers)):
             raise TietaError(f"{where}.{key} must be three finite numbers (red, green, blue on the 0-1 scale), "
                              f"got {_listed(numbers)}")
     if not all(n > 0 for n in values["std"]):
@@ -111,14 +111,6 @@ def _listed(value: Any) -> str:
     if not isinstance(value, (list, tuple)):
         return shown(value)
     return "[" + ", ".join(shown(item, 12) for item in value[:4]) + (", ...]" if len(value) > 4 else "]")
-
-
-def _finite(number: Any) -> bool:
-    """Whether ``number`` is an int or float of finite value (an integer past a float's range is not)."""
-    try:
-        return type(number) in (int, float) and math.isfinite(number)
-    except OverflowError:
-        return False
 
 
 def interpolation_of(setting: Any) -> str:

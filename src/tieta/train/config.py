@@ -491,6 +491,17 @@ def with_older_defaults(values: Any) -> Any:
     return values
 
 
+def with_defaults(settings: Any) -> Any:
+    """A run's recorded settings as this tieta reads them: what an older tieta left out filled in as
+    it was then (:func:`with_older_defaults`), then every key added since at its default (which is
+    how the run trained); settings that no longer read stay as they are."""
+    settings = with_older_defaults(settings)
+    try:
+        return from_dict(RunConfig, settings).to_dict()
+    except (TietaError, TypeError):
+        return settings
+
+
 def group_learning_rates(config: RunConfig) -> dict[str, float]:
     """Per-group base learning rates: the methods' own (e.g. PYRA's named lr), then optim.lr_groups."""
     groups: dict[str, float] = {}
@@ -503,14 +514,12 @@ def group_learning_rates(config: RunConfig) -> dict[str, float]:
 
 def comparable(config: dict[str, Any]) -> dict[str, Any]:
     """A resolved config without what may differ between equal runs (the device, the path's spelling,
-    what the run recorded of its inputs)."""
-    values = {key: value for key, value in config.items() if key not in ("device", "resolved")}
+    what the run recorded of its inputs), with what an older tieta did not record filled in
+    (:func:`with_defaults`)."""
+    values = {key: value for key, value in with_defaults(config).items() if key not in ("device", "resolved")}
     data = dict(values.get("data") or {})
     if data.get("path") and not str(data["path"]).startswith("hf:"):  # a hub dataset's name is no path
         data["path"] = str(Path(data["path"]).resolve())
-    # settings a run of an older tieta did not record: theirs were the defaults
-    data.setdefault("holdout", None)
-    data.setdefault("augment", "none")
     values["data"] = data
     weights = values.get("weights")
     if isinstance(weights, str) and weights.endswith(WEIGHT_SUFFIXES):  # a weights file: its spelling aside

@@ -513,8 +513,7 @@ def check_unchanged(folder: Path, config: RunConfig) -> None:
     except TietaError:
         return  # a damaged checkpoint: fit reads it again, refuses it, and the run folder records why
     if record.settings is not None:
-        difference = first_difference(comparable(with_defaults(with_older_defaults(record.settings))),
-                                      comparable(config.to_dict()))
+        difference = first_difference(comparable(record.settings), comparable(config.to_dict()))
         if difference:
             raise TietaError(f"{folder / CONFIG} was changed since the run started ({difference}); a resume continues "
                              "the run as it began: restore the setting, or train a new run into another folder")
@@ -524,16 +523,6 @@ def check_unchanged(folder: Path, config: RunConfig) -> None:
         if now != record.data:
             raise TietaError(f"the task folder {config.data.path} changed since the run started (then {record.data}; "
                              f"now {now}); a resume needs the data it began with")
-
-
-def with_defaults(settings: dict[str, Any]) -> dict[str, Any]:
-    """A run's recorded settings with the keys a later tieta added at their defaults (which is how
-    the run trained), so that a run from before them resumes; settings that no longer read stay as
-    they are."""
-    try:
-        return from_dict(RunConfig, settings).to_dict()
-    except (TietaError, TypeError):
-        return settings
 
 
 def load_run_model(checkpoint: str | Path, best: bool = False) -> tuple[nn.Module, RunConfig, int]:
