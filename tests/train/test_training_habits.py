@@ -286,3 +286,15 @@ def test_two_processes_accumulating_train_as_one_process_with_the_whole_batch(tm
     one, two = (_metrics(tmp_path / name)[0] for name in ("one", "two"))
     for key in ("loss", "acc", "balanced_acc", "eval_loss", "lr"):
         assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-6), (key, one, two)
+
+
+def test_settings_recorded_before_the_new_keys_compare_equal_to_their_defaults():
+    from tieta.train.config import comparable, first_difference
+
+    current = load_config(overrides={"model": "test_vit", "weights": "random"}).to_dict()
+    older = json.loads(json.dumps(current))
+    for section, key in (("optim", "grad_accum_steps"), ("optim", "label_smoothing"), ("data", "holdout"),
+                         ("data", "augment")):
+        del older[section][key]
+    del older["amp"], older["log"]
+    assert first_difference(comparable(older), comparable(current)) == ""  # a sweep's finished run is the same
