@@ -8,7 +8,8 @@ attention probabilities. Two things the baselines need are therefore computed he
   (:func:`class_attention`, EViT and DiffRate) or, for models without a class token, the
   attention each token receives (:func:`received_attention`, a labelled deviation);
 - DynamicViT's masked softmax (:func:`softmax_with_policy`, :func:`policy_attention`), whose keep
-  mask multiplies ``exp(logits)`` so that a straight-through gradient reaches the mask.
+  mask multiplies ``exp(logits)`` so that a straight-through gradient reaches the mask; both
+  scores take the same keep mask (``policy``) for the masked forward of a search (DiffRate).
 
 Shapes: B batch, H heads, N tokens including the prefix tokens (class, distillation, registers),
 d head width. Prefix tokens sit at indices ``0 .. num_prefix - 1``; the class token, where there
@@ -37,6 +38,7 @@ def class_attention(
     scale: float,
     num_prefix: int,
     bias: torch.Tensor | None = None,
+    policy: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The class token's attention to the non-prefix tokens, averaged over heads.
 
@@ -54,6 +56,9 @@ def class_attention(
             result but stay in the softmax's normaliser.
         bias: optional additive logit bias broadcastable to (B, H, 1, N), e.g. a (B, 1, 1, N)
             ``log(size)`` term of proportional attention; a (..., N, N) bias is cut to row 0.
+        policy: optional (B, N) keep mask: row 0 of :func:`softmax_with_policy` instead of the
+            plain softmax (masked keys get only the ``eps / N`` share). The class token's own
+            column is kept, so the masked softmax's diagonal term plays no part in this row.
 
     Returns:
         float32 scores (B, N - num_prefix). Together with the class token's attention to the
@@ -68,7 +73,7 @@ def class_attention(
     logits = (q[:, :, :1].float() * scale) @ k.float().transpose(-2, -1)  # (B, H, 1, N)
     if bias is not None:
         logits = logits + _first_query_row(bias).float()
-    probs = logits.softmax(dim=-1)
+    probs = logits.softmax(dim=-1) if policy is None else softmax_with_policy(logits, policy)
     return probs.mean(dim=1)[:, 0, num_prefix:]
 
 
@@ -78,6 +83,7 @@ def received_attention(
     scale: float,
     num_prefix: int,
     bias: torch.Tensor | None = None,
+    policy: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The attention each non-prefix token receives, averaged over heads and query rows.
 
@@ -94,6 +100,8 @@ def received_attention(
         scale: the attention's logit scale (timm: ``head_dim ** -0.5``).
         num_prefix: number of prefix tokens (registers); they are left out of the result.
         bias: optional additive logit bias broadcastable to (B, H, N, N), e.g. (B, 1, 1, N).
+        policy: optional (B, N) keep mask: the attention under :func:`softmax_with_policy`,
+            averaged over heads and the query rows still kept (removed tokens' rows left out).
 
     Returns:
         float32 scores (B, N - num_prefix).
@@ -101,8 +109,13 @@ def received_attention(
     logits = (q.float() * scale) @ k.float().transpose(-2, -1)  # (B, H, N, N)
     if bias is not None:
         logits = logits + bias.float()
-    probs = logits.softmax(dim=-1)
-    return probs.mean(dim=(1, 2))[:, num_prefix:]
+    if policy is None:
+        return logits.softmax(dim=-1).mean(dim=(1, 2))[:, num_prefix:]
+    keep = policy.float()
+    probs = softmax_with_policy(logits, keep)
+    rows = keep[:, None, :, None]  # (B, 1, N, 1): queries still in play
+    received = (probs * rows).sum(dim=(1, 2)) / (rows.sum(dim=(1, 2)) * probs.shape[1])
+    return received[:, num_prefix:]
 
 
 def softmax_with_policy(logits: torch.Tensor, policy: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -120,19 +133,20 @@ def softmax_with_policy(logits: torch.Tensor, policy: torch.Tensor, eps: float =
     and returned in the logits' dtype.
 
     Args:
-        logits: attention logits (B, H, N, N), scale and any bias already applied.
+        logits: attention logits (B, H, N, N), scale and any bias already applied; or the first
+            M < N query rows of them, (B, H, M, N) (the class row alone: M = 1).
         policy: keep mask (B, N) or (B, N, 1), 1 = keep, 0 = drop; may carry a gradient.
         eps: the stabiliser; DynamicViT, SPViT and DiffRate use 1e-6 in training.
 
     Returns:
-        attention probabilities (B, H, N, N) in the logits' dtype.
+        attention probabilities, the logits' shape and dtype.
     """
-    batch, _, tokens, _ = logits.shape
+    batch, _, rows, tokens = logits.shape
     if policy.numel() != batch * tokens:
         raise ValueError(f"policy of shape {tuple(policy.shape)} does not fit logits {tuple(logits.shape)}")
     keep = policy.reshape(batch, 1, 1, tokens).float()
-    eye = torch.eye(tokens, dtype=torch.float32, device=logits.device)
-    gate = keep + (1.0 - keep) * eye  # (B, 1, N, N): key columns masked, the diagonal always open
+    eye = torch.eye(tokens, dtype=torch.float32, device=logits.device)[:rows]  # query i's own key is column i
+    gate = keep + (1.0 - keep) * eye  # (B, 1, M, N): key columns masked, the diagonal always open
     logits32 = logits.float()
     shifted = logits32 - logits32.max(dim=-1, keepdim=True).values
     weights = shifted.exp() * gate
