@@ -469,6 +469,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_show_merges(args: argparse.Namespace) -> int:
+    from tieta.methods.state import method_setting, pass_state_named
     from tieta.report.visualize import merge_groups, save_merge_figure
     from tieta.train.record import normalization_of
     from tieta.train.fit import image_size_of, load_run_model, resolve_device, seed_everything
@@ -481,7 +482,7 @@ def cmd_show_merges(args: argparse.Namespace) -> int:
     asked = resolve_device(args.device) if args.device else None  # before any model is built
     if args.run is not None:
         model, config, _ = load_run_model(args.run)
-        if getattr(model, "token_state", None) is None:
+        if pass_state_named(model, "token_state") is None:
             raise TietaError(f"the run {args.run} merges no tokens (method {config.method})")
     else:
         if args.data is None:
@@ -495,7 +496,7 @@ def cmd_show_merges(args: argparse.Namespace) -> int:
     images, inputs, names = _sample_images(args.data or config.data.path, args.split, args.count,
                                            image_size_of(model), normalization_of(config, model))
     groups = merge_groups(model.to(device), inputs.to(device)).cpu()
-    caption = f"{config.model} + {config.method}, r per block {getattr(model, 'token_schedule', [])}"
+    caption = f"{config.model} + {config.method}, r per block {method_setting(model, 'tome', 'token_schedule', [])}"
     save_merge_figure(images, groups, picture, names, caption)
     print(f"wrote {picture}")
     if note:
@@ -531,6 +532,7 @@ def _sample_images(task_dir: str, split: str, count: int, image_size: int, norma
 
 def cmd_show_tokens(args: argparse.Namespace) -> int:
     from tieta.methods.dyt import evaluation_masks
+    from tieta.methods.state import pass_state_named
     from tieta.report.visualize import save_active_tokens, save_rate_chart
     from tieta.train.fit import image_size_of, load_run_model, resolve_device
     from tieta.train.record import normalization_of
@@ -542,7 +544,7 @@ def cmd_show_tokens(args: argparse.Namespace) -> int:
         if path.exists() and not args.overwrite:
             raise TietaError(f"{path} already exists; pick another --output or pass --overwrite")
     model, config, _ = load_run_model(args.run)
-    if getattr(model, "dispatch_state", None) is None:
+    if pass_state_named(model, "dispatch_state") is None:
         raise TietaError(f"the run {args.run} has no DyT dispatchers (method {config.method})")
     images, inputs, names = _sample_images(args.data or config.data.path, args.split, args.count,
                                            image_size_of(model), normalization_of(config, model))
@@ -552,7 +554,7 @@ def cmd_show_tokens(args: argparse.Namespace) -> int:
     caption = f"{config.model} + {config.method} ({config.dyt.variant} dispatch), {len(names)} {args.split} images"
     save_rate_chart(rates, rates_png, caption)
     written = [rates_png]
-    if getattr(model, "token_state", None) is None:
+    if pass_state_named(model, "token_state") is None:
         layers = sorted({round(i * (len(masks) - 1) / 3) for i in range(4)})
         save_active_tokens(images, masks, tuple(model.patch_embed.grid_size), tokens_png, layers, caption)
         written.append(tokens_png)

@@ -43,6 +43,8 @@ import torch
 import torch._dynamo
 from torch import nn
 
+from tieta.methods.state import pass_state_named
+
 
 def compile_model(model: nn.Module, **options: Any) -> nn.Module:
     """``torch.compile`` of ``model`` for evaluation (the model is put in eval mode).
@@ -102,7 +104,7 @@ def graph_breaks(model: nn.Module, images: torch.Tensor) -> int:
 
 def _skips_tokens(model: nn.Module) -> bool:
     """Whether the model runs DyT's dispatch (real skipping at evaluation)."""
-    return getattr(model, "dispatch_state", None) is not None
+    return pass_state_named(model, "dispatch_state") is not None
 
 
 def _tracing_settings(data_dependent_shapes: bool) -> contextlib.AbstractContextManager:

@@ -49,6 +49,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from tieta.errors import TietaError
 from tieta.methods.diffrate import DiffRateReduce
+from tieta.methods.state import attention_gate, pass_state_named, reset_pass_states
 from tieta.native import tensor_code
 
 OPSET = 18
@@ -203,8 +204,8 @@ def _refuse_unfinished_search(model: nn.Module) -> None:
 def _dense_attention_dispatch(model: nn.Module) -> Iterator[None]:
     """DyT's masked form while exporting a model whose dispatch gates attention (see the module
     docstring); MLP-only dispatch keeps its real skipping."""
-    state = getattr(model, "dispatch_state", None)
-    if state is None or getattr(model, "tieta_attention_gate", None) is None or not state.real_skip:
+    state = pass_state_named(model, "dispatch_state")
+    if state is None or attention_gate(model) is None or not state.real_skip:
         yield
         return
     warnings.warn("DyT's attention dispatch exports in its masked form: the same logits, but the FLOPs of "
@@ -218,8 +219,7 @@ def _dense_attention_dispatch(model: nn.Module) -> Iterator[None]:
 
 def _forget_pass(model: nn.Module) -> None:
     """Drop what the traced pass left in the model's per-pass states (tracer tensors, not data)."""
-    for state in model.__dict__.get("tieta_pass_states", ()):
-        state.reset()
+    reset_pass_states(model)
 
 
 def _first_line(error: BaseException) -> str:

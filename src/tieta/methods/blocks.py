@@ -24,7 +24,8 @@ rotary position embeddings follow the tokens that reductions keep (``follow_toke
 
 The model itself gets :class:`TietaViT` mixed into its class: it resets the per-pass state
 (token sizes, masks) whenever a new token sequence starts, whichever timm entry point started it,
-and weights average pooling by token size.
+and weights average pooling by token size. What tieta keeps on the model is one
+:class:`~tieta.methods.state.ModelState` (``tieta.methods.state``).
 """
 
 from __future__ import annotations
@@ -40,25 +41,12 @@ from timm.models.vision_transformer import Block, VisionTransformer
 
 from tieta.errors import TietaError
 from tieta.methods.attention import masked_attention, masked_eva_attention
+from tieta.methods.state import (STATE_ATTRIBUTE, ModelState, PassState, attention_gate, reset_pass_states,
+                                 state_of)
 from tieta.methods.swap import Swappable, swap_in, swap_out
 from tieta.ops.rope import follow, rope_at, rotate
 
 Branch = Callable[..., torch.Tensor]
-
-
-class PassState:
-    """Base of the per-pass states: what one forward pass leaves behind (sizes, masks, with their
-    autograd graph in training) belongs to that pass, so copies and pickles of a model get the
-    state as ``reset()`` leaves it."""
-
-    def reset(self) -> None:
-        raise NotImplementedError
-
-    def __getstate__(self) -> dict:
-        blank = object.__new__(type(self))
-        blank.__dict__.update(self.__dict__)
-        blank.reset()  # assigns fresh values in the copy's dict; self keeps its own
-        return blank.__dict__
 
 
 @dataclass
@@ -269,23 +257,36 @@ class TietaViT(Swappable):
     """
 
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
-        for state in self.__dict__.get("tieta_pass_states", ()):
-            state.reset()
+        reset_pass_states(self)
         return super()._pos_embed(x)
+
+    def __getattr__(self, name: str) -> Any:
+        # parameters, buffers and submodules first (nn.Module's); then a pass state or a method
+        # setting of that name in the model's state, read-only (model.token_state, model.token_schedule)
+        try:
+            return super().__getattr__(name)
+        except AttributeError as missing:
+            state = state_of(self)
+            if state is None:
+                raise
+            try:
+                return state.view(name)
+            except KeyError:
+                raise missing from None
 
     def forward_features(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return self._ended_with(super().forward_features(x, *args, **kwargs))
 
     def _ended_with(self, features: torch.Tensor) -> torch.Tensor:
         """Record the features a pass ended with: the token sizes for pooling belong to them."""
-        state = getattr(self, "token_state", None)
+        state = token_state_of(self)
         if state is not None:
             state.features = features
         return features
 
     def pool(self, x: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tensor:
         pool_type = self.global_pool if pool_type is None else pool_type
-        state = getattr(self, "token_state", None)
+        state = token_state_of(self)
         weights = None if state is None else state.pool_weights()
         if weights is None or pool_type != "avg" or self.attn_pool is not None:
             return super().pool(x, pool_type)
@@ -365,7 +366,7 @@ def patch_blocks(model: nn.Module) -> list[nn.Module]:
     check_vit(model)
     if not isinstance(model, TietaViT):
         swap_in(model, TietaViT)
-        model.__dict__["tieta_pass_states"] = []
+        setattr(model, STATE_ATTRIBUTE, ModelState())
     blocks = []
     for block in model.blocks:
         if type(block) in (Block, EvaBlock):
@@ -380,18 +381,22 @@ def patch_blocks(model: nn.Module) -> list[nn.Module]:
 
 
 def pass_state(model: nn.Module, name: str, factory: Callable[[], Any]) -> Any:
-    """The model's per-pass state called ``name`` (``model.<name>``), made by ``factory`` and
-    registered for the reset at the start of every pass if the model has none yet.
+    """The model's per-pass state called ``name`` (``model.<name>`` reads it), made by ``factory``
+    and kept in the model's state, reset at the start of every pass, if the model has none yet.
 
     A state is a :class:`PassState` (a ``reset()`` method), shared by the blocks that read or write it.
     """
     patch_blocks(model)
-    state = getattr(model, name, None)
-    if state is None:
-        state = factory()
-        setattr(model, name, state)
-        model.__dict__["tieta_pass_states"].append(state)
-    return state
+    passes = state_of(model).passes
+    if name not in passes:
+        passes[name] = factory()
+    return passes[name]
+
+
+def token_state_of(model: nn.Module) -> Optional[TokenState]:
+    """The model's TokenState if a method made one, else None (nothing made)."""
+    state = state_of(model)
+    return None if state is None else state.passes.get("token_state")
 
 
 def token_state(model: nn.Module) -> TokenState:
@@ -405,7 +410,8 @@ def token_state(model: nn.Module) -> TokenState:
 
 def reducing_method(model: nn.Module) -> Optional[str]:
     """The name of the method that already changes the token count of ``model``, if any."""
-    return getattr(model, "tieta_reduction", None)
+    state = state_of(model)
+    return None if state is None else state.reduction
 
 
 def claim_reduction(model: nn.Module, method: str) -> None:
@@ -415,10 +421,12 @@ def claim_reduction(model: nn.Module, method: str) -> None:
     current = reducing_method(model)
     if current is not None and current != method:
         raise TietaError(f"this model already reduces tokens with {current}; one token-reduction method per model")
-    gate = getattr(model, "tieta_attention_gate", None)
+    gate = attention_gate(model)
     if gate is not None:
         raise TietaError(f"{gate} cannot be combined with token merging or pruning ({method}); use DyT's variant 'mlp'")
-    model.tieta_reduction = method
+    patch_blocks(model)
+    state_of(model).reduction = method
+
 
 
 def claim_attention_gate(model: nn.Module, what: str) -> None:
@@ -426,7 +434,8 @@ def claim_attention_gate(model: nn.Module, what: str) -> None:
     current = reducing_method(model)
     if current is not None:
         raise TietaError(f"{what} cannot be combined with token merging or pruning ({current}); use DyT's variant 'mlp'")
-    model.tieta_attention_gate = what
+    patch_blocks(model)
+    state_of(model).attention_gate = what
 
 
 class KeepOutput(Swappable):
@@ -442,6 +451,10 @@ class KeepOutput(Swappable):
         # into the instance dict: nn.Module.__setattr__ costs microseconds that batch-1 latency feels
         self.__dict__["tieta_output"] = out
         return out
+
+    def __getstate__(self) -> dict:
+        # the kept tensor belongs to one pass: copies and pickles start without it
+        return {**super().__getstate__(), "tieta_output": None}
 
 
 def keep_output(module: nn.Module) -> None:
@@ -465,4 +478,5 @@ def take_output(module: nn.Module) -> torch.Tensor:
     return out
 
 
-__all__ = ["TietaBlock", "TietaEvaBlock", "TietaViT", "TokenState", "check_vit", "patch_blocks", "pass_state", "token_state"]
+__all__ = ["PassState", "TietaBlock", "TietaEvaBlock", "TietaViT", "TokenState", "check_vit", "patch_blocks", "pass_state",
+           "token_state"]

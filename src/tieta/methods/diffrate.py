@@ -71,6 +71,7 @@ from tieta.methods.diffrate_step import (CRITERIA, SIZE_EPS, DiffRateReduce, dif
 from tieta.methods.diffrate_training import DiffRateConfig, describe, epoch_update, objective, one_process, validate
 from tieta.methods.method import Method
 from tieta.methods.schedules import vit_shape
+from tieta.methods.state import set_method_setting
 from tieta.ops.diffrate import RateLogits
 from tieta.ops.diffrate_rates import PUBLISHED_RATES
 
@@ -141,7 +142,7 @@ def add_diffrate(
         block.reduce = step.to(next(block.parameters()).device).train(block.training)
         keep_output(block.attn.q_norm)
         keep_output(block.attn.k_norm)
-    model.diffrate_target_gmacs = target_gmacs
+    set_method_setting(model, "diffrate", "diffrate_target_gmacs", target_gmacs)
     return model
 
 

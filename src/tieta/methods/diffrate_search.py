@@ -20,6 +20,7 @@ from tieta.errors import TietaError
 from tieta.methods.diffrate_counts import fix_rates, rate_parameters, start_search
 from tieta.methods.diffrate_step import diffrate_steps
 from tieta.methods.schedules import vit_shape
+from tieta.methods.state import method_setting
 from tieta.ops.diffrate import search_flops
 
 
@@ -130,7 +131,7 @@ def search_rates(
     Returns:
         (kept_prune, kept_merge) per block, prefix included, now fixed in the model.
     """
-    target = getattr(model, "diffrate_target_gmacs", None) if target_gmacs is None else target_gmacs
+    target = method_setting(model, "diffrate", "diffrate_target_gmacs") if target_gmacs is None else target_gmacs
     if target is None or target <= 0:
         raise TietaError("search_rates needs a positive target_gmacs (or one given to add_diffrate)")
     if epochs < 1:

@@ -2,12 +2,12 @@
 the first epochs, fixed kept numbers after), its facts and its settings' checks.
 
 The search epochs' optimizer is a :class:`~tieta.methods.diffrate_search.RateSearch` made on the
-first search batch and kept for the model being trained until the numbers are fixed.
+first search batch and kept in the model's state (its run objects, never copied or saved) until
+the numbers are fixed.
 """
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -20,6 +20,7 @@ from tieta.methods.diffrate_counts import fix_rates, kept_numbers, mlp_token_cou
 from tieta.methods.diffrate_search import RateSearch, search_lr_at
 from tieta.methods.diffrate_step import CRITERIA, diffrate_steps
 from tieta.methods.method import LossFn
+from tieta.methods.state import keep_run_object, run_object
 from tieta.ops.diffrate_rates import PUBLISHED_RATES
 
 
@@ -40,20 +41,16 @@ class DiffRateConfig:
     flops_weight: float = 5.0
 
 
-# the search of each model in a search epoch; it ends with the model or when the numbers are fixed
-_SEARCHES: "weakref.WeakKeyDictionary[nn.Module, RateSearch]" = weakref.WeakKeyDictionary()
-
-
 def _searching(model: nn.Module) -> bool:
     return any(step.searching for step in diffrate_steps(model))
 
 
 def _search_of(model: nn.Module, settings: DiffRateConfig) -> RateSearch:
     """The run's search of ``model``, made on first use."""
-    search = _SEARCHES.get(model)
+    search = run_object(model, "diffrate")
     if search is None:
         search = RateSearch(model, settings.target_gmacs, settings.flops_weight, settings.search_lr)
-        _SEARCHES[model] = search
+        keep_run_object(model, "diffrate", search)
     return search
 
 
@@ -80,7 +77,7 @@ def epoch_update(model: nn.Module, config: Any, epoch: int, epochs: int) -> dict
         lr = search_lr_at(epoch, settings.search_epochs, settings.search_lr, settings.search_min_lr)
         _search_of(model, settings).set_lr(lr)
         return {"diffrate_phase": "search", "diffrate_search_lr": lr}
-    _SEARCHES.pop(model, None)
+    keep_run_object(model, "diffrate", None)
     prune, merge = fix_rates(model)
     return {"diffrate_phase": "fixed", "diffrate_kept_prune": prune, "diffrate_kept_merge": merge}
 

@@ -27,6 +27,7 @@ from tieta.methods.blocks import (PassState, TietaBlock, claim_reduction, follow
                                   token_state)
 from tieta.methods.method import Method
 from tieta.methods.schedules import stage_blocks
+from tieta.methods.state import method_setting, pass_state_named, set_method_setting
 from tieta.ops.dynamicvit import PredictorLG, distillation_loss, gather_tokens, ratio_loss, sample_keep, top_keep
 
 
@@ -117,7 +118,7 @@ def add_dynamicvit(model: nn.Module, ratios: Sequence[float] = (0.9, 0.7, 0.5),
     for index, ratio in zip(chosen, ratios):
         like = next(blocks[index].parameters())
         blocks[index].select = DynamicViTSelect(model.embed_dim, ratio, patches).to(like.device, like.dtype)
-    model.dynamicvit_ratios = ratios
+    set_method_setting(model, "dynamicvit", "dynamicvit_ratios", ratios)
     return model
 
 
@@ -130,16 +131,17 @@ def dynamicvit_loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
     network with every token kept, detached).
     """
     logits = model(images)
-    decisions = list(model.pruning_state.decisions)
-    loss = shard.cross_entropy(logits, labels) + ratio_loss(decisions, model.dynamicvit_ratios, ratio_weight,
-                                                                      shard.batch_mean)
+    pruning = pass_state_named(model, "pruning_state")
+    decisions = list(pruning.decisions)
+    ratios = method_setting(model, "dynamicvit", "dynamicvit_ratios")
+    loss = shard.cross_entropy(logits, labels) + ratio_loss(decisions, ratios, ratio_weight, shard.batch_mean)
     if distill_weight > 0:
-        model.pruning_state.full = True
+        pruning.full = True
         try:
             with torch.no_grad():
                 teacher = model(images)
         finally:
-            model.pruning_state.full = False
+            pruning.full = False
         loss = loss + distill_weight * distillation_loss(logits, teacher, shard.batch_mean if shard.current() else None)
     return loss
 

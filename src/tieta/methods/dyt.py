@@ -33,6 +33,7 @@ from tieta.methods.adapter import Adapter, AdapterConfig, MoEAdapter
 from tieta.methods.blocks import (EveryToken, PassState, TietaBlock, claim_attention_gate, pass_state,
                                   patch_blocks)
 from tieta.methods.method import MAX_EXPERTS, MAX_WIDTH, Method, bounded
+from tieta.methods.state import method_setting, pass_state_named, set_method_setting
 from tieta.ops.dispatch import (attend_on_active, dispatch_mask, key_mask, run_on_active,  # noqa: F401 (public)
                                 with_prefix)
 
@@ -176,7 +177,7 @@ def add_dyt(
     if experts < 1:
         raise TietaError(f"experts must be at least 1, got {experts}")
     blocks = patch_blocks(model)
-    if getattr(model, "dispatch_state", None) is not None:
+    if pass_state_named(model, "dispatch_state") is not None:
         raise TietaError("this model already has DyT")
     if any(block.adapter is not None for block in blocks):
         raise TietaError("DyT brings its own adapter; add DyT to a model without adapters")
@@ -184,7 +185,7 @@ def add_dyt(
     if variant != "mlp":  # refuse before changing anything
         claim_attention_gate(model, f"DyT's {variant!r} dispatch")
     state = pass_state(model, "dispatch_state", lambda: DispatchState(tau=tau))
-    model.dyt_rho = rho
+    set_method_setting(model, "dyt", "dyt_rho", rho)
     width = model.embed_dim
     for block in blocks:
         like = next(block.parameters())
@@ -217,7 +218,7 @@ class DyTOutputs:
 
 def dyt_forward(model: nn.Module, images: torch.Tensor) -> DyTOutputs:
     """The dynamic and the full forward pass of a DyT model (as its training step needs)."""
-    state = model.dispatch_state
+    state = pass_state_named(model, "dispatch_state")
     logits = model(images)
     masks = state.masks
     state.full = True
@@ -225,7 +226,7 @@ def dyt_forward(model: nn.Module, images: torch.Tensor) -> DyTOutputs:
         full_logits = model(images)
     finally:
         state.full = False
-    return DyTOutputs(logits, full_logits, masks, model.dyt_rho)
+    return DyTOutputs(logits, full_logits, masks, method_setting(model, "dyt", "dyt_rho"))
 
 
 def dyt_loss(
@@ -266,7 +267,7 @@ def dyt_loss(
 def evaluation_masks(model: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
     """DyT's evaluation decisions for ``images``: one (B, N_patch) bool tensor per dispatcher, in
     block order ("attn_mlp" has two per block)."""
-    state = getattr(model, "dispatch_state", None)
+    state = pass_state_named(model, "dispatch_state")
     if state is None:
         raise TietaError("this model has no DyT dispatchers")
     was_training = model.training
@@ -322,7 +323,7 @@ def temperature_at(config: Any, epoch: int, epochs: int) -> float:
 
 
 def _epoch_update(model: nn.Module, config: Any, epoch: int, epochs: int) -> dict[str, Any]:
-    model.dispatch_state.tau = tau = temperature_at(config, epoch, epochs)
+    pass_state_named(model, "dispatch_state").tau = tau = temperature_at(config, epoch, epochs)
     return {"tau": tau}
 
 

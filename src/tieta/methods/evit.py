@@ -25,6 +25,7 @@ from tieta.methods.blocks import (TietaBlock, claim_reduction, follow_tokens, ke
                                   take_output, token_state)
 from tieta.methods.method import Method
 from tieta.methods.schedules import stage_blocks
+from tieta.methods.state import set_method_setting
 from tieta.ops.attention import class_attention, received_attention
 from tieta.ops.evit import evit_reduce, keep_count, keep_rate_at, kept_order
 from tieta.ops.rope import NO_POSITION
@@ -75,7 +76,7 @@ def add_evit(model: nn.Module, keep_rate: float = 0.7, locations: Optional[Seque
         fuse: fuse the dropped tokens into one extra token (EViT's default in its scripts).
 
     Returns:
-        The same model; ``model.evit_keep_rate`` holds the base keep rate.
+        The same model; its state holds the base keep rate (``method_setting(model, "evit", "evit_keep_rate")``).
     """
     if not 0 < keep_rate <= 1:
         raise TietaError(f"keep_rate must be in (0, 1], got {keep_rate}")
@@ -89,7 +90,7 @@ def add_evit(model: nn.Module, keep_rate: float = 0.7, locations: Optional[Seque
         block.reduce = EViTReduce(keep_rate, fuse, class_token)
         keep_output(block.attn.q_norm)
         keep_output(block.attn.k_norm)
-    model.evit_keep_rate = keep_rate
+    set_method_setting(model, "evit", "evit_keep_rate", keep_rate)
     return model
 
 

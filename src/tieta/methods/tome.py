@@ -20,6 +20,7 @@ from tieta.methods import catalog
 from tieta.methods.blocks import (TietaBlock, Unchanged, claim_reduction, follow_tokens, keep_output, patch_blocks,
                                   release_output, rotated, take_output, token_state)
 from tieta.methods.method import Method
+from tieta.methods.state import method_setting, set_method_setting
 from tieta.methods.schedules import (MergeConfig, resolve_schedule, schedule_setting, token_counts, validate_merge,
                                      vit_shape)
 from tieta.native.tome_merge import native_merge, native_merge_applies
@@ -101,7 +102,7 @@ def attach_merging(model: nn.Module, schedule: list[int], prop_attn: bool, step:
             keep_output(block.attn.k_norm)
         else:
             release_output(block.attn.k_norm)
-    model.token_schedule = list(schedule)
+    set_method_setting(model, "tome", "token_schedule", list(schedule))
 
 
 def add_tome(model: nn.Module, r: Any = "low", prop_attn: bool = True) -> nn.Module:
@@ -116,15 +117,20 @@ def add_tome(model: nn.Module, r: Any = "low", prop_attn: bool = True) -> nn.Mod
             keeps it on in training and evaluation).
 
     Returns:
-        The same model; ``model.token_schedule`` holds the r per block.
+        The same model; ``model.token_schedule`` (:func:`token_schedule`) reads the r per block.
     """
     attach_merging(model, resolve_schedule(model, r), prop_attn)
     return model
 
 
+def token_schedule(model: nn.Module) -> list[int]:
+    """The merge schedule ToMe (or PYRA) was attached with: r per block; empty without merging."""
+    return method_setting(model, "tome", "token_schedule", [])
+
+
 def describe_merging(model: nn.Module) -> dict[str, Any]:
     """The merge schedule and the tokens entering each block (then leaving the last)."""
-    schedule = model.token_schedule
+    schedule = token_schedule(model)
     return {"schedule": list(schedule), "token_counts": token_counts(vit_shape(model), schedule)}
 
 

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from tieta.errors import TietaError
+from tieta.methods.state import pass_state_named
 from tieta.report.figure import pyplot, save
 
 
@@ -25,7 +26,7 @@ def merge_groups(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     Returns:
         (B, gh, gw) integer group ids over the patch grid.
     """
-    state = getattr(model, "token_state", None)
+    state = pass_state_named(model, "token_state")
     if state is None:
         raise TietaError("this model merges no tokens; attach ToMe or PYRA first")
     was_training, tracing = model.training, state.trace_source
