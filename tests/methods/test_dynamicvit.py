@@ -104,6 +104,8 @@ def test_bad_settings_are_refused():
         tieta.add_dynamicvit(make_vit("plain"), ratios=(0.9, 0.7))
     with pytest.raises(tieta.TietaError, match="cannot grow"):
         tieta.add_dynamicvit(make_vit("plain"), ratios=(0.5, 0.7, 0.9))
+    with pytest.raises(tieta.TietaError, match="keeps no token of 16 patches"):  # int(16 * 0.05) = 0
+        tieta.add_dynamicvit(make_vit("plain"), ratios=(0.5, 0.3, 0.05))
     with pytest.raises(tieta.TietaError, match="own loss"):
         from tieta.train.config import load_config
 

@@ -11,9 +11,28 @@ from tieta.ops.dynamicvit import (
     keep_counts,
     ratio_loss,
     sample_keep,
-    token_distillation_loss,
     top_keep,
 )
+
+
+# DynamicViT's token distillation term (the reference's, against a separate teacher's tokens); tieta's
+# self-distillation uses the class term alone (distillation_loss), so the term is defined here, with its tests
+def token_distillation_loss(tokens: torch.Tensor, teacher_tokens: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Mean squared error between student and teacher patch tokens, over the kept tokens only.
+
+    Args:
+        tokens: (B, P, D) the student's final-norm patch tokens.
+        teacher_tokens: (B, P, D) the teacher's, detached by the caller.
+        keep: (B, P, 1) or (B, P) the last stage's decisions; a token counts where it is > 0.5.
+
+    Returns:
+        Scalar: the mean over the (#kept * D) entries, 0 when no token is kept.
+    """
+    kept = (keep.reshape(tokens.shape[:2]) > 0.5).unsqueeze(-1)  # (B, P, 1), no gradient
+    squared = torch.where(kept, (tokens - teacher_tokens) ** 2, tokens.new_zeros(()))
+    # Dividing by at least 1 gives 0 when nothing is kept, without a host sync to test for it.
+    entries = (kept.sum() * tokens.shape[-1]).clamp_min(1)
+    return squared.sum() / entries
 
 
 def count_parameters(module: nn.Module) -> int:

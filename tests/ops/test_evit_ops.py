@@ -246,6 +246,15 @@ def test_policy_attention_is_masked_softmax_times_v():
     torch.testing.assert_close(got.double(), probs @ v.double(), atol=1e-5, rtol=1e-5)
 
 
+def test_policy_attention_drops_out_the_probabilities_before_v():
+    """The attention's ``attn_drop`` acts on the masked softmax, as in timm's unfused attention."""
+    attn, x, q, k, v = timm_qkv(tokens=8)
+    policy = random_policy(x.shape[0], x.shape[1])
+    probs = slow_softmax_with_policy((q * attn.scale) @ k.transpose(-2, -1), policy, 1e-6)
+    got = policy_attention(q, k, v, attn.scale, policy, dropout=lambda p: p * 2)
+    torch.testing.assert_close(got.double(), (probs * 2) @ v.double(), atol=1e-5, rtol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------
 # evit_reduce (§2.2, §2.3)
 

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from tieta.ops.attention import softmax_with_policy
+from tieta.ops.attention import policy_attention
 from tieta.ops.rope import rotate
 
 
@@ -37,11 +37,8 @@ def masked_attention(attn: nn.Module, x: torch.Tensor, policy: torch.Tensor, bia
     qkv = attn.qkv(x).reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
-    logits = (q * attn.scale) @ k.transpose(-2, -1)  # (B, H, N, N)
-    if bias is not None:
-        logits = logits + bias
-    weights = attn.attn_drop(softmax_with_policy(logits, policy, eps))
-    out = (weights @ v).transpose(1, 2).reshape(batch, tokens, attn.attn_dim)
+    out = policy_attention(q, k, v, attn.scale, policy, bias, eps, attn.attn_drop)  # (B, H, N, hd)
+    out = out.transpose(1, 2).reshape(batch, tokens, attn.attn_dim)
     out = attn.norm(out)
     if gate is not None:
         out = out * gate
@@ -92,11 +89,8 @@ def masked_eva_attention(attn: nn.Module, x: torch.Tensor, policy: torch.Tensor,
     groups = getattr(attn, "num_kv_groups", 1)
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    logits = (q * attn.scale) @ k.transpose(-2, -1)  # (B, H, N, N)
-    if bias is not None:
-        logits = logits + bias
-    weights = attn.attn_drop(softmax_with_policy(logits, policy, eps))
-    out = (weights @ v).transpose(1, 2).reshape(batch, tokens, -1)
+    out = policy_attention(q, k, v, attn.scale, policy, bias, eps, attn.attn_drop)  # (B, H, N, hd)
+    out = out.transpose(1, 2).reshape(batch, tokens, -1)
     out = attn.norm(out)
     if gate is not None:
         out = out * gate

@@ -28,7 +28,8 @@ from tieta.methods.blocks import (PassState, TietaBlock, claim_reduction, follow
 from tieta.methods.method import Method
 from tieta.methods.schedules import stage_blocks
 from tieta.methods.state import method_setting, pass_state_named, set_method_setting
-from tieta.ops.dynamicvit import PredictorLG, distillation_loss, gather_tokens, ratio_loss, sample_keep, top_keep
+from tieta.ops.dynamicvit import (PredictorLG, distillation_loss, gather_tokens, keep_counts, ratio_loss, sample_keep,
+                                  top_keep)
 
 
 @dataclass
@@ -62,7 +63,11 @@ class DynamicViTSelect(nn.Module):
         self.ratio, self.patches = ratio, patches
 
     def extra_repr(self) -> str:
-        return f"ratio={self.ratio}, keeps={int(self.patches * self.ratio)} of {self.patches} patches"
+        return f"ratio={self.ratio}, keeps={self.kept()} of {self.patches} patches"
+
+    def kept(self) -> int:
+        """Patch tokens this stage keeps at evaluation (``keep_counts``: of the original patch count)."""
+        return keep_counts(self.patches, [self.ratio])[0]
 
     def forward(self, x: torch.Tensor, block: TietaBlock) -> torch.Tensor:
         """Args: x: (B, N, D) entering the block. Returns: x (training) or (B, prefix + K, D)."""
@@ -77,7 +82,7 @@ class DynamicViTSelect(nn.Module):
             pruning.decisions.append(keep[..., 0])
             tokens.policy = torch.cat([keep.new_ones(keep.shape[0], prefix), keep[..., 0]], dim=1)
             return x
-        kept = min(int(self.patches * self.ratio), patches.shape[1])
+        kept = min(self.kept(), patches.shape[1])
         log_probs = self.predictor(patches, torch.ones_like(patches[..., :1]))
         indices = top_keep(log_probs, kept)
         follow_tokens(block, indices, patches.shape[1])  # kept tokens keep their positions
@@ -108,10 +113,14 @@ def add_dynamicvit(model: nn.Module, ratios: Sequence[float] = (0.9, 0.7, 0.5),
     chosen = stage_blocks(len(blocks), locations)
     if len(chosen) != len(ratios):
         raise TietaError(f"DynamicViT needs one ratio per location: {len(ratios)} ratios for blocks {chosen}")
+    patches = model.patch_embed.num_patches
+    try:
+        keep_counts(patches, ratios)
+    except ValueError as error:  # a ratio too small for this model's patch count
+        raise TietaError(f"DynamicViT: {error} patches") from None
     claim_reduction(model, "DynamicViT")
     tokens = token_state(model)
     pruning = pass_state(model, "pruning_state", PruningState)
-    patches = model.patch_embed.num_patches
     for block in blocks:
         block.pruning_state = pruning
         block.token_state = tokens
@@ -178,8 +187,7 @@ def token_counts(model: nn.Module) -> list[int]:
     counts, tokens = [], model.patch_embed.num_patches + model.num_prefix_tokens
     for block in model.blocks:
         if isinstance(block.select, DynamicViTSelect):
-            tokens = model.num_prefix_tokens + min(int(block.select.patches * block.select.ratio),
-                                                   tokens - model.num_prefix_tokens)
+            tokens = model.num_prefix_tokens + min(block.select.kept(), tokens - model.num_prefix_tokens)
         counts.append(tokens)
     return counts
 

@@ -18,6 +18,8 @@ is one, at index 0.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 
@@ -162,6 +164,7 @@ def policy_attention(
     policy: torch.Tensor,
     bias: torch.Tensor | None = None,
     eps: float = 1e-6,
+    dropout: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Unfused attention whose softmax is :func:`softmax_with_policy`.
 
@@ -177,6 +180,7 @@ def policy_attention(
         policy: keep mask (B, N) or (B, N, 1), 1 = keep, 0 = drop; may carry a gradient.
         bias: optional additive logit bias broadcastable to (B, H, N, N).
         eps: the stabiliser of :func:`softmax_with_policy`.
+        dropout: applied to the probabilities before ``@ v`` (the attention's ``attn_drop``), or None.
 
     Returns:
         attention output (B, H, N, d) in the dtype of ``q @ k^T``.
@@ -185,4 +189,6 @@ def policy_attention(
     if bias is not None:
         logits = logits + bias
     probs = softmax_with_policy(logits, policy, eps)
+    if dropout is not None:
+        probs = dropout(probs)
     return probs @ v

@@ -4,8 +4,8 @@ Before a few blocks (the stages, e.g. blocks 3, 6 and 9 of a 12-block ViT) a sma
 prediction module, scores every patch token. In training the keep decisions are sampled with a
 hard Gumbel-softmax (straight-through gradient) and applied as attention masks, so all tokens stay
 in the tensor; at evaluation the top-scoring tokens are physically gathered and the rest discarded.
-A ratio loss pulls the fraction kept towards the target of each stage; optional distillation
-terms compare the pruned model with the unpruned one.
+A ratio loss pulls the fraction kept towards the target of each stage; an optional distillation
+term compares the pruned model's class prediction with the unpruned one's.
 
 This module holds the pure parts, testable on random tensors:
 
@@ -16,7 +16,6 @@ This module holds the pure parts, testable on random tensors:
     x = gather_tokens(x, indices, num_prefix)             # prefix tokens first, then the chosen ones
     loss = ratio_loss(decisions, ratios, weight)          # keep-fraction target, per sample
     loss = distillation_loss(logits, teacher_logits)      # KL on the class logits
-    loss = token_distillation_loss(tokens, teacher_tokens, keep)   # MSE on the kept tokens
 
 Where the reference code (``raoyongming/DynamicViT``) and the paper differ, the code is followed:
 
@@ -219,21 +218,3 @@ def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor,
     if batch_mean is None:
         return F.kl_div(student, teacher, reduction="batchmean", log_target=True)
     return batch_mean(F.kl_div(student, teacher, reduction="none", log_target=True).sum(dim=-1))
-
-
-def token_distillation_loss(tokens: torch.Tensor, teacher_tokens: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Mean squared error between student and teacher patch tokens, over the kept tokens only.
-
-    Args:
-        tokens: (B, P, D) the student's final-norm patch tokens.
-        teacher_tokens: (B, P, D) the teacher's, detached by the caller.
-        keep: (B, P, 1) or (B, P) the last stage's decisions; a token counts where it is > 0.5.
-
-    Returns:
-        Scalar: the mean over the (#kept * D) entries, 0 when no token is kept.
-    """
-    kept = (keep.reshape(tokens.shape[:2]) > 0.5).unsqueeze(-1)  # (B, P, 1), no gradient
-    squared = torch.where(kept, (tokens - teacher_tokens) ** 2, tokens.new_zeros(()))
-    # Dividing by at least 1 gives 0 when nothing is kept, without a host sync to test for it.
-    entries = (kept.sum() * tokens.shape[-1]).clamp_min(1)
-    return squared.sum() / entries
