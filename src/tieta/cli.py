@@ -379,7 +379,9 @@ def cmd_flops(args: argparse.Namespace) -> int:
     from tieta.measure.flops import count_flops
     from tieta.methods.params import trainable_parameters
     from tieta.report.tables import FLOPS_COLUMNS, fact_label, format_table
-    from tieta.train.fit import describe_methods, image_size_of, resolve_device
+    from tieta.device import resolve_device
+    from tieta.train.fit import describe_methods
+    from tieta.train.model import image_size_of
     from tieta.train.model import build_backbone, build_model
 
     config = _config_from(args)
@@ -406,7 +408,7 @@ def cmd_flops(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from tieta.demo import BENCH_BATCH_SIZE, default_output, run_demo
-    from tieta.train.fit import resolve_device
+    from tieta.device import resolve_device
 
     output = _folder_to_write(args.output or default_output())
     if args.device is not None:
@@ -439,7 +441,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from tieta.measure.load import load_text, watched_load
     from tieta.report.speed import bench_reading, spread_text
     from tieta.report.tables import bench_columns, format_table
-    from tieta.train.fit import resolve_device
+    from tieta.device import resolve_device
 
     args.device = str(resolve_device(args.device))  # before minutes of timing: "cuda:7", "foo"
     if args.output is not None:
@@ -472,7 +474,9 @@ def cmd_show_merges(args: argparse.Namespace) -> int:
     from tieta.methods.state import method_setting, pass_state_named
     from tieta.report.visualize import merge_groups, save_merge_figure
     from tieta.train.record import normalization_of
-    from tieta.train.fit import image_size_of, load_run_model, resolve_device, seed_everything
+    from tieta.device import resolve_device
+    from tieta.train.model import image_size_of, seed_everything
+    from tieta.train.run_model import load_run_model
     from tieta.train.model import build_model
 
     picture, note = _merge_picture(args.output)
@@ -534,7 +538,9 @@ def cmd_show_tokens(args: argparse.Namespace) -> int:
     from tieta.methods.dyt import evaluation_masks
     from tieta.methods.state import pass_state_named
     from tieta.report.visualize import save_active_tokens, save_rate_chart
-    from tieta.train.fit import image_size_of, load_run_model, resolve_device
+    from tieta.device import resolve_device
+    from tieta.train.model import image_size_of
+    from tieta.train.run_model import load_run_model
     from tieta.train.record import normalization_of
 
     _folder_to_write(args.output)

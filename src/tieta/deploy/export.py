@@ -52,7 +52,8 @@ from tieta.methods.diffrate import DiffRateReduce, fix_rates
 from tieta.methods.lora import merge_lora
 from tieta.train.checkpoint import read_tensors, write_tensors
 from tieta.train.config import RunConfig, from_dict, validate
-from tieta.train.fit import image_size_of, load_run_model
+from tieta.train.model import image_size_of
+from tieta.train.run_model import load_run_model
 from tieta.train.model import build_backbone, build_model
 from tieta.train.record import run_normalization
 from tieta.train.rundir import CHECKPOINT, CHECKPOINT_BEST

@@ -24,7 +24,9 @@ from tieta.data.transforms import Normalize, load_resized
 from tieta.data.vtab import IMAGE_SUFFIXES
 from tieta.deploy.export import is_export, load_export, task_class_names
 from tieta.errors import TietaError
-from tieta.train.fit import image_size_of, load_run_model, resolve_device
+from tieta.device import resolve_device
+from tieta.train.model import image_size_of
+from tieta.train.run_model import load_run_model
 from tieta.train.record import run_normalization
 
 

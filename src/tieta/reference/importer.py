@@ -38,7 +38,8 @@ from tieta.reference import dyt, noah, pyra
 from tieta.reference.common import Converted, Reference, read_reference, shape_text
 from tieta.train.checkpoint import save_checkpoint, write_tensors
 from tieta.train.config import load_config
-from tieta.train.fit import image_size_of, load_run_model
+from tieta.train.model import image_size_of
+from tieta.train.run_model import load_run_model
 from tieta.train.model import apply_methods, build_backbone
 from tieta.train.rundir import CHECKPOINT, FAILED, FINISHED, RunDir, holds_run
 

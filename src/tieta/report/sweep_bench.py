@@ -32,7 +32,9 @@ from tieta.measure.benchmark import benchmark
 from tieta.measure.load import valid as valid_load, watched_load
 from tieta.report.collect import RunRecord, SweepResults
 from tieta.train.checkpoint import CHECKSUM_KEY, read_metadata
-from tieta.train.fit import image_size_of, load_run_model, resolve_device
+from tieta.device import resolve_device
+from tieta.train.model import image_size_of
+from tieta.train.run_model import load_run_model
 from tieta.train.rundir import CHECKPOINT
 
 THROUGHPUT_FILE = "throughput.json"

@@ -34,7 +34,8 @@ from tieta.data.vtab import Task, fingerprint, open_task
 from tieta.errors import TietaError, listing
 from tieta.sweep.plan import PLAN_FILE, Cell, SweepPlan, check_size, plan_from_dict
 from tieta.train.config import RunConfig, comparable, first_difference, load_config
-from tieta.train.fit import fit, resolve_device, resume_run
+from tieta.device import resolve_device
+from tieta.train.fit import fit, resume_run
 from tieta.train.rundir import CONFIG, FINISHED, PROGRESS, SUMMARY, read_state
 
 FAILURES_LOG = "failures.log"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import random
 import signal
 import sys
 import threading
@@ -12,7 +11,6 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler, Subset
@@ -23,49 +21,27 @@ from tieta.data.given import GIVEN, GivenImages, count_classes, given_task
 from tieta.data.normalization import described, interpolation_of
 from tieta.data.transforms import Normalize
 from tieta.data.vtab import ImageDataset, Task, fingerprint, open_task
+from tieta.device import resolve_device
 from tieta.errors import TietaError
 from tieta.measure.flops import count_flops
 from tieta.measure.throughput import measure_throughput
 from tieta.methods.method import LossFn
 from tieta.methods.params import trainable_parameters
-from tieta.train.checkpoint import load_trained, read_checkpoint, save_checkpoint
+from tieta.train.checkpoint import save_checkpoint
 from tieta.train import distributed
-from tieta.train.config import (RunConfig, comparable, first_difference, from_dict, group_learning_rates, load_config,
-                                validate, warmup_warning, with_older_defaults, with_warmup)
+from tieta.train.config import (RunConfig, comparable, first_difference, group_learning_rates, load_config, validate,
+                                warmup_warning, with_warmup)
 from tieta.train import loggers
 from tieta.train.loop import (autocast_dtype, check_finite, cross_entropy_step, evaluate, smoothed_cross_entropy_step,
                               train_one_epoch)
-from tieta.train.model import build_model
+from tieta.train.model import build_model, image_size_of, seed_everything
+from tieta.train.run_model import load_run_model
 from tieta.train.optim import build_optimizer, lr_multiplier
 from tieta.train.progress import Progress, load_progress, read_record, save_progress
 from tieta.train.record import fresh, run_normalization, with_record
 from tieta.train.reading import lr_reached_base, majority_accuracy
-from tieta.train.rundir import (CHECKPOINT, CHECKPOINT_BEST, CONFIG, FAILED, FINISHED, INTERRUPTED, PROGRESS, RunDir,
+from tieta.train.rundir import (CHECKPOINT_BEST, CONFIG, FAILED, FINISHED, INTERRUPTED, PROGRESS, RunDir,
                                 read_state, strict_json)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise TietaError(f"{name!r} is not a device: use auto, cpu or cuda[:N]") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TietaError(f"device {name} was asked for but torch sees no CUDA device here")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise TietaError(f"device {name} was asked for but torch sees {torch.cuda.device_count()} CUDA devices")
-    return device
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def image_size_of(model: nn.Module) -> int:
-    return int(model.patch_embed.img_size[0])
 
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, generator: torch.Generator | int,
@@ -523,37 +499,6 @@ def check_unchanged(folder: Path, config: RunConfig) -> None:
         if now != record.data:
             raise TietaError(f"the task folder {config.data.path} changed since the run started (then {record.data}; "
                              f"now {now}); a resume needs the data it began with")
-
-
-def load_run_model(checkpoint: str | Path, best: bool = False) -> tuple[nn.Module, RunConfig, int]:
-    """Rebuild a trained model from a checkpoint file (or a run folder holding one): the backbone
-    from the weights its config names, the methods, then the trained tensors.
-
-    Args:
-        best: take the run folder's checkpoint_best.safetensors (the best evaluated epoch's tensors)
-            instead of the final checkpoint.
-    """
-    path = Path(checkpoint)
-    if best and not path.is_dir():
-        raise TietaError(f"--best takes a run folder (it reads the folder's {CHECKPOINT_BEST}), got the file {path}")
-    if path.is_dir():
-        state = read_state(path)
-        if state.state == "empty":
-            raise TietaError(f"{path} holds no tieta run (no {CONFIG} and no {CHECKPOINT})")
-        if state.state != FINISHED:
-            advice = (f"; resume it with tieta train --resume {path}" if state.state in (INTERRUPTED, FAILED) else "")
-            raise TietaError(f"the run in {path} has not finished ({state.describe()}){advice}")
-        path = path / (CHECKPOINT_BEST if best else CHECKPOINT)
-        if best and not path.is_file():
-            raise TietaError(f"the run in {path.parent} kept no {CHECKPOINT_BEST} (it was trained by a tieta that "
-                             "did not keep the best epoch); use its final checkpoint")
-    tensors, config_dict, num_classes = read_checkpoint(path)
-    config = from_dict(RunConfig, with_older_defaults(config_dict))  # an older run normalised with ImageNet's
-    validate(config)  # the settings come from a file: refuse what cannot work before torch sees it
-    seed_everything(config.seed)  # as in fit, so that a "random" backbone comes back the same
-    model = build_model(config, num_classes)  # refuses a backbone other than the one recorded
-    load_trained(model, tensors)
-    return model, with_record(config, model), num_classes  # resolved: the numbers it trained with
 
 
 def evaluate_checkpoint(checkpoint: str | Path, data: Optional[str] = None, split: Optional[str] = None,

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import random
+
+import numpy as np
+import torch
 from torch import nn
 
 from tieta.backbone import load_backbone
@@ -44,3 +48,16 @@ def build_model(config: RunConfig, num_classes: int, random_weights: bool = Fals
     """The configured backbone with its methods attached, backbone frozen (arguments as
     :func:`build_backbone`)."""
     return apply_methods(build_backbone(config, num_classes, random_weights), config)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's generators (before a model is built: a random backbone
+    and fresh method weights come back the same)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def image_size_of(model: nn.Module) -> int:
+    """The image side, in pixels, the model's patch embedding takes."""
+    return int(model.patch_embed.img_size[0])
