@@ -114,20 +114,16 @@ def add_diffrate(
         ``prune_rate`` and ``merge_rate`` (the "diffrate" parameter group).
     """
     shape = vit_shape(model)
-    if criterion not in CRITERIA:
-        raise TietaError(f"criterion must be one of {', '.join(CRITERIA)}, got {criterion!r}")
+    named = isinstance(kept_prune, str)
+    DiffRateConfig(rates=kept_prune if named else None, kept_prune=None if named else _as_list(kept_prune),
+                   kept_merge=_as_list(kept_merge), target_gmacs=target_gmacs, granularity=granularity,
+                   prop_attn=prop_attn, criterion=criterion).check(prefix="")
     if criterion == "class" and getattr(model, "cls_token", None) is None:
         raise TietaError(
             "DiffRate ranks tokens by the class token's attention and this model has no class token; pass "
             "criterion='received' to rank them by the attention they receive (a deviation from DiffRate)"
         )
-    counts = fixed_counts(shape, kept_prune, kept_merge)
-    if counts is not None and target_gmacs is not None:
-        raise TietaError("give DiffRate either kept numbers or a target to search for, not both")
-    if target_gmacs is not None and target_gmacs <= 0:
-        raise TietaError(f"target_gmacs must be positive, got {target_gmacs}")
-    if isinstance(granularity, bool) or not isinstance(granularity, int) or granularity < 1:
-        raise TietaError(f"granularity must be a whole number >= 1, got {granularity!r}")
+    counts = fixed_counts(shape, kept_prune, kept_merge)  # the numbers checked against this model
     claim_reduction(model, "DiffRate")
     blocks = patch_blocks(model)
     token_state(model).prop_attn = prop_attn
@@ -144,6 +140,11 @@ def add_diffrate(
         keep_output(block.attn.k_norm)
     set_method_setting(model, "diffrate", "diffrate_target_gmacs", target_gmacs)
     return model
+
+
+def _as_list(values: Any) -> Any:
+    """A tuple of kept numbers as the list the config holds; anything else as given (the check refuses it)."""
+    return list(values) if isinstance(values, tuple) else values
 
 
 def _attach(model: nn.Module, config: Any) -> nn.Module:

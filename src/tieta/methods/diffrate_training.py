@@ -40,6 +40,38 @@ class DiffRateConfig:
     search_min_lr: float = 0.001
     flops_weight: float = 5.0
 
+    def check(self, prefix: str = "diffrate.") -> None:
+        """Raise a TietaError, in one sentence, for settings that cannot work (whatever the model).
+        ``prefix`` names the fields as the user wrote them: the config section's, or nothing for
+        add_diffrate's arguments."""
+        if self.rates is not None and self.rates not in PUBLISHED_RATES:
+            raise TietaError(f"{prefix}rates must be one of {', '.join(PUBLISHED_RATES)}, got {self.rates!r}")
+        lists = self.kept_prune is not None or self.kept_merge is not None
+        if self.rates is not None and lists:
+            raise TietaError(f"set {prefix}rates or {prefix}kept_prune/kept_merge, not both")
+        for name in ("kept_prune", "kept_merge"):
+            value = getattr(self, name)
+            if value is not None and not _is_count_list(value):
+                raise TietaError(f"{prefix}{name} must be a list of whole numbers, one per block, got {value!r}")
+        if (self.rates is not None or lists) and self.target_gmacs is not None:
+            raise TietaError(f"set either DiffRate's kept numbers ({prefix}rates, kept_prune, kept_merge) or "
+                             f"{prefix}target_gmacs to search for them, not both")
+        whole = isinstance(self.granularity, int) and not isinstance(self.granularity, bool)
+        checks = [
+            (self.target_gmacs is None or self.target_gmacs > 0, f"{prefix}target_gmacs must be positive"),
+            (whole and self.granularity >= 1, f"{prefix}granularity must be at least 1"),
+            (self.criterion in CRITERIA, f"{prefix}criterion must be one of {', '.join(CRITERIA)}, "
+                                         f"got {self.criterion!r}"),
+            (self.search_epochs >= 1, f"{prefix}search_epochs must be at least 1"),
+            (0 < self.search_min_lr <= self.search_lr, f"{prefix}search_lr and search_min_lr must be positive, "
+                                                       "the minimum no larger"),
+            (self.search_lr <= 10, f"{prefix}search_lr must be at most 10 (as every learning rate: optim.MAX_LR)"),
+            (self.flops_weight >= 0, f"{prefix}flops_weight cannot be negative"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise TietaError(message)
+
 
 def _searching(model: nn.Module) -> bool:
     return any(step.searching for step in diffrate_steps(model))
@@ -92,33 +124,10 @@ def _is_count_list(value: Any) -> bool:
 
 
 def validate(config: Any) -> None:
+    """The section's own checks, then what the run needs of a search."""
     settings = config.diffrate
-    if settings.rates is not None and settings.rates not in PUBLISHED_RATES:
-        raise TietaError(f"diffrate.rates must be one of {', '.join(PUBLISHED_RATES)}, got {settings.rates!r}")
-    lists = settings.kept_prune is not None or settings.kept_merge is not None
-    if settings.rates is not None and lists:
-        raise TietaError("set diffrate.rates or diffrate.kept_prune/kept_merge, not both")
-    for name in ("kept_prune", "kept_merge"):
-        value = getattr(settings, name)
-        if value is not None and not _is_count_list(value):
-            raise TietaError(f"diffrate.{name} must be a list of whole numbers, one per block, got {value!r}")
-    fixed = settings.rates is not None or lists
-    if fixed and settings.target_gmacs is not None:
-        raise TietaError("set either DiffRate's kept numbers (diffrate.rates, kept_prune, kept_merge) or "
-                         "diffrate.target_gmacs to search for them, not both")
-    checks = [
-        (settings.target_gmacs is None or settings.target_gmacs > 0, "diffrate.target_gmacs must be positive"),
-        (settings.granularity >= 1, "diffrate.granularity must be at least 1"),
-        (settings.criterion in CRITERIA, f"diffrate.criterion must be one of {', '.join(CRITERIA)}"),
-        (settings.search_epochs >= 1, "diffrate.search_epochs must be at least 1"),
-        (0 < settings.search_min_lr <= settings.search_lr, "diffrate.search_lr and search_min_lr must be positive, "
-                                                            "the minimum no larger"),
-        (settings.search_lr <= 10, "diffrate.search_lr must be at most 10 (as every learning rate: optim.MAX_LR)"),
-        (settings.flops_weight >= 0, "diffrate.flops_weight cannot be negative"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise TietaError(message)
+    settings.check()
+    fixed = settings.rates is not None or settings.kept_prune is not None or settings.kept_merge is not None
     if "diffrate" not in config.methods or fixed:
         return
     if settings.target_gmacs is None:

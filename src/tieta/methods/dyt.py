@@ -170,12 +170,7 @@ def add_dyt(
         The same model. Each block gets ``dispatcher`` (nn.Linear(D, 1)) and ``adapter``;
         variant "attn_mlp" adds ``mlp_dispatcher`` for the MLP.
     """
-    if variant not in VARIANTS:
-        raise TietaError(f"DyT variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
-    if not 0 < rho <= 1:
-        raise TietaError(f"rho, the target share of active tokens, must be in (0, 1], got {rho}")
-    if experts < 1:
-        raise TietaError(f"experts must be at least 1, got {experts}")
+    DyTConfig(rho=rho, variant=variant, adapter_dim=adapter_dim, experts=experts, tau=tau).check(prefix="DyT ")
     blocks = patch_blocks(model)
     if pass_state_named(model, "dispatch_state") is not None:
         raise TietaError("this model already has DyT")
@@ -298,6 +293,20 @@ class DyTConfig:
     full_weight: float = 1.0
     distill_weight: float = 1.0
 
+    def check(self, prefix: str = "dyt.") -> None:
+        """Raise a TietaError, in one sentence, for settings that cannot work. ``prefix`` names the
+        fields as the user wrote them: the config section's, "DyT " for add_dyt's arguments."""
+        if self.variant not in VARIANTS:
+            raise TietaError(f"{prefix}variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
+        if not 0 < self.rho <= 1:
+            raise TietaError(f"{prefix}rho, the target share of active tokens, must be in (0, 1], got {self.rho}")
+        if self.experts < 1 or self.adapter_dim < 1:
+            raise TietaError(f"{prefix}experts and {prefix}adapter_dim must be at least 1")
+        if self.tau <= 0 or (self.tau_end is not None and self.tau_end <= 0):
+            raise TietaError(f"{prefix}tau and {prefix}tau_end must be positive")
+        if min(self.rate_weight, self.full_weight, self.distill_weight) < 0:
+            raise TietaError(f"{prefix}rate_weight, {prefix}full_weight and {prefix}distill_weight cannot be negative")
+
 
 def _attach(model: nn.Module, config: Any) -> nn.Module:
     dyt, adapter = config.dyt, config.adapter
@@ -333,17 +342,7 @@ def _measure(model: nn.Module, images: torch.Tensor) -> dict[str, Any]:
 
 
 def _validate(config: Any) -> None:
-    dyt = config.dyt
-    if dyt.variant not in VARIANTS:
-        raise TietaError(f"dyt.variant must be one of {', '.join(VARIANTS)}, got {dyt.variant!r}")
-    if not 0 < dyt.rho <= 1:
-        raise TietaError(f"dyt.rho, the target share of active tokens, must be in (0, 1], got {dyt.rho}")
-    if dyt.experts < 1 or dyt.adapter_dim < 1:
-        raise TietaError("dyt.experts and dyt.adapter_dim must be at least 1")
-    if dyt.tau <= 0 or (dyt.tau_end is not None and dyt.tau_end <= 0):
-        raise TietaError("dyt.tau and dyt.tau_end must be positive")
-    if min(dyt.rate_weight, dyt.full_weight, dyt.distill_weight) < 0:
-        raise TietaError("dyt.rate_weight, dyt.full_weight and dyt.distill_weight cannot be negative")
+    config.dyt.check()
 
 
 METHOD = Method.listed(

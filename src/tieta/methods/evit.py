@@ -78,8 +78,7 @@ def add_evit(model: nn.Module, keep_rate: float = 0.7, locations: Optional[Seque
     Returns:
         The same model; its state holds the base keep rate (``method_setting(model, "evit", "evit_keep_rate")``).
     """
-    if not 0 < keep_rate <= 1:
-        raise TietaError(f"keep_rate must be in (0, 1], got {keep_rate}")
+    EViTConfig(keep_rate=keep_rate, locations=locations, fuse=fuse).check(prefix="")
     blocks = patch_blocks(model)
     chosen = stage_blocks(len(blocks), locations)
     claim_reduction(model, "EViT")
@@ -125,6 +124,14 @@ class EViTConfig:
     shrink_start_epoch: int = 0  # keep rate 1 before this epoch
     shrink_epochs: int = 0  # cosine from 1 to keep_rate over these epochs (0: constant, as fine-tuning)
 
+    def check(self, prefix: str = "evit.") -> None:
+        """Raise a TietaError, in one sentence, for settings that cannot work. ``prefix`` names the
+        fields as the user wrote them: the config section's, or nothing for add_evit's arguments."""
+        if not 0 < self.keep_rate <= 1:
+            raise TietaError(f"{prefix}keep_rate must be in (0, 1], got {self.keep_rate}")
+        if self.shrink_start_epoch < 0 or self.shrink_epochs < 0:
+            raise TietaError(f"{prefix}shrink_start_epoch and {prefix}shrink_epochs cannot be negative")
+
 
 def _epoch_update(model: nn.Module, config: Any, epoch: int, epochs: int) -> dict[str, Any]:
     evit = config.evit
@@ -134,11 +141,7 @@ def _epoch_update(model: nn.Module, config: Any, epoch: int, epochs: int) -> dic
 
 
 def _validate(config: Any) -> None:
-    evit = config.evit
-    if not 0 < evit.keep_rate <= 1:
-        raise TietaError(f"evit.keep_rate must be in (0, 1], got {evit.keep_rate}")
-    if evit.shrink_start_epoch < 0 or evit.shrink_epochs < 0:
-        raise TietaError("evit.shrink_start_epoch and evit.shrink_epochs cannot be negative")
+    config.evit.check()
 
 
 METHOD = Method.listed(

@@ -107,8 +107,7 @@ def attach_lora(
     """
     if type(linear) is not nn.Linear:
         raise TietaError(f"LoRA attaches to a plain nn.Linear, found {type(linear).__name__} (LoRA already added?)")
-    if rank < 1:
-        raise TietaError(f"LoRA rank must be a positive integer, got {rank}")
+    LoRAConfig(rank=rank, alpha=alpha, dropout=dropout).check(prefix="LoRA ")
     if slots is None:
         row_starts, rows = (0,), linear.out_features
     else:
@@ -147,6 +146,7 @@ def add_lora(
     Returns:
         The same model.
     """
+    LoRAConfig(rank=rank, targets=targets, alpha=alpha, dropout=dropout).check(prefix="LoRA ")
     slots = parse_targets(targets)
     for block in patch_blocks(model):
         attn = block.attn
@@ -189,16 +189,20 @@ class LoRAConfig:
     alpha: Optional[float] = None  # None: scale 1 (reference code); else alpha / rank
     dropout: float = 0.1
 
+    def check(self, prefix: str = "lora.") -> None:
+        """Raise a TietaError, in one sentence, for settings that cannot work. ``prefix`` names the
+        fields as the user wrote them: the config section's, "LoRA " for add_lora's arguments."""
+        if self.rank < 1:
+            raise TietaError(f"{prefix}rank must be a positive integer, got {self.rank}")
+        parse_targets(self.targets)
+        if not 0 <= self.dropout < 1:
+            raise TietaError(f"{prefix}dropout must be in [0, 1), got {self.dropout}")
+        if self.alpha is not None and not self.alpha > 0:
+            raise TietaError(f"{prefix}alpha must be positive (or null for scale 1), got {self.alpha}")
+
 
 def _validate(config) -> None:
-    lora = config.lora
-    if lora.rank < 1:
-        raise TietaError(f"lora.rank must be a positive integer, got {lora.rank}")
-    parse_targets(lora.targets)
-    if not 0 <= lora.dropout < 1:
-        raise TietaError(f"lora.dropout must be in [0, 1), got {lora.dropout}")
-    if lora.alpha is not None and not lora.alpha > 0:
-        raise TietaError(f"lora.alpha must be positive (or null for scale 1), got {lora.alpha}")
+    config.lora.check()
 
 
 METHOD = Method.listed(

@@ -1,0 +1,51 @@
+"""Each method's settings are checked in one place, its config dataclass's ``check``: the ``add_*``
+verb builds the config from its arguments and checks it, and so does the run config's validation,
+with the same sentence, each naming the fields as its user wrote them."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+import tieta
+from tieta.errors import TietaError
+from tieta.methods.diffrate import METHOD as DIFFRATE, DiffRateConfig
+from tieta.methods.dyt import METHOD as DYT, DyTConfig
+from tieta.methods.evit import METHOD as EVIT, EViTConfig
+from tieta.methods.lora import METHOD as LORA, LoRAConfig
+from tests.conftest import make_vit
+
+# (the verb's call, the method, its section with the same setting, the verb's prefix, the sentence after it)
+CASES = [
+    (lambda m: tieta.add_evit(m, keep_rate=2), EVIT, "evit", EViTConfig(keep_rate=2), "",
+     "keep_rate must be in (0, 1], got 2"),
+    (lambda m: tieta.add_lora(m, rank=0), LORA, "lora", LoRAConfig(rank=0), "LoRA ",
+     "rank must be a positive integer, got 0"),
+    (lambda m: tieta.add_lora(m, rank=2, dropout=1.0), LORA, "lora", LoRAConfig(dropout=1.0), "LoRA ",
+     "dropout must be in [0, 1), got 1.0"),
+    (lambda m: tieta.add_dyt(m, rho=0), DYT, "dyt", DyTConfig(rho=0), "DyT ",
+     "rho, the target share of active tokens, must be in (0, 1], got 0"),
+    (lambda m: tieta.add_dyt(m, variant="x"), DYT, "dyt", DyTConfig(variant="x"), "DyT ",
+     "variant must be one of mlp, attn, attn_mlp, layer, got 'x'"),
+    (lambda m: tieta.add_diffrate(m, criterion="keys"), DIFFRATE, "diffrate", DiffRateConfig(criterion="keys"), "",
+     "criterion must be one of class, received, got 'keys'"),
+    (lambda m: tieta.add_diffrate(m, granularity=0), DIFFRATE, "diffrate", DiffRateConfig(granularity=0), "",
+     "granularity must be at least 1"),
+    (lambda m: tieta.add_diffrate(m, target_gmacs=-1.0), DIFFRATE, "diffrate", DiffRateConfig(target_gmacs=-1.0), "",
+     "target_gmacs must be positive"),
+]
+
+
+@pytest.mark.parametrize("attach,method,section,settings,prefix,sentence", CASES)
+def test_the_verb_and_the_run_config_refuse_with_the_same_sentence(attach, method, section, settings, prefix,
+                                                                  sentence):
+    model = make_vit("plain")
+    with pytest.raises(TietaError) as from_verb:
+        attach(model)
+    assert str(from_verb.value) == prefix + sentence
+    assert type(model.blocks[0]).__name__ == "Block"  # refused before anything changed
+    config = SimpleNamespace(**{section: settings}, methods=(method.name,), optim=SimpleNamespace(epochs=5))
+    with pytest.raises(TietaError) as from_config:
+        method.validate(config)
+    assert str(from_config.value) == f"{section}.{sentence}"
