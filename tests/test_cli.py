@@ -34,12 +34,16 @@ def test_flops(capsys):
     assert "17.6" in out and "16.4" in out and "0.351%" in out
 
 
-def test_config_file_and_help(tmp_path):
-    (tmp_path / "c.yaml").write_text("model: test_vit\nweights: random\nimg_size: 32\n")
+def test_config_file_and_help(tmp_path, capsys):
+    (tmp_path / "c.yaml").write_text("model: test_vit\nweights: random\nimg_size: 32\nmethod: tome+lora\n")
     assert main(["flops", "--config", str(tmp_path / "c.yaml")]) == 0
-    for command in ("train", "eval", "flops", "demo"):
+    assert "test_vit + tome+lora at 32 px, per image:" in capsys.readouterr().out  # the file's settings counted
+    own_flags = {"train": ("--method", "--resume", "--output"), "eval": ("--best", "--json", "--split"),
+                 "flops": ("--num-classes", "--method"), "demo": ("--epochs", "--output")}
+    for command, flags in own_flags.items():
         result = _run(command, "--help")
-        assert result.returncode == 0 and "usage" in result.stdout
+        assert result.returncode == 0 and result.stdout.startswith(f"usage: tieta {command}")
+        assert all(flag in result.stdout for flag in flags), command
 
 
 @pytest.mark.parametrize("args,message", [

@@ -95,7 +95,18 @@ def test_a_bad_setting_is_one_sentence(capsys, setting, message):
 
 
 def test_the_largest_seed_numpy_and_torch_take_is_accepted(capsys):
-    assert main([*FLOPS, "--set", f"seed={2**32 - 1}"]) == 0
+    import numpy as np
+    import torch
+
+    from tieta.train.config import load_config
+    from tieta.train.model import seed_everything
+
+    largest = 2**32 - 1
+    assert main([*FLOPS, "--set", f"seed={largest}"]) == 0
+    assert load_config(overrides={"seed": largest}).seed == largest
+    seed_everything(largest)  # what a run does with it: NumPy and torch take it as it is
+    assert torch.initial_seed() == largest
+    assert np.random.get_state()[1][0] == np.random.RandomState(largest).get_state()[1][0]
 
 
 @pytest.mark.parametrize("args,message", [

@@ -381,8 +381,7 @@ def cmd_flops(args: argparse.Namespace) -> int:
     from tieta.report.tables import FLOPS_COLUMNS, fact_label, format_table
     from tieta.device import resolve_device
     from tieta.train.fit import describe_methods
-    from tieta.train.model import image_size_of
-    from tieta.train.model import build_backbone, build_model
+    from tieta.train.model import build_backbone, build_model, image_size_of
 
     config = _config_from(args)
     device = resolve_device(args.device or "cpu")  # the count is the same anywhere; a large model is faster on a GPU

@@ -70,7 +70,14 @@ def test_export_command_reports_the_three_sizes(vtab_task, tmp_path, capsys):
     run = _trained(vtab_task, tmp_path / "run", "lora")
     assert main(["export", str(run), "--output", str(tmp_path / "export")]) == 0
     out = capsys.readouterr().out
-    assert "the run's checkpoint" in out and "the export" in out and "the backbone alone" in out
+
+    def shown(size: int) -> str:  # as the command rounds a size
+        return f"{size / 2**20:.1f} MiB" if size >= 2**20 else f"{size / 2**10:.1f} KiB"
+
+    backbone = tieta.load(tmp_path / "export")  # LoRA folded: the backbone's own tensors
+    assert f"the run's checkpoint {shown((run / 'checkpoint.safetensors').stat().st_size)} " in out
+    assert f"the export {shown((tmp_path / 'export' / WEIGHTS_FILE).stat().st_size)} " in out
+    assert f"the backbone alone {shown(sum(t.numel() * t.element_size() for t in backbone.state_dict().values()))}" in out
     assert main(["export", str(run), "--output", str(tmp_path / "export")]) == 2  # never over an export
     assert "--overwrite" in capsys.readouterr().err
     assert main(["export", str(run), "--output", str(tmp_path / "export"), "--overwrite"]) == 0

@@ -1,6 +1,8 @@
+import pytest
 import torch
 
 import tieta
+from tieta.measure import benchmark
 from tieta.measure.benchmark import shape_ceiling
 from tests.conftest import make_vit
 
@@ -21,8 +23,32 @@ def test_training_benchmark_steps_the_trainable_parameters():
     assert not torch.equal(before, model.blocks[0].attn.qkv.lora_B)
 
 
-def test_shape_ceiling_is_a_speedup():
-    assert shape_ceiling(make_vit("plain"), [4, 2, 1], batch_size=2, rounds=1) > 0
+def test_shape_ceiling_is_the_full_over_the_merged_time_of_a_forward_pass(monkeypatch):
+    """The ceiling times the blocks at the schedule's token counts against the full count (what
+    each timed step runs is checked here, the timing is given), patch embedding and head added to both."""
+    model = make_vit("plain")
+    attended = {}  # step name -> tokens entering each block's attention when the step runs
+
+    def given_rates(steps, device, rounds, progress=None):
+        for name, step in steps.items():
+            counts = []
+            hooks = [block.attn.register_forward_hook(lambda m, args, out: counts.append(args[0].shape[1]))
+                     for block in model.blocks]
+            step()
+            for hook in hooks:
+                hook.remove()
+            attended[name] = counts
+        # calls per second in two rounds: the whole model, the blocks at the full and at the merged counts
+        return {"model": [10.0, 8.0], "full": [12.0, 9.0], "merged": [24.0, 20.0]}
+
+    monkeypatch.setattr(benchmark, "interleaved_rates", given_rates)
+    ceiling = shape_ceiling(model, [4, 2, 1], batch_size=2, rounds=2)
+    assert attended == {"model": [17, 17, 17], "full": [17, 17, 17], "merged": [17, 13, 11]}  # 16 patches + class
+    ratios = []
+    for whole, full, merged in ((10.0, 12.0, 24.0), (8.0, 9.0, 20.0)):
+        rest = 1 / whole - 1 / full  # patch embedding and head
+        ratios.append((rest + 1 / full) / (rest + 1 / merged))
+    assert ceiling == pytest.approx(sum(ratios) / 2) and ceiling > 1  # the median of two rounds
 
 
 def test_shape_ceiling_runs_on_an_eva_block():  # gamma_1 / gamma_2 LayerScale, no ls1 / ls2

@@ -355,8 +355,13 @@ def test_validate_refuses_settings_that_cannot_work(settings):
 def test_validate_accepts_defaults_when_diffrate_is_not_used_and_working_settings():
     METHOD.validate(config(methods=("lora",)))
     METHOD.validate(config(rates="vit_b_deit_8.7"))
-    METHOD.validate(config(kept_prune=[17, 12, 8]))
-    METHOD.validate(config(target_gmacs=8.77, search_epochs=3))
+    fixed, search = config(kept_prune=[17, 12, 8]), config(target_gmacs=8.77, search_epochs=3)
+    for settings in (fixed, search):
+        METHOD.validate(settings)
+    # what was accepted attaches as it says: the numbers given (merging keeps every token), or logits to search
+    assert kept_numbers(METHOD.attach(make_vit("plain"), fixed)) == ([17, 12, 8], [17, 17, 17])
+    searchable = METHOD.attach(make_vit("plain"), search)
+    assert all(step.prune_rate is not None and step.kept_prune is None for step in diffrate_steps(searchable))
 
 
 def test_attach_and_describe_from_a_config():

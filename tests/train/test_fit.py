@@ -79,9 +79,22 @@ def test_existing_run_folder_is_refused_and_kept(vtab_task, tmp_path):
     assert (run / "notes.txt").read_text() == "mine"  # only tieta's own files are replaced
 
 
-def test_bf16_autocast_runs(vtab_task, tmp_path):
+def test_bf16_autocast_runs(vtab_task, tmp_path, monkeypatch):
+    from tieta.train import fit as fit_module
+
+    dtypes = []  # (training?, the dtype the first attention's qkv computed in) for each forward pass
+    build = fit_module.build_model
+
+    def watched(*args, **kwargs):
+        model = build(*args, **kwargs)
+        model.blocks[0].attn.qkv.register_forward_hook(lambda m, a, out: dtypes.append((m.training, out.dtype)))
+        return model
+
+    monkeypatch.setattr(fit_module, "build_model", watched)
     summary = fit(_config(vtab_task, bf16=True, **{"optim.epochs": 1}), tmp_path / "run")
     assert 0 <= summary["acc"] <= 100
+    assert {dtype for training, dtype in dtypes if training} == {torch.bfloat16}  # every training step
+    assert torch.bfloat16 in {dtype for training, dtype in dtypes if not training}  # evaluation too
 
 
 def test_pyra_lora_run_records_schedule_and_tokens(vtab_task, tmp_path):
