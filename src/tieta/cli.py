@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from tieta.errors import TietaError
-from tieta.methods import catalog  # names and flags only: --help must not load torch
+from tieta.methods import catalog, registry  # names and flags only: --help must not load torch
 
 # command-line flag -> config key, for the general settings people change most (each method
-# declares its own flags in the method catalog)
+# declares its own flags in its registry entry)
 FLAG_KEYS = {
     "model": "model",
     "weights": "weights",
@@ -46,8 +46,8 @@ FLAG_KEYS.update({
 
 
 def _method_flags() -> dict[str, Any]:
-    """argparse dest -> the catalog's Flag, for every method's flags."""
-    return {flag.option.lstrip("-").replace("-", "_"): flag for flag in catalog.flags()}
+    """argparse dest -> the registry's Flag, for every method's flags."""
+    return {flag.option.lstrip("-").replace("-", "_"): flag for flag in registry.flags()}
 
 
 def _argument_type(parse):
@@ -103,12 +103,12 @@ def _add_config_arguments(parser: argparse.ArgumentParser, data_required: bool, 
                         "vit_small_patch14_dinov2), or a transformers checkpoint: a save_pretrained folder or "
                         "hf:ORG/NAME (ViT, DINOv2, CLIP, SigLIP); default: timm's published weights from the hub")
     parser.add_argument("--method", nargs="+" if grid else None,
-                        help=f"methods joined by '+': {', '.join(catalog.CATALOG)}, e.g. pyra+lora (default lora)"
+                        help=f"methods joined by '+': {', '.join(registry.names())}, e.g. pyra+lora (default lora)"
                         + ("; several: one run each" if grid else ""))
     parser.add_argument("--img-size", type=int, help="input resolution (default: the model's)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="any config setting, e.g. --set optim.lr_groups.head=1e-2 (repeatable)")
-    for flag in catalog.flags():
+    for flag in registry.flags():
         long_list = flag.choices is not None and len(flag.choices) > 6  # named in the help, not the usage line
         parser.add_argument(flag.option, type=_argument_type(flag.parse), choices=flag.choices, help=flag.help,
                             metavar="NAME" if long_list else None)

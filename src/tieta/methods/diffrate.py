@@ -67,7 +67,6 @@ from tqdm.auto import tqdm
 
 from tieta import shard
 from tieta.errors import TietaError
-from tieta.methods import catalog
 from tieta.methods.blocks import (TietaBlock, TokenState, claim_reduction, follow_tokens, keep_output, patch_blocks,
                                   rotated, take_output,
                                   token_state)
@@ -725,8 +724,8 @@ def _one_process(config: Any) -> Optional[str]:
             "with the rates it found (diffrate.kept_prune, kept_merge)")
 
 
-METHOD = Method.listed(
-    catalog.DIFFRATE,
+METHOD = Method(
+    name="diffrate",
     sections={"diffrate": DiffRateConfig},
     attach=_attach,
     modules=("prune_rate", "merge_rate"),

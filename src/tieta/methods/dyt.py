@@ -345,8 +345,8 @@ def _validate(config: Any) -> None:
         raise TietaError("dyt.rate_weight, dyt.full_weight and dyt.distill_weight cannot be negative")
 
 
-METHOD = Method.listed(
-    catalog.DYT,
+METHOD = Method(
+    name="dyt",
     sections={"dyt": DyTConfig, "adapter": AdapterConfig},
     attach=_attach,
     modules=("dispatcher", "mlp_dispatcher"),  # its adapters are in the adapter group

@@ -26,7 +26,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from tieta.errors import TietaError
-from tieta.methods import catalog
 from tieta.methods.blocks import patch_blocks
 from tieta.methods.method import MAX_WIDTH, Method, bounded
 
@@ -201,8 +200,8 @@ def _validate(config) -> None:
         raise TietaError(f"lora.alpha must be positive (or null for scale 1), got {lora.alpha}")
 
 
-METHOD = Method.listed(
-    catalog.LORA,
+METHOD = Method(
+    name="lora",
     sections={"lora": LoRAConfig},
     attach=lambda model, config: add_lora(model, config.lora.rank, config.lora.targets, config.lora.alpha,
                                           config.lora.dropout),
