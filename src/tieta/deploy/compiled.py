@@ -43,6 +43,8 @@ import torch
 import torch._dynamo
 from torch import nn
 
+from tieta.methods import registry
+
 
 def compile_model(model: nn.Module, **options: Any) -> nn.Module:
     """``torch.compile`` of ``model`` for evaluation (the model is put in eval mode).
@@ -101,8 +103,10 @@ def graph_breaks(model: nn.Module, images: torch.Tensor) -> int:
 
 
 def _skips_tokens(model: nn.Module) -> bool:
-    """Whether the model runs DyT's dispatch (real skipping at evaluation)."""
-    return getattr(model, "dispatch_state", None) is not None
+    """Whether a method of the model has shapes that depend on the data in evaluation (DyT's real
+    skipping), which dynamo must capture in the graph."""
+    return any(method.data_dependent_shapes(model) for method in registry.METHODS.values()
+               if method.data_dependent_shapes is not None)
 
 
 def _tracing_settings(data_dependent_shapes: bool) -> contextlib.AbstractContextManager:

@@ -724,6 +724,19 @@ def _one_process(config: Any) -> Optional[str]:
             "with the rates it found (diffrate.kept_prune, kept_merge)")
 
 
+def _fix_searched_rates(model: nn.Module) -> None:
+    """A searched model reads its kept numbers from its rate logits; fixing them at those numbers
+    changes nothing evaluation computes and lets a fixed graph (ONNX) hold them."""
+    if any(isinstance(getattr(block, "reduce", None), DiffRateReduce) for block in getattr(model, "blocks", ())):
+        fix_rates(model)
+
+
+def _refuse_unfinished_search(model: nn.Module) -> None:
+    if any(isinstance(step, DiffRateReduce) and step.kept_prune is None for step in model.modules()):
+        raise TietaError("this DiffRate model still reads its kept numbers from its rate logits (a search not "
+                         "ended); fix them first with tieta.methods.diffrate.fix_rates(model)")
+
+
 METHOD = Method(
     name="diffrate",
     sections={"diffrate": DiffRateConfig},
@@ -734,4 +747,7 @@ METHOD = Method(
     describe=_describe,
     validate=_validate,
     one_process=_one_process,
+    prepare_export=_fix_searched_rates,
+    check_traceable=_refuse_unfinished_search,
+    reduces_tokens=True,
 )

@@ -189,4 +189,5 @@ METHOD = Method(
     objective=_objective,
     describe=lambda model: {"block_token_counts": token_counts(model)},
     validate=_validate,
+    reduces_tokens=True,
 )

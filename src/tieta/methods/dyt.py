@@ -19,8 +19,10 @@ agree (a test proves it).
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -345,6 +347,31 @@ def _validate(config: Any) -> None:
         raise TietaError("dyt.rate_weight, dyt.full_weight and dyt.distill_weight cannot be negative")
 
 
+@contextlib.contextmanager
+def masked_attention_dispatch(model: nn.Module) -> Iterator[None]:
+    """The masked form of a dispatch that gates attention, for a fixed graph (ONNX): its real
+    skipping pads each image's active tokens to a count read from the data, which
+    ``torch.export`` cannot trace; the masked form gives the same logits without saving the skipped
+    FLOPs (a warning says so). MLP-only dispatch keeps its real skipping."""
+    state = getattr(model, "dispatch_state", None)
+    if state is None or getattr(model, "tieta_attention_gate", None) is None or not state.real_skip:
+        yield
+        return
+    # stack: this body, contextmanager.__enter__, ExitStack.enter_context, the exporter, its caller
+    warnings.warn("DyT's attention dispatch exports in its masked form: the same logits, but the FLOPs of "
+                  "skipped tokens are not saved in the ONNX graph", UserWarning, stacklevel=5)
+    state.real_skip = False
+    try:
+        yield
+    finally:
+        state.real_skip = True
+
+
+def _skips_on_data(model: nn.Module) -> bool:
+    """Real skipping at evaluation: token counts (``nonzero``) that depend on the images."""
+    return getattr(model, "dispatch_state", None) is not None
+
+
 METHOD = Method(
     name="dyt",
     sections={"dyt": DyTConfig, "adapter": AdapterConfig},
@@ -355,4 +382,9 @@ METHOD = Method(
     measure=_measure,
     data_dependent_cost=True,
     validate=_validate,
+    traceable_form=masked_attention_dispatch,
+    data_dependent_shapes=_skips_on_data,
+    token_masks=evaluation_masks,
+    picture_note=lambda config: f"{config.dyt.variant} dispatch",
+    reduces_tokens=True,
 )

@@ -146,4 +146,5 @@ METHOD = Method(
     epoch_update=_epoch_update,
     describe=lambda model: {"mlp_token_counts": token_counts(model)},
     validate=_validate,
+    reduces_tokens=True,
 )

@@ -62,6 +62,9 @@ class Method:
         measure: ``measure(model, images) -> {name: value}`` data-dependent facts measured on real
             evaluation images (e.g. DyT's share of active tokens), or None.
         data_dependent_cost: its FLOPs depend on the images (say so where one random image is counted).
+        reduces_tokens: it lowers the number of tokens some of the model's modules work on (merging,
+            pruning, skipping), so a trained run costs fewer GMACs than the unmodified model (which
+            ``tests/train/test_registry_methods.py`` checks for every such method).
         validate: ``validate(config)`` raises a TietaError for settings that cannot work.
         one_process: ``one_process(config) -> reason or None``: why this configuration's training
             cannot be data-parallel (``torchrun``), or None where it can.
@@ -100,6 +103,7 @@ class Method:
     describe: Optional[Callable[[nn.Module], dict[str, Any]]] = None
     measure: Optional[Callable[[nn.Module, torch.Tensor], dict[str, Any]]] = None
     data_dependent_cost: bool = False
+    reduces_tokens: bool = False
     validate: Optional[Callable[[Settings], None]] = None
     one_process: Optional[Callable[[Settings], Optional[str]]] = None
     prepare_export: Optional[Callable[[nn.Module], None]] = None

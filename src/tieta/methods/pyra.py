@@ -118,4 +118,6 @@ METHOD = Method(
     learning_rates=_learning_rates,
     describe=describe_merging,
     validate=_check_lr,
+    shows_merges=True,
+    reduces_tokens=True,
 )

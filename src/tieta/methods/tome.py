@@ -133,4 +133,6 @@ METHOD = Method(
     attach=lambda model, config: add_tome(model, schedule_setting(config.merge), config.merge.prop_attn),
     describe=describe_merging,
     validate=validate_merge,  # the section PYRA shares
+    shows_merges=True,
+    reduces_tokens=True,
 )

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from tieta.errors import TietaError
+from tieta.methods import registry
 from tieta.report.figure import pyplot, save
 
 
@@ -27,7 +28,8 @@ def merge_groups(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """
     state = getattr(model, "token_state", None)
     if state is None:
-        raise TietaError("this model merges no tokens; attach ToMe or PYRA first")
+        merging = [method.name for method in registry.METHODS.values() if method.shows_merges]
+        raise TietaError(f"this model merges no tokens; attach {' or '.join(merging)} first")
     was_training, tracing = model.training, state.trace_source
     model.eval()
     state.trace_source = True
