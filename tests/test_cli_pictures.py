@@ -25,7 +25,7 @@ def test_show_merges_refuses_methods_without_merges_instead_of_replacing_them(tm
 
 def test_show_merges_draws_the_merging_method_named_among_others(tmp_path, capsys):
     task = write_vtab_task(tmp_path / "task")
-    assert main(["show-merges", *TINY, "--method", "lora+pyra", "--schedule", "[2, 2]", "--data", str(task),
+    assert main(["show-merges", *TINY, "--method", "lora+pyra", "--schedule", "[1, 1]", "--data", str(task),
                  "--count", "2", "--output", str(tmp_path)]) == 0
     assert (tmp_path / "merges.png").read_bytes()[:4] == b"\x89PNG"
 

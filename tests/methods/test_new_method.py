@@ -92,7 +92,7 @@ def test_a_method_in_its_module_and_one_entry_trains_counts_exports_and_is_liste
     assert main(["train", *TINY, "--method", "throwaway+lora", "--throwaway-init", "0.5", "--data", str(vtab_task),
                  "--output", str(run), "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "4",
                  "--set", "optim.lr_groups.throwaway=0.01"]) == 0
-    trained = read_tensors(run / "checkpoint.safetensors")
+    trained, _ = read_tensors(run / "checkpoint.safetensors")
     scales = [tensor for name, tensor in trained.items() if name.endswith("throwaway.weight")]
     assert len(scales) == 6  # one per block of test_vit, trained (moved from their start)
     assert all(not torch.equal(scale, torch.full_like(scale, 0.5)) for scale in scales)
