@@ -36,5 +36,6 @@ def test_show_tokens_refuses_a_run_without_token_decisions(tmp_path, capsys):
                  "--warmup-epochs", "0", "--batch-size", "4"]) == 0
     capsys.readouterr()
     message = refused(capsys, "show-tokens", str(run), "--output", str(tmp_path / "pictures"))
-    assert message == f"tieta: error: the run {run} (lora) has no token decisions to show; show-tokens draws those of dyt"
+    assert message == (f"tieta: error: the run {run} (lora) has no token decisions to show; show-tokens draws "
+                       "those of dyt")
     assert not (tmp_path / "pictures" / "activation_rates.png").exists()

@@ -510,8 +510,6 @@ MERGES_PNG = "merges.png"
 
 def _merging_methods() -> list[str]:
     """The methods whose token merges show-merges can paint, in the registry's order."""
-    from tieta.methods import registry
-
     return [method.name for method in registry.METHODS.values() if method.shows_merges]
 
 
@@ -553,7 +551,6 @@ def _sample_images(task_dir: str, split: str, count: int, image_size: int, norma
 
 
 def cmd_show_tokens(args: argparse.Namespace) -> int:
-    from tieta.methods import registry
     from tieta.report.visualize import save_active_tokens, save_rate_chart
     from tieta.train.fit import image_size_of, load_run_model, resolve_device
     from tieta.train.record import normalization_of
@@ -724,7 +721,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="merge schedules (default low high)")
     bench.add_argument("--rounds", type=_positive_int, default=7,
                        help=f"interleaved timing rounds (default 7; fewer than {RELIABLE_ROUNDS} are not reliable)")
-    bench.add_argument("--train", action="store_true", help="time training steps of LoRA and of each merging method with LoRA")
+    bench.add_argument("--train", action="store_true",
+                       help="time training steps of LoRA and of each merging method with LoRA")
     bench.add_argument("--device", default="cpu", help="where to time: cpu, cuda or cuda:N (default cpu)")
     bench.add_argument("--output", type=Path, help="also write the rows as JSON here")
     bench.set_defaults(func=cmd_bench)

@@ -73,8 +73,8 @@ class Method:
     (or answers no) where the method is not attached, so that deploy can ask every method:
 
         prepare_export: ``prepare_export(model)`` readies a trained model for a fixed graph
-            (``tieta export``'s ONNX file, ``tieta.load``'s rebuilt model), changing nothing it
-            computes in evaluation (DiffRate fixes its searched rates at the numbers they give).
+            (``tieta export --onnx``), changing nothing it computes in evaluation (DiffRate fixes
+            its searched rates at the numbers they give).
         check_traceable: ``check_traceable(model)`` raises a TietaError, in one sentence, where the
             model as it stands cannot become a fixed graph (DiffRate while a search is not ended).
         traceable_form: ``traceable_form(model)`` -> a context manager in which the model runs in

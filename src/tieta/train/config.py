@@ -158,7 +158,8 @@ def run_config_class() -> type:
         "RunConfig",
         [(name, cls, field(default_factory=cls)) for name, cls in registry.config_sections().items()],
         bases=(GeneralConfig,),
-        namespace={"__module__": __name__, "__doc__": "A run's settings: the general ones and every method's sections."},
+        namespace={"__module__": __name__,
+                   "__doc__": "A run's settings: the general ones and every method's sections."},
     )
 
 
