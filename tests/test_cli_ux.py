@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from tieta.cli import RELIABLE_ROUNDS, _cost_rows, build_parser, main
-from tieta.methods import catalog, registry
+from tieta.methods import registry
 
 TINY = ["--model", "test_vit", "--weights", "random", "--img-size", "32", "--lora-rank", "2"]
 
@@ -63,16 +63,28 @@ def test_import_tieta_is_light_and_every_public_name_still_works():
         tieta.nope
 
 
-def test_the_catalog_is_the_registry_s_one_source_of_names_and_flags(capsys):
-    assert list(catalog.CATALOG) == list(registry.METHODS)
-    for name, method in registry.METHODS.items():
-        listing = catalog.CATALOG[name]
-        assert (method.summary, method.flags) == (listing.summary, listing.flags)
-    assert registry.flags() == catalog.flags()
+def test_each_method_is_one_registry_entry_that_its_module_s_method_follows(capsys):
+    assert registry.names() == list(registry.METHODS)
+    for entry in registry.ENTRIES:
+        method = registry.METHODS[entry.name]
+        assert method.name == entry.name
+        assert (method.summary, method.flags, method.verbs) == (entry.summary, entry.flags, entry.verbs)
+    assert {flag.option for flag in registry.flags()} == {flag.option for entry in registry.ENTRIES
+                                                          for flag in entry.flags}
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "--help"])
     help_text = capsys.readouterr().out
-    assert all(flag.option in help_text for flag in catalog.flags())
+    assert all(flag.option in help_text for flag in registry.flags())
+    assert all(name in help_text for name in registry.names())
+
+
+def test_the_public_verbs_are_the_registry_s_and_the_listed_rest():
+    import tieta
+
+    for verb, module in registry.verbs().items():
+        assert verb in tieta.__all__ and getattr(tieta, verb).__module__ == module
+    assert {"add_lora", "merge_lora", "add_dyt", "dyt_loss", "search_rates"} <= set(registry.verbs())
+    assert {"count_flops", "load", "load_backbone", "freeze_backbone"} <= set(tieta.__all__) - set(registry.verbs())
 
 
 def _closed_pipe_run(*args: str) -> subprocess.CompletedProcess:

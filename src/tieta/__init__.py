@@ -15,61 +15,27 @@ The public verbs, each usable on its own and composable::
 import importlib
 from typing import Any
 
+from tieta.methods import registry as _registry  # names only: no method module (nor torch) is imported here
+
 # public name -> the module that defines it; each is imported on first use (PEP 562), so that
-# `import tieta` and the command line's --help do not load torch and timm
+# `import tieta` and the command line's --help do not load torch and timm. The methods' verbs come
+# from their registry entries; these are the rest.
 _HOMES = {
     "TietaError": "tieta.errors",
-    "activation_rates": "tieta.methods.dyt",
-    "add_adapter": "tieta.methods.adapter",
-    "add_diffrate": "tieta.methods.diffrate",
-    "add_dynamicvit": "tieta.methods.dynamicvit",
-    "add_dyt": "tieta.methods.dyt",
-    "add_evit": "tieta.methods.evit",
-    "add_lora": "tieta.methods.lora",
-    "add_pyra": "tieta.methods.pyra",
-    "add_tome": "tieta.methods.tome",
     "benchmark": "tieta.measure.benchmark",
     "count_flops": "tieta.measure.flops",
-    "dynamicvit_loss": "tieta.methods.dynamicvit",
-    "dyt_forward": "tieta.methods.dyt",
-    "dyt_loss": "tieta.methods.dyt",
     "freeze_backbone": "tieta.methods.params",
     "load": "tieta.deploy.export",
     "load_backbone": "tieta.backbone",
     "measure_throughput": "tieta.measure.throughput",
-    "merge_lora": "tieta.methods.lora",
     "schedule": "tieta.methods.schedules",
-    "search_rates": "tieta.methods.diffrate",
     "trainable_parameters": "tieta.methods.params",
+    **_registry.verbs(),
 }
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "TietaError",
-    "activation_rates",
-    "add_adapter",
-    "add_diffrate",
-    "add_dynamicvit",
-    "add_dyt",
-    "add_evit",
-    "add_lora",
-    "add_pyra",
-    "add_tome",
-    "benchmark",
-    "count_flops",
-    "dynamicvit_loss",
-    "dyt_forward",
-    "dyt_loss",
-    "freeze_backbone",
-    "load",
-    "load_backbone",
-    "measure_throughput",
-    "merge_lora",
-    "schedule",
-    "search_rates",
-    "trainable_parameters",
-]
+__all__ = sorted(_HOMES)
 
 
 def __getattr__(name: str) -> Any:

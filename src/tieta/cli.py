@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from tieta.errors import TietaError
-from tieta.methods import catalog  # names and flags only: --help must not load torch
+from tieta.methods import catalog, registry  # names and flags only: --help must not load torch
+from tieta.reference import codes  # the reference codes' names, for tieta import's --help
 
 # command-line flag -> config key, for the general settings people change most (each method
-# declares its own flags in the method catalog)
+# declares its own flags in its registry entry)
 FLAG_KEYS = {
     "model": "model",
     "weights": "weights",
@@ -46,8 +47,8 @@ FLAG_KEYS.update({
 
 
 def _method_flags() -> dict[str, Any]:
-    """argparse dest -> the catalog's Flag, for every method's flags."""
-    return {flag.option.lstrip("-").replace("-", "_"): flag for flag in catalog.flags()}
+    """argparse dest -> the registry's Flag, for every method's flags."""
+    return {flag.option.lstrip("-").replace("-", "_"): flag for flag in registry.flags()}
 
 
 def _argument_type(parse):
@@ -103,12 +104,13 @@ def _add_config_arguments(parser: argparse.ArgumentParser, data_required: bool, 
                         "vit_small_patch14_dinov2), or a transformers checkpoint: a save_pretrained folder or "
                         "hf:ORG/NAME (ViT, DINOv2, CLIP, SigLIP); default: timm's published weights from the hub")
     parser.add_argument("--method", nargs="+" if grid else None,
-                        help=f"methods joined by '+': {', '.join(catalog.CATALOG)}, e.g. pyra+lora (default lora)"
+                        help=f"methods joined by '+': {', '.join(registry.names())}, attached in the order named "
+                        "(default lora)"
                         + ("; several: one run each" if grid else ""))
     parser.add_argument("--img-size", type=int, help="input resolution (default: the model's)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="any config setting, e.g. --set optim.lr_groups.head=1e-2 (repeatable)")
-    for flag in catalog.flags():
+    for flag in registry.flags():
         long_list = flag.choices is not None and len(flag.choices) > 6  # named in the help, not the usage line
         parser.add_argument(flag.option, type=_argument_type(flag.parse), choices=flag.choices, help=flag.help,
                             metavar="NAME" if long_list else None)
@@ -485,14 +487,14 @@ def cmd_show_merges(args: argparse.Namespace) -> int:
     asked = resolve_device(args.device) if args.device else None  # before any model is built
     if args.run is not None:
         model, config, _ = load_run_model(args.run)
-        if pass_state_named(model, "token_state") is None:
-            raise TietaError(f"the run {args.run} merges no tokens (method {config.method})")
+        _refuse_without_merges(config, f"the run {args.run}")
     else:
         if args.data is None:
             raise TietaError("give --data (a task folder) for the images to show, or --run")
         config = _config_from(args)
-        if not {"tome", "pyra"} & set(config.methods):
-            config.method = "tome"
+        if not _method_named(args, config):  # nothing named: the first method whose merges can be drawn
+            config.method = _merging_methods()[0]
+        _refuse_without_merges(config, "--method")
         seed_everything(config.seed)
         model = build_model(config, num_classes=1000)
     device = asked or resolve_device(config.device)
@@ -508,6 +510,25 @@ def cmd_show_merges(args: argparse.Namespace) -> int:
 
 
 MERGES_PNG = "merges.png"
+
+
+def _merging_methods() -> list[str]:
+    """The methods whose token merges show-merges can paint, in the registry's order."""
+    return [method.name for method in registry.METHODS.values() if method.shows_merges]
+
+
+def _method_named(args: argparse.Namespace, config) -> bool:
+    """Whether the user named the methods (--method, --set method=..., or a config file's method)."""
+    from tieta.train.config import GeneralConfig
+
+    return "method" in _overrides_from(args) or config.method != GeneralConfig.method
+
+
+def _refuse_without_merges(config, named: str) -> None:
+    """One sentence where none of the config's methods has merges to paint."""
+    if not any(method.shows_merges for method in config.method_list):
+        raise TietaError(f"{named} ({config.method}) merges no tokens to show; show-merges draws the merges of "
+                         f"{' and '.join(_merging_methods())}")
 
 
 def _merge_picture(output: Path) -> tuple[Path, Optional[str]]:
@@ -534,7 +555,6 @@ def _sample_images(task_dir: str, split: str, count: int, image_size: int, norma
 
 
 def cmd_show_tokens(args: argparse.Namespace) -> int:
-    from tieta.methods.dyt import evaluation_masks
     from tieta.methods.state import pass_state_named
     from tieta.report.visualize import save_active_tokens, save_rate_chart
     from tieta.device import resolve_device
@@ -549,14 +569,19 @@ def cmd_show_tokens(args: argparse.Namespace) -> int:
         if path.exists() and not args.overwrite:
             raise TietaError(f"{path} already exists; pick another --output or pass --overwrite")
     model, config, _ = load_run_model(args.run)
-    if pass_state_named(model, "dispatch_state") is None:
-        raise TietaError(f"the run {args.run} has no DyT dispatchers (method {config.method})")
+    showing = [method for method in config.method_list if method.token_masks is not None]
+    if not showing:
+        drawn = [method.name for method in registry.METHODS.values() if method.token_masks is not None]
+        raise TietaError(f"the run {args.run} ({config.method}) has no token decisions to show; show-tokens draws "
+                         f"those of {' and '.join(drawn)}")
+    method = showing[0]
     images, inputs, names = _sample_images(args.data or config.data.path, args.split, args.count,
                                            image_size_of(model), normalization_of(config, model))
     device = asked or resolve_device(config.device)
-    masks = [mask.cpu() for mask in evaluation_masks(model.to(device), inputs.to(device))]
+    masks = [mask.cpu() for mask in method.token_masks(model.to(device), inputs.to(device))]
     rates = [float(mask.float().mean()) for mask in masks]
-    caption = f"{config.model} + {config.method} ({config.dyt.variant} dispatch), {len(names)} {args.split} images"
+    note = f" ({method.picture_note(config)})" if method.picture_note is not None else ""
+    caption = f"{config.model} + {config.method}{note}, {len(names)} {args.split} images"
     save_rate_chart(rates, rates_png, caption)
     written = [rates_png]
     if pass_state_named(model, "token_state") is None:
@@ -589,7 +614,7 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Train every cell of a grid into its own run folder: from a sweep file "
                            "(tasks, runs, seeds, base settings; see configs/) or from --data and --method. "
                            "Finished runs are skipped on a re-run; a failed run is reported and the rest go on.")
-    sweep.add_argument("sweep_file", nargs="?", type=Path, help="sweep file (YAML), e.g. configs/pyra_vtab.yaml")
+    sweep.add_argument("sweep_file", nargs="?", type=Path, help="sweep file (YAML), e.g. one of configs/")
     sweep.add_argument("--output", required=True, type=Path, help="sweep folder (run folders and sweep.yaml)")
     sweep.add_argument("--root", help="folder holding the task folders (replaces the sweep file's root)")
     sweep.add_argument("--tasks", nargs="+", metavar="NAME", help="only these tasks of the sweep file")
@@ -629,23 +654,16 @@ def build_parser() -> argparse.ArgumentParser:
                           "of the run folder) instead of the final ones")
     evaluate.set_defaults(func=cmd_eval)
 
-    importer = sub.add_parser("import", help="turn a PYRA, DyT or NOAH reference-code checkpoint into a run folder",
-                              description="Convert a checkpoint saved by the public PYRA, DyT or NOAH code into a "
-                              "finished run folder (its backbone in backbone.safetensors, the trained tensors in "
-                              "checkpoint.safetensors), which tieta eval, export and predict read. Nothing in the "
-                              "file is executed: .pth files are read with torch.load(weights_only=True).")
+    importer = sub.add_parser("import", help=codes.SUMMARY, description=codes.DESCRIPTION)
     importer.add_argument("file", type=Path, help="the reference checkpoint (.pth, .pt, .bin or .safetensors)")
-    importer.add_argument("--from", dest="kind", required=True, choices=("pyra", "dyt", "noah"),
-                          help="whose code wrote it: pyra (PYRA/ToMe + LoRA), dyt (DyT), noah (NOAH's LoRA)")
+    importer.add_argument("--from", dest="kind", required=True, choices=codes.CODES, help=codes.FROM_HELP)
     importer.add_argument("--output", required=True, type=Path, help="run folder to create")
     importer.add_argument("--model", help="timm model it was trained on (default vit_base_patch16_224)")
     importer.add_argument("--num-classes", type=_positive_int, help="classes of its head (checked, read from the head)")
     importer.add_argument("--data", help="the task folder it was trained on (recorded for tieta eval; classes checked)")
     importer.add_argument("--img-size", type=_positive_int,
                           help="input resolution it was trained at (default: its saved arguments', else the model's)")
-    importer.add_argument("--schedule", type=_argument_type(catalog.parse_schedule_flag),
-                          help="PYRA-code checkpoints without PYRA modules: the ToMe schedule they were trained with "
-                          "(low, high, a list like [16,16,8]) or none")
+    importer.add_argument("--schedule", type=_argument_type(catalog.parse_schedule_flag), help=codes.SCHEDULE_HELP)
     importer.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                           help="another run setting, e.g. --set data.normalization=inception (repeatable)")
     importer.add_argument("--overwrite", action="store_true", help="replace the run in --output")
@@ -699,7 +717,7 @@ def build_parser() -> argparse.ArgumentParser:
     flops.add_argument("--device", help="cpu or cuda[:N] for the counting pass (default cpu; the count is the same)")
     flops.set_defaults(func=cmd_flops)
 
-    bench = sub.add_parser("bench", help="throughput of unpatched timm, ToMe and PYRA side by side")
+    bench = sub.add_parser("bench", help="throughput of unpatched timm and the token-merging methods side by side")
     bench.add_argument("--model", default="vit_small_patch16_224", help="timm ViT name (default vit_small_patch16_224)")
     bench.add_argument("--img-size", type=_positive_int, help="input resolution (default: the model's)")
     bench.add_argument("--batch-size", type=_positive_int, default=32,
@@ -710,7 +728,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="merge schedules (default low high)")
     bench.add_argument("--rounds", type=_positive_int, default=7,
                        help=f"interleaved timing rounds (default 7; fewer than {RELIABLE_ROUNDS} are not reliable)")
-    bench.add_argument("--train", action="store_true", help="time training steps of LoRA, ToMe+LoRA, PYRA+LoRA")
+    bench.add_argument("--train", action="store_true",
+                       help="time training steps of LoRA and of each merging method with LoRA")
     bench.add_argument("--device", default="cpu", help="where to time: cpu, cuda or cuda:N (default cpu)")
     bench.add_argument("--output", type=Path, help="also write the rows as JSON here")
     bench.set_defaults(func=cmd_bench)
@@ -725,8 +744,9 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--device", help="auto, cpu or cuda[:N] (default: the run's device setting, else auto)")
     show.set_defaults(func=cmd_show_merges)
 
-    tokens = sub.add_parser("show-tokens", help="DyT: activation rate per layer and active tokens over images (PNGs)")
-    tokens.add_argument("run", type=Path, help="a trained DyT run folder")
+    tokens = sub.add_parser("show-tokens", help="token decisions: the share of active tokens per layer and the active "
+                            "tokens over images (PNGs)")
+    tokens.add_argument("run", type=Path, help="a trained run folder of a method with token decisions")
     tokens.add_argument("--data", help="task folder for the images (default: the run's)")
     _add_image_sample_arguments(tokens, "replace existing PNGs")
     tokens.add_argument("--output", type=Path, default=Path("."),

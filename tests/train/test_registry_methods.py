@@ -4,25 +4,70 @@ with no method named anywhere in training, config or the command line."""
 import json
 
 import pytest
+import torch
 
 from tieta.cli import main
 from tieta.methods import registry
 from tieta.train.config import load_config
 
 TINY = ["--model", "test_vit", "--weights", "random", "--img-size", "32", "--lora-rank", "2"]
+# settings that fit test_vit at 32 px (5 tokens, 6 blocks) where a method's defaults are for ViT-B
+TINY_SETTINGS = {
+    "tome": ["--schedule", "[1, 1]"],
+    "pyra": ["--schedule", "[1, 1]"],
+    "evit": ["--keep-rate", "0.5"],  # 0.7 of 4 patches keeps 3, which with the fused token are 4 again
+    "diffrate": ["--set", "diffrate.kept_prune=[5,4,3,3,2,2]", "--set", "diffrate.kept_merge=[5,3,3,2,2,2]"],
+}
 
 
-@pytest.mark.parametrize("method,settings", [
-    ("evit+lora", []), ("dynamicvit+lora", []), ("evit+adapter", []), ("dynamicvit+adapter", []),
-    ("diffrate+lora", ["--set", "diffrate.kept_prune=[17,17,14,12,10,8]", "--set", "diffrate.kept_merge=[17,16,12,10,8,6]"]),
-    ("diffrate+lora", ["--set", "diffrate.target_gmacs=0.0005", "--set", "diffrate.search_epochs=1", "--epochs", "2"]),
-])
-def test_baselines_train_through_the_command_line(vtab_task, tmp_path, method, settings, capsys):
-    run = tmp_path / "run"
+def with_lora(name: str) -> str:
+    """The method trained with LoRA, as the papers train the token-reduction methods ("lora" alone)."""
+    return name if name == "lora" else f"{name}+lora"
+
+
+def test_the_tiny_settings_name_registered_methods():
+    assert set(TINY_SETTINGS) <= set(registry.names())
+
+
+def unmodified_gmacs(img_size: int = 32) -> float:
+    """The GMACs per image of test_vit at ``img_size`` px without any method."""
+    from tieta.measure.flops import count_flops
+    from tieta.train.model import build_backbone
+
+    config = load_config(overrides={"model": "test_vit", "weights": "random", "img_size": img_size})
+    images = torch.randn(1, 3, img_size, img_size)
+    return count_flops(build_backbone(config, 2, random_weights=True), images)["gmacs"]
+
+
+@pytest.mark.parametrize("name", registry.names())
+def test_every_method_trains_through_the_command_line_and_a_token_reducer_reduces(vtab_task, tmp_path, name, capsys):
+    run, method = tmp_path / "run", with_lora(name)
     assert main(["train", *TINY, "--method", method, "--data", str(vtab_task), "--output", str(run),
-                 "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "4", *settings]) == 0
+                 "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "4", *TINY_SETTINGS.get(name, [])]) == 0
     summary = json.loads((run / "summary.json").read_text())
     assert summary["method"] == method and summary["acc"] is not None
+    # GMACs counted along the executed path on the run's real evaluation images
+    plain = unmodified_gmacs()
+    if registry.METHODS[name].reduces_tokens:
+        assert summary["gmacs"] < 0.95 * plain, (summary["gmacs"], plain)
+    else:
+        assert summary["gmacs"] >= plain
+
+
+# with the adapter, and DiffRate's search (at 64 px: 17 tokens leave it room to find lower rates)
+@pytest.mark.parametrize("method,settings,img_size", [
+    ("evit+adapter", ["--keep-rate", "0.5"], 32), ("dynamicvit+adapter", [], 32),
+    ("diffrate+lora", ["--set", "diffrate.target_gmacs=0.0005", "--set", "diffrate.search_epochs=1", "--epochs", "2"],
+     64),
+])
+def test_baselines_train_through_the_command_line(vtab_task, tmp_path, method, settings, img_size, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--method", method, "--data", str(vtab_task), "--output", str(run),
+                 "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "4", "--img-size", str(img_size),
+                 *settings]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["method"] == method and summary["acc"] is not None
+    assert summary["gmacs"] < 0.95 * unmodified_gmacs(img_size)
     assert main(["eval", str(run)]) == 0
 
 

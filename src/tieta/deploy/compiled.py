@@ -43,7 +43,7 @@ import torch
 import torch._dynamo
 from torch import nn
 
-from tieta.methods.state import pass_state_named
+from tieta.methods import registry
 
 
 def compile_model(model: nn.Module, **options: Any) -> nn.Module:
@@ -103,8 +103,10 @@ def graph_breaks(model: nn.Module, images: torch.Tensor) -> int:
 
 
 def _skips_tokens(model: nn.Module) -> bool:
-    """Whether the model runs DyT's dispatch (real skipping at evaluation)."""
-    return pass_state_named(model, "dispatch_state") is not None
+    """Whether a method of the model has shapes that depend on the data in evaluation (DyT's real
+    skipping), which dynamo must capture in the graph."""
+    return any(method.data_dependent_shapes(model) for method in registry.METHODS.values()
+               if method.data_dependent_shapes is not None)
 
 
 def _tracing_settings(data_dependent_shapes: bool) -> contextlib.AbstractContextManager:

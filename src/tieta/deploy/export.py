@@ -48,7 +48,7 @@ from tieta.deploy.onnx import check_onnx, export_onnx
 from tieta.errors import TietaError, listing, shown
 from tieta.files import folder_mode, move_folder, read_json, remove_folder, swap_folders, write_file
 from tieta.hf.export import TRANSFORMERS_FILES, check_methods, write_transformers
-from tieta.methods.diffrate import DiffRateReduce, fix_rates
+from tieta.methods import registry
 from tieta.methods.lora import merge_lora
 from tieta.train.checkpoint import read_tensors, write_tensors
 from tieta.train.config import RunConfig, from_dict, validate
@@ -248,10 +248,11 @@ def _commit(staging: Path, output: Path, before: Optional[tuple[int, int]], over
 
 def _write_onnx(model: nn.Module, folder: Path, batch_size: int, image_size: int) -> dict[str, Any]:
     """``model.onnx`` at a fixed batch size, checked with onnxruntime on random images."""
-    # a searched DiffRate model reads its kept numbers from its rate logits; fixing them at those
-    # numbers changes nothing the model computes in evaluation and lets the graph hold them
-    if any(isinstance(getattr(block, "reduce", None), DiffRateReduce) for block in getattr(model, "blocks", ())):
-        fix_rates(model)
+    # each method readies its part for a fixed graph, changing nothing evaluation computes (a
+    # searched rate fixed at the number it gives)
+    for method in registry.METHODS.values():
+        if method.prepare_export is not None:
+            method.prepare_export(model)
     path = export_onnx(model, folder / ONNX_FILE, batch_size, image_size)
     images = torch.randn(batch_size, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
     return {"onnx_bytes": sum(_bytes(p) for p in folder.glob(ONNX_FILE + "*")),

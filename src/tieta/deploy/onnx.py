@@ -39,7 +39,6 @@ What exports, and how:
 from __future__ import annotations
 
 import contextlib
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -48,8 +47,8 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from tieta.errors import TietaError
-from tieta.methods.diffrate import DiffRateReduce
-from tieta.methods.state import attention_gate, pass_state_named, reset_pass_states
+from tieta.methods.state import reset_pass_states
+from tieta.methods import registry
 from tieta.native import tensor_code
 
 OPSET = 18
@@ -80,7 +79,9 @@ def export_onnx(model: nn.Module, path: str | Path, batch_size: int, image_size:
     patch = getattr(getattr(model, "patch_embed", None), "patch_size", (1, 1))
     if image_size < 1 or image_size % patch[0] or image_size % patch[1]:
         raise TietaError(f"the image size {image_size} is not a positive multiple of the model's patch size {patch[0]}")
-    _refuse_unfinished_search(model)
+    for method in registry.METHODS.values():  # each method says where its model cannot become a graph
+        if method.check_traceable is not None:
+            method.check_traceable(model)
     translations = _onnx_translations()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -92,7 +93,7 @@ def export_onnx(model: nn.Module, path: str | Path, batch_size: int, image_size:
     try:
         # tensor_code(): every native kernel off, as a ctypes call cannot be traced (ToMe's merge
         # also steps aside by itself while traced)
-        with _dense_attention_dispatch(model), tensor_code(), sdpa_kernel(SDPBackend.MATH):
+        with _traceable_forms(model), tensor_code(), sdpa_kernel(SDPBackend.MATH):
             torch.onnx.export(
                 model, (images,), str(path), dynamo=True, opset_version=OPSET, input_names=[INPUT_NAME],
                 output_names=[OUTPUT_NAME], external_data=weight_bytes > SINGLE_FILE_BYTES,
@@ -194,27 +195,14 @@ def _onnx_translations() -> dict[Callable, Callable]:
     return {torch.ops.aten.sort.stable: stable_sort, torch.ops.aten.scatter_reduce.two: scatter_reduce}
 
 
-def _refuse_unfinished_search(model: nn.Module) -> None:
-    if any(isinstance(step, DiffRateReduce) and step.kept_prune is None for step in model.modules()):
-        raise TietaError("this DiffRate model still reads its kept numbers from its rate logits (a search not "
-                         "ended); fix them first with tieta.methods.diffrate.fix_rates(model)")
-
-
 @contextlib.contextmanager
-def _dense_attention_dispatch(model: nn.Module) -> Iterator[None]:
-    """DyT's masked form while exporting a model whose dispatch gates attention (see the module
-    docstring); MLP-only dispatch keeps its real skipping."""
-    state = pass_state_named(model, "dispatch_state")
-    if state is None or attention_gate(model) is None or not state.real_skip:
+def _traceable_forms(model: nn.Module) -> Iterator[None]:
+    """Every method's traceable form of the model (see the module docstring), for the export."""
+    with contextlib.ExitStack() as stack:
+        for method in registry.METHODS.values():
+            if method.traceable_form is not None:
+                stack.enter_context(method.traceable_form(model))
         yield
-        return
-    warnings.warn("DyT's attention dispatch exports in its masked form: the same logits, but the FLOPs of "
-                  "skipped tokens are not saved in the ONNX graph", UserWarning, stacklevel=4)
-    state.real_skip = False
-    try:
-        yield
-    finally:
-        state.real_skip = True
 
 
 def _forget_pass(model: nn.Module) -> None:

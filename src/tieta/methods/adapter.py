@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 from tieta.errors import TietaError
-from tieta.methods import catalog
 from tieta.methods.blocks import patch_blocks
 from tieta.methods.method import MAX_WIDTH, Method, bounded
 
@@ -109,8 +108,8 @@ def _validate(config) -> None:
         raise TietaError(f"adapter.dropout must be in [0, 1), got {adapter.dropout}")
 
 
-METHOD = Method.listed(
-    catalog.ADAPTER,
+METHOD = Method(
+    name="adapter",
     sections={"adapter": AdapterConfig},
     attach=lambda model, config: add_adapter(model, config.adapter.dim, config.adapter.scale, config.adapter.dropout),
     modules=("adapter",),

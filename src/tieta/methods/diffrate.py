@@ -61,7 +61,6 @@ from typing import Any, Optional
 from torch import nn
 
 from tieta.errors import TietaError
-from tieta.methods import catalog
 from tieta.methods.blocks import claim_reduction, keep_output, patch_blocks, token_state
 from tieta.methods.diffrate_counts import (Counts, fix_rates, fixed_counts, kept_numbers, mlp_token_counts,
                                            never_compressed, published_counts, rate_parameters)
@@ -156,8 +155,21 @@ def _attach(model: nn.Module, config: Any) -> nn.Module:
                         settings.prop_attn, settings.criterion)
 
 
-METHOD = Method.listed(
-    catalog.DIFFRATE,
+def _fix_searched_rates(model: nn.Module) -> None:
+    """A searched model reads its kept numbers from its rate logits; fixing them at those numbers
+    changes nothing evaluation computes and lets a fixed graph (ONNX) hold them."""
+    if any(isinstance(getattr(block, "reduce", None), DiffRateReduce) for block in getattr(model, "blocks", ())):
+        fix_rates(model)
+
+
+def _refuse_unfinished_search(model: nn.Module) -> None:
+    if any(isinstance(step, DiffRateReduce) and step.kept_prune is None for step in model.modules()):
+        raise TietaError("this DiffRate model still reads its kept numbers from its rate logits (a search not "
+                         "ended); fix them first with tieta.methods.diffrate.fix_rates(model)")
+
+
+METHOD = Method(
+    name="diffrate",
     sections={"diffrate": DiffRateConfig},
     attach=_attach,
     modules=("prune_rate", "merge_rate"),
@@ -166,4 +178,7 @@ METHOD = Method.listed(
     describe=describe,
     validate=validate,
     one_process=one_process,
+    prepare_export=_fix_searched_rates,
+    check_traceable=_refuse_unfinished_search,
+    reduces_tokens=True,
 )

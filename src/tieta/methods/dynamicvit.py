@@ -22,7 +22,6 @@ from torch import nn
 
 from tieta import shard
 from tieta.errors import TietaError
-from tieta.methods import catalog
 from tieta.methods.blocks import (PassState, TietaBlock, claim_reduction, follow_tokens, pass_state, patch_blocks,
                                   token_state)
 from tieta.methods.method import Method
@@ -192,12 +191,13 @@ def token_counts(model: nn.Module) -> list[int]:
     return counts
 
 
-METHOD = Method.listed(
-    catalog.DYNAMICVIT,
+METHOD = Method(
+    name="dynamicvit",
     sections={"dynamicvit": DynamicViTConfig},
     attach=lambda model, config: add_dynamicvit(model, config.dynamicvit.ratios, config.dynamicvit.locations),
     modules=("predictor",),
     objective=_objective,
     describe=lambda model: {"block_token_counts": token_counts(model)},
     validate=_validate,
+    reduces_tokens=True,
 )

@@ -19,8 +19,10 @@ agree (a test proves it).
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +35,7 @@ from tieta.methods.adapter import Adapter, AdapterConfig, MoEAdapter
 from tieta.methods.blocks import (EveryToken, PassState, TietaBlock, claim_attention_gate, pass_state,
                                   patch_blocks)
 from tieta.methods.method import MAX_EXPERTS, MAX_WIDTH, Method, bounded
-from tieta.methods.state import method_setting, pass_state_named, set_method_setting
+from tieta.methods.state import attention_gate, method_setting, pass_state_named, set_method_setting
 from tieta.ops.dispatch import (attend_on_active, dispatch_mask, key_mask, run_on_active,  # noqa: F401 (public)
                                 with_prefix)
 
@@ -345,8 +347,33 @@ def _validate(config: Any) -> None:
     config.dyt.check()
 
 
-METHOD = Method.listed(
-    catalog.DYT,
+@contextlib.contextmanager
+def masked_attention_dispatch(model: nn.Module) -> Iterator[None]:
+    """The masked form of a dispatch that gates attention, for a fixed graph (ONNX): its real
+    skipping pads each image's active tokens to a count read from the data, which
+    ``torch.export`` cannot trace; the masked form gives the same logits without saving the skipped
+    FLOPs (a warning says so). MLP-only dispatch keeps its real skipping."""
+    state = pass_state_named(model, "dispatch_state")
+    if state is None or attention_gate(model) is None or not state.real_skip:
+        yield
+        return
+    # stack: this body, contextmanager.__enter__, ExitStack.enter_context, the exporter, its caller
+    warnings.warn("DyT's attention dispatch exports in its masked form: the same logits, but the FLOPs of "
+                  "skipped tokens are not saved in the ONNX graph", UserWarning, stacklevel=5)
+    state.real_skip = False
+    try:
+        yield
+    finally:
+        state.real_skip = True
+
+
+def _skips_on_data(model: nn.Module) -> bool:
+    """Real skipping at evaluation: token counts (``nonzero``) that depend on the images."""
+    return pass_state_named(model, "dispatch_state") is not None
+
+
+METHOD = Method(
+    name="dyt",
     sections={"dyt": DyTConfig, "adapter": AdapterConfig},
     attach=_attach,
     modules=("dispatcher", "mlp_dispatcher"),  # its adapters are in the adapter group
@@ -355,4 +382,9 @@ METHOD = Method.listed(
     measure=_measure,
     data_dependent_cost=True,
     validate=_validate,
+    traceable_form=masked_attention_dispatch,
+    data_dependent_shapes=_skips_on_data,
+    token_masks=evaluation_masks,
+    picture_note=lambda config: f"{config.dyt.variant} dispatch",
+    reduces_tokens=True,
 )

@@ -20,7 +20,6 @@ import torch
 from torch import nn
 
 from tieta.errors import TietaError
-from tieta.methods import catalog
 from tieta.methods.blocks import (TietaBlock, claim_reduction, follow_tokens, keep_output, patch_blocks, rotated,
                                   take_output, token_state)
 from tieta.methods.method import Method
@@ -144,11 +143,12 @@ def _validate(config: Any) -> None:
     config.evit.check()
 
 
-METHOD = Method.listed(
-    catalog.EVIT,
+METHOD = Method(
+    name="evit",
     sections={"evit": EViTConfig},
     attach=lambda model, config: add_evit(model, config.evit.keep_rate, config.evit.locations, config.evit.fuse),
     epoch_update=_epoch_update,
     describe=lambda model: {"mlp_token_counts": token_counts(model)},
     validate=_validate,
+    reduces_tokens=True,
 )

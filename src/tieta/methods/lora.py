@@ -26,7 +26,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from tieta.errors import TietaError
-from tieta.methods import catalog
 from tieta.methods.blocks import patch_blocks
 from tieta.methods.method import MAX_WIDTH, Method, bounded
 
@@ -205,8 +204,8 @@ def _validate(config) -> None:
     config.lora.check()
 
 
-METHOD = Method.listed(
-    catalog.LORA,
+METHOD = Method(
+    name="lora",
     sections={"lora": LoRAConfig},
     attach=lambda model, config: add_lora(model, config.lora.rank, config.lora.targets, config.lora.alpha,
                                           config.lora.dropout),

@@ -1,20 +1,20 @@
 """What a method declares about itself, so that training, config, CLI, reports and FLOP counting
 can use it without naming it (see ``docs/adding-a-method.md``).
 
-Each method module ends with one ``METHOD = Method.listed(catalog.<NAME>, ...)``: its name, summary
-and flags come from ``tieta.methods.catalog`` (readable without torch, for ``--help``), its working
-parts from the module; ``tieta.methods.registry`` lists them.
+Each method module ends with one ``METHOD = Method(name=..., ...)`` that holds its working parts;
+its entry in ``tieta.methods.registry`` (readable without torch, for ``--help``) names the module
+and gives the summary, flags and public verbs, which the registry adds to the ``Method`` it serves.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, ContextManager, Optional
 
 import torch
 from torch import nn
 
-from tieta.methods.catalog import Flag, Listing
+from tieta.methods.catalog import Flag
 
 # the run configuration, seen by a method through the sections it declared: ``config.<section>``
 Settings = Any
@@ -34,19 +34,24 @@ def bounded(default: int, at_most: int) -> Any:
     return field(default=default, metadata={"at_most": at_most})
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Method:
     """One method, as the rest of tieta sees it.
 
+    The module declares the working parts; ``summary``, ``flags`` and ``verbs`` come from its
+    registry entry (``tieta.methods.registry.Entry``), which the registry fills in.
+
     Attributes:
-        name: what ``--method`` calls it (joined with "+" to combine, e.g. "pyra+lora").
-        summary: one line for listings.
+        name: what ``--method`` calls it (joined with "+" to combine, e.g. "pyra+lora"); the same
+            as its registry entry's.
+        summary: one line for listings (from the entry).
         sections: config sections it reads: name -> dataclass; each field is a ``--set
             section.field`` key. Methods may share a section (ToMe and PYRA share "merge").
         attach: ``attach(model, config) -> model`` puts the method on a timm ViT, in place.
         modules: names of the submodules (or parameter-name prefixes) that hold its parameters;
             they form its parameter group (trained, counted and given an lr together).
-        flags: command-line flags for its most used settings.
+        flags: command-line flags for its most used settings (from the entry).
+        verbs: its public Python names that ``tieta`` re-exports (from the entry).
         objective: ``objective(config) -> LossFn`` if it trains with its own loss (one per run).
         epoch_update: ``epoch_update(model, config, epoch, epochs) -> {name: value}`` called before
             each training epoch for a per-epoch schedule (a temperature, a keep rate); the values
@@ -57,28 +62,54 @@ class Method:
         measure: ``measure(model, images) -> {name: value}`` data-dependent facts measured on real
             evaluation images (e.g. DyT's share of active tokens), or None.
         data_dependent_cost: its FLOPs depend on the images (say so where one random image is counted).
+        reduces_tokens: it lowers the number of tokens some of the model's modules work on (merging,
+            pruning, skipping), so a trained run costs fewer GMACs than the unmodified model (which
+            ``tests/train/test_registry_methods.py`` checks for every such method).
         validate: ``validate(config)`` raises a TietaError for settings that cannot work.
         one_process: ``one_process(config) -> reason or None``: why this configuration's training
             cannot be data-parallel (``torchrun``), or None where it can.
+
+    What deploy and the pictures ask of a model. Each of these takes any model and does nothing
+    (or answers no) where the method is not attached, so that deploy can ask every method:
+
+        prepare_export: ``prepare_export(model)`` readies a trained model for a fixed graph
+            (``tieta export --onnx``), changing nothing it computes in evaluation (DiffRate fixes
+            its searched rates at the numbers they give).
+        check_traceable: ``check_traceable(model)`` raises a TietaError, in one sentence, where the
+            model as it stands cannot become a fixed graph (DiffRate while a search is not ended).
+        traceable_form: ``traceable_form(model)`` -> a context manager in which the model runs in
+            a form that exports to ONNX (DyT's masked attention dispatch, said with a warning).
+        data_dependent_shapes: ``data_dependent_shapes(model) -> bool``: its evaluation has shapes
+            that depend on the data (DyT's real skipping), which ``torch.compile`` must capture.
+        shows_merges: ``tieta show-merges`` can paint its token merges (it merges through the
+            block's shared token state, which traces each final token's patches).
+        token_masks: ``token_masks(model, images) -> [(B, N) bool, ...]``: the tokens each of its
+            token decisions keeps working on, over the patches (``tieta show-tokens``); None where
+            it has no token decisions to show.
+        picture_note: ``picture_note(config) -> str``: a few words on its settings for a picture's
+            caption (DyT's dispatch variant), or None.
     """
 
     name: str
-    summary: str
+    summary: str = ""
     sections: dict[str, type]
     attach: Callable[[nn.Module, Settings], nn.Module]
     modules: tuple[str, ...] = ()
     flags: tuple[Flag, ...] = ()
+    verbs: tuple[str, ...] = ()
     objective: Optional[Callable[[Settings], LossFn]] = None
     epoch_update: Optional[Callable[[nn.Module, Settings, int, int], dict[str, Any]]] = None
     learning_rates: Optional[Callable[[Settings], dict[str, float]]] = None
     describe: Optional[Callable[[nn.Module], dict[str, Any]]] = None
     measure: Optional[Callable[[nn.Module, torch.Tensor], dict[str, Any]]] = None
     data_dependent_cost: bool = False
+    reduces_tokens: bool = False
     validate: Optional[Callable[[Settings], None]] = None
     one_process: Optional[Callable[[Settings], Optional[str]]] = None
-
-    @classmethod
-    def listed(cls, listing: Listing, **parts: Any) -> "Method":
-        """The method the catalog lists (its name, summary and flags) with its working parts
-        (``sections``, ``attach`` and the optional fields)."""
-        return cls(name=listing.name, summary=listing.summary, flags=listing.flags, **parts)
+    prepare_export: Optional[Callable[[nn.Module], None]] = None
+    check_traceable: Optional[Callable[[nn.Module], None]] = None
+    traceable_form: Optional[Callable[[nn.Module], ContextManager[None]]] = None
+    data_dependent_shapes: Optional[Callable[[nn.Module], bool]] = None
+    shows_merges: bool = False
+    token_masks: Optional[Callable[[nn.Module, torch.Tensor], list[torch.Tensor]]] = None
+    picture_note: Optional[Callable[[Settings], str]] = None

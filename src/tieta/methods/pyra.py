@@ -22,7 +22,6 @@ import torch
 from torch import nn
 
 from tieta.errors import TietaError
-from tieta.methods import catalog
 from tieta.methods.blocks import TietaBlock, patch_blocks
 from tieta.methods.method import Method
 from tieta.methods.schedules import MergeConfig, resolve_schedule, schedule_setting
@@ -111,12 +110,14 @@ def _learning_rates(config: Any) -> dict[str, float]:
     return {} if lr is None else {"pyra": float(lr)}
 
 
-METHOD = Method.listed(
-    catalog.PYRA,
+METHOD = Method(
+    name="pyra",
     sections={"merge": MergeConfig, "pyra": PyraConfig},
     attach=lambda model, config: add_pyra(model, schedule_setting(config.merge), config.merge.prop_attn),
     modules=("pyra",),
     learning_rates=_learning_rates,
     describe=describe_merging,
     validate=_check_lr,
+    shows_merges=True,
+    reduces_tokens=True,
 )

@@ -16,7 +16,6 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from tieta.methods import catalog
 from tieta.methods.blocks import (TietaBlock, Unchanged, claim_reduction, follow_tokens, keep_output, patch_blocks,
                                   release_output, rotated, take_output, token_state)
 from tieta.methods.method import Method
@@ -134,10 +133,12 @@ def describe_merging(model: nn.Module) -> dict[str, Any]:
     return {"schedule": list(schedule), "token_counts": token_counts(vit_shape(model), schedule)}
 
 
-METHOD = Method.listed(
-    catalog.TOME,
+METHOD = Method(
+    name="tome",
     sections={"merge": MergeConfig},
     attach=lambda model, config: add_tome(model, schedule_setting(config.merge), config.merge.prop_attn),
     describe=describe_merging,
     validate=validate_merge,  # the section PYRA shares
+    shows_merges=True,
+    reduces_tokens=True,
 )

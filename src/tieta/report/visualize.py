@@ -12,6 +12,7 @@ from torch import nn
 
 from tieta.errors import TietaError
 from tieta.methods.state import pass_state_named
+from tieta.methods import registry
 from tieta.report.figure import pyplot, save
 
 
@@ -28,7 +29,8 @@ def merge_groups(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """
     state = pass_state_named(model, "token_state")
     if state is None:
-        raise TietaError("this model merges no tokens; attach ToMe or PYRA first")
+        merging = [method.name for method in registry.METHODS.values() if method.shows_merges]
+        raise TietaError(f"this model merges no tokens; attach {' or '.join(merging)} first")
     was_training, tracing = model.training, state.trace_source
     model.eval()
     state.trace_source = True

@@ -151,13 +151,19 @@ class GeneralConfig:
         return [method.name for method in self.method_list]
 
 
-# the general settings, then one section per method (``config.lora``, ``config.merge``, ...)
-RunConfig = dataclasses.make_dataclass(
-    "RunConfig",
-    [(name, cls, field(default_factory=cls)) for name, cls in registry.config_sections().items()],
-    bases=(GeneralConfig,),
-    namespace={"__module__": __name__, "__doc__": "A run's settings: the general ones and every method's sections."},
-)
+def run_config_class() -> type:
+    """The run config's class: the general settings, then one section per method the registry
+    lists now (``config.lora``, ``config.merge``, ...)."""
+    return dataclasses.make_dataclass(
+        "RunConfig",
+        [(name, cls, field(default_factory=cls)) for name, cls in registry.config_sections().items()],
+        bases=(GeneralConfig,),
+        namespace={"__module__": __name__,
+                   "__doc__": "A run's settings: the general ones and every method's sections."},
+    )
+
+
+RunConfig = run_config_class()
 
 
 def from_dict(cls, values: dict[str, Any], where: str = ""):

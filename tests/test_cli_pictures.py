@@ -1,0 +1,41 @@
+"""What the pictures draw follows what the methods declare: ``show-merges`` paints the merges of
+the methods that merge tokens, ``show-tokens`` the token decisions of the methods that have them;
+any other method is refused in one sentence that names what can be drawn (never replaced)."""
+
+from conftest import refused, write_vtab_task
+from tieta.cli import main
+from tieta.methods import registry
+
+TINY = ["--model", "test_vit", "--weights", "random", "--img-size", "32", "--lora-rank", "2"]
+
+
+def test_the_methods_declare_what_can_be_drawn():
+    assert [method.name for method in registry.METHODS.values() if method.shows_merges] == ["tome", "pyra"]
+    assert [method.name for method in registry.METHODS.values() if method.token_masks is not None] == ["dyt"]
+
+
+def test_show_merges_refuses_methods_without_merges_instead_of_replacing_them(tmp_path, capsys):
+    task = write_vtab_task(tmp_path / "task")
+    message = refused(capsys, "show-merges", *TINY, "--method", "evit+lora", "--data", str(task),
+                      "--output", str(tmp_path))
+    assert message == ("tieta: error: --method (evit+lora) merges no tokens to show; show-merges draws the merges "
+                       "of tome and pyra")
+    assert not (tmp_path / "merges.png").exists()
+
+
+def test_show_merges_draws_the_merging_method_named_among_others(tmp_path, capsys):
+    task = write_vtab_task(tmp_path / "task")
+    assert main(["show-merges", *TINY, "--method", "lora+pyra", "--schedule", "[1, 1]", "--data", str(task),
+                 "--count", "2", "--output", str(tmp_path)]) == 0
+    assert (tmp_path / "merges.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_show_tokens_refuses_a_run_without_token_decisions(tmp_path, capsys):
+    task, run = write_vtab_task(tmp_path / "task"), tmp_path / "run"
+    assert main(["train", *TINY, "--method", "lora", "--data", str(task), "--output", str(run), "--epochs", "1",
+                 "--warmup-epochs", "0", "--batch-size", "4"]) == 0
+    capsys.readouterr()
+    message = refused(capsys, "show-tokens", str(run), "--output", str(tmp_path / "pictures"))
+    assert message == (f"tieta: error: the run {run} (lora) has no token decisions to show; show-tokens draws "
+                       "those of dyt")
+    assert not (tmp_path / "pictures" / "activation_rates.png").exists()
