@@ -79,10 +79,12 @@ def test_each_method_is_one_registry_entry_that_its_module_s_method_follows(caps
 
 
 def test_the_public_verbs_are_the_registry_s_and_the_listed_rest():
+    import importlib
+
     import tieta
 
-    for verb, module in registry.verbs().items():
-        assert verb in tieta.__all__ and getattr(tieta, verb).__module__ == module
+    for verb, module in registry.verbs().items():  # each verb is the one its method's module offers
+        assert verb in tieta.__all__ and getattr(tieta, verb) is getattr(importlib.import_module(module), verb)
     assert {"add_lora", "merge_lora", "add_dyt", "dyt_loss", "search_rates"} <= set(registry.verbs())
     assert {"count_flops", "load", "load_backbone", "freeze_backbone"} <= set(tieta.__all__) - set(registry.verbs())
 

@@ -472,7 +472,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_show_merges(args: argparse.Namespace) -> int:
-    from tieta.methods.state import method_setting, pass_state_named
     from tieta.report.visualize import merge_groups, save_merge_figure
     from tieta.train.record import normalization_of
     from tieta.device import resolve_device
@@ -501,7 +500,7 @@ def cmd_show_merges(args: argparse.Namespace) -> int:
     images, inputs, names = _sample_images(args.data or config.data.path, args.split, args.count,
                                            image_size_of(model), normalization_of(config, model))
     groups = merge_groups(model.to(device), inputs.to(device)).cpu()
-    caption = f"{config.model} + {config.method}, r per block {method_setting(model, 'tome', 'token_schedule', [])}"
+    caption = f"{config.model} + {config.method}{_merge_facts(model, config)}"
     save_merge_figure(images, groups, picture, names, caption)
     print(f"wrote {picture}")
     if note:
@@ -510,6 +509,16 @@ def cmd_show_merges(args: argparse.Namespace) -> int:
 
 
 MERGES_PNG = "merges.png"
+
+
+def _merge_facts(model, config) -> str:
+    """", tokens per block [...]" as the merging method describes them, for the picture's caption."""
+    for method in config.method_list:
+        if method.shows_merges and method.describe is not None:
+            counts = method.describe(model).get("token_counts")
+            if counts is not None:
+                return f", tokens per block {list(counts)}"
+    return ""
 
 
 def _merging_methods() -> list[str]:
