@@ -60,6 +60,27 @@ def parse_number_or_name(text: str) -> Union[float, str]:
         return text
 
 
+def parse_keep_rates(text: str) -> list:
+    """``[0.617, 0.369, 0.137]`` text (read as YAML) as a list of numbers, e.g. SPViT's per-stage keep
+    rates; anything else is refused in one sentence."""
+    try:
+        value = safe_yaml.loads(text)
+    except yaml.YAMLError as error:
+        raise TietaError(f"cannot read the keep rates {text!r}: {safe_yaml.describe(error)}") from None
+    if not isinstance(value, list) or not all(isinstance(item, (int, float)) and not isinstance(item, bool)
+                                              for item in value):
+        raise TietaError(f"keep rates are a list of numbers such as [0.617,0.369,0.137], got {text!r}")
+    return [float(item) for item in value]
+
+
+def parse_layer_flag(text: str) -> list:
+    """One block index, as the one-element list a ``layers`` setting holds (e.g. ``--fpet-layer 6``)."""
+    try:
+        return [int(text)]
+    except ValueError:
+        raise TietaError(f"a layer flag takes one block index, got {text!r}") from None
+
+
 # what a DyT dispatcher's inactive tokens skip
 DYT_VARIANTS = ("mlp", "attn", "attn_mlp", "layer")
 

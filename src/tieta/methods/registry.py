@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
 from tieta.errors import TietaError
-from tieta.methods.catalog import DYT_VARIANTS, SCHEDULE_FLAG, Flag, parse_number_or_name
+from tieta.methods.catalog import (DYT_VARIANTS, SCHEDULE_FLAG, Flag, parse_keep_rates, parse_layer_flag,
+                                   parse_number_or_name)
 from tieta.ops.diffrate_rates import PUBLISHED_RATES
 
 if TYPE_CHECKING:  # the modules, and torch with them, are imported only when METHODS is read
