@@ -27,6 +27,7 @@ _HOMES = {
     "add_evit": "tieta.methods.evit",
     "add_lora": "tieta.methods.lora",
     "add_pyra": "tieta.methods.pyra",
+    "add_spvit": "tieta.methods.spvit",
     "add_tome": "tieta.methods.tome",
     "benchmark": "tieta.measure.benchmark",
     "count_flops": "tieta.measure.flops",
@@ -40,6 +41,7 @@ _HOMES = {
     "merge_lora": "tieta.methods.lora",
     "schedule": "tieta.methods.schedules",
     "search_rates": "tieta.methods.diffrate",
+    "spvit_loss": "tieta.methods.spvit",
     "trainable_parameters": "tieta.methods.params",
 }
 
@@ -55,6 +57,7 @@ __all__ = [
     "add_evit",
     "add_lora",
     "add_pyra",
+    "add_spvit",
     "add_tome",
     "benchmark",
     "count_flops",
@@ -68,6 +71,7 @@ __all__ = [
     "merge_lora",
     "schedule",
     "search_rates",
+    "spvit_loss",
     "trainable_parameters",
 ]
 

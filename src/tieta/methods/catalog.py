@@ -134,9 +134,29 @@ DIFFRATE = Listing(
     ),
 )
 
+
+def parse_number_list(text: str, what: str) -> list:
+    """``[0.7, 0.5]`` text (read as YAML) as a list of numbers; anything else is refused in one sentence."""
+    try:
+        value = safe_yaml.loads(text)
+    except yaml.YAMLError as error:
+        raise TietaError(f"cannot read {what} {text!r}: {safe_yaml.describe(error)}") from None
+    if not isinstance(value, list) or not all(isinstance(item, (int, float)) and not isinstance(item, bool)
+                                              for item in value):
+        raise TietaError(f"{what} are a list of numbers such as [0.617,0.369,0.137], got {text!r}")
+    return [float(item) for item in value]
+
+
+SPVIT = Listing(
+    name="spvit",
+    summary="SPViT: multi-head token selectors fold pruned tokens into package tokens (Kong et al., ECCV 2022)",
+    flags=(Flag("--spvit-keep-rate", "spvit.keep_rate", lambda text: parse_number_list(text, "SPViT's keep rates"),
+                "SPViT: per-stage share of the patch tokens kept, e.g. [0.617,0.369,0.137] (the default)"),),
+)
+
 # name -> listing, in the order the registry lists the methods
 CATALOG: dict[str, Listing] = {listing.name: listing for listing in (
-    LORA, ADAPTER, TOME, PYRA, DYT, EVIT, DYNAMICVIT, DIFFRATE,
+    LORA, ADAPTER, TOME, PYRA, DYT, EVIT, DYNAMICVIT, DIFFRATE, SPVIT,
 )}
 
 

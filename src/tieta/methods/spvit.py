@@ -1,0 +1,268 @@
+"""SPViT as a tieta method: multi-head token selectors and package tokens (Kong et al., ECCV 2022).
+
+Before the blocks at ``locations`` (3, 6, 9 for depth 12; the same fractions of depth elsewhere) a
+multi-head selector scores the patch tokens (``tieta.ops.spvit``); the tokens a stage drops are
+folded into one package token appended at the end, which later stages always keep. In training
+the decisions are hard Gumbel samples with a straight-through gradient: tokens stay in the tensor
+and every later block's attention masks the dropped ones out (``TokenState.policy``, the masked
+softmax). At evaluation each stage keeps the ``round(P * keep_rate)`` patch tokens its selector
+rates highest, in spatial order, and physically gathers them with the packages.
+
+Its objective is the reference's (``losses_l2.py``): ``CE + ratio_weight / S * sum_s (batch kept
+share - keep_rate_s)^2 + distill_weight * (KL(teacher || student) + MSE of the kept tokens)``; the
+teacher is the same network with every token kept and no package (the unpatched model with the
+run's LoRA or adapter), run in eval mode without gradient, as DynamicViT's self-distillation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+
+from tieta import shard
+from tieta.errors import TietaError
+from tieta.methods import catalog
+from tieta.methods.blocks import (PassState, TietaBlock, claim_reduction, follow_tokens, pass_state, patch_blocks,
+                                  token_state)
+from tieta.methods.method import Method
+from tieta.methods.schedules import stage_blocks
+from tieta.ops.dynamicvit import distillation_loss, gather_tokens
+from tieta.ops.rope import NO_POSITION
+from tieta.ops.spvit import (MultiheadPredictorLG, keep_counts, package_token, ratio_loss, sample_keep,
+                             token_distillation_loss, top_keep)
+
+# the reference's hard-coded per-stage targets for DeiT-S and DeiT-B (main_l2_vit_3keep_senet.py)
+KEEP_RATES = (0.617, 0.369, 0.137)
+PACKAGES = ("sum", "mean")
+
+
+@dataclass
+class SPViTState(PassState):
+    """What SPViT's stages share in one forward pass.
+
+    Attributes:
+        decisions: the training decisions of each stage over the original patch tokens, (B, P) each.
+        packages: package tokens appended so far (they stand at the end of the sequence).
+        full: keep every token and add no package (the teacher pass of the distillation terms).
+    """
+
+    decisions: list[torch.Tensor] = field(default_factory=list)
+    packages: int = 0
+    full: bool = False
+
+    def reset(self) -> None:
+        self.decisions, self.packages = [], 0
+
+
+class SPViTSelect(nn.Module):
+    """A stage block's ``select`` step: score the tokens, fold the dropped ones into a package, then
+    mask them (training) or gather the rest (evaluation).
+
+    Args:
+        width: D.
+        heads: the block's attention heads H (the selector works per head slice).
+        keep_rate: share of the model's original patch tokens kept from this stage on.
+        patches: P, the original patch count.
+        package: "sum" (the training file's keep-probability-weighted sum, also at evaluation) or
+            "mean" (the inference file's plain mean).
+        skip_empty_package: at evaluation, a stage that drops nothing appends no package (then
+            keep rate 1 is the plain model); the reference always appends one.
+    """
+
+    def __init__(self, width: int, heads: int, keep_rate: float, patches: int, package: str = "sum",
+                 skip_empty_package: bool = False) -> None:
+        super().__init__()
+        self.selector = MultiheadPredictorLG(width, heads)
+        self.keep_rate, self.patches = keep_rate, patches
+        self.kept = keep_counts(patches, [keep_rate])[0]
+        self.package, self.skip_empty_package = package, skip_empty_package
+
+    def extra_repr(self) -> str:
+        return (f"keep_rate={self.keep_rate}, keeps={self.kept} of {self.patches} patches, package={self.package}, "
+                f"skip_empty_package={self.skip_empty_package}")
+
+    def forward(self, x: torch.Tensor, block: TietaBlock) -> torch.Tensor:
+        """Args: x: (B, prefix + n, D) entering the block, n = patches + earlier packages.
+        Returns: (B, prefix + n + 1, D) in training; (B, prefix + k + packages (+ 1), D) at evaluation."""
+        state, tokens = block.spvit_state, block.token_state
+        if state.full:
+            return x
+        prefix, packages = block.num_prefix_tokens, state.packages
+        rest = x[:, prefix:]
+        count = rest.shape[1]
+        patches = count - packages
+        if block.training:
+            previous = torch.ones_like(rest[..., :1]) if tokens.policy is None else tokens.policy[:, prefix:, None]
+            score, prob = self.selector(rest, previous)
+            keep = sample_keep(score, previous, packages)  # (B, n, 1)
+            package = package_token(rest, prob, previous - keep, self.package == "mean")  # newly dropped only
+            state.decisions.append(keep[:, :patches, 0])
+            batch = keep.shape[0]
+            tokens.policy = torch.cat([keep.new_ones(batch, prefix), keep[..., 0], keep.new_ones(batch, 1)], dim=1)
+            follow_tokens(block, _with_package(torch.arange(count, device=x.device).expand(x.shape[0], count)), count)
+            state.packages += 1
+            return torch.cat([x, package], dim=1)
+        kept = min(self.kept, patches)
+        if kept >= patches and self.skip_empty_package:
+            return x
+        score, prob = self.selector(rest, torch.ones_like(rest[..., :1]))
+        indices = top_keep(score, kept, patches)  # (B, k)
+        dropped = rest.new_ones(rest.shape[0], patches).scatter(1, indices, 0.0)  # (B, patches)
+        drop = torch.cat([dropped, rest.new_zeros(rest.shape[0], packages)], dim=1)  # never a package
+        package = package_token(rest, prob, drop.unsqueeze(-1), self.package == "mean")
+        earlier = torch.arange(patches, count, device=x.device).expand(x.shape[0], packages)
+        order = torch.cat([indices, earlier], dim=1)  # kept patches, then the earlier packages
+        follow_tokens(block, _with_package(order), count)  # kept tokens keep their positions
+        state.packages += 1
+        return torch.cat([gather_tokens(x, order, prefix), package], dim=1)
+
+
+def _with_package(order: torch.Tensor) -> torch.Tensor:
+    """(B, m) token indices followed by the new package token, which stands at no grid position."""
+    return torch.cat([order, order.new_full((order.shape[0], 1), NO_POSITION)], dim=1)
+
+
+def add_spvit(model: nn.Module, keep_rates: Sequence[float] = KEEP_RATES, locations: Optional[Sequence[int]] = None,
+              package: str = "sum", skip_empty_package: bool = False) -> nn.Module:
+    """SPViT's token selectors before the blocks at ``locations`` of a timm ViT, in place.
+
+    Args:
+        model: a timm VisionTransformer or Eva (LoRA and adapters compose before or after).
+        keep_rates: per stage, the share of the original patch tokens kept (cumulative, not
+            growing); the default is the reference's (0.617, 0.369, 0.137).
+        locations: block indices, one per keep rate; None: 3, 6, 9 for depth 12, the same
+            fractions of depth elsewhere.
+        package: "sum" (the reference training's weighted sum of the dropped tokens, used in both
+            modes) or "mean" (its inference file's plain mean).
+        skip_empty_package: at evaluation, a stage that drops nothing appends no package token.
+
+    Returns:
+        The same model; train it with :func:`spvit_loss` (``tieta train`` does).
+    """
+    keep_rates = [float(rate) for rate in keep_rates]
+    if not keep_rates or any(not 0 < rate <= 1 for rate in keep_rates):
+        raise TietaError(f"SPViT keep rates must be in (0, 1], got {keep_rates}")
+    if any(later > earlier for earlier, later in zip(keep_rates, keep_rates[1:])):
+        raise TietaError(f"SPViT keep rates are cumulative and cannot grow from one stage to the next, got {keep_rates}")
+    if package not in PACKAGES:
+        raise TietaError(f"SPViT's package is one of {', '.join(PACKAGES)}, got {package!r}")
+    blocks = patch_blocks(model)
+    chosen = stage_blocks(len(blocks), locations)
+    if len(chosen) != len(keep_rates):
+        raise TietaError(f"SPViT needs one keep rate per location: {len(keep_rates)} rates for blocks {chosen}")
+    patches = model.patch_embed.num_patches
+    if any(round(patches * rate) < 1 for rate in keep_rates):
+        raise TietaError(f"SPViT keep rates {keep_rates} keep no token of the model's {patches} patches")
+    heads = blocks[0].attn.num_heads
+    if model.embed_dim % heads:
+        raise TietaError(f"SPViT's selector cuts tokens into head slices, and the width {model.embed_dim} is not "
+                         f"divisible by {heads} heads")
+    claim_reduction(model, "SPViT")
+    tokens = token_state(model)
+    state = pass_state(model, "spvit_state", SPViTState)
+    for block in blocks:
+        block.spvit_state = state
+        block.token_state = tokens
+    for index, rate in zip(chosen, keep_rates):
+        like = next(blocks[index].parameters())
+        step = SPViTSelect(model.embed_dim, heads, rate, patches, package, skip_empty_package)
+        blocks[index].select = step.to(like.device, like.dtype)
+    return model
+
+
+def keep_rates_of(model: nn.Module) -> list[float]:
+    """The keep rates of the model's SPViT stages, in block order."""
+    return [block.select.keep_rate for block in model.blocks if isinstance(block.select, SPViTSelect)]
+
+
+def spvit_loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, ratio_weight: float = 2.0,
+               distill_weight: float = 0.5) -> torch.Tensor:
+    """SPViT's training objective for one batch (runs the model; twice with distillation).
+
+    ``CE(logits) + ratio_weight / S * sum_s (mean_{b,i} keep_s - rate_s)^2``, plus, when
+    distill_weight > 0, ``distill_weight * (KL(teacher || student) + MSE over the kept patch
+    tokens)`` with the teacher the same network with every token kept and no package, in eval
+    mode, without gradient (losses_l2.py's clf 1.0, ratiow 2.0, distillw 0.5).
+    """
+    logits = model(images)
+    state = model.spvit_state
+    decisions = list(state.decisions)
+    loss = shard.cross_entropy(logits, labels) + ratio_loss(decisions, keep_rates_of(model), ratio_weight,
+                                                            shard.batch_mean)
+    if distill_weight > 0:
+        prefix, patches = model.num_prefix_tokens, model.patch_embed.num_patches
+        student_tokens = model.token_state.features[:, prefix:prefix + patches]  # packages excluded
+        was_training = model.training
+        state.full = True
+        try:
+            with torch.no_grad():
+                teacher = model.eval()(images)
+                teacher_tokens = model.token_state.features[:, prefix:prefix + patches]
+        finally:
+            state.full = False
+            model.train(was_training)
+        mean = shard.batch_mean if shard.current() else None
+        loss = loss + distill_weight * (
+            distillation_loss(logits, teacher, mean)
+            + token_distillation_loss(student_tokens, teacher_tokens, decisions[-1], shard.batch_mean))
+    return loss
+
+
+def token_counts(model: nn.Module) -> list[int]:
+    """Tokens entering each block at evaluation (prefix, kept patches, packages)."""
+    prefix = model.num_prefix_tokens
+    counts, patches, packages = [], model.patch_embed.num_patches, 0
+    for block in model.blocks:
+        step = block.select
+        if isinstance(step, SPViTSelect):
+            kept = min(step.kept, patches)
+            if not (kept >= patches and step.skip_empty_package):
+                patches, packages = kept, packages + 1
+        counts.append(prefix + patches + packages)
+    return counts
+
+
+@dataclass
+class SPViTConfig:
+    """SPViT settings (the config section "spvit")."""
+
+    keep_rate: list[float] = field(default_factory=lambda: list(KEEP_RATES))  # per stage, of the original patches
+    locations: Optional[list[int]] = None  # None: 3, 6, 9 at depth 12, the same fractions of depth elsewhere
+    ratio_weight: float = 2.0
+    distill_weight: float = 0.5  # KL + token MSE to the all-tokens pass of the same network; 0: off
+    package: str = "sum"  # "sum": weighted by keep probability (training file); "mean": the inference file's
+    skip_empty_package: bool = False  # at evaluation, no package where a stage drops nothing
+
+
+def _objective(config: Any):
+    settings = config.spvit
+
+    def step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return spvit_loss(model, images, labels, settings.ratio_weight, settings.distill_weight)
+
+    return step
+
+
+def _validate(config: Any) -> None:
+    settings = config.spvit
+    if not settings.keep_rate or any(not 0 < rate <= 1 for rate in settings.keep_rate):
+        raise TietaError(f"spvit.keep_rate must be a list of shares in (0, 1], got {settings.keep_rate}")
+    if settings.ratio_weight < 0 or settings.distill_weight < 0:
+        raise TietaError("spvit.ratio_weight and spvit.distill_weight cannot be negative")
+    if settings.package not in PACKAGES:
+        raise TietaError(f"spvit.package is one of {', '.join(PACKAGES)}, got {settings.package!r}")
+
+
+METHOD = Method.listed(
+    catalog.SPVIT,
+    sections={"spvit": SPViTConfig},
+    attach=lambda model, config: add_spvit(model, config.spvit.keep_rate, config.spvit.locations,
+                                           config.spvit.package, config.spvit.skip_empty_package),
+    modules=("selector",),
+    objective=_objective,
+    describe=lambda model: {"block_token_counts": token_counts(model)},
+    validate=_validate,
+)
