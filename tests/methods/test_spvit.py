@@ -53,13 +53,28 @@ def test_evaluation_gathers_the_top_tokens_and_appends_one_package_per_stage(var
         torch.testing.assert_close(model(x), model(x))  # deterministic, unlike the reference's Gumbel evaluation
 
 
-def test_token_counts_of_the_reference_keep_rates_on_vit_b_shape():
-    torch.manual_seed(0)
-    model = VisionTransformer(img_size=224, patch_size=16, embed_dim=48, depth=12, num_heads=3, num_classes=10)
-    tieta.add_spvit(model.eval())
+def test_package_mean_is_the_inference_files_plain_mean_of_the_dropped_tokens():
+    model = _randomised(tieta.add_spvit(make_vit("plain"), keep_rates=(0.25,), locations=(1,), package="mean")).eval()
+    seen = {}
+    model.blocks[1].register_forward_pre_hook(lambda block, args: seen.setdefault("entering", args[0]))
+    model.blocks[1].norm1.register_forward_hook(lambda norm, args, out: seen.setdefault("kept", args[0]))
+    with torch.no_grad():
+        model(torch.randn(2, 3, 32, 32))
+    entering, kept = seen["entering"], seen["kept"]  # (B, 1 + 16, D) and (B, 1 + 4 + 1, D)
+    dropped_sum = entering[:, 1:].sum(dim=1) - kept[:, 1:5].sum(dim=1)
+    torch.testing.assert_close(kept[:, -1], dropped_sum / 12, rtol=1e-5, atol=1e-5)
+
+
+def test_token_counts_cost_and_size_of_the_reference_defaults_on_vit_b():
+    with torch.device("meta"):  # shapes only: ViT-B/16 without memory or initialisation cost
+        model = tieta.add_spvit(VisionTransformer(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12,
+                                                  num_classes=1000))
+    images = torch.empty(1, 3, 224, 224, device="meta")
     expected = [197] * 3 + [1 + 121 + 1] * 3 + [1 + 72 + 2] * 3 + [1 + 27 + 3] * 3
     assert [i for i, block in enumerate(model.blocks) if isinstance(block.select, SPViTSelect)] == [3, 6, 9]
-    assert tokens_entering(model, torch.randn(1, 3, 224, 224)) == expected == token_counts(model)
+    assert tokens_entering(model.eval(), images) == expected == token_counts(model)
+    assert round(tieta.count_flops(model, images)["gmacs"], 2) == 9.47  # plain ViT-B/16: 17.56
+    assert sum(p.numel() for n, p in model.named_parameters() if "selector" in n) == 3 * 7_092
 
 
 def test_masked_training_equals_gathered_evaluation_for_a_fixed_policy(monkeypatch):
@@ -140,13 +155,12 @@ def test_copies_and_state_dicts_give_the_same_logits():
 
 
 def test_compiles_to_one_graph_with_the_eager_logits():
-    """Fixed token counts per stage: dynamo captures the whole pass (the eager backend keeps the test
-    fast; code generation is torch's own concern)."""
-    from tieta.deploy.compiled import compile_model, graph_breaks
+    """Fixed token counts per stage: dynamo captures the whole pass as one graph (fullgraph fails on
+    any break; the eager backend keeps the test fast, code generation is torch's own concern)."""
+    from tieta.deploy.compiled import compile_model
 
     model = _randomised(tieta.add_spvit(make_vit("registers"), **STAGES)).eval()
-    assert graph_breaks(model, torch.randn(2, 3, 32, 32)) == 0
-    compiled = compile_model(model, backend="eager")
+    compiled = compile_model(model, backend="eager", fullgraph=True)
     with torch.inference_mode():
         for seed in (0, 1):
             batch = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
