@@ -65,6 +65,38 @@ def test_package_mean_is_the_inference_files_plain_mean_of_the_dropped_tokens():
     torch.testing.assert_close(kept[:, -1], dropped_sum / 12, rtol=1e-5, atol=1e-5)
 
 
+def _keeping_some(model, keep_bias=2.0):
+    """Selectors with random weights and a keep bias, so that images keep different numbers of tokens."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for block in model.blocks:
+            if isinstance(block.select, SPViTSelect):
+                for param in block.select.selector.parameters():
+                    if param.ndim > 1:
+                        param.normal_(0, 1.0)
+                block.select.selector.out_conv[-1].bias[0] = keep_bias
+    return model.eval()
+
+
+@pytest.mark.parametrize("variant", ["plain", "avg_pool", "rope_vit"])
+def test_argmax_decisions_keep_a_count_per_image_and_padding_changes_no_logit(variant):
+    model = _keeping_some(tieta.add_spvit(make_vit(variant), **STAGES, decision="argmax"))
+    x = torch.randn(4, 3, 32, 32)
+    alone = [tokens_entering(model, x[i:i + 1]) for i in range(4)]
+    assert len({tuple(counts) for counts in alone}) > 1  # the images keep different numbers of tokens
+    assert tokens_entering(model, x) == [max(column) for column in zip(*alone)]  # padded to the largest
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), torch.cat([model(x[i:i + 1]) for i in range(4)]), rtol=1e-5, atol=1e-5)
+
+
+def test_argmax_decisions_refuse_to_be_exported(monkeypatch):
+    """What torch's exporter meets while tracing (``tieta export --onnx`` then names this sentence)."""
+    model = tieta.add_spvit(make_vit("plain"), **STAGES, decision="argmax").eval()
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
+    with pytest.raises(tieta.TietaError, match="export with spvit.decision=top_k"):
+        model(torch.randn(2, 3, 32, 32))
+
+
 def test_token_counts_cost_and_size_of_the_reference_defaults_on_vit_b():
     with torch.device("meta"):  # shapes only: ViT-B/16 without memory or initialisation cost
         model = tieta.add_spvit(VisionTransformer(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12,
@@ -178,6 +210,8 @@ def test_bad_settings_are_refused():
         tieta.add_spvit(make_vit("plain"), keep_rates=(0.5, 0.1, 0.01))
     with pytest.raises(tieta.TietaError, match="package"):
         tieta.add_spvit(make_vit("plain"), package="max")
+    with pytest.raises(tieta.TietaError, match="decision"):
+        tieta.add_spvit(make_vit("plain"), decision="sample")
     with pytest.raises(tieta.TietaError, match="already reduces tokens"):
         tieta.add_spvit(tieta.add_evit(make_vit("plain")))
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tieta.ops import dynamicvit as dynamicvit_ops
-from tieta.ops.spvit import (MultiheadPredictorLG, keep_counts, package_token, ratio_loss, sample_keep,
+from tieta.ops.spvit import (MultiheadPredictorLG, argmax_keep, keep_counts, pack_kept, package_token, ratio_loss, sample_keep,
                              token_distillation_loss, top_keep)
 
 
@@ -257,3 +257,15 @@ def test_ratio_loss_is_batch_level_unlike_dynamicvit():
     decisions = [torch.cat([torch.ones(1, 8), torch.zeros(1, 8)])]
     assert ratio_loss(decisions, [0.5], 1.0) == 0
     assert dynamicvit_ops.ratio_loss(decisions, [0.5], 1.0) == 0.25
+
+
+def test_argmax_keep_and_pack_kept_pad_to_the_largest_count():
+    score = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [2.0, 0.0], [5.0, 0.0]],
+                          [[0.0, 1.0], [1.0, 0.0], [0.0, 1.0], [9.0, 0.0]]])  # last token: a package
+    keep = argmax_keep(score, patches=3)
+    assert keep.tolist() == [[True, False, True], [False, True, False]]
+    order, valid = pack_kept(keep)
+    assert order[:, :1].tolist() == [[0], [1]] and order[0].tolist() == [0, 2]  # ascending, padded
+    assert valid.tolist() == [[True, True], [True, False]]
+    assert argmax_keep(score, 3, valid=torch.tensor([[True, True, False], [True, True, True]]))[0].tolist() == [
+        True, False, False]

@@ -31,12 +31,13 @@ from tieta.methods.method import Method
 from tieta.methods.schedules import stage_blocks
 from tieta.ops.dynamicvit import distillation_loss, gather_tokens
 from tieta.ops.rope import NO_POSITION
-from tieta.ops.spvit import (MultiheadPredictorLG, keep_counts, package_token, ratio_loss, sample_keep,
-                             token_distillation_loss, top_keep)
+from tieta.ops.spvit import (MultiheadPredictorLG, argmax_keep, keep_counts, pack_kept, package_token, ratio_loss,
+                             sample_keep, token_distillation_loss, top_keep)
 
 # the reference's hard-coded per-stage targets for DeiT-S and DeiT-B (main_l2_vit_3keep_senet.py)
 KEEP_RATES = (0.617, 0.369, 0.137)
 PACKAGES = ("sum", "mean")
+DECISIONS = ("top_k", "argmax")
 
 
 @dataclass
@@ -47,14 +48,17 @@ class SPViTState(PassState):
         decisions: the training decisions of each stage over the original patch tokens, (B, P) each.
         packages: package tokens appended so far (they stand at the end of the sequence).
         full: keep every token and add no package (the teacher pass of the distillation terms).
+        valid: (B, patches) False for padding, once an evaluation with argmax decisions has padded
+            the images' kept tokens to the batch's largest count; None before.
     """
 
     decisions: list[torch.Tensor] = field(default_factory=list)
     packages: int = 0
     full: bool = False
+    valid: Optional[torch.Tensor] = None
 
     def reset(self) -> None:
-        self.decisions, self.packages = [], 0
+        self.decisions, self.packages, self.valid = [], 0, None
 
 
 class SPViTSelect(nn.Module):
@@ -70,19 +74,22 @@ class SPViTSelect(nn.Module):
             "mean" (the inference file's plain mean).
         skip_empty_package: at evaluation, a stage that drops nothing appends no package (then
             keep rate 1 is the plain model); the reference always appends one.
+        decision: at evaluation, "top_k" keeps ``round(P * keep_rate)`` tokens in every image;
+            "argmax" keeps each token the selector rates more likely kept than dropped, a count per
+            image (a batch is padded to its largest count, the padding masked out of attention).
     """
 
     def __init__(self, width: int, heads: int, keep_rate: float, patches: int, package: str = "sum",
-                 skip_empty_package: bool = False) -> None:
+                 skip_empty_package: bool = False, decision: str = "top_k") -> None:
         super().__init__()
         self.selector = MultiheadPredictorLG(width, heads)
         self.keep_rate, self.patches = keep_rate, patches
         self.kept = keep_counts(patches, [keep_rate])[0]
-        self.package, self.skip_empty_package = package, skip_empty_package
+        self.package, self.skip_empty_package, self.decision = package, skip_empty_package, decision
 
     def extra_repr(self) -> str:
         return (f"keep_rate={self.keep_rate}, keeps={self.kept} of {self.patches} patches, package={self.package}, "
-                f"skip_empty_package={self.skip_empty_package}")
+                f"skip_empty_package={self.skip_empty_package}, decision={self.decision}")
 
     def forward(self, x: torch.Tensor, block: TietaBlock) -> torch.Tensor:
         """Args: x: (B, prefix + n, D) entering the block, n = patches + earlier packages.
@@ -105,6 +112,8 @@ class SPViTSelect(nn.Module):
             follow_tokens(block, _with_package(torch.arange(count, device=x.device).expand(x.shape[0], count)), count)
             state.packages += 1
             return torch.cat([x, package], dim=1)
+        if self.decision == "argmax":
+            return self._keep_likely(x, block)
         kept = min(self.kept, patches)
         if kept >= patches and self.skip_empty_package:
             return x
@@ -120,13 +129,49 @@ class SPViTSelect(nn.Module):
         return torch.cat([gather_tokens(x, order, prefix), package], dim=1)
 
 
+    def _keep_likely(self, x: torch.Tensor, block: TietaBlock) -> torch.Tensor:
+        """Evaluation with argmax decisions: each image keeps its own tokens, padded to the batch's
+        largest count; the padding is masked out of attention (``TokenState.attn_bias``) and of an
+        average pool (``TokenState.size`` 0). At batch size 1 there is no padding.
+
+        Args: x: (B, prefix + n, D). Returns: (B, prefix + m + packages + 1, D), m the largest count.
+        """
+        if torch.compiler.is_exporting():
+            raise TietaError("SPViT's argmax decisions keep a different number of tokens in each image, which a "
+                             "graph of fixed shapes cannot hold; export with spvit.decision=top_k")
+        state, tokens = block.spvit_state, block.token_state
+        prefix, packages = block.num_prefix_tokens, state.packages
+        rest = x[:, prefix:]
+        batch, count = rest.shape[:2]
+        patches = count - packages
+        valid = state.valid if state.valid is not None else rest.new_ones(batch, patches, dtype=torch.bool)
+        previous = torch.cat([valid, valid.new_ones(batch, packages)], dim=1).unsqueeze(-1).to(x.dtype)
+        score, prob = self.selector(rest, previous)  # the global half averages the real tokens only
+        keep = argmax_keep(score, patches, valid)
+        dropped = valid & ~keep
+        if self.skip_empty_package and not bool(dropped.any()):
+            return x
+        drop = torch.cat([dropped, dropped.new_zeros(batch, packages)], dim=1).unsqueeze(-1)
+        package = package_token(rest, prob, drop, self.package == "mean")
+        order, state.valid = pack_kept(keep)
+        order = torch.cat([order, torch.arange(patches, count, device=x.device).expand(batch, packages)], dim=1)
+        follow_tokens(block, _with_package(order), count)
+        state.packages += 1
+        real = torch.cat([state.valid.new_ones(batch, prefix), state.valid, state.valid.new_ones(batch, packages + 1)],
+                         dim=1)  # (B, N')
+        padded = not bool(real.all())
+        tokens.attn_bias = x.new_zeros(real.shape).masked_fill(~real, float("-inf"))[:, None, None] if padded else None
+        tokens.size = real.unsqueeze(-1).to(x.dtype) if padded else None
+        return torch.cat([gather_tokens(x, order, prefix), package], dim=1)
+
+
 def _with_package(order: torch.Tensor) -> torch.Tensor:
     """(B, m) token indices followed by the new package token, which stands at no grid position."""
     return torch.cat([order, order.new_full((order.shape[0], 1), NO_POSITION)], dim=1)
 
 
 def add_spvit(model: nn.Module, keep_rates: Sequence[float] = KEEP_RATES, locations: Optional[Sequence[int]] = None,
-              package: str = "sum", skip_empty_package: bool = False) -> nn.Module:
+              package: str = "sum", skip_empty_package: bool = False, decision: str = "top_k") -> nn.Module:
     """SPViT's token selectors before the blocks at ``locations`` of a timm ViT, in place.
 
     Args:
@@ -138,6 +183,9 @@ def add_spvit(model: nn.Module, keep_rates: Sequence[float] = KEEP_RATES, locati
         package: "sum" (the reference training's weighted sum of the dropped tokens, used in both
             modes) or "mean" (its inference file's plain mean).
         skip_empty_package: at evaluation, a stage that drops nothing appends no package token.
+        decision: at evaluation, "top_k" (``round(P * rate)`` tokens per image: one count per
+            batch, ONNX and one compiled graph) or "argmax" (each image keeps the tokens rated more
+            likely kept than dropped: a count per image, as the reference's sampled decisions).
 
     Returns:
         The same model; train it with :func:`spvit_loss` (``tieta train`` does).
@@ -149,6 +197,8 @@ def add_spvit(model: nn.Module, keep_rates: Sequence[float] = KEEP_RATES, locati
         raise TietaError(f"SPViT keep rates are cumulative and cannot grow from one stage to the next, got {keep_rates}")
     if package not in PACKAGES:
         raise TietaError(f"SPViT's package is one of {', '.join(PACKAGES)}, got {package!r}")
+    if decision not in DECISIONS:
+        raise TietaError(f"SPViT's decision is one of {', '.join(DECISIONS)}, got {decision!r}")
     blocks = patch_blocks(model)
     chosen = stage_blocks(len(blocks), locations)
     if len(chosen) != len(keep_rates):
@@ -168,7 +218,7 @@ def add_spvit(model: nn.Module, keep_rates: Sequence[float] = KEEP_RATES, locati
         block.token_state = tokens
     for index, rate in zip(chosen, keep_rates):
         like = next(blocks[index].parameters())
-        step = SPViTSelect(model.embed_dim, heads, rate, patches, package, skip_empty_package)
+        step = SPViTSelect(model.embed_dim, heads, rate, patches, package, skip_empty_package, decision)
         blocks[index].select = step.to(like.device, like.dtype)
     return model
 
@@ -212,7 +262,7 @@ def spvit_loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, rat
 
 
 def token_counts(model: nn.Module) -> list[int]:
-    """Tokens entering each block at evaluation (prefix, kept patches, packages)."""
+    """Tokens entering each block at evaluation (prefix, kept patches, packages), with top-k decisions."""
     prefix = model.num_prefix_tokens
     counts, patches, packages = [], model.patch_embed.num_patches, 0
     for block in model.blocks:
@@ -235,6 +285,7 @@ class SPViTConfig:
     distill_weight: float = 0.5  # KL + token MSE to the all-tokens pass of the same network; 0: off
     package: str = "sum"  # "sum": weighted by keep probability (training file); "mean": the inference file's
     skip_empty_package: bool = False  # at evaluation, no package where a stage drops nothing
+    decision: str = "top_k"  # evaluation: "top_k" (round(P * rate) per image) or "argmax" (a count per image)
 
 
 def _objective(config: Any):
@@ -254,15 +305,25 @@ def _validate(config: Any) -> None:
         raise TietaError("spvit.ratio_weight and spvit.distill_weight cannot be negative")
     if settings.package not in PACKAGES:
         raise TietaError(f"spvit.package is one of {', '.join(PACKAGES)}, got {settings.package!r}")
+    if settings.decision not in DECISIONS:
+        raise TietaError(f"spvit.decision is one of {', '.join(DECISIONS)}, got {settings.decision!r}")
+
+
+def _describe(model: nn.Module) -> dict[str, Any]:
+    steps = [block.select for block in model.blocks if isinstance(block.select, SPViTSelect)]
+    if any(step.decision == "argmax" for step in steps):
+        return {"spvit_decisions": "argmax: each image keeps its own number of tokens"}
+    return {"block_token_counts": token_counts(model)}
 
 
 METHOD = Method.listed(
     catalog.SPVIT,
     sections={"spvit": SPViTConfig},
     attach=lambda model, config: add_spvit(model, config.spvit.keep_rate, config.spvit.locations,
-                                           config.spvit.package, config.spvit.skip_empty_package),
+                                           config.spvit.package, config.spvit.skip_empty_package,
+                                           config.spvit.decision),
     modules=("selector",),
     objective=_objective,
-    describe=lambda model: {"block_token_counts": token_counts(model)},
+    describe=_describe,
     validate=_validate,
 )

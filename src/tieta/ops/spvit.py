@@ -40,7 +40,7 @@ Where this differs from the reference (labelled):
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -247,3 +247,37 @@ def token_distillation_loss(tokens: torch.Tensor, teacher_tokens: torch.Tensor, 
     entries = kept.flatten(1).sum(dim=1).to(tokens.dtype) * tokens.shape[-1]  # (B,)
     # the floor gives 0 when nothing is kept, without a host sync to test for it
     return batch_mean(squared.flatten(1).sum(dim=1)) / batch_mean(entries).clamp_min(_SUM_FLOOR)
+
+
+def argmax_keep(score: torch.Tensor, patches: int, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Evaluation decision per image: keep a patch token where its keep logit beats its drop logit
+    (the most likely Gumbel sample), so each image keeps its own number of tokens.
+
+    Args:
+        score: (B, n, 2) the selector's Gumbel logits; the first ``patches`` tokens are candidates.
+        patches: the candidates.
+        valid: (B, patches) bool, False for padding (never kept); None: all valid.
+
+    Returns:
+        (B, patches) bool.
+    """
+    keep = score[:, :patches, 0] > score[:, :patches, 1]
+    return keep if valid is None else keep & valid
+
+
+def pack_kept(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kept tokens of each image first, in ascending order, padded to the batch's largest count.
+
+    Args:
+        keep: (B, P) bool.
+
+    Returns:
+        order: (B, m) indices, m the largest count in the batch (read from the data: a host sync);
+            an image's entries past its count are indices of tokens it did not keep (padding).
+        valid: (B, m) bool, False for the padding.
+    """
+    counts = keep.sum(dim=1)
+    largest = int(counts.max()) if keep.numel() else 0
+    order = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices[:, :largest]
+    valid = torch.arange(largest, device=keep.device) < counts[:, None]
+    return order, valid
