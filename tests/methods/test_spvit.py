@@ -236,3 +236,14 @@ def test_trains_exports_and_loads_with_the_same_logits_in_pytorch_and_onnx(vtab_
         torch.testing.assert_close(loaded(images), trained.eval()(images), rtol=1e-4, atol=1e-5)
     # test_vit: depth 6, stages before blocks 1, 3, 4; 16 patches at 64 px
     assert tokens_entering(loaded, images) == [17, 1 + 12 + 1, 14, 1 + 8 + 2, 1 + 4 + 3, 8] == token_counts(loaded)
+
+
+def test_bad_command_line_and_config_values_are_one_sentence(capsys):
+    from tieta.train.config import load_config
+    from tests.conftest import refused
+
+    assert "list of numbers" in refused(capsys, "flops", "--method", "spvit", "--spvit-keep-rate", "0.5")
+    with pytest.raises(tieta.TietaError, match="spvit.decision"):
+        load_config(overrides={"method": "spvit", "spvit.decision": "sample"})
+    with pytest.raises(tieta.TietaError, match="spvit.keep_rate"):
+        load_config(overrides={"method": "spvit", "spvit.keep_rate": [0.5, 2.0]})
