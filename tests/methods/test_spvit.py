@@ -107,6 +107,9 @@ def test_token_counts_cost_and_size_of_the_reference_defaults_on_vit_b():
     assert tokens_entering(model.eval(), images) == expected == token_counts(model)
     assert round(tieta.count_flops(model, images)["gmacs"], 2) == 9.47  # plain ViT-B/16: 17.56
     assert sum(p.numel() for n, p in model.named_parameters() if "selector" in n) == 3 * 7_092
+    with torch.device("meta"):
+        untied = tieta.add_spvit(VisionTransformer(embed_dim=768, depth=12, num_heads=12), tied_heads=False)
+    assert sum(p.numel() for n, p in untied.named_parameters() if "selector" in n) == 3 * 83_322
 
 
 def test_masked_training_equals_gathered_evaluation_for_a_fixed_policy(monkeypatch):
@@ -131,8 +134,9 @@ def test_masked_training_equals_gathered_evaluation_for_a_fixed_policy(monkeypat
     torch.testing.assert_close(trained, evaluated, rtol=1e-4, atol=1e-4)
 
 
-def test_training_sends_gradient_to_the_selectors_through_masks_and_packages():
-    model = tieta.freeze_backbone(tieta.add_spvit(make_vit("plain"), **STAGES)).train()
+@pytest.mark.parametrize("tied_heads", [True, False])
+def test_training_sends_gradient_to_the_selectors_through_masks_and_packages(tied_heads):
+    model = tieta.freeze_backbone(tieta.add_spvit(make_vit("plain"), **STAGES, tied_heads=tied_heads)).train()
     x, labels = torch.randn(4, 3, 32, 32), torch.randint(0, 5, (4,))
     tieta.spvit_loss(model, x, labels, ratio_weight=0.0, distill_weight=0.0).backward()  # cross-entropy only
     grads = [p.grad for n, p in model.named_parameters() if "selector" in n and p.ndim > 1]

@@ -13,11 +13,11 @@ from tieta.ops.spvit import (MultiheadPredictorLG, argmax_keep, keep_counts, pac
                              token_distillation_loss, top_keep)
 
 
-def perturbed_selector(dim: int, heads: int, seed: int = 0) -> MultiheadPredictorLG:
+def perturbed_selector(dim: int, heads: int, seed: int = 0, tied: bool = True) -> MultiheadPredictorLG:
     """A float64 selector whose every parameter is moved off its initial value, so that a wrong
     layer order, head split or weighting shows in the output."""
     torch.manual_seed(seed)
-    selector = MultiheadPredictorLG(dim, heads).double()
+    selector = MultiheadPredictorLG(dim, heads, tied).double()
     with torch.no_grad():
         for parameter in selector.parameters():
             parameter.add_(0.3 * torch.randn_like(parameter))
@@ -26,13 +26,14 @@ def perturbed_selector(dim: int, heads: int, seed: int = 0) -> MultiheadPredicto
 
 def reference_selector(selector: MultiheadPredictorLG, x: torch.Tensor, policy: torch.Tensor):
     """``MultiheadPredictorLG.forward`` as the reference writes it: a loop over the heads, each head
-    through ``in_conv[i]`` and ``out_conv[i]`` (the same module for every i), weighted by the SE gate.
+    through ``in_conv[i]`` and ``out_conv[i]`` (the same module for every i, as the reference builds
+    them; head i's own with untied heads), weighted by the SE gate.
 
     Args: x (B, n, D), policy (B, n, 1). Returns (multihead_score, multihead_softmax_score), (B, n, 2).
     """
     num_heads, embed_dim = selector.heads, selector.dim
-    in_conv = [selector.in_conv for _ in range(num_heads)]
-    out_conv = [selector.out_conv for _ in range(num_heads)]
+    in_conv = [selector.in_conv for _ in range(num_heads)] if selector.tied else selector.in_conv
+    out_conv = [selector.out_conv for _ in range(num_heads)] if selector.tied else selector.out_conv
     multihead_score = 0
     multihead_softmax_score = 0
     _, n, _ = x.size()
@@ -134,9 +135,9 @@ def token_mixer(dim: int, seed: int):
 # --- the selector ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dim,heads", [(48, 3), (64, 4), (32, 2)])
-def test_selector_matches_the_reference_forward(dim, heads):
-    selector = perturbed_selector(dim, heads)
+@pytest.mark.parametrize("dim,heads,tied", [(48, 3, True), (64, 4, True), (32, 2, True), (48, 3, False)])
+def test_selector_matches_the_reference_forward(dim, heads, tied):
+    selector = perturbed_selector(dim, heads, tied=tied)
     x = torch.randn(3, 11, dim, dtype=torch.float64)
     policy = (torch.rand(3, 11, 1) > 0.3).double()
     policy[:, 0] = 1.0
@@ -157,11 +158,24 @@ def test_selector_outputs_and_head_weights():
     assert ((gate > 0) & (gate < 1)).all()
 
 
-@pytest.mark.parametrize("dim,heads,expected", [(768, 12, 7_092), (384, 6, 6_975)])
-def test_selector_parameter_count_with_heads_tied_as_in_the_reference(dim, heads, expected):
+@pytest.mark.parametrize("dim,heads,tied,expected", [(768, 12, True, 7_092), (384, 6, True, 6_975),
+                                                     (768, 12, False, 83_322), (384, 6, False, 41_625)])
+def test_selector_parameter_count_tied_as_in_the_reference_or_untied(dim, heads, tied, expected):
     with torch.device("meta"):
-        selector = MultiheadPredictorLG(dim, heads)
+        selector = MultiheadPredictorLG(dim, heads, tied)
     assert sum(p.numel() for p in selector.parameters()) == expected
+
+
+def test_untied_heads_with_equal_weights_are_the_tied_selector():
+    tied = perturbed_selector(48, 3)
+    untied = MultiheadPredictorLG(48, 3, tied=False).double()
+    untied.senet.load_state_dict(tied.senet.state_dict())
+    for in_conv, out_conv in zip(untied.in_conv, untied.out_conv):
+        in_conv.load_state_dict(tied.in_conv.state_dict())
+        out_conv.load_state_dict(tied.out_conv.state_dict())
+    x, policy = torch.randn(2, 7, 48, dtype=torch.float64), torch.ones(2, 7, 1, dtype=torch.float64)
+    for got, expected in zip(untied(x, policy), tied(x, policy)):
+        torch.testing.assert_close(got, expected)
 
 
 # --- the training pass: decisions and package tokens ----------------------------------------------------

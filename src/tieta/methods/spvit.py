@@ -77,12 +77,13 @@ class SPViTSelect(nn.Module):
         decision: at evaluation, "top_k" keeps ``round(P * keep_rate)`` tokens in every image;
             "argmax" keeps each token the selector rates more likely kept than dropped, a count per
             image (a batch is padded to its largest count, the padding masked out of attention).
+        tied_heads: the selector's heads share one MLP (the reference code); False: one per head.
     """
 
     def __init__(self, width: int, heads: int, keep_rate: float, patches: int, package: str = "sum",
-                 skip_empty_package: bool = False, decision: str = "top_k") -> None:
+                 skip_empty_package: bool = False, decision: str = "top_k", tied_heads: bool = True) -> None:
         super().__init__()
-        self.selector = MultiheadPredictorLG(width, heads)
+        self.selector = MultiheadPredictorLG(width, heads, tied_heads)
         self.keep_rate, self.patches = keep_rate, patches
         self.kept = keep_counts(patches, [keep_rate])[0]
         self.package, self.skip_empty_package, self.decision = package, skip_empty_package, decision
@@ -171,7 +172,8 @@ def _with_package(order: torch.Tensor) -> torch.Tensor:
 
 
 def add_spvit(model: nn.Module, keep_rates: Sequence[float] = KEEP_RATES, locations: Optional[Sequence[int]] = None,
-              package: str = "sum", skip_empty_package: bool = False, decision: str = "top_k") -> nn.Module:
+              package: str = "sum", skip_empty_package: bool = False, decision: str = "top_k",
+              tied_heads: bool = True) -> nn.Module:
     """SPViT's token selectors before the blocks at ``locations`` of a timm ViT, in place.
 
     Args:
@@ -186,6 +188,8 @@ def add_spvit(model: nn.Module, keep_rates: Sequence[float] = KEEP_RATES, locati
         decision: at evaluation, "top_k" (``round(P * rate)`` tokens per image: one count per
             batch, ONNX and one compiled graph) or "argmax" (each image keeps the tokens rated more
             likely kept than dropped: a count per image, as the reference's sampled decisions).
+        tied_heads: one MLP for all of a selector's heads, as the reference code builds it (7,092
+            parameters per selector at ViT-B); False: one per head (83,322).
 
     Returns:
         The same model; train it with :func:`spvit_loss` (``tieta train`` does).
@@ -218,7 +222,7 @@ def add_spvit(model: nn.Module, keep_rates: Sequence[float] = KEEP_RATES, locati
         block.token_state = tokens
     for index, rate in zip(chosen, keep_rates):
         like = next(blocks[index].parameters())
-        step = SPViTSelect(model.embed_dim, heads, rate, patches, package, skip_empty_package, decision)
+        step = SPViTSelect(model.embed_dim, heads, rate, patches, package, skip_empty_package, decision, tied_heads)
         blocks[index].select = step.to(like.device, like.dtype)
     return model
 
@@ -286,6 +290,7 @@ class SPViTConfig:
     package: str = "sum"  # "sum": weighted by keep probability (training file); "mean": the inference file's
     skip_empty_package: bool = False  # at evaluation, no package where a stage drops nothing
     decision: str = "top_k"  # evaluation: "top_k" (round(P * rate) per image) or "argmax" (a count per image)
+    tied_heads: bool = True  # one MLP for a selector's heads, as the reference code; False: one per head
 
 
 def _objective(config: Any):
@@ -321,7 +326,7 @@ METHOD = Method.listed(
     sections={"spvit": SPViTConfig},
     attach=lambda model, config: add_spvit(model, config.spvit.keep_rate, config.spvit.locations,
                                            config.spvit.package, config.spvit.skip_empty_package,
-                                           config.spvit.decision),
+                                           config.spvit.decision, config.spvit.tied_heads),
     modules=("selector",),
     objective=_objective,
     describe=_describe,

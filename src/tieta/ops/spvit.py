@@ -64,23 +64,31 @@ class MultiheadPredictorLG(nn.Module):
         heads: H; D must be divisible by H. The module has
             ``2 * H * (H // 2) + H // 2 + H + 1.625 * d**2 + 4.25 * d + 2`` parameters
             (7,092 at D = 768, H = 12; 6,975 at D = 384, H = 6).
+        tied: one MLP for all heads (the reference code's modules); False: one per head, what
+            "multi-head selector" suggests (83,322 parameters at D = 768, H = 12), run head by head
+            (a loop over the H heads, not over images).
     """
 
-    def __init__(self, dim: int, heads: int) -> None:
+    def __init__(self, dim: int, heads: int, tied: bool = True) -> None:
         super().__init__()
         if dim % heads:
             raise ValueError(f"the width {dim} is not divisible by {heads} heads")
-        self.dim, self.heads = dim, heads
+        self.dim, self.heads, self.tied = dim, heads, tied
         head_dim = dim // heads
         self.senet = nn.Sequential(nn.Linear(heads, heads // 2), nn.GELU(), nn.Linear(heads // 2, heads), nn.Sigmoid())
-        self.in_conv = nn.Sequential(nn.LayerNorm(head_dim), nn.Linear(head_dim, head_dim), nn.GELU())
-        self.out_conv = nn.Sequential(
-            nn.Linear(head_dim, head_dim // 2),
-            nn.GELU(),
-            nn.Linear(head_dim // 2, head_dim // 4),
-            nn.GELU(),
-            nn.Linear(head_dim // 4, 2),
-        )
+
+        def in_conv() -> nn.Module:
+            return nn.Sequential(nn.LayerNorm(head_dim), nn.Linear(head_dim, head_dim), nn.GELU())
+
+        def out_conv() -> nn.Module:
+            return nn.Sequential(nn.Linear(head_dim, head_dim // 2), nn.GELU(), nn.Linear(head_dim // 2, head_dim // 4),
+                                 nn.GELU(), nn.Linear(head_dim // 4, 2))
+
+        if tied:
+            self.in_conv, self.out_conv = in_conv(), out_conv()
+        else:
+            self.in_conv = nn.ModuleList(in_conv() for _ in range(heads))
+            self.out_conv = nn.ModuleList(out_conv() for _ in range(heads))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -110,16 +118,22 @@ class MultiheadPredictorLG(nn.Module):
         batch, tokens, _ = x.shape
         slices = x.reshape(batch, tokens, self.heads, -1)  # (B, n, H, d)
         weights = self.senet(slices.mean(dim=-1)).unsqueeze(-1)  # (B, n, H, 1), AdaptiveAvgPool2d((n, H))
-        z = self.in_conv(slices)
+        z = self._per_head(self.in_conv, slices)
         half = z.shape[-1] // 2
         policy = policy.to(z.dtype).unsqueeze(-1)  # (B, n, 1, 1)
         kept = (z[..., half:] * policy).sum(dim=1, keepdim=True)  # (B, 1, H, d - d/2)
         global_ = kept / policy.sum(dim=1, keepdim=True).clamp_min(_SUM_FLOOR)
-        logits = self.out_conv(torch.cat([z[..., :half], global_.expand_as(z[..., half:])], dim=-1))  # (B, n, H, 2)
+        logits = self._per_head(self.out_conv, torch.cat([z[..., :half], global_.expand_as(z[..., half:])], dim=-1))
         total = weights.sum(dim=2)  # (B, n, 1)
         score = (F.log_softmax(logits, dim=-1) * weights).sum(dim=2) / total
         prob = (F.softmax(logits, dim=-1) * weights).sum(dim=2) / total
         return score, prob
+
+    def _per_head(self, conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """(B, n, H, d_in) -> (B, n, H, d_out): the shared MLP on every slice, or head h's on slice h."""
+        if self.tied:
+            return conv(x)
+        return torch.stack([head(x[:, :, index]) for index, head in enumerate(conv)], dim=2)
 
 
 def keep_counts(patches: int, ratios: Sequence[float]) -> list[int]:
