@@ -220,7 +220,8 @@ def test_bad_settings_are_refused():
         tieta.add_spvit(tieta.add_evit(make_vit("plain")))
 
 
-def test_trains_exports_and_loads_with_the_same_logits_in_pytorch_and_onnx(vtab_task, tmp_path, capsys, quick_throughput):
+def test_trains_exports_and_loads_with_the_same_logits_in_pytorch_and_onnx(vtab_task, tmp_path, capsys,
+                                                                         quick_throughput):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
     from tieta.cli import main

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from tieta.ops import dynamicvit as dynamicvit_ops
-from tieta.ops.spvit import (MultiheadPredictorLG, argmax_keep, keep_counts, pack_kept, package_token, ratio_loss, sample_keep,
-                             token_distillation_loss, top_keep)
+from tieta.ops.spvit import (MultiheadPredictorLG, argmax_keep, keep_counts, pack_kept, package_token, ratio_loss,
+                             sample_keep, token_distillation_loss, top_keep)
 
 
 def perturbed_selector(dim: int, heads: int, seed: int = 0, tied: bool = True) -> MultiheadPredictorLG:
@@ -208,7 +208,8 @@ def test_package_is_the_weighted_sum_of_the_newly_dropped_tokens_only():
     package = package_token(x, prob, previous - keep)
     expected = 0.3 * x[0, 2] + 0.4 * x[0, 3]  # not normalised; patch 1 and the package excluded
     torch.testing.assert_close(package, expected.reshape(1, 1, 2))
-    torch.testing.assert_close(package_token(x, prob, previous - keep, mean=True), ((x[0, 2] + x[0, 3]) / 2).reshape(1, 1, 2))
+    mean = package_token(x, prob, previous - keep, mean=True)
+    torch.testing.assert_close(mean, ((x[0, 2] + x[0, 3]) / 2).reshape(1, 1, 2))
     assert (package_token(x, prob, torch.zeros_like(keep)) == 0).all()  # nothing dropped: a zero vector
 
 

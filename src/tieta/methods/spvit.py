@@ -95,40 +95,53 @@ class SPViTSelect(nn.Module):
     def forward(self, x: torch.Tensor, block: TietaBlock) -> torch.Tensor:
         """Args: x: (B, prefix + n, D) entering the block, n = patches + earlier packages.
         Returns: (B, prefix + n + 1, D) in training; (B, prefix + k + packages (+ 1), D) at evaluation."""
-        state, tokens = block.spvit_state, block.token_state
-        if state.full:
+        if block.spvit_state.full:
             return x
-        prefix, packages = block.num_prefix_tokens, state.packages
-        rest = x[:, prefix:]
-        count = rest.shape[1]
-        patches = count - packages
         if block.training:
-            previous = torch.ones_like(rest[..., :1]) if tokens.policy is None else tokens.policy[:, prefix:, None]
-            score, prob = self.selector(rest, previous)
-            keep = sample_keep(score, previous, packages)  # (B, n, 1)
-            package = package_token(rest, prob, previous - keep, self.package == "mean")  # newly dropped only
-            state.decisions.append(keep[:, :patches, 0])
-            batch = keep.shape[0]
-            tokens.policy = torch.cat([keep.new_ones(batch, prefix), keep[..., 0], keep.new_ones(batch, 1)], dim=1)
-            follow_tokens(block, _with_package(torch.arange(count, device=x.device).expand(x.shape[0], count)), count)
-            state.packages += 1
-            return torch.cat([x, package], dim=1)
+            return self._mask(x, block)
         if self.decision == "argmax":
             return self._keep_likely(x, block)
+        return self._keep_top(x, block)
+
+    def _mask(self, x: torch.Tensor, block: TietaBlock) -> torch.Tensor:
+        """Training: a Gumbel decision per token; the dropped stay in the tensor, masked out of every
+        later attention (``TokenState.policy``), and the package is appended. Returns (B, prefix + n + 1, D)."""
+        state, tokens = block.spvit_state, block.token_state
+        prefix, packages = block.num_prefix_tokens, state.packages
+        rest = x[:, prefix:]
+        batch, count = rest.shape[:2]
+        previous = torch.ones_like(rest[..., :1]) if tokens.policy is None else tokens.policy[:, prefix:, None]
+        score, prob = self.selector(rest, previous)
+        keep = sample_keep(score, previous, packages)  # (B, n, 1)
+        package = package_token(rest, prob, previous - keep, self.package == "mean")  # newly dropped only
+        state.decisions.append(keep[:, :count - packages, 0])
+        tokens.policy = torch.cat([keep.new_ones(batch, prefix), keep[..., 0], keep.new_ones(batch, 1)], dim=1)
+        follow_tokens(block, _with_package(torch.arange(count, device=x.device).expand(batch, count)), count)
+        state.packages += 1
+        return torch.cat([x, package], dim=1)
+
+    def _keep_top(self, x: torch.Tensor, block: TietaBlock) -> torch.Tensor:
+        """Evaluation with top-k decisions: every image keeps ``round(P * keep_rate)`` patch tokens,
+        gathered in spatial order with the earlier packages, then the new package.
+        Returns (B, prefix + k + packages + 1, D), or x where nothing is dropped and no empty package is wanted."""
+        state = block.spvit_state
+        prefix, packages = block.num_prefix_tokens, state.packages
+        rest = x[:, prefix:]
+        batch, count = rest.shape[:2]
+        patches = count - packages
         kept = min(self.kept, patches)
         if kept >= patches and self.skip_empty_package:
             return x
         score, prob = self.selector(rest, torch.ones_like(rest[..., :1]))
         indices = top_keep(score, kept, patches)  # (B, k)
-        dropped = rest.new_ones(rest.shape[0], patches).scatter(1, indices, 0.0)  # (B, patches)
-        drop = torch.cat([dropped, rest.new_zeros(rest.shape[0], packages)], dim=1)  # never a package
+        dropped = rest.new_ones(batch, patches).scatter(1, indices, 0.0)  # (B, patches)
+        drop = torch.cat([dropped, rest.new_zeros(batch, packages)], dim=1)  # never a package
         package = package_token(rest, prob, drop.unsqueeze(-1), self.package == "mean")
-        earlier = torch.arange(patches, count, device=x.device).expand(x.shape[0], packages)
+        earlier = torch.arange(patches, count, device=x.device).expand(batch, packages)
         order = torch.cat([indices, earlier], dim=1)  # kept patches, then the earlier packages
         follow_tokens(block, _with_package(order), count)  # kept tokens keep their positions
         state.packages += 1
         return torch.cat([gather_tokens(x, order, prefix), package], dim=1)
-
 
     def _keep_likely(self, x: torch.Tensor, block: TietaBlock) -> torch.Tensor:
         """Evaluation with argmax decisions: each image keeps its own tokens, padded to the batch's
@@ -198,7 +211,8 @@ def add_spvit(model: nn.Module, keep_rates: Sequence[float] = KEEP_RATES, locati
     if not keep_rates or any(not 0 < rate <= 1 for rate in keep_rates):
         raise TietaError(f"SPViT keep rates must be in (0, 1], got {keep_rates}")
     if any(later > earlier for earlier, later in zip(keep_rates, keep_rates[1:])):
-        raise TietaError(f"SPViT keep rates are cumulative and cannot grow from one stage to the next, got {keep_rates}")
+        raise TietaError(f"SPViT keep rates are cumulative and cannot grow from one stage to the next, "
+                         f"got {keep_rates}")
     if package not in PACKAGES:
         raise TietaError(f"SPViT's package is one of {', '.join(PACKAGES)}, got {package!r}")
     if decision not in DECISIONS:

@@ -235,7 +235,8 @@ def ratio_loss(decisions: Sequence[torch.Tensor], ratios: Sequence[float], weigh
     """
     if len(decisions) == 0 or len(decisions) != len(ratios):
         raise ValueError(f"need one ratio per stage, got {len(decisions)} decisions and {len(ratios)} ratios")
-    total = sum((batch_mean(decision.flatten(1).mean(dim=1)) - ratio) ** 2 for decision, ratio in zip(decisions, ratios))
+    shares = [batch_mean(decision.flatten(1).mean(dim=1)) for decision in decisions]  # kept share per stage
+    total = sum((share - ratio) ** 2 for share, ratio in zip(shares, ratios))
     return total * (weight / len(decisions))
 
 
