@@ -89,6 +89,11 @@ ENTRIES: tuple[Entry, ...] = (
                       "DiffRate: search the rates for this many GMACs per image in the first diffrate.search_epochs "
                       "epochs")),
           verbs=("add_diffrate", "search_rates")),
+    Entry("spvit", "tieta.methods.spvit",
+          "SPViT: multi-head token selectors fold pruned tokens into package tokens (Kong et al., ECCV 2022)",
+          flags=(Flag("--spvit-keep-rate", "spvit.keep_rate", parse_keep_rates,
+                      "SPViT: per-stage share of the patch tokens kept, e.g. [0.617,0.369,0.137] (the default)"),),
+          verbs=("add_spvit", "spvit_loss")),
 )
 
 
