@@ -14,6 +14,7 @@ TINY = ["--model", "test_vit", "--weights", "random", "--img-size", "32", "--lor
 
 @pytest.mark.parametrize("method,settings", [
     ("evit+lora", []), ("dynamicvit+lora", []), ("evit+adapter", []), ("dynamicvit+adapter", []),
+    ("fpet+lora", ["--fpet-layer", "1"]),
     ("diffrate+lora", ["--set", "diffrate.kept_prune=[17,17,14,12,10,8]", "--set", "diffrate.kept_merge=[17,16,12,10,8,6]"]),
     ("diffrate+lora", ["--set", "diffrate.target_gmacs=0.0005", "--set", "diffrate.search_epochs=1", "--epochs", "2"]),
 ])
@@ -27,6 +28,7 @@ def test_baselines_train_through_the_command_line(vtab_task, tmp_path, method, s
 
 
 @pytest.mark.parametrize("method,fact", [("evit", "tokens entering each block's MLP"),
+                                         ("fpet", "13.419"),  # the README's cost at the defaults
                                          ("dynamicvit", "tokens entering each block")])
 def test_flops_prints_the_cost_and_token_counts(method, fact, capsys):
     assert main(["flops", "--model", "vit_base_patch16_224", "--weights", "random", "--method", method]) == 0

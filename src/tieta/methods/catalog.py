@@ -134,9 +134,25 @@ DIFFRATE = Listing(
     ),
 )
 
+
+def parse_layer_flag(text: str) -> list:
+    """``--fpet-layer`` text: one block index, as the one-element list ``fpet.layers`` holds."""
+    try:
+        return [int(text)]
+    except ValueError:
+        raise TietaError(f"--fpet-layer takes one block index, got {text!r}") from None
+
+
+FPET = Listing(
+    name="fpet",
+    summary="FPET: a learned checkerboard merge halves the patch tokens in one block (Kim et al., CVPR 2025)",
+    flags=(Flag("--fpet-layer", "fpet.layers", parse_layer_flag,
+                "FPET: the block that merges (default 6 of 12, the same fraction of depth elsewhere)"),),
+)
+
 # name -> listing, in the order the registry lists the methods
 CATALOG: dict[str, Listing] = {listing.name: listing for listing in (
-    LORA, ADAPTER, TOME, PYRA, DYT, EVIT, DYNAMICVIT, DIFFRATE,
+    LORA, ADAPTER, TOME, PYRA, DYT, EVIT, DYNAMICVIT, DIFFRATE, FPET,
 )}
 
 
