@@ -97,6 +97,17 @@ def test_token_counts_of_the_reference_at_vit_b16_layout():
     assert tokens_entering(model, x, "norm1") == [197] * 7 + [99] * 5
 
 
+def test_vit_b16_cost_by_the_baselines_counter():
+    """DiffRate's counter (tests/methods/test_evit.py): attention on the tokens entering a block,
+    the MLP on its own count, the patch embedding over 197 tokens and the head."""
+    counts, width = token_counts(tieta.add_fpet(_vit_b16_layout())), 768
+    total, entering = 197 * width * 768 + width * 1000, 197
+    for mlp_tokens in counts:
+        total += 4 * entering * width ** 2 + 2 * entering ** 2 * width + 8 * mlp_tokens * width ** 2
+        entering = mlp_tokens
+    assert round(total / 1e9, 2) == 13.41
+
+
 def test_flops_count_the_executed_path():
     model = tieta.add_fpet(_vit_b16_layout())
     plain = _vit_b16_layout()
@@ -144,6 +155,7 @@ def test_full_precision_refinement_starts_at_the_identity():
     refinement = model.blocks[1].fpet
     assert torch.equal(refinement.up.weight, torch.zeros_like(refinement.up.weight))
     assert refinement(torch.randn(2, 5, 16)).abs().sum() == 0
+    assert refinement.dropout.p == 0.1 and refinement.down.bias is None and refinement.up.bias is None
 
 
 def test_refusals_are_one_sentence():
@@ -189,3 +201,25 @@ def test_export_load_onnx_and_compile(vtab_task, tmp_path, capsys):
     assert graph_breaks(trained, x) == 0
     with torch.inference_mode():
         assert torch.allclose(compile_model(trained)(x), expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("variant", list(EVA_VARIANTS))
+def test_eva_models_merge_and_the_kept_tokens_keep_their_rope_positions(variant):
+    model = trained_looking(tieta.add_fpet(make_vit(variant), layers=[1]))
+    x = images()
+    assert tokens_entering(model, x, "mlp") == [17, 9, 9]
+    with torch.no_grad():
+        model(x)
+    split = model.blocks[1].reduce
+    assert torch.equal(model.token_state.positions, split.b_index[None].expand(2, -1))
+
+
+def test_source_tracing_holds_every_patch_once():
+    model = trained_looking(tieta.add_fpet(make_vit("registers"), layers=[0]))
+    model.token_state.trace_source = True
+    with torch.no_grad():
+        model(images())
+    source = model.token_state.source  # (B, 5 + 8, 5 + 16)
+    assert source.shape == (2, 13, 21)
+    assert torch.equal(source.sum(dim=1), torch.ones(2, 21))
+    assert torch.equal(source[:, :5, :5], torch.eye(5).expand(2, -1, -1))
