@@ -27,8 +27,8 @@ from torch import nn
 
 from tieta.errors import TietaError
 from tieta.methods import catalog
-from tieta.methods.blocks import (TietaBlock, claim_reduction, follow_tokens, keep_output, patch_blocks, rotated,
-                                  take_output, token_state)
+from tieta.methods.blocks import (TietaBlock, check_vit, claim_reduction, follow_tokens, keep_output, patch_blocks,
+                                  rotated, take_output, token_state)
 from tieta.methods.method import MAX_WIDTH, Method, bounded
 from tieta.methods.tome import size_bias_mask
 from tieta.ops.fpet import Checkerboard, binary_weight, checkerboard, diff_matching, merge, merge_wavg, reference_grid
@@ -148,7 +148,8 @@ def add_fpet(model: nn.Module, layers: Optional[Sequence[int]] = None, refine_di
     Returns:
         The same model; the refinement is ``blocks[layer].fpet`` (the "fpet" parameter group).
     """
-    blocks = patch_blocks(model)
+    check_vit(model)  # everything is checked before the model changes: a refused call leaves it as it was
+    blocks = list(model.blocks)
     chosen = [default_layer(len(blocks))] if layers is None else [int(layer) for layer in layers]
     if len(chosen) > 1:
         raise TietaError(f"FPET merges in one block (its checkerboard needs the full patch grid), got layers {chosen}")
@@ -163,10 +164,13 @@ def add_fpet(model: nn.Module, layers: Optional[Sequence[int]] = None, refine_di
     grid = tuple(model.patch_embed.grid_size)
     split = checkerboard(*grid)
     if chosen and (len(split.a) < 1 or len(split.b) < 2):
-        raise TietaError(f"FPET needs a patch grid of at least 2x2, and this model's is {grid[0]}x{grid[1]}")
+        raise TietaError(f"FPET's checkerboard of this model's {grid[0]}x{grid[1]} patch grid leaves fewer than 2 "
+                         "tokens to merge into")
+    if chosen:
+        claim_reduction(model, "FPET")
+    blocks = patch_blocks(model)
     if not chosen:
         return model
-    claim_reduction(model, "FPET")
     state = token_state(model)
     state.prop_attn = prop_attn
     block = blocks[chosen[0]]
