@@ -9,7 +9,7 @@ from statistics import NormalDist
 import pytest
 import torch
 
-from tieta.ops.fpet import (BINARY_LEVEL, binary_weight, checkerboard, diff_matching, merge, merge_wavg,
+from tieta.ops.fpet import (BINARY_LEVEL, binary_weight, checkerboard, diff_matching, merge_wavg,
                             reference_grid)
 
 
