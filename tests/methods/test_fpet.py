@@ -258,3 +258,14 @@ def test_a_layer_flag_that_is_no_index_is_one_sentence(capsys):
 
     assert "--fpet-layer takes one block index, got 'six'" in refused(capsys, "flops", "--method", "fpet",
                                                                       "--fpet-layer", "six")
+
+
+def test_mixed_precision_matches_in_float32():
+    """Near-uniform images: in bfloat16 every best score would round to a tie with the mean of the
+    two best, and every A token would vanish; the matching runs in float32 and all merge."""
+    model = tieta.add_fpet(make_vit("plain"), layers=[0])
+    x = images(batch=4) * 0.05 + 1
+    for dtype in (None, torch.bfloat16):
+        with torch.no_grad(), torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+            model(x)
+        assert model.token_state.size[:, 1:].sum(dim=1).flatten().tolist() == [16.0] * 4

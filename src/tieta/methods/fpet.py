@@ -105,6 +105,17 @@ class FPETMerge(nn.Module):
                              "patches) or a square grid")
         return checkerboard(height, width, self.a_index.device)
 
+    @staticmethod
+    def matching(metric: torch.Tensor, split: Checkerboard, prefix: int) -> torch.Tensor:
+        """diff_matching in float32 under mixed precision: a bfloat16 sigmoid rounds a best score
+        that beats the second by a little to exactly 0.5, and the reference drops such a token
+        (merged nowhere); in float32, as the reference runs, it merges."""
+        device_type = metric.device.type
+        if not torch.is_autocast_enabled(device_type):
+            return diff_matching(metric, split, prefix)
+        with torch.autocast(device_type, enabled=False):
+            return diff_matching(metric.float(), split, prefix)
+
     def forward(self, x: torch.Tensor, block: TietaBlock) -> torch.Tensor:
         """Args: x: (B, N, D) after the attention residual. Returns: (B, prefix + Nb, D)."""
         state = block.token_state
@@ -114,7 +125,7 @@ class FPETMerge(nn.Module):
         keys = rotated(block, take_output(block.attn.k_norm))  # (B, H, N, hd), as attention used them
         metric = keys.mean(dim=1).detach()
         metric = metric + block.fpet(metric)
-        matching = diff_matching(metric, split, prefix)  # (B, Na, Nb)
+        matching = self.matching(metric, split, prefix)  # (B, Na, Nb)
         if state.trace_source:
             source = state.source
             if source is None:
