@@ -187,7 +187,7 @@ def test_export_load_onnx_and_compile(vtab_task, tmp_path, capsys):
     from tieta.train.config import load_config
     from tieta.train.fit import fit, load_run_model
 
-    overrides = {"model": "test_vit", "weights": "random", "img_size": 64, "optim.epochs": 1,
+    overrides = {"model": "test_vit", "weights": "random", "img_size": 32, "optim.epochs": 1,
                  "optim.warmup_epochs": 0, "optim.batch_size": 4, "eval_batch_size": 8, "lora.rank": 2,
                  "data.path": str(vtab_task), "method": "fpet+lora"}
     run = tmp_path / "run"
@@ -200,7 +200,7 @@ def test_export_load_onnx_and_compile(vtab_task, tmp_path, capsys):
     loaded = tieta.load(tmp_path / "export")
     trained, _, _ = load_run_model(run)
     trained.eval()
-    x = images(batch=3, size=64)
+    x = images(batch=3, size=32)
     with torch.no_grad():
         expected = trained(x)
         torch.testing.assert_close(loaded(x), expected, rtol=1e-4, atol=1e-5)
