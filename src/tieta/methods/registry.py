@@ -94,6 +94,11 @@ ENTRIES: tuple[Entry, ...] = (
           flags=(Flag("--spvit-keep-rate", "spvit.keep_rate", parse_keep_rates,
                       "SPViT: per-stage share of the patch tokens kept, e.g. [0.617,0.369,0.137] (the default)"),),
           verbs=("add_spvit", "spvit_loss")),
+    Entry("fpet", "tieta.methods.fpet",
+          "FPET: a learned checkerboard merge halves the patch tokens in one block (Kim et al., CVPR 2025)",
+          flags=(Flag("--fpet-layer", "fpet.layers", parse_layer_flag,
+                      "FPET: the block that merges (default 6 of 12, the same fraction of depth elsewhere)"),),
+          verbs=("add_fpet",)),
 )
 
 
