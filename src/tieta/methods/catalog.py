@@ -81,7 +81,7 @@ DYT_VARIANTS = ("mlp", "attn", "attn_mlp", "layer")
 
 # ToMe and PYRA share the merge schedule
 SCHEDULE_FLAG = Flag("--schedule", "merge.schedule", parse_schedule_flag,
-                     "merge schedule for tome/pyra: low, high, an int r, or a list like [16,16,8] (default low)")
+                     "merge schedule for tome/pyra/tofu: low, high, an int r, or a list like [16,16,8] (default low)")
 
 LORA = Listing(
     name="lora",
@@ -133,10 +133,16 @@ DIFFRATE = Listing(
              "DiffRate: search the rates for this many GMACs per image in the first diffrate.search_epochs epochs"),
     ),
 )
+TOFU = Listing(
+    name="tofu",
+    summary="ToFu: ToMe's matching prunes in early blocks, fuses by a norm-preserving mean later (Kim et al., WACV 2024)",
+    flags=(SCHEDULE_FLAG,),
+)
 
 # name -> listing, in the order the registry lists the methods
 CATALOG: dict[str, Listing] = {listing.name: listing for listing in (
     LORA, ADAPTER, TOME, PYRA, DYT, EVIT, DYNAMICVIT, DIFFRATE,
+    TOFU,
 )}
 
 
