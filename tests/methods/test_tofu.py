@@ -101,6 +101,9 @@ def test_rope_models_merge_with_positions_following(variant):
     out = model(images())
     tokens = 16 + model.num_prefix_tokens
     assert tokens_entering(model, images(), "mlp") == [tokens - 3, tokens - 5, tokens - 7]
+    positions = model.token_state.positions  # each patch token left stands where one patch (its destination) stood
+    assert positions.shape == (2, 16 - 7)
+    assert all(row.min() >= 0 and len(set(row.tolist())) == len(row) for row in positions)
     assert torch.isfinite(out).all() and not torch.allclose(out, make_vit(variant)(images()))
 
 

@@ -138,11 +138,16 @@ TOFU = Listing(
     summary="ToFu: ToMe's matching prunes in early blocks, fuses by a norm-preserving mean later (Kim et al., WACV 2024)",
     flags=(SCHEDULE_FLAG,),
 )
+PITOME = Listing(
+    name="pitome",
+    summary="PiToMe: merge tokens ranked by an energy score, protecting the informative ones (Tran et al., NeurIPS 2024)",
+    flags=(Flag("--pitome-ratio", "pitome.ratio", float, "PiToMe: share of tokens each block keeps (default 0.9125)"),),
+)
 
 # name -> listing, in the order the registry lists the methods
 CATALOG: dict[str, Listing] = {listing.name: listing for listing in (
     LORA, ADAPTER, TOME, PYRA, DYT, EVIT, DYNAMICVIT, DIFFRATE,
-    TOFU,
+    TOFU, PITOME,
 )}
 
 

@@ -9,7 +9,7 @@ from typing import Optional
 
 from tieta.errors import TietaError
 from tieta.methods import adapter, catalog, diffrate, dynamicvit, dyt, evit, lora, pyra, tome
-from tieta.methods import tofu
+from tieta.methods import pitome, tofu
 from tieta.methods.method import Flag, Method
 
 METHODS: dict[str, Method] = {method.name: method for method in (
@@ -22,6 +22,7 @@ METHODS: dict[str, Method] = {method.name: method for method in (
     dynamicvit.METHOD,
     diffrate.METHOD,
     tofu.METHOD,
+    pitome.METHOD,
 )}
 
 
