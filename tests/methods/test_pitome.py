@@ -163,6 +163,15 @@ def test_refusals_are_one_sentence():
         load_config(overrides={"method": "pitome", "pitome.ratio": 0.2})
 
 
+def test_merge_groups_cover_every_patch():
+    from tieta.report.visualize import merge_groups
+
+    model = tieta.add_pitome(make_vit("registers"), ratio=0.6)
+    groups = merge_groups(model, images())
+    assert groups.shape == (2, 4, 4) and groups.min() >= model.num_prefix_tokens
+    assert all(len(set(image.flatten().tolist())) == token_counts(model)[-1] - 5 for image in groups)
+
+
 def test_compiles_to_one_graph_with_the_eager_logits():
     from tieta.deploy.compiled import compile_model
 

@@ -148,6 +148,13 @@ def test_refusals_are_one_sentence():
     assert not any(isinstance(block.reduce, TokenFusion) for block in model.blocks if hasattr(block, "reduce"))
 
 
+def test_merge_figures_are_refused_in_one_sentence():
+    from tieta.report.visualize import merge_groups
+
+    with pytest.raises(tieta.TietaError, match="ToFu prunes tokens"):
+        merge_groups(tieta.add_tofu(make_vit("plain"), r=2), images())
+
+
 def test_compiles_to_one_graph_with_the_eager_logits():
     from tieta.deploy.compiled import compile_model
 

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tieta.errors import TietaError
 from tieta.methods import catalog
 from tieta.methods.blocks import (TietaBlock, Unchanged, claim_reduction, follow_tokens, keep_output, patch_blocks,
                                   rotated, take_output, token_state)
@@ -46,6 +47,9 @@ class TokenFusion(nn.Module):
 
     def forward(self, x: torch.Tensor, block: TietaBlock) -> torch.Tensor:
         """Args: x: (B, N, D) after the attention residual. Returns: (B, N - r, D)."""
+        if block.token_state.trace_source:
+            raise TietaError("ToFu prunes tokens in its early blocks, so no merge groups cover the image; merge "
+                             "figures are for ToMe, PYRA and PiToMe")
         keys = rotated(block, take_output(block.attn.k_norm))  # (B, H, N, hd), rotated as attention used them
         prefix = block.num_prefix_tokens
         # the sum over heads is the reference's mean up to a factor that the cosine similarity ignores
