@@ -74,23 +74,42 @@ def test_whole_model_matches_the_reference():
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_token_counts_as_the_reference_computes_them():
+def vit_b16_layout(width: int) -> VisionTransformer:
+    """ViT-B/16's token layout (224 px, 196 patches, depth 12, head dim 64) at any width."""
     torch.manual_seed(0)
-    model = VisionTransformer(img_size=224, patch_size=16, embed_dim=48, depth=12, num_heads=3, num_classes=10)
-    tieta.add_pitome(model.eval())
+    return VisionTransformer(img_size=224, patch_size=16, embed_dim=width, depth=12, num_heads=width // 64,
+                             num_classes=1000).eval()
+
+
+def reference_counts(ratio: float = 0.9125) -> list[int]:
+    """Tokens entering each block, then leaving the last, by the reference's r = floor(T - T * ratio)."""
     counts, tokens = [197], 196
     for _ in range(12):
-        tokens -= int(tokens - tokens * 0.9125)  # the reference's r = floor(T - T * ratio)
+        tokens -= int(tokens - tokens * ratio)
         counts.append(tokens + 1)
+    return counts
+
+
+def vit_b16_macs(width: int, counts: list[int]) -> int:
+    """What count_flops counts: attention on the tokens entering a block, the MLP on those left, and
+    the energy's similarity matrix (T x T over the 64 channels of the head-summed keys)."""
+    total = 196 * width * 3 * 16 * 16 + width * 1000  # patch embedding and head
+    for entering, leaving in zip(counts, counts[1:]):
+        total += 4 * entering * width ** 2 + 2 * entering ** 2 * width + (entering - 1) ** 2 * 64
+        total += 2 * leaving * width * 4 * width
+    return total
+
+
+def test_token_counts_and_cost_as_the_reference_computes_them():
+    model = tieta.add_pitome(vit_b16_layout(128))
+    counts = reference_counts()
+    assert counts == [197, 180, 165, 151, 138, 127, 116, 106, 97, 89, 82, 75, 69]
     assert token_counts(model) == counts
-    assert tokens_entering(model, torch.randn(1, 3, 224, 224), "mlp") == counts[1:]
-
-
-def test_flops_prints_the_vit_b16_cost(capsys):
-    assert main(["flops", "--model", "vit_base_patch16_224", "--weights", "random", "--method", "pitome"]) == 0
-    out = capsys.readouterr().out
-    assert "10.629" in out and "17.564" in out
-    assert "[197, 180, 165, 151, 138, 127, 116, 106, 97, 89, 82, 75, 69]" in out
+    x = torch.randn(1, 3, 224, 224)
+    assert tokens_entering(model, x, "mlp") == counts[1:]
+    assert tieta.count_flops(model, x)["gmacs"] * 1e9 == pytest.approx(vit_b16_macs(128, counts), rel=1e-9)
+    # ViT-B/16 (width 768), as `tieta flops --model vit_base_patch16_224 --method pitome` prints it
+    assert round(vit_b16_macs(768, counts) / 1e9, 3) == 10.629
 
 
 def test_prefix_tokens_stay_and_sizes_weight_the_average_pool(vit_variant):
@@ -188,14 +207,14 @@ def test_train_export_onnx_and_load_give_the_trained_logits(vtab_task, tmp_path,
     from tieta.train.fit import load_run_model
 
     run, export = tmp_path / "run", tmp_path / "export"
-    assert main(["train", "--model", "test_vit", "--weights", "random", "--img-size", "64", "--lora-rank", "2",
-                 "--method", "pitome+lora", "--pitome-ratio", "0.7", "--data", str(vtab_task), "--output", str(run),
+    assert main(["train", "--model", "test_vit", "--weights", "random", "--img-size", "32", "--lora-rank", "2",
+                 "--method", "pitome+lora", "--pitome-ratio", "0.5", "--data", str(vtab_task), "--output", str(run),
                  "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "4"]) == 0
     summary = json.loads((run / "summary.json").read_text())
     assert summary["method"] == "pitome+lora" and summary["acc"] is not None
     assert main(["export", str(run), "--output", str(export), "--onnx", "--onnx-batch-size", "2"]) == 0
     assert float(capsys.readouterr().out.split("onnxruntime ")[-1].split()[0]) < 1e-4
     trained = load_run_model(run)[0].eval()
-    x = images(3, seed=4, size=64)
+    x = images(3, seed=4)
     with torch.no_grad():
         torch.testing.assert_close(tieta.load(export)(x), trained(x), rtol=1e-4, atol=1e-5)
