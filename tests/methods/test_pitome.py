@@ -136,6 +136,14 @@ def test_rope_models_merge_with_positions_following(variant):
     assert torch.isfinite(out).all() and not torch.allclose(out, make_vit(variant)(images()))
 
 
+@pytest.mark.parametrize("variant", ["avg_pool", "registers"])
+def test_forward_is_forward_head_of_forward_features(variant):
+    model = tieta.add_pitome(make_vit(variant), ratio=0.6)
+    x = images()
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_head(model.forward_features(x)), model(x), rtol=0, atol=0)
+
+
 def test_same_logits_in_training_and_evaluation_and_no_parameters():
     model = tieta.add_pitome(make_vit("layerscale"), ratio=0.7)
     assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in make_vit("layerscale").parameters())
