@@ -81,7 +81,7 @@ DYT_VARIANTS = ("mlp", "attn", "attn_mlp", "layer")
 
 # ToMe and PYRA share the merge schedule
 SCHEDULE_FLAG = Flag("--schedule", "merge.schedule", parse_schedule_flag,
-                     "merge schedule for tome/pyra/tofu: low, high, an int r, or a list like [16,16,8] (default low)")
+                     "merge schedule for tome/pyra: low, high, an int r, or a list like [16,16,8] (default low)")
 
 LORA = Listing(
     name="lora",
