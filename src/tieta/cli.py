@@ -511,6 +511,11 @@ def cmd_show_merges(args: argparse.Namespace) -> int:
 MERGES_PNG = "merges.png"
 
 
+def _in_words(names: list[str], last: str) -> str:
+    """["a", "b", "c"] -> "a, b and c" (``last`` the joining word)."""
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} {last} {names[-1]}"
+
+
 def _merge_facts(model, config) -> str:
     """", tokens per block [...]" as the merging method describes them, for the picture's caption."""
     for method in config.method_list:
@@ -537,7 +542,7 @@ def _refuse_without_merges(config, named: str) -> None:
     """One sentence where none of the config's methods has merges to paint."""
     if not any(method.shows_merges for method in config.method_list):
         raise TietaError(f"{named} ({config.method}) merges no tokens to show; show-merges draws the merges of "
-                         f"{' and '.join(_merging_methods())}")
+                         f"{_in_words(_merging_methods(), 'and')}")
 
 
 def _merge_picture(output: Path) -> tuple[Path, Optional[str]]:
@@ -582,7 +587,7 @@ def cmd_show_tokens(args: argparse.Namespace) -> int:
     if not showing:
         drawn = [method.name for method in registry.METHODS.values() if method.token_masks is not None]
         raise TietaError(f"the run {args.run} ({config.method}) has no token decisions to show; show-tokens draws "
-                         f"those of {' and '.join(drawn)}")
+                         f"those of {_in_words(drawn, 'and')}")
     method = showing[0]
     images, inputs, names = _sample_images(args.data or config.data.path, args.split, args.count,
                                            image_size_of(model), normalization_of(config, model))

@@ -18,6 +18,8 @@ TINY_SETTINGS = {
     "evit": ["--keep-rate", "0.5"],  # 0.7 of 4 patches keeps 3, which with the fused token are 4 again
     "diffrate": ["--set", "diffrate.kept_prune=[5,4,3,3,2,2]", "--set", "diffrate.kept_merge=[5,3,3,2,2,2]"],
     "fpet": ["--fpet-layer", "1"],
+    "tofu": ["--schedule", "[1, 1]"],
+    "pitome": ["--pitome-ratio", "0.5"],
 }
 
 

@@ -99,6 +99,15 @@ ENTRIES: tuple[Entry, ...] = (
           flags=(Flag("--fpet-layer", "fpet.layers", parse_layer_flag,
                       "FPET: the block that merges (default 6 of 12, the same fraction of depth elsewhere)"),),
           verbs=("add_fpet",)),
+    Entry("tofu", "tieta.methods.tofu",
+          "ToFu: ToMe's matching prunes in early blocks, fuses by a norm-preserving mean later (Kim et al., WACV 2024)",
+          flags=(SCHEDULE_FLAG,),
+          verbs=("add_tofu",)),
+    Entry("pitome", "tieta.methods.pitome",
+          "PiToMe: merge tokens ranked by an energy score, protecting the informative ones (Tran et al., NeurIPS 2024)",
+          flags=(Flag("--pitome-ratio", "pitome.ratio", float,
+                      "PiToMe: share of tokens each block keeps (default 0.9125)"),),
+          verbs=("add_pitome",)),
 )
 
 

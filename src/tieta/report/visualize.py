@@ -30,7 +30,7 @@ def merge_groups(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     state = pass_state_named(model, "token_state")
     if state is None:
         merging = [method.name for method in registry.METHODS.values() if method.shows_merges]
-        raise TietaError(f"this model merges no tokens; attach {' or '.join(merging)} first")
+        raise TietaError(f"this model merges no tokens; attach one of {', '.join(merging)} first")
     was_training, tracing = model.training, state.trace_source
     model.eval()
     state.trace_source = True
