@@ -133,10 +133,16 @@ DIFFRATE = Listing(
              "DiffRate: search the rates for this many GMACs per image in the first diffrate.search_epochs epochs"),
     ),
 )
+MCTF = Listing(
+    name="mctf",
+    summary="MCTF: fuse tokens by similarity, informativeness and size, with one-step-ahead attention "
+            "(Lee et al., CVPR 2024)",
+    flags=(Flag("--mctf-r", "mctf.r", float, "MCTF: tokens fused per block, or a share below 1 (default 16)"),),
+)
 
 # name -> listing, in the order the registry lists the methods
 CATALOG: dict[str, Listing] = {listing.name: listing for listing in (
-    LORA, ADAPTER, TOME, PYRA, DYT, EVIT, DYNAMICVIT, DIFFRATE,
+    LORA, ADAPTER, TOME, PYRA, DYT, EVIT, DYNAMICVIT, DIFFRATE, MCTF,
 )}
 
 
