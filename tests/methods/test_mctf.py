@@ -125,6 +125,15 @@ def _counted_macs(width=48, tokens=65, layers=(1, 2, 3), r=8, depth=4, classes=5
     return total
 
 
+def test_cost_at_the_defaults_on_vit_b16_and_the_reference_deits():
+    """The count above at 224 px, every block but the first fusing 16 tokens: ViT-B/16, and the
+    DeiT-S and DeiT-T shapes, for which the reference's README lists 2.60 and 0.71 GFLOPs."""
+    def gmacs(width):
+        return _counted_macs(width, 197, range(1, 12), 16, 12, 1000, 768) / 1e9
+
+    assert (round(gmacs(768), 2), round(gmacs(384), 2), round(gmacs(192), 2)) == (9.92, 2.59, 0.71)
+
+
 def test_flops_count_the_executed_path():
     plain = _vit()
     model = tieta.add_mctf(copy.deepcopy(plain), r=8)
@@ -193,6 +202,19 @@ def test_the_objective_pulls_the_student_to_an_unreduced_teacher():
     assert all(p.grad is not None for n, p in model.named_parameters() if "lora_A" in n)
 
 
+def test_config_defaults_are_the_references_deit_settings():
+    from tieta.train.config import load_config
+
+    mctf = load_config(overrides={"method": "mctf"}).mctf
+    assert (mctf.r, mctf.layers, mctf.tau_sim, mctf.tau_info, mctf.tau_size, mctf.bidirectional, mctf.prop_attn) == (
+        16, None, 1, 20, 40, True, True)
+    assert (mctf.teacher_r, mctf.threshold, mctf.student_weight, mctf.teacher_weight, mctf.consistency_weight) == (
+        8, 0.4, 1, 1, 3)
+    assert load_config(overrides={"method": "mctf", "mctf.r": 0.35}).mctf.r == 0.35
+    with pytest.raises(tieta.TietaError, match="mctf.r"):
+        load_config(overrides={"method": "mctf", "mctf.r": 2.5})
+
+
 def test_refuses_bad_settings_and_a_second_token_reduction():
     with pytest.raises(tieta.TietaError, match="already reduces tokens"):
         tieta.add_mctf(tieta.add_tome(make_vit("plain"), r=2))
@@ -235,11 +257,12 @@ def test_onnx_logits_match_pytorch(tmp_path):
     assert check_onnx(model, path, images) < 1e-4
 
 
-def test_compiled_logits_are_the_eager_ones():
-    from tieta.deploy.compiled import compile_model
+def test_compiles_to_one_graph_with_the_eager_logits():
+    from tieta.deploy.compiled import compile_model, graph_breaks
 
     model = tieta.add_mctf(make_vit("registers"), r=3)  # 4 registers and a class token stay in front
-    compiled = compile_model(model)
     images = torch.randn(2, 3, 32, 32)
+    assert graph_breaks(model, images) == 0
+    compiled = compile_model(model, backend="aot_eager")  # the graph as traced, without code generation
     with torch.inference_mode():
         torch.testing.assert_close(compiled(images), model(images), rtol=0, atol=1e-5)

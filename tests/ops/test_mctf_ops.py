@@ -186,3 +186,11 @@ def test_consistency_is_the_mean_squared_distance_to_a_detached_teacher():
     torch.testing.assert_close(loss, ((teacher - student) ** 2).mean(dim=1))
     loss.sum().backward()
     assert teacher.grad is None and student.grad is not None
+
+
+def test_ties_go_to_the_lower_index():
+    scores = torch.ones(1, 8, 8, dtype=torch.float64)  # every pair equally good
+    fusion = bidirectional_matching(scores, 4, 17, 1)
+    # A tokens 2 and 4 fuse into B token 1; then B tokens 1 and 3 fuse into the first A token
+    # left (6, output 1); the other A tokens keep their order, then B tokens 5, 7, ... 15
+    assert fusion.group[0].tolist() == [0, 1, 1, 1, 1, 7, 1, 8, 2, 9, 3, 10, 4, 11, 5, 12, 6]

@@ -16,6 +16,7 @@ TINY = ["--model", "test_vit", "--weights", "random", "--img-size", "32", "--lor
     ("evit+lora", []), ("dynamicvit+lora", []), ("evit+adapter", []), ("dynamicvit+adapter", []),
     ("diffrate+lora", ["--set", "diffrate.kept_prune=[17,17,14,12,10,8]", "--set", "diffrate.kept_merge=[17,16,12,10,8,6]"]),
     ("diffrate+lora", ["--set", "diffrate.target_gmacs=0.0005", "--set", "diffrate.search_epochs=1", "--epochs", "2"]),
+    ("mctf+lora", ["--img-size", "64", "--mctf-r", "2"]),
 ])
 def test_baselines_train_through_the_command_line(vtab_task, tmp_path, method, settings, capsys):
     run = tmp_path / "run"
