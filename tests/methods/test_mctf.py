@@ -59,6 +59,17 @@ def test_at_least_ten_tokens_stay():
     assert tokens_entering(model, torch.randn(1, 3, 32, 32), "mlp") == token_counts(model) == [17, 10, 10]
 
 
+def test_traced_sources_are_the_groups_sizes_count():
+    model = tieta.add_mctf(_vit(), r=8)
+    model.token_state.trace_source = True
+    with torch.no_grad():
+        model(_images())
+    state = model.token_state
+    assert state.source.shape == (2, 41, 65)
+    torch.testing.assert_close(state.source.sum(dim=-1, keepdim=True), state.size)
+    assert bool((state.source.sum(dim=1) == 1).all())  # every input token in exactly one group
+
+
 def reference_forward(model, images, r, layers, prop_attn=True):
     """The reference's evaluation forward (one-step-ahead 1, pooling 1, bidirectional, taus 1/20/40)
     on a plain timm ViT's weights, written as its ``Block_DEIT`` and ``MHSA`` are."""

@@ -192,6 +192,7 @@ def add_mctf(model: nn.Module, r: float = 16, layers: Optional[Sequence[int]] = 
 
 
 def fusion_steps(model: nn.Module) -> list[MultiCriteriaFusion]:
+    """The model's fusing steps, in block order."""
     return [block.select for block in model.blocks if isinstance(block.select, MultiCriteriaFusion)]
 
 
