@@ -233,6 +233,8 @@ def test_refuses_bad_settings_and_a_second_token_reduction():
         tieta.add_mctf(make_vit("plain"), r=2.5)
     with pytest.raises(tieta.TietaError, match="layers"):
         tieta.add_mctf(make_vit("plain"), layers=[3])
+    with pytest.raises(tieta.TietaError, match="layers"):
+        tieta.add_mctf(make_vit("plain"), layers=[1, 1.5])
     with pytest.raises(tieta.TietaError, match="temperatures"):
         tieta.add_mctf(make_vit("plain"), tau_info=-1)
 

@@ -31,7 +31,8 @@ from torch import nn
 from tieta import shard
 from tieta.errors import TietaError
 from tieta.methods import catalog
-from tieta.methods.blocks import PassState, TietaBlock, claim_reduction, pass_state, patch_blocks, token_state
+from tieta.methods.blocks import (Branch, PassState, TietaBlock, claim_reduction, pass_state, patch_blocks,
+                                  token_state)
 from tieta.methods.method import Method
 from tieta.methods.tome import size_bias_mask
 from tieta.ops.mctf import (attention_weighted_fusion, bidirectional_matching, consistency_loss, fusion_scores,
@@ -138,7 +139,7 @@ class AheadAttention(nn.Module):
         super().__init__()
         self.ahead = ahead
 
-    def forward(self, x: torch.Tensor, branch, mask: Optional[torch.Tensor], block: TietaBlock) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, branch: Branch, mask: Optional[torch.Tensor], block: TietaBlock) -> torch.Tensor:
         """Args: x: (B, N', D). Returns: the attention branch's (B, N', D)."""
         probabilities, self.ahead.attention = self.ahead.attention, None
         if probabilities is None:
@@ -178,7 +179,8 @@ def add_mctf(model: nn.Module, r: float = 16, layers: Optional[Sequence[int]] = 
         raise TietaError("mctf temperatures cannot be negative (0 leaves a criterion out)")
     blocks = patch_blocks(model)
     chosen = default_layers(len(blocks)) if layers is None else list(layers)
-    if any(not 0 <= index < len(blocks) for index in chosen) or len(set(chosen)) != len(chosen):
+    if (any(isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(blocks) for index in chosen)
+            or len(set(chosen)) != len(chosen)):
         raise TietaError(f"mctf layers must be distinct block indices below {len(blocks)}, got {chosen}")
     if r > 0 and chosen:
         claim_reduction(model, "MCTF")
