@@ -235,4 +235,5 @@ METHOD = Method(
     describe=lambda model: {"mlp_token_counts": token_counts(model)},
     validate=_validate,
     reduces_tokens=True,
+    shows_merges=True,
 )

@@ -108,6 +108,11 @@ ENTRIES: tuple[Entry, ...] = (
           flags=(Flag("--pitome-ratio", "pitome.ratio", float,
                       "PiToMe: share of tokens each block keeps (default 0.9125)"),),
           verbs=("add_pitome",)),
+    Entry("mctf", "tieta.methods.mctf",
+          "MCTF: fuse tokens by similarity, informativeness and size, with one-step-ahead attention "
+          "(Lee et al., CVPR 2024)",
+          flags=(Flag("--mctf-r", "mctf.r", float, "MCTF: tokens fused per block, or a share below 1 (default 16)"),),
+          verbs=("add_mctf",)),
 )
 
 
