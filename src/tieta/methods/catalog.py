@@ -133,10 +133,15 @@ DIFFRATE = Listing(
              "DiffRate: search the rates for this many GMACs per image in the first diffrate.search_epochs epochs"),
     ),
 )
+DTEM = Listing(
+    name="dtem",
+    summary="DTEM: merge r tokens per block by a learned, decoupled embedding (Lee & Hong, NeurIPS 2024)",
+    flags=(Flag("--dtem-r", "dtem.r", int, "DTEM: tokens merged away in every block (default 16)"),),
+)
 
 # name -> listing, in the order the registry lists the methods
 CATALOG: dict[str, Listing] = {listing.name: listing for listing in (
-    LORA, ADAPTER, TOME, PYRA, DYT, EVIT, DYNAMICVIT, DIFFRATE,
+    LORA, ADAPTER, TOME, PYRA, DYT, EVIT, DYNAMICVIT, DIFFRATE, DTEM,
 )}
 
 

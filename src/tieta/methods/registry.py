@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Optional
 
 from tieta.errors import TietaError
-from tieta.methods import adapter, catalog, diffrate, dynamicvit, dyt, evit, lora, pyra, tome
+from tieta.methods import adapter, catalog, diffrate, dtem, dynamicvit, dyt, evit, lora, pyra, tome
 from tieta.methods.method import Flag, Method
 
 METHODS: dict[str, Method] = {method.name: method for method in (
@@ -20,6 +20,7 @@ METHODS: dict[str, Method] = {method.name: method for method in (
     evit.METHOD,
     dynamicvit.METHOD,
     diffrate.METHOD,
+    dtem.METHOD,
 )}
 
 
