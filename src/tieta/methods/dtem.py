@@ -18,7 +18,7 @@ unprotected tokens, silently (r = 16 on ViT-B/16 merges 10 in the last block).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -30,7 +30,7 @@ from tieta.methods.blocks import (PassState, TietaBlock, claim_reduction, keep_o
 from tieta.methods.method import Method
 from tieta.methods.schedules import clip_schedule, token_counts, vit_shape
 from tieta.methods.tome import size_bias_mask
-from tieta.ops.dtem import default_metric_dim, soft_merge
+from tieta.ops.dtem import default_metric_dim, size_weighted_softmax, soft_merge
 from tieta.ops.merging import bipartite_soft_matching, merge_source, merge_wavg
 
 
@@ -46,6 +46,41 @@ class SoftMergeState(PassState):
 
     def reset(self) -> None:
         self.active = None
+
+
+def size_weighted_attention(attn: nn.Module, x: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
+    """timm's ``Attention.forward`` with the reference's training softmax, sizes multiplying
+    ``exp(logits)`` (``tieta.ops.dtem.size_weighted_softmax``), calling the module's own ``qkv``
+    (LoRA included), ``q_norm``, ``k_norm``, ``attn_drop``, ``norm``, ``gate``, ``proj`` and ``proj_drop``.
+
+    Args: x: (B, N, D) normalised tokens; size: (B, N). Returns: (B, N, D).
+    """
+    batch, tokens, _ = x.shape
+    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
+    qkv = attn.qkv(x).reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    with torch.autocast(device_type=x.device.type, enabled=False):  # float32, as the reference
+        weights = attn.attn_drop(size_weighted_softmax((q.float() * attn.scale) @ k.float().transpose(-2, -1), size))
+        out = (weights @ v.float()).to(v.dtype)
+    out = attn.norm(out.transpose(1, 2).reshape(batch, tokens, -1))
+    if gate is not None:
+        out = out * gate
+    return attn.proj_drop(attn.proj(out))
+
+
+class SoftSizeAttention(nn.Module):
+    """A block's ``attn_gate`` in training: once sizes are soft, attention weights each key by its
+    size as the reference does (a product on exp(logits), through which a size of 0 still gets its
+    gradient); otherwise, and at evaluation, the branch as is (log size as an additive bias)."""
+
+    def forward(self, x: torch.Tensor, branch: Callable, mask: Optional[torch.Tensor], block: TietaBlock
+                ) -> torch.Tensor:
+        size = block.token_state.size
+        if not block.training or size is None:
+            return branch(x, mask)
+        out = size_weighted_attention(block.attn, block.norm1(x), size[..., 0])
+        return block.drop_path1(block.ls1(out))
 
 
 class DTEMMerge(nn.Module):
@@ -74,15 +109,14 @@ class DTEMMerge(nn.Module):
             return x
         state = block.token_state
         prefix = block.num_prefix_tokens
-        if self.training:
+        if block.training:  # the block's mode: a step added to a model in eval mode follows it
             soft = block.soft_merge_state
             size = torch.ones_like(x[..., :1]) if state.size is None else state.size
             active = x.shape[1] if soft.active is None else soft.active
             metric = self.dtem_embed(normed.detach())  # the embedding learns; the backbone gets no gradient here
             x, state.size, soft.active = soft_merge(x, size, metric, self.r, active, prefix, self.candidates,
                                                     self.tau_score, self.tau_select)
-            # soft sizes can reach 0; the floor keeps log(size) finite, and exp(log(floor)) adds nothing
-            state.attn_bias = size_bias_mask(state.size.clamp_min(torch.finfo(state.size.dtype).tiny), x)
+            state.attn_bias = None  # the next blocks' SoftSizeAttention weights by the sizes themselves
             return x
         matching = bipartite_soft_matching(self.dtem_embed(normed), self.r, prefix)
         if state.trace_source:
@@ -135,6 +169,7 @@ def add_dtem(model: nn.Module, r: int = 16, metric_dim: Optional[int] = None, ca
         like = next(block.parameters())
         block.soft_merge_state = soft
         block.reduce = DTEMMerge(width, metric_dim, r, candidates, tau_score, tau_select).to(like.device, like.dtype)
+        block.attn_gate = SoftSizeAttention()
         keep_output(block.norm1)
     return model
 

@@ -77,6 +77,25 @@ def soft_assignment(scores: torch.Tensor, r: int, candidates: int, tau_score: fl
     return torch.zeros_like(scores).scatter_add(-1, index, picked)
 
 
+def size_weighted_softmax(logits: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
+    """Proportional attention with the sizes multiplying ``exp(logits)``, in float32 (the reference's
+    training attention): ``A = exp(L - m) * s / sum_j exp(L - m) * s``.
+
+    It is ``softmax(L + log s)``, except where a soft size is 0: log 0 would cut the gradient that
+    the reference's product passes to that size.
+
+    Args:
+        logits: (B, H, N, N) scaled attention logits.
+        size: (B, N) size of each key token.
+
+    Returns:
+        (B, H, N, N) float32 probabilities.
+    """
+    logits = logits.float()
+    weights = (logits - logits.max(dim=-1, keepdim=True).values).exp() * size[:, None, None, :].float()
+    return weights / weights.sum(dim=-1, keepdim=True)
+
+
 def soft_merge(x: torch.Tensor, size: torch.Tensor, metric: torch.Tensor, r: int, active: int, num_prefix: int,
                candidates: int = 3, tau_score: float = 0.1, tau_select: float = 0.1,
                ) -> tuple[torch.Tensor, torch.Tensor, int]:
