@@ -176,6 +176,13 @@ def test_compiles_without_graph_breaks():
         torch.testing.assert_close(compiled(_images()), model(_images()), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_forward_is_forward_head_of_forward_features(mode):
+    model = tieta.add_dtem(make_vit("avg_pool"), r=2).train(mode == "train")  # pooled by (soft) size
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_head(model.forward_features(_images())), model(_images()))
+
+
 def test_refusals():
     with pytest.raises(tieta.TietaError, match="already reduces tokens"):
         tieta.add_dtem(tieta.add_tome(make_vit("plain"), r=2))
@@ -185,6 +192,11 @@ def test_refusals():
                               ({"tau_select": 0}, "positive"), ({"metric_dim": 0}, "metric_dim")):
         with pytest.raises(tieta.TietaError, match=message):
             tieta.add_dtem(make_vit("plain"), **settings)
+    from tieta.train.config import load_config
+
+    for key, value in (("dtem.r", -1), ("dtem.candidates", 0), ("dtem.tau_score", 0.0), ("dtem.metric_dim", 0)):
+        with pytest.raises(tieta.TietaError, match=key):
+            load_config(overrides={"method": "dtem", key: value})
 
 
 def test_train_export_onnx_and_load_through_the_command_line(vtab_task, tmp_path, capsys):
