@@ -160,8 +160,7 @@ def add_dtem(model: nn.Module, r: int = 16, metric_dim: Optional[int] = None, ca
     if any(isinstance(block.reduce, DTEMMerge) for block in blocks):
         raise TietaError("this model already has DTEM")
     claim_reduction(model, "DTEM")
-    tokens = token_state(model)
-    tokens.prop_attn = True  # the reference weights attention by size in training and evaluation
+    token_state(model)  # sizes and the attention bias; the reference weights attention by size in both modes
     soft = pass_state(model, "soft_merge_state", SoftMergeState)
     width = model.embed_dim
     metric_dim = metric_dim or default_metric_dim(width, blocks[0].attn.num_heads)
