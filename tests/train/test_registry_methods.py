@@ -21,6 +21,7 @@ TINY_SETTINGS = {
     "tofu": ["--schedule", "[1, 1]"],
     "pitome": ["--pitome-ratio", "0.5"],
     "mctf": ["--img-size", "64", "--mctf-r", "2"],  # it always keeps 10 tokens: 5 would fuse none
+    "dtem": ["--dtem-r", "2"],
 }
 
 

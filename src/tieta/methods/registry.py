@@ -113,6 +113,10 @@ ENTRIES: tuple[Entry, ...] = (
           "(Lee et al., CVPR 2024)",
           flags=(Flag("--mctf-r", "mctf.r", float, "MCTF: tokens fused per block, or a share below 1 (default 16)"),),
           verbs=("add_mctf",)),
+    Entry("dtem", "tieta.methods.dtem",
+          "DTEM: merge r tokens per block by a learned, decoupled embedding (Lee & Hong, NeurIPS 2024)",
+          flags=(Flag("--dtem-r", "dtem.r", int, "DTEM: tokens merged away in every block (default 16)"),),
+          verbs=("add_dtem",)),
 )
 
 
