@@ -1,0 +1,163 @@
+"""ATC: agglomerative clustering of the patch tokens (Haurum et al., ECCV 2024).
+
+In a reduction block, right after the attention residual, the patch tokens are clustered bottom-up
+by the cosine distance of their keys (averaged over heads), and each cluster becomes one token, the
+size-weighted mean of its members:
+
+    distance = cosine_distances(keys.mean(dim=1), num_prefix)         # (B, n, n), 1 - cos
+    labels = agglomerative_labels(distance, clusters, "average")      # (B, n) cluster of each token
+    x, size = merge_clusters(x, labels, clusters, size, num_prefix)   # (B, prefix + clusters, D)
+
+The clustering is the textbook one: every token starts as its own cluster, and the two clusters at
+the smallest distance merge, ``n - clusters`` times; the distance of a merged cluster to another
+follows its linkage (Lance-Williams): ``single`` the smaller of its parts' distances, ``complete``
+the larger, ``average`` their mean weighted by the parts' token counts (the mean of all pairwise
+distances). The reference (``JoakimHaurum/ATC``) calls scikit-learn's ``AgglomerativeClustering``
+per image (scipy's nearest-neighbour chain, then a cut of the dendrogram); single, complete and
+average linkage are reducible, so both give the same clusters whenever no two candidate distances
+are exactly equal. Differences from the reference, said plainly:
+
+- ties: where two pairs are at exactly the same distance, this merges the pair of lowest token
+  indices first; scipy's chain may reach another of the tied pairs first;
+- order: the clusters come out in the order of their first token (scikit-learn numbers them in
+  the order of its heap); a ViT without rotary positions computes the same for any order;
+- prefix tokens: every one (class, distillation, registers) is protected; the reference drops only
+  the class token from the distances and would cluster a distillation token.
+
+Distances are taken in float32 as the reference does, then clustered in float64 (scipy's type).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+LINKAGES = ("single", "complete", "average")
+
+
+def cluster_counts(num_patches: int, keep_rate: float, stages: int) -> list[int]:
+    """The reference's clusters per reduction location: ``int(num_patches * keep_rate ** (i + 1))``.
+
+    The keep rate compounds over the locations and the count is truncated, both as the reference
+    computes them (ViT-B/16 at keep rate 0.7: 137, 96, 67 clusters).
+
+    Args:
+        num_patches: patch tokens of the model (196 for ViT-B/16 at 224 px).
+        keep_rate: share of the patch tokens kept per location.
+        stages: how many reduction locations.
+    """
+    return [int(num_patches * keep_rate ** (index + 1)) for index in range(stages)]
+
+
+@torch.no_grad()
+def cosine_distances(metric: torch.Tensor, num_prefix: int) -> torch.Tensor:
+    """1 - cosine similarity between the patch tokens' metrics, symmetric from the upper triangle.
+
+    Args:
+        metric: (B, N, C) similarity features (keys averaged over heads).
+        num_prefix: leading tokens left out (class, distillation, registers).
+
+    Returns:
+        (B, n, n) float64 distances of the n = N - num_prefix patch tokens, +inf on the diagonal.
+        As scipy reads a square matrix (its upper triangle), the lower triangle is its mirror.
+    """
+    metric = metric[:, num_prefix:].float()
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    distance = (1 - metric @ metric.transpose(-1, -2)).double()  # float32 as the reference, then scipy's double
+    upper = distance.triu(diagonal=1)
+    symmetric = upper + upper.transpose(-1, -2)
+    eye = torch.eye(symmetric.shape[-1], dtype=torch.bool, device=symmetric.device)
+    return symmetric.masked_fill(eye, float("inf"))
+
+
+def linkage_update(linkage: str, to_kept: torch.Tensor, to_merged: torch.Tensor, kept_count: torch.Tensor,
+                   merged_count: torch.Tensor) -> torch.Tensor:
+    """Distance from the union of two clusters to every other cluster (Lance-Williams, as scipy).
+
+    Args:
+        linkage: "single", "complete" or "average".
+        to_kept, to_merged: (B, n) distances of every cluster to the two merging clusters.
+        kept_count, merged_count: (B, 1) tokens in each of the two.
+
+    Returns:
+        (B, n) distances to their union.
+    """
+    if linkage == "single":
+        return torch.minimum(to_kept, to_merged)
+    if linkage == "complete":
+        return torch.maximum(to_kept, to_merged)
+    return (kept_count * to_kept + merged_count * to_merged) / (kept_count + merged_count)
+
+
+@torch.no_grad()
+def agglomerative_labels(distance: torch.Tensor, clusters: int, linkage: str = "average") -> torch.Tensor:
+    """Cluster every image's tokens bottom-up into ``clusters`` clusters.
+
+    Each step merges, in every image at once, the two clusters at the smallest distance (the pair
+    of lowest indices among exact ties); the union lives on at the lower index. ``n - clusters``
+    steps, each O(B n^2): a Python loop of a fixed count, so ``torch.compile`` and ONNX export
+    unroll it.
+
+    Args:
+        distance: (B, n, n) symmetric distances, +inf on the diagonal (:func:`cosine_distances`).
+        clusters: clusters to form, 1..n.
+        linkage: "single", "complete" or "average".
+
+    Returns:
+        (B, n) long: the cluster of each token, 0..clusters-1, numbered in the order of their
+        first token.
+    """
+    if linkage not in LINKAGES:
+        raise ValueError(f"linkage must be one of {LINKAGES}, got {linkage!r}")
+    batch, tokens, _ = distance.shape
+    if not 1 <= clusters <= tokens:
+        raise ValueError(f"cannot form {clusters} clusters of {tokens} tokens")
+    device = distance.device
+    root = torch.arange(tokens, device=device).expand(batch, tokens).clone()  # each token's cluster
+    count = torch.ones(batch, tokens, dtype=distance.dtype, device=device)  # tokens per cluster
+    images = torch.arange(batch, device=device)
+    columns = torch.arange(tokens, device=device)
+    for _ in range(tokens - clusters):
+        pair = distance.reshape(batch, -1).argmin(dim=1)  # row-major: the first (i < j) of the smallest
+        kept, merged = pair // tokens, pair % tokens  # (B,), kept < merged
+        to_kept, to_merged = distance[images, kept], distance[images, merged]  # (B, n)
+        kept_count, merged_count = count[images, kept][:, None], count[images, merged][:, None]
+        joined = linkage_update(linkage, to_kept, to_merged, kept_count, merged_count)
+        gone = (columns == kept[:, None]) | (columns == merged[:, None])  # (B, n)
+        joined = joined.masked_fill(gone, float("inf"))
+        is_kept = (columns == kept[:, None])[:, :, None]  # (B, n, 1)
+        is_merged = (columns == merged[:, None])[:, :, None]
+        distance = torch.where(is_kept, joined[:, None, :], distance)  # the union's row
+        distance = torch.where(is_kept.transpose(1, 2), joined[:, :, None], distance)  # and column
+        distance = distance.masked_fill(is_merged | is_merged.transpose(1, 2), float("inf"))
+        count = torch.where(is_kept[..., 0], kept_count + merged_count, count)
+        root = torch.where(root == merged[:, None], kept[:, None], root)
+    alive = root == columns  # (B, n): the clusters' first tokens
+    number = alive.long().cumsum(dim=1) - 1
+    return number.gather(1, root)
+
+
+def merge_clusters(x: torch.Tensor, labels: torch.Tensor, clusters: int, size: Optional[torch.Tensor],
+                   num_prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each cluster of patch tokens as one token, the size-weighted mean of its members.
+
+    Args:
+        x: (B, N, D) tokens after the attention residual.
+        labels: (B, N - num_prefix) cluster of each patch token, 0..clusters-1.
+        clusters: number of clusters.
+        size: (B, N, 1) input patches per token, None for 1 each (the reference's first merge).
+        num_prefix: leading tokens passed through in front, each its own token.
+
+    Returns:
+        (B, num_prefix + clusters, D) tokens and their (B, num_prefix + clusters, 1) sizes.
+    """
+    batch, _, width = x.shape
+    if size is None:
+        size = x.new_ones(batch, x.shape[1], 1)
+    prefix = torch.arange(num_prefix, device=x.device).expand(batch, num_prefix)
+    index = torch.cat([prefix, labels + num_prefix], dim=1)[..., None]  # (B, N, 1)
+    slots = num_prefix + clusters
+    total = x.new_zeros(batch, slots, width).scatter_add(1, index.expand(-1, -1, width), x * size)
+    size = size.new_zeros(batch, slots, 1).scatter_add(1, index, size)
+    return total / size, size
