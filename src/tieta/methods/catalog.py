@@ -133,10 +133,21 @@ DIFFRATE = Listing(
              "DiffRate: search the rates for this many GMACs per image in the first diffrate.search_epochs epochs"),
     ),
 )
+ATC = Listing(
+    name="atc",
+    summary="ATC: agglomerative clustering of the patch tokens at a few blocks (Haurum et al., ECCV 2024)",
+    flags=(
+        Flag("--atc-keep-rate", "atc.keep_rate", float,
+             "ATC: share of the patch tokens kept per location, compounding (default 0.7)"),
+        Flag("--linkage", "atc.linkage", str, "ATC: how cluster distances combine (default average)",
+             ("single", "complete", "average")),
+    ),
+)
 
 # name -> listing, in the order the registry lists the methods
 CATALOG: dict[str, Listing] = {listing.name: listing for listing in (
     LORA, ADAPTER, TOME, PYRA, DYT, EVIT, DYNAMICVIT, DIFFRATE,
+    ATC,
 )}
 
 

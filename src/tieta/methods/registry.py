@@ -9,6 +9,7 @@ from typing import Optional
 
 from tieta.errors import TietaError
 from tieta.methods import adapter, catalog, diffrate, dynamicvit, dyt, evit, lora, pyra, tome
+from tieta.methods import atc
 from tieta.methods.method import Flag, Method
 
 METHODS: dict[str, Method] = {method.name: method for method in (
@@ -20,6 +21,7 @@ METHODS: dict[str, Method] = {method.name: method for method in (
     evit.METHOD,
     dynamicvit.METHOD,
     diffrate.METHOD,
+    atc.METHOD,
 )}
 
 
