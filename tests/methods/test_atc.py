@@ -81,6 +81,8 @@ def test_token_counts_of_the_reference_at_vit_b16_layout():
     model = tieta.add_atc(_vit_b16_layout(), keep_rate=0.7)
     assert tokens_entering(model, torch.randn(1, 3, 224, 224), "mlp") == expected
     assert token_counts(model) == expected
+    # the cost the README gives for ViT-B/16 at the defaults (tieta flops: 11.426 GMACs)
+    assert round(_field_gmacs(expected, 768, 12, patches=196, classes=1000, patch_size=16), 3) == 11.426
     chosen = tieta.add_atc(_vit_b16_layout(), locations=[2, 8], clusters=[100, 20])
     assert token_counts(chosen) == [197] * 2 + [101] * 6 + [21] * 4
 

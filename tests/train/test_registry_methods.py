@@ -14,6 +14,7 @@ TINY = ["--model", "test_vit", "--weights", "random", "--img-size", "32", "--lor
 
 @pytest.mark.parametrize("method,settings", [
     ("evit+lora", []), ("dynamicvit+lora", []), ("evit+adapter", []), ("dynamicvit+adapter", []),
+    ("atc+lora", []),
     ("diffrate+lora", ["--set", "diffrate.kept_prune=[17,17,14,12,10,8]", "--set", "diffrate.kept_merge=[17,16,12,10,8,6]"]),
     ("diffrate+lora", ["--set", "diffrate.target_gmacs=0.0005", "--set", "diffrate.search_epochs=1", "--epochs", "2"]),
 ])
