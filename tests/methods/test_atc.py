@@ -152,10 +152,11 @@ def test_copies_and_state_dict_round_trip():
         torch.testing.assert_close(fresh(x), expected, rtol=0, atol=0)
 
 
-def test_compiles_to_one_graph_with_the_eager_logits():
+@pytest.mark.parametrize("linkage", ["complete", "single"])  # the two code paths
+def test_compiles_to_one_graph_with_the_eager_logits(linkage):
     from tieta.deploy.compiled import compile_model
 
-    model = tieta.add_atc(make_vit("registers"), locations=[1], clusters=[12], linkage="complete")
+    model = tieta.add_atc(make_vit("registers"), locations=[1], clusters=[12], linkage=linkage)
     x = torch.randn(2, 3, 32, 32)
     # one graph (fullgraph: a break is an error), run without inductor's slow code generation
     compiled = compile_model(model, backend="aot_eager", fullgraph=True)

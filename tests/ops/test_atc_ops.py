@@ -248,11 +248,10 @@ def test_one_reduction_is_the_references(linkage):
             torch.testing.assert_close(out_size[image], expected_size[image, order])
 
 
-@pytest.mark.parametrize("linkage", ["complete", "average"])
-def test_tied_distances(linkage):
+@pytest.mark.parametrize("linkage", LINKAGES)
+def test_duplicated_tokens(linkage):
     """Duplicated tokens (exactly tied distances, as flat image regions give): the merged tokens
-    are the reference's up to their order. (Not so for single linkage, nor for ties in general:
-    scipy's chain can take another of the tied pairs first; see tieta.ops.atc.)"""
+    are the reference's up to their order."""
     generator = torch.Generator().manual_seed(3)
     base = torch.randn(1, 6, 4, generator=generator)
     metric = torch.cat([base[:, :1], base[:, 1:].repeat(1, 3, 1)], dim=1)  # class token + 5 tokens thrice
@@ -264,6 +263,21 @@ def test_tied_distances(linkage):
         rows = sorted(torch.cat([out[0], out_size[0]], dim=1).tolist())
         expected_rows = sorted(torch.cat([expected[0], expected_size[0]], dim=1).tolist())
         torch.testing.assert_close(torch.tensor(rows), torch.tensor(expected_rows))
+
+
+def test_single_linkage_breaks_ties_as_scipy():
+    """Many exactly equal distances (integer grid points, city-block distance): single linkage
+    gives scikit-learn's partition all the same. (Complete and average linkage need not: scipy's
+    chain may merge another of the tied pairs first; see tieta.ops.atc.)"""
+    generator = torch.Generator().manual_seed(4)
+    for trial in range(20):
+        tokens = 4 + trial
+        points = torch.randint(0, 3, (tokens, 2), generator=generator).double()
+        square = (points[:, None] - points[None]).abs().sum(-1)
+        distance = square.masked_fill(torch.eye(tokens, dtype=torch.bool), INF)[None]
+        clusters = 1 + trial % tokens
+        labels = agglomerative_labels(distance, clusters, "single")[0].tolist()
+        assert labels == canonical(sklearn_labels(square.tolist(), clusters, "single"))
 
 
 def test_keep_all_and_bad_arguments():

@@ -17,8 +17,9 @@ per image (scipy's nearest-neighbour chain, then a cut of the dendrogram); singl
 average linkage are reducible, so both give the same clusters whenever no two candidate distances
 are exactly equal. Differences from the reference, said plainly:
 
-- ties: where two pairs are at exactly the same distance, this merges the pair of lowest token
-  indices first; scipy's chain may reach another of the tied pairs first;
+- ties: single linkage follows scipy's minimum spanning tree, ties included; for complete and
+  average linkage, where two pairs are at exactly the same distance, this merges the pair of lowest
+  token indices first, and scipy's chain may reach another of the tied pairs first;
 - order: the clusters come out in the order of their first token (scikit-learn numbers them in
   the order of its heap); a ViT without rotary positions computes the same for any order;
 - prefix tokens: every one (class, distillation, registers) is protected; the reference drops only
@@ -94,7 +95,7 @@ def linkage_update(linkage: str, to_kept: torch.Tensor, to_merged: torch.Tensor,
 def agglomerative_labels(distance: torch.Tensor, clusters: int, linkage: str = "average") -> torch.Tensor:
     """Cluster every image's tokens bottom-up into ``clusters`` clusters.
 
-    Each step merges, in every image at once, the two clusters at the smallest distance (the pair
+    Single linkage: :func:`single_linkage_labels`. Complete and average: each step merges, in every image at once, the two clusters at the smallest distance (the pair
     of lowest indices among exact ties); the union lives on at the lower index. ``n - clusters``
     steps, each O(B n^2): a Python loop of a fixed count, so ``torch.compile`` and ONNX export
     unroll it.
@@ -113,6 +114,8 @@ def agglomerative_labels(distance: torch.Tensor, clusters: int, linkage: str = "
     batch, tokens, _ = distance.shape
     if not 1 <= clusters <= tokens:
         raise ValueError(f"cannot form {clusters} clusters of {tokens} tokens")
+    if linkage == "single":
+        return single_linkage_labels(distance, clusters)
     device = distance.device
     root = torch.arange(tokens, device=device).expand(batch, tokens).clone()  # each token's cluster
     count = torch.ones(batch, tokens, dtype=distance.dtype, device=device)  # tokens per cluster
@@ -133,7 +136,53 @@ def agglomerative_labels(distance: torch.Tensor, clusters: int, linkage: str = "
         distance = distance.masked_fill(is_merged | is_merged.transpose(1, 2), float("inf"))
         count = torch.where(is_kept[..., 0], kept_count + merged_count, count)
         root = torch.where(root == merged[:, None], kept[:, None], root)
-    alive = root == columns  # (B, n): the clusters' first tokens
+    return numbered(root)
+
+
+@torch.no_grad()
+def single_linkage_labels(distance: torch.Tensor, clusters: int) -> torch.Tensor:
+    """Single linkage as scipy computes it, ties included: the minimum spanning tree grown by Prim
+    from token 0 (the lowest index among equally near tokens joins first), its edges sorted stably
+    by length, and the clusters those shorter than the cut connect.
+
+    Args:
+        distance: (B, n, n) symmetric distances (:func:`cosine_distances`).
+        clusters: clusters to form, 1..n.
+
+    Returns:
+        (B, n) long: the cluster of each token, numbered in the order of their first token.
+    """
+    batch, tokens, _ = distance.shape
+    device = distance.device
+    images = torch.arange(batch, device=device)
+    nearest = torch.full((batch, tokens), float("inf"), dtype=distance.dtype, device=device)  # to the tree
+    in_tree = torch.zeros(batch, tokens, dtype=torch.bool, device=device)
+    last = torch.zeros(batch, dtype=torch.long, device=device)  # the token that joined last
+    starts, ends, lengths = [], [], []
+    for _ in range(tokens - 1):
+        in_tree = in_tree | (torch.arange(tokens, device=device) == last[:, None])
+        nearest = torch.minimum(nearest, distance[images, last]).masked_fill(in_tree, float("inf"))
+        joining = nearest.argmin(dim=1)  # first index of the smallest
+        starts.append(last)
+        ends.append(joining)
+        lengths.append(nearest[images, joining])
+        last = joining
+    root = torch.arange(tokens, device=device).expand(batch, tokens).clone()
+    if tokens == 1:
+        return numbered(root)
+    order = torch.stack(lengths, dim=1).sort(dim=1, stable=True).indices  # (B, n - 1)
+    starts, ends = torch.stack(starts, dim=1).gather(1, order), torch.stack(ends, dim=1).gather(1, order)
+    for step in range(tokens - clusters):  # join along the shortest edges
+        a, b = root[images, starts[:, step]], root[images, ends[:, step]]
+        low, high = torch.minimum(a, b), torch.maximum(a, b)
+        root = torch.where(root == high[:, None], low[:, None], root)
+    return numbered(root)
+
+
+def numbered(root: torch.Tensor) -> torch.Tensor:
+    """(B, n) cluster numbers 0.. in the order of their first token, from each token's cluster
+    root (B, n), the root being the cluster's first token."""
+    alive = root == torch.arange(root.shape[1], device=root.device)  # (B, n): the clusters' first tokens
     number = alive.long().cumsum(dim=1) - 1
     return number.gather(1, root)
 
