@@ -117,24 +117,28 @@ def agglomerative_labels(distance: torch.Tensor, clusters: int, linkage: str = "
     if linkage == "single":
         return single_linkage_labels(distance, clusters)
     device = distance.device
+    distance = distance.clone()  # updated in place, row and column of each merge: O(B n) a step
+    rows = distance.view(batch * tokens, tokens)  # image b's row i is row b * n + i
+    cells = distance.view(-1)
     root = torch.arange(tokens, device=device).expand(batch, tokens).clone()  # each token's cluster
-    count = torch.ones(batch, tokens, dtype=distance.dtype, device=device)  # tokens per cluster
-    images = torch.arange(batch, device=device)
+    count = torch.ones(batch * tokens, dtype=distance.dtype, device=device)  # tokens per cluster, as rows
+    first_row = torch.arange(batch, device=device) * tokens  # (B,)
     columns = torch.arange(tokens, device=device)
     for _ in range(tokens - clusters):
         pair = distance.reshape(batch, -1).argmin(dim=1)  # row-major: the first (i < j) of the smallest
         kept, merged = pair // tokens, pair % tokens  # (B,), kept < merged
-        to_kept, to_merged = distance[images, kept], distance[images, merged]  # (B, n)
-        kept_count, merged_count = count[images, kept][:, None], count[images, merged][:, None]
-        joined = linkage_update(linkage, to_kept, to_merged, kept_count, merged_count)
-        gone = (columns == kept[:, None]) | (columns == merged[:, None])  # (B, n)
+        kept_row, merged_row = first_row + kept, first_row + merged
+        kept_count, merged_count = count[kept_row][:, None], count[merged_row][:, None]
+        joined = linkage_update(linkage, rows[kept_row], rows[merged_row], kept_count, merged_count)  # (B, n)
+        gone = (columns == kept[:, None]) | (columns == merged[:, None])
         joined = joined.masked_fill(gone, float("inf"))
-        is_kept = (columns == kept[:, None])[:, :, None]  # (B, n, 1)
-        is_merged = (columns == merged[:, None])[:, :, None]
-        distance = torch.where(is_kept, joined[:, None, :], distance)  # the union's row
-        distance = torch.where(is_kept.transpose(1, 2), joined[:, :, None], distance)  # and column
-        distance = distance.masked_fill(is_merged | is_merged.transpose(1, 2), float("inf"))
-        count = torch.where(is_kept[..., 0], kept_count + merged_count, count)
+        # 1-D index copies: advanced indexing around a slice takes a slow path on the CPU
+        in_column = (first_row[:, None] + columns) * tokens  # (B, n): where each row starts
+        rows.index_copy_(0, kept_row, joined)  # the union's row
+        cells.index_copy_(0, (in_column + kept[:, None]).reshape(-1), joined.reshape(-1))  # and column
+        rows.index_fill_(0, merged_row, float("inf"))  # the merged cluster is gone
+        cells.index_fill_(0, (in_column + merged[:, None]).reshape(-1), float("inf"))
+        count.index_copy_(0, kept_row, (kept_count + merged_count)[:, 0])
         root = torch.where(root == merged[:, None], kept[:, None], root)
     return numbered(root)
 
