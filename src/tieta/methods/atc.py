@@ -10,7 +10,8 @@ it, as in the reference, each reduction averages its tokens unweighted and no si
 clustering takes no gradient and adds no parameters; training and evaluation compute the same.
 
 Models with rotary position embeddings are refused: a cluster gathers tokens from anywhere in the
-image and has no position to rotate by.
+image and has no position to rotate by. A keep rate that leaves no cluster at a location is refused
+too (the reference would silently skip that location).
 """
 
 from __future__ import annotations
