@@ -164,6 +164,18 @@ def test_compiles_to_one_graph_with_the_eager_logits(linkage):
         torch.testing.assert_close(compiled(x), model(x), rtol=0, atol=1e-5)
 
 
+def test_single_linkage_exports_to_onnx(tmp_path):
+    """The spanning tree's stable sort in the graph (the command-line test below exports the other
+    linkages' code path)."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from tieta.deploy.onnx import check_onnx, export_onnx
+
+    model = tieta.add_atc(make_vit("registers"), locations=[1], clusters=[12], linkage="single")
+    path = export_onnx(model, tmp_path / "model.onnx", 2, 32)
+    assert check_onnx(model, path, torch.randn(2, 3, 32, 32)) < 1e-4
+
+
 def test_refusals_are_one_sentence():
     for kwargs, message in [({"keep_rate": 0}, "keep_rate"), ({"linkage": "ward"}, "linkage"),
                             ({"clusters": [3]}, "clusters gives 1 counts for 3 locations"),
