@@ -187,7 +187,7 @@ def test_refusals_are_one_sentence():
     with pytest.raises(tieta.TietaError, match="already reduces tokens"):
         tieta.add_evit(tieta.add_atc(make_vit("plain")))
     model = tieta.add_atc(make_vit("plain"), keep_rate=0.5)
-    assert [isinstance(b.reduce, ATCReduce) for b in model.blocks] == [True] * 3  # depth 3: 3, 6, 9 at a quarter of depth
+    assert [isinstance(b.reduce, ATCReduce) for b in model.blocks] == [True] * 3  # depth 3: 0, 1, 2
 
 
 def test_trains_exports_and_loads_through_the_command_line(vtab_task, tmp_path, capsys, quick_throughput):

@@ -309,5 +309,6 @@ def test_agrees_with_scikit_learn_itself():
         normed = metric[:, 1:] / metric[:, 1:].norm(dim=-1, keepdim=True)
         square = (1 - normed @ normed.transpose(-1, -2)).numpy()
         for image in range(2):
-            fitted = cluster.AgglomerativeClustering(n_clusters=9, metric="precomputed", linkage=linkage).fit(square[image])
+            clustering = cluster.AgglomerativeClustering(n_clusters=9, metric="precomputed", linkage=linkage)
+            fitted = clustering.fit(square[image])
             assert labels[image].tolist() == canonical(fitted.labels_.tolist())

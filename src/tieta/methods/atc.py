@@ -24,7 +24,8 @@ from torch import nn
 
 from tieta.errors import TietaError
 from tieta.methods import catalog
-from tieta.methods.blocks import TietaBlock, claim_reduction, keep_output, patch_blocks, rotated, take_output, token_state
+from tieta.methods.blocks import (TietaBlock, claim_reduction, keep_output, patch_blocks, rotated, take_output,
+                                  token_state)
 from tieta.methods.method import Method
 from tieta.methods.schedules import stage_blocks
 from tieta.methods.tome import size_bias_mask

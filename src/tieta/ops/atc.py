@@ -97,10 +97,10 @@ def linkage_update(linkage: str, to_kept: torch.Tensor, to_merged: torch.Tensor,
 def agglomerative_labels(distance: torch.Tensor, clusters: int, linkage: str = "average") -> torch.Tensor:
     """Cluster every image's tokens bottom-up into ``clusters`` clusters.
 
-    Single linkage: :func:`single_linkage_labels`. Complete and average: each step merges, in every image at once, the two clusters at the smallest distance (the pair
-    of lowest indices among exact ties); the union lives on at the lower index. ``n - clusters``
-    steps, each O(B n^2): a Python loop of a fixed count, so ``torch.compile`` and ONNX export
-    unroll it.
+    Single linkage: :func:`single_linkage_labels`. Complete and average: each step merges, in every
+    image at once, the two clusters at the smallest distance (the pair of lowest indices among exact
+    ties); the union lives on at the lower index. ``n - clusters`` steps, each O(B n^2): a Python
+    loop of a fixed count, so ``torch.compile`` and ONNX export unroll it.
 
     Args:
         distance: (B, n, n) symmetric distances, +inf on the diagonal (:func:`cosine_distances`).
