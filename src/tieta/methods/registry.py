@@ -117,6 +117,13 @@ ENTRIES: tuple[Entry, ...] = (
           "DTEM: merge r tokens per block by a learned, decoupled embedding (Lee & Hong, NeurIPS 2024)",
           flags=(Flag("--dtem-r", "dtem.r", int, "DTEM: tokens merged away in every block (default 16)"),),
           verbs=("add_dtem",)),
+    Entry("atc", "tieta.methods.atc",
+          "ATC: agglomerative clustering of the patch tokens at a few blocks (Haurum et al., ECCV 2024)",
+          flags=(Flag("--atc-keep-rate", "atc.keep_rate", float,
+                      "ATC: share of the patch tokens kept per location, compounding (default 0.7)"),
+                 Flag("--linkage", "atc.linkage", str, "ATC: how cluster distances combine (default average)",
+                      ("single", "complete", "average"))),
+          verbs=("add_atc",)),
 )
 
 
