@@ -2,6 +2,8 @@
 the methods that merge tokens, ``show-tokens`` the token decisions of the methods that have them;
 any other method is refused in one sentence that names what can be drawn (never replaced)."""
 
+import pytest
+
 from conftest import refused, write_vtab_task
 from tieta.cli import main
 from tieta.methods import registry
@@ -41,3 +43,12 @@ def test_show_tokens_refuses_a_run_without_token_decisions(tmp_path, capsys):
     assert message == (f"tieta: error: the run {run} (lora) has no token decisions to show; show-tokens draws "
                        "those of dyt")
     assert not (tmp_path / "pictures" / "activation_rates.png").exists()
+
+
+@pytest.mark.parametrize("name", [method.name for method in registry.METHODS.values() if method.shows_merges])
+def test_every_method_that_declares_merges_draws_them(tmp_path, capsys, name):
+    task = write_vtab_task(tmp_path / "task")
+    tiny_64 = [*TINY[:4], "--img-size", "64", "--lora-rank", "2"]  # 64 patches: room for every method to merge
+    assert main(["show-merges", *tiny_64, "--method", f"{name}+lora", "--data", str(task), "--count", "2",
+                 "--output", str(tmp_path)]) == 0
+    assert (tmp_path / "merges.png").read_bytes()[:4] == b"\x89PNG"
