@@ -10,6 +10,7 @@ import pytest
 
 import tieta
 from tieta.errors import TietaError
+from tieta.methods.atc import METHOD as ATC, ATCConfig
 from tieta.methods.diffrate import METHOD as DIFFRATE, DiffRateConfig
 from tieta.methods.dyt import METHOD as DYT, DyTConfig
 from tieta.methods.evit import METHOD as EVIT, EViTConfig
@@ -34,6 +35,12 @@ CASES = [
      "granularity must be at least 1"),
     (lambda m: tieta.add_diffrate(m, target_gmacs=-1.0), DIFFRATE, "diffrate", DiffRateConfig(target_gmacs=-1.0), "",
      "target_gmacs must be positive"),
+    (lambda m: tieta.add_atc(m, keep_rate=0), ATC, "atc", ATCConfig(keep_rate=0), "",
+     "keep_rate must be in (0, 1], got 0"),
+    (lambda m: tieta.add_atc(m, linkage="ward"), ATC, "atc", ATCConfig(linkage="ward"), "",
+     "linkage must be one of single, complete, average, got 'ward'"),
+    (lambda m: tieta.add_atc(m, clusters=[0, 2, 1]), ATC, "atc", ATCConfig(clusters=[0, 2, 1]), "",
+     "clusters must be whole numbers of at least 1, got [0, 2, 1]"),
 ]
 
 

@@ -81,10 +81,8 @@ def add_atc(model: nn.Module, keep_rate: float = 0.7, locations: Optional[Sequen
     Returns:
         The same model.
     """
-    if not 0 < keep_rate <= 1:
-        raise TietaError(f"keep_rate must be in (0, 1], got {keep_rate}")
-    if linkage not in LINKAGES:
-        raise TietaError(f"linkage must be one of {', '.join(LINKAGES)}, got {linkage!r}")
+    ATCConfig(keep_rate=keep_rate, locations=locations, linkage=linkage, clusters=clusters,
+              prop_attn=prop_attn).check(prefix="")
     if getattr(model, "rope", None) is not None:
         raise TietaError("ATC cannot run on a model with rotary position embeddings: a cluster gathers tokens "
                          "from anywhere in the image and has no position to rotate by")
@@ -130,15 +128,19 @@ class ATCConfig:
     clusters: Optional[list[int]] = None  # patch tokens after each location, instead of keep_rate
     prop_attn: bool = True
 
+    def check(self, prefix: str = "atc.") -> None:
+        """Raise a TietaError, in one sentence, for settings that cannot work. ``prefix`` names the
+        fields as the user wrote them: the config section's, or nothing for add_atc's arguments."""
+        if not 0 < self.keep_rate <= 1:
+            raise TietaError(f"{prefix}keep_rate must be in (0, 1], got {self.keep_rate}")
+        if self.linkage not in LINKAGES:
+            raise TietaError(f"{prefix}linkage must be one of {', '.join(LINKAGES)}, got {self.linkage!r}")
+        if self.clusters is not None and any(count < 1 for count in self.clusters):
+            raise TietaError(f"{prefix}clusters must be whole numbers of at least 1, got {list(self.clusters)}")
+
 
 def _validate(config: Any) -> None:
-    atc = config.atc
-    if not 0 < atc.keep_rate <= 1:
-        raise TietaError(f"atc.keep_rate must be in (0, 1], got {atc.keep_rate}")
-    if atc.linkage not in LINKAGES:
-        raise TietaError(f"atc.linkage must be one of {', '.join(LINKAGES)}, got {atc.linkage!r}")
-    if atc.clusters is not None and any(count < 1 for count in atc.clusters):
-        raise TietaError(f"atc.clusters must be whole numbers of at least 1, got {atc.clusters}")
+    config.atc.check()
 
 
 def _attach(model: nn.Module, config: Any) -> nn.Module:
