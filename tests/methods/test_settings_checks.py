@@ -12,6 +12,7 @@ import tieta
 from tieta.errors import TietaError
 from tieta.methods.atc import METHOD as ATC, ATCConfig
 from tieta.methods.diffrate import METHOD as DIFFRATE, DiffRateConfig
+from tieta.methods.dtem import METHOD as DTEM, DTEMConfig
 from tieta.methods.dyt import METHOD as DYT, DyTConfig
 from tieta.methods.evit import METHOD as EVIT, EViTConfig
 from tieta.methods.lora import METHOD as LORA, LoRAConfig
@@ -41,6 +42,12 @@ CASES = [
      "linkage must be one of single, complete, average, got 'ward'"),
     (lambda m: tieta.add_atc(m, clusters=[0, 2, 1]), ATC, "atc", ATCConfig(clusters=[0, 2, 1]), "",
      "clusters must be whole numbers of at least 1, got [0, 2, 1]"),
+    (lambda m: tieta.add_dtem(m, r=-1), DTEM, "dtem", DTEMConfig(r=-1), "DTEM's ",
+     "r is the tokens each block merges and cannot be negative, got -1"),
+    (lambda m: tieta.add_dtem(m, candidates=0), DTEM, "dtem", DTEMConfig(candidates=0), "DTEM's ",
+     "candidates must be at least 1, got 0"),
+    (lambda m: tieta.add_dtem(m, metric_dim=0), DTEM, "dtem", DTEMConfig(metric_dim=0), "DTEM's ",
+     "metric_dim must be a whole number >= 1, got 0"),
 ]
 
 

@@ -141,17 +141,8 @@ def add_dtem(model: nn.Module, r: int = 16, metric_dim: Optional[int] = None, ca
     Returns:
         The same model; each block's ``reduce.dtem_embed`` is the trainable embedding.
     """
-    for name, value in (("r", r), ("candidates", candidates)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TietaError(f"DTEM's {name} must be a whole number, got {value!r}")
-    if r < 0:
-        raise TietaError(f"DTEM's r is the tokens each block merges and cannot be negative, got {r}")
-    if candidates < 1:
-        raise TietaError(f"DTEM's candidates must be at least 1, got {candidates}")
-    if not (tau_score > 0 and tau_select > 0):
-        raise TietaError(f"DTEM's temperatures must be positive, got {tau_score} and {tau_select}")
-    if metric_dim is not None and (isinstance(metric_dim, bool) or not isinstance(metric_dim, int) or metric_dim < 1):
-        raise TietaError(f"DTEM's metric_dim must be a whole number >= 1, got {metric_dim!r}")
+    DTEMConfig(r=r, metric_dim=metric_dim, candidates=candidates, tau_score=tau_score,
+               tau_select=tau_select).check(prefix="DTEM's ")
     if getattr(model, "rope", None) is not None:
         raise TietaError("DTEM does not support models with rotary position embeddings: its training merge "
                          "reorders tokens by soft size, which rope positions cannot follow")
@@ -194,6 +185,24 @@ class DTEMConfig:
     tau_score: float = 0.1  # training: temperature of the similarities (tau1)
     tau_select: float = 0.1  # training: temperature of each selection round (tau2)
 
+    def check(self, prefix: str = "dtem.") -> None:
+        """Raise a TietaError, in one sentence, for settings that cannot work. ``prefix`` names the
+        fields as the user wrote them: the config section's, or "DTEM's " for add_dtem's arguments."""
+        for name, value in (("r", self.r), ("candidates", self.candidates)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TietaError(f"{prefix}{name} must be a whole number, got {value!r}")
+        if self.r < 0:
+            raise TietaError(f"{prefix}r is the tokens each block merges and cannot be negative, got {self.r}")
+        if self.candidates < 1:
+            raise TietaError(f"{prefix}candidates must be at least 1, got {self.candidates}")
+        if not (self.tau_score > 0 and self.tau_select > 0):
+            raise TietaError(f"{prefix}tau_score and {prefix}tau_select must be positive, got {self.tau_score} "
+                             f"and {self.tau_select}")
+        metric_dim = self.metric_dim
+        if metric_dim is not None and (isinstance(metric_dim, bool) or not isinstance(metric_dim, int)
+                                       or metric_dim < 1):
+            raise TietaError(f"{prefix}metric_dim must be a whole number >= 1, got {metric_dim!r}")
+
 
 def _attach(model: nn.Module, config: Any) -> nn.Module:
     dtem = config.dtem
@@ -201,16 +210,7 @@ def _attach(model: nn.Module, config: Any) -> nn.Module:
 
 
 def _validate(config: Any) -> None:
-    dtem = config.dtem
-    if dtem.r < 0:
-        raise TietaError(f"dtem.r cannot be negative, got {dtem.r}")
-    if dtem.candidates < 1:
-        raise TietaError(f"dtem.candidates must be at least 1, got {dtem.candidates}")
-    if not (dtem.tau_score > 0 and dtem.tau_select > 0):
-        raise TietaError(f"dtem.tau_score and dtem.tau_select must be positive, got {dtem.tau_score} and "
-                         f"{dtem.tau_select}")
-    if dtem.metric_dim is not None and dtem.metric_dim < 1:
-        raise TietaError(f"dtem.metric_dim must be at least 1, got {dtem.metric_dim}")
+    config.dtem.check()
 
 
 METHOD = Method(
