@@ -16,6 +16,7 @@ from tieta.methods.dtem import METHOD as DTEM, DTEMConfig
 from tieta.methods.dyt import METHOD as DYT, DyTConfig
 from tieta.methods.evit import METHOD as EVIT, EViTConfig
 from tieta.methods.lora import METHOD as LORA, LoRAConfig
+from tieta.methods.mctf import METHOD as MCTF, MCTFConfig
 from tests.conftest import make_vit
 
 # (the verb's call, the method, its section with the same setting, the verb's prefix, the sentence after it)
@@ -48,6 +49,8 @@ CASES = [
      "candidates must be at least 1, got 0"),
     (lambda m: tieta.add_dtem(m, metric_dim=0), DTEM, "dtem", DTEMConfig(metric_dim=0), "DTEM's ",
      "metric_dim must be a whole number >= 1, got 0"),
+    (lambda m: tieta.add_mctf(m, r=2.5), MCTF, "mctf", MCTFConfig(r=2.5), "MCTF's ",
+     "r must be a whole number of tokens or a share in [0, 1), got 2.5"),
 ]
 
 

@@ -169,13 +169,11 @@ def add_mctf(model: nn.Module, r: float = 16, layers: Optional[Sequence[int]] = 
     Returns:
         The same model.
     """
+    MCTFConfig(r=r, layers=layers, tau_sim=tau_sim, tau_info=tau_info, tau_size=tau_size,
+               bidirectional=bidirectional, prop_attn=prop_attn).check(prefix="MCTF's ")
     if isinstance(model, Eva):
         raise TietaError("MCTF works on timm VisionTransformer models, not on Eva: where a fused token stands for "
                          "rotary embeddings is not defined")
-    if not (r >= 0 and (r < 1 or float(r).is_integer())):
-        raise TietaError(f"mctf r must be a whole number of tokens or a share in [0, 1), got {r}")
-    if min(tau_sim, tau_info, tau_size) < 0:
-        raise TietaError("mctf temperatures cannot be negative (0 leaves a criterion out)")
     blocks = patch_blocks(model)
     chosen = default_layers(len(blocks)) if layers is None else list(layers)
     if (any(isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(blocks) for index in chosen)
@@ -263,6 +261,17 @@ class MCTFConfig:
     teacher_weight: float = 1.0
     consistency_weight: float = 3.0
 
+    def check(self, prefix: str = "mctf.") -> None:
+        """Raise a TietaError, in one sentence, for settings that cannot work. ``prefix`` names the
+        fields as the user wrote them: the config section's, or "MCTF's " for add_mctf's arguments."""
+        if not (self.r >= 0 and (self.r < 1 or float(self.r).is_integer())):
+            raise TietaError(f"{prefix}r must be a whole number of tokens or a share in [0, 1), got {self.r}")
+        if min(self.tau_sim, self.tau_info, self.tau_size) < 0:
+            raise TietaError(f"{prefix}tau_sim, {prefix}tau_info and {prefix}tau_size are temperatures and cannot "
+                             "be negative (0 leaves a criterion out)")
+        if self.teacher_r < 0 or min(self.student_weight, self.teacher_weight, self.consistency_weight) < 0:
+            raise TietaError(f"{prefix}teacher_r and the loss weights cannot be negative")
+
 
 def _attach(model: nn.Module, config: Any) -> nn.Module:
     mctf = config.mctf
@@ -281,13 +290,7 @@ def _objective(config: Any):
 
 
 def _validate(config: Any) -> None:
-    mctf = config.mctf
-    if not (mctf.r >= 0 and (mctf.r < 1 or float(mctf.r).is_integer())):
-        raise TietaError(f"mctf.r must be a whole number of tokens or a share in [0, 1), got {mctf.r}")
-    if min(mctf.tau_sim, mctf.tau_info, mctf.tau_size) < 0:
-        raise TietaError("mctf.tau_sim, mctf.tau_info and mctf.tau_size cannot be negative")
-    if mctf.teacher_r < 0 or min(mctf.student_weight, mctf.teacher_weight, mctf.consistency_weight) < 0:
-        raise TietaError("mctf.teacher_r and the mctf loss weights cannot be negative")
+    config.mctf.check()
 
 
 METHOD = Method(
