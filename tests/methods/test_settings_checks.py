@@ -15,6 +15,7 @@ from tieta.methods.diffrate import METHOD as DIFFRATE, DiffRateConfig
 from tieta.methods.dtem import METHOD as DTEM, DTEMConfig
 from tieta.methods.dyt import METHOD as DYT, DyTConfig
 from tieta.methods.evit import METHOD as EVIT, EViTConfig
+from tieta.methods.fpet import METHOD as FPET, FPETConfig
 from tieta.methods.lora import METHOD as LORA, LoRAConfig
 from tieta.methods.mctf import METHOD as MCTF, MCTFConfig
 from tests.conftest import make_vit
@@ -51,6 +52,12 @@ CASES = [
      "metric_dim must be a whole number >= 1, got 0"),
     (lambda m: tieta.add_mctf(m, r=2.5), MCTF, "mctf", MCTFConfig(r=2.5), "MCTF's ",
      "r must be a whole number of tokens or a share in [0, 1), got 2.5"),
+    (lambda m: tieta.add_fpet(m, layers=[1, 2]), FPET, "fpet", FPETConfig(layers=[1, 2]), "FPET's ",
+     "layers holds one block at most (FPET merges once: its checkerboard needs the full patch grid), got [1, 2]"),
+    (lambda m: tieta.add_fpet(m, refine_bits=4), FPET, "fpet", FPETConfig(refine_bits=4), "FPET's ",
+     "refine_bits must be 1 or 32, got 4"),
+    (lambda m: tieta.add_fpet(m, refine_dim=0), FPET, "fpet", FPETConfig(refine_dim=0), "FPET's ",
+     "refine_dim must be in 1..4096, got 0"),
 ]
 
 

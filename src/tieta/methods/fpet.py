@@ -158,17 +158,14 @@ def add_fpet(model: nn.Module, layers: Optional[Sequence[int]] = None, refine_di
     Returns:
         The same model; the refinement is ``blocks[layer].fpet`` (the "fpet" parameter group).
     """
-    check_vit(model)  # everything is checked before the model changes: a refused call leaves it as it was
+    # everything is checked before the model changes: a refused call leaves it as it was
+    FPETConfig(layers=None if layers is None else [int(layer) for layer in layers], refine_dim=refine_dim,
+               refine_bits=refine_bits, prop_attn=prop_attn).check(prefix="FPET's ")
+    check_vit(model)
     blocks = list(model.blocks)
     chosen = [default_layer(len(blocks))] if layers is None else [int(layer) for layer in layers]
-    if len(chosen) > 1:
-        raise TietaError(f"FPET merges in one block (its checkerboard needs the full patch grid), got layers {chosen}")
     if chosen and not 0 <= chosen[0] < len(blocks):
         raise TietaError(f"FPET's layer must be a block index in 0..{len(blocks) - 1}, got {chosen[0]}")
-    if refine_bits not in REFINE_BITS:
-        raise TietaError(f"FPET's refine_bits must be 1 or 32, got {refine_bits}")
-    if not 1 <= refine_dim <= MAX_WIDTH:
-        raise TietaError(f"FPET's refine_dim must be in 1..{MAX_WIDTH}, got {refine_dim}")
     if any(getattr(block, "fpet", None) is not None for block in blocks):
         raise TietaError("this model already has FPET")
     grid = tuple(model.patch_embed.grid_size)
@@ -213,17 +210,22 @@ class FPETConfig:
     refine_bits: int = 1  # 1: the reference's binary refinement; 32: full precision
     prop_attn: bool = True
 
+    def check(self, prefix: str = "fpet.") -> None:
+        """Raise a TietaError, in one sentence, for settings that cannot work. ``prefix`` names the
+        fields as the user wrote them: the config section's, or "FPET's " for add_fpet's arguments."""
+        if self.layers is not None and len(self.layers) > 1:
+            raise TietaError(f"{prefix}layers holds one block at most (FPET merges once: its checkerboard needs "
+                             f"the full patch grid), got {self.layers}")
+        if self.layers and self.layers[0] < 0:
+            raise TietaError(f"{prefix}layers must hold a block index, got {self.layers}")
+        if self.refine_bits not in REFINE_BITS:
+            raise TietaError(f"{prefix}refine_bits must be 1 or 32, got {self.refine_bits}")
+        if not 1 <= self.refine_dim <= MAX_WIDTH:
+            raise TietaError(f"{prefix}refine_dim must be in 1..{MAX_WIDTH}, got {self.refine_dim}")
+
 
 def _validate(config: Any) -> None:
-    fpet = config.fpet
-    if fpet.layers is not None and len(fpet.layers) > 1:
-        raise TietaError(f"fpet.layers holds one block at most (FPET merges once), got {fpet.layers}")
-    if fpet.layers and fpet.layers[0] < 0:
-        raise TietaError(f"fpet.layers must hold a block index, got {fpet.layers}")
-    if fpet.refine_bits not in REFINE_BITS:
-        raise TietaError(f"fpet.refine_bits must be 1 or 32, got {fpet.refine_bits}")
-    if fpet.refine_dim < 1:
-        raise TietaError(f"fpet.refine_dim must be at least 1, got {fpet.refine_dim}")
+    config.fpet.check()
 
 
 METHOD = Method(
