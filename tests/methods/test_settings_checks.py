@@ -18,6 +18,7 @@ from tieta.methods.evit import METHOD as EVIT, EViTConfig
 from tieta.methods.fpet import METHOD as FPET, FPETConfig
 from tieta.methods.lora import METHOD as LORA, LoRAConfig
 from tieta.methods.mctf import METHOD as MCTF, MCTFConfig
+from tieta.methods.spvit import METHOD as SPVIT, SPViTConfig
 from tests.conftest import make_vit
 
 # (the verb's call, the method, its section with the same setting, the verb's prefix, the sentence after it)
@@ -58,6 +59,12 @@ CASES = [
      "refine_bits must be 1 or 32, got 4"),
     (lambda m: tieta.add_fpet(m, refine_dim=0), FPET, "fpet", FPETConfig(refine_dim=0), "FPET's ",
      "refine_dim must be in 1..4096, got 0"),
+    (lambda m: tieta.add_spvit(m, keep_rates=[0.5, 0.7]), SPVIT, "spvit", SPViTConfig(keep_rate=[0.5, 0.7]),
+     "SPViT's ", "keep_rate is cumulative and cannot grow from one stage to the next, got [0.5, 0.7]"),
+    (lambda m: tieta.add_spvit(m, keep_rates=[0.0]), SPVIT, "spvit", SPViTConfig(keep_rate=[0.0]), "SPViT's ",
+     "keep_rate must be a list of shares in (0, 1], got [0.0]"),
+    (lambda m: tieta.add_spvit(m, decision="x"), SPVIT, "spvit", SPViTConfig(decision="x"), "SPViT's ",
+     "decision is one of top_k, argmax, got 'x'"),
 ]
 
 

@@ -207,15 +207,8 @@ def add_spvit(model: nn.Module, keep_rates: Sequence[float] = KEEP_RATES, locati
         The same model; train it with :func:`spvit_loss` (``tieta train`` does).
     """
     keep_rates = [float(rate) for rate in keep_rates]
-    if not keep_rates or any(not 0 < rate <= 1 for rate in keep_rates):
-        raise TietaError(f"SPViT keep rates must be in (0, 1], got {keep_rates}")
-    if any(later > earlier for earlier, later in zip(keep_rates, keep_rates[1:])):
-        raise TietaError(f"SPViT keep rates are cumulative and cannot grow from one stage to the next, "
-                         f"got {keep_rates}")
-    if package not in PACKAGES:
-        raise TietaError(f"SPViT's package is one of {', '.join(PACKAGES)}, got {package!r}")
-    if decision not in DECISIONS:
-        raise TietaError(f"SPViT's decision is one of {', '.join(DECISIONS)}, got {decision!r}")
+    SPViTConfig(keep_rate=keep_rates, locations=locations, package=package, skip_empty_package=skip_empty_package,
+                decision=decision, tied_heads=tied_heads).check(prefix="SPViT's ")
     blocks = patch_blocks(model)
     chosen = stage_blocks(len(blocks), locations)
     if len(chosen) != len(keep_rates):
@@ -305,6 +298,22 @@ class SPViTConfig:
     decision: str = "top_k"  # evaluation: "top_k" (round(P * rate) per image) or "argmax" (a count per image)
     tied_heads: bool = True  # one MLP for a selector's heads, as the reference code; False: one per head
 
+    def check(self, prefix: str = "spvit.") -> None:
+        """Raise a TietaError, in one sentence, for settings that cannot work. ``prefix`` names the
+        fields as the user wrote them: the config section's, or "SPViT's " for add_spvit's arguments."""
+        rates = [float(rate) for rate in self.keep_rate]
+        if not rates or any(not 0 < rate <= 1 for rate in rates):
+            raise TietaError(f"{prefix}keep_rate must be a list of shares in (0, 1], got {rates}")
+        if any(later > earlier for earlier, later in zip(rates, rates[1:])):
+            raise TietaError(f"{prefix}keep_rate is cumulative and cannot grow from one stage to the next, "
+                             f"got {rates}")
+        if self.ratio_weight < 0 or self.distill_weight < 0:
+            raise TietaError(f"{prefix}ratio_weight and {prefix}distill_weight cannot be negative")
+        if self.package not in PACKAGES:
+            raise TietaError(f"{prefix}package is one of {', '.join(PACKAGES)}, got {self.package!r}")
+        if self.decision not in DECISIONS:
+            raise TietaError(f"{prefix}decision is one of {', '.join(DECISIONS)}, got {self.decision!r}")
+
 
 def _objective(config: Any):
     settings = config.spvit
@@ -316,15 +325,7 @@ def _objective(config: Any):
 
 
 def _validate(config: Any) -> None:
-    settings = config.spvit
-    if not settings.keep_rate or any(not 0 < rate <= 1 for rate in settings.keep_rate):
-        raise TietaError(f"spvit.keep_rate must be a list of shares in (0, 1], got {settings.keep_rate}")
-    if settings.ratio_weight < 0 or settings.distill_weight < 0:
-        raise TietaError("spvit.ratio_weight and spvit.distill_weight cannot be negative")
-    if settings.package not in PACKAGES:
-        raise TietaError(f"spvit.package is one of {', '.join(PACKAGES)}, got {settings.package!r}")
-    if settings.decision not in DECISIONS:
-        raise TietaError(f"spvit.decision is one of {', '.join(DECISIONS)}, got {settings.decision!r}")
+    config.spvit.check()
 
 
 def _describe(model: nn.Module) -> dict[str, Any]:
