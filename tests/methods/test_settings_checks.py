@@ -18,6 +18,7 @@ from tieta.methods.evit import METHOD as EVIT, EViTConfig
 from tieta.methods.fpet import METHOD as FPET, FPETConfig
 from tieta.methods.lora import METHOD as LORA, LoRAConfig
 from tieta.methods.mctf import METHOD as MCTF, MCTFConfig
+from tieta.methods.pitome import METHOD as PITOME, PiToMeConfig
 from tieta.methods.spvit import METHOD as SPVIT, SPViTConfig
 from tests.conftest import make_vit
 
@@ -65,6 +66,12 @@ CASES = [
      "keep_rate must be a list of shares in (0, 1], got [0.0]"),
     (lambda m: tieta.add_spvit(m, decision="x"), SPVIT, "spvit", SPViTConfig(decision="x"), "SPViT's ",
      "decision is one of top_k, argmax, got 'x'"),
+    (lambda m: tieta.add_pitome(m, ratio=0.4), PITOME, "pitome", PiToMeConfig(ratio=0.4), "",
+     "ratio is the share of tokens each block keeps, in [0.5, 1], got 0.4"),
+    (lambda m: tieta.add_pitome(m, alpha=0), PITOME, "pitome", PiToMeConfig(alpha=0), "",
+     "alpha is the energy's ELU alpha, a number > 0, got 0"),
+    (lambda m: tieta.add_pitome(m, margins=[2, 0, 0]), PITOME, "pitome", PiToMeConfig(margins=[2, 0, 0]), "",
+     "margins are cosine similarities, numbers in [-1, 1], got [2, 0, 0]"),
 ]
 
 

@@ -69,21 +69,6 @@ class EnergyMerge(nn.Module):
         return x
 
 
-def check_settings(ratio: Any, margins: Optional[Sequence[Any]], depth: Optional[int], alpha: Any,
-                   where: str = "") -> None:
-    """Refuse, with one sentence, settings the reference's matching cannot run."""
-    if not is_number(ratio) or not 0.5 <= ratio <= 1:
-        raise TietaError(f"{where}ratio is the share of tokens each block keeps, in [0.5, 1], got {ratio!r}")
-    if not is_number(alpha) or alpha <= 0:
-        raise TietaError(f"{where}alpha is the energy's ELU alpha, a number > 0, got {alpha!r}")
-    if margins is None:
-        return
-    if not all(is_number(margin) and -1 <= margin <= 1 for margin in margins):
-        raise TietaError(f"{where}margins are cosine similarities, numbers in [-1, 1], got {list(margins)!r}")
-    if depth is not None and len(margins) != depth:
-        raise TietaError(f"{where}margins need one value per block ({depth}), got {len(margins)}")
-
-
 def add_pitome(model: nn.Module, ratio: float = 0.9125, margins: Optional[Sequence[float]] = None,
                alpha: float = 1.0) -> nn.Module:
     """PiToMe in every block of a timm ViT, in place.
@@ -98,7 +83,10 @@ def add_pitome(model: nn.Module, ratio: float = 0.9125, margins: Optional[Sequen
     Returns:
         The same model; each block's ``reduce`` step holds its settings.
     """
-    check_settings(ratio, margins, len(model.blocks) if hasattr(model, "blocks") else None, alpha)
+    PiToMeConfig(ratio=ratio, margins=None if margins is None else list(margins), alpha=alpha).check(prefix="")
+    depth = len(model.blocks) if hasattr(model, "blocks") else None
+    if margins is not None and depth is not None and len(margins) != depth:
+        raise TietaError(f"margins need one value per block ({depth}), got {len(margins)}")
     claim_reduction(model, "PiToMe")  # refuse before changing anything
     blocks = patch_blocks(model)
     token_state(model)  # sizes, the per-pass reset and the rope bookkeeping that reduced models share
@@ -128,10 +116,21 @@ class PiToMeConfig:
     margins: Optional[list[float]] = None  # per block; None: 0.75 - 0.75 * block / depth
     alpha: float = 1.0  # the energy's ELU alpha
 
+    def check(self, prefix: str = "pitome.") -> None:
+        """Raise a TietaError, in one sentence, for settings the reference's matching cannot run.
+        ``prefix`` names the fields as the user wrote them: the config section's, or nothing for
+        add_pitome's arguments. (One margin per block needs the model: add_pitome checks that.)"""
+        ratio, alpha, margins = self.ratio, self.alpha, self.margins
+        if not is_number(ratio) or not 0.5 <= ratio <= 1:
+            raise TietaError(f"{prefix}ratio is the share of tokens each block keeps, in [0.5, 1], got {ratio!r}")
+        if not is_number(alpha) or alpha <= 0:
+            raise TietaError(f"{prefix}alpha is the energy's ELU alpha, a number > 0, got {alpha!r}")
+        if margins is not None and not all(is_number(margin) and -1 <= margin <= 1 for margin in margins):
+            raise TietaError(f"{prefix}margins are cosine similarities, numbers in [-1, 1], got {list(margins)!r}")
+
 
 def _validate(config: Any) -> None:
-    pitome = config.pitome
-    check_settings(pitome.ratio, pitome.margins, None, pitome.alpha, where="pitome.")
+    config.pitome.check()
 
 
 METHOD = Method(
