@@ -37,7 +37,8 @@ QUICK = {"model": "vit_tiny_patch16_224", "img_size": 64, "settings": [4, 1], "r
 def _vit(plan: dict) -> torch.nn.Module:
     torch.manual_seed(0)
     if plan is QUICK:
-        return timm.create_model(plan["model"], img_size=64, embed_dim=32, depth=4, num_heads=2, num_classes=10)
+        return timm.create_model(plan["model"], img_size=64, patch_size=8, embed_dim=32, depth=4,
+                                 num_heads=2, num_classes=10)
     return timm.create_model(plan["model"], pretrained=False)
 
 
