@@ -181,4 +181,5 @@ METHOD = Method(
     prepare_export=_fix_searched_rates,
     check_traceable=_refuse_unfinished_search,
     reduces_tokens=True,
+    knob=None,  # its rates are searched or published per block, not one scalar: matched by its own target
 )

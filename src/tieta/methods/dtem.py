@@ -26,6 +26,7 @@ from torch import nn
 from tieta.errors import TietaError
 from tieta.methods.blocks import (PassState, TietaBlock, claim_reduction, keep_output, pass_state, patch_blocks,
                                   take_output, token_state)
+from tieta.methods.knob import Knob, whole
 from tieta.methods.method import Method
 from tieta.methods.schedules import clip_schedule, token_counts, vit_shape
 from tieta.methods.tome import size_bias_mask
@@ -221,5 +222,6 @@ METHOD = Method(
     describe=describe,
     validate=_validate,
     reduces_tokens=True,
+    knob=Knob("dtem.r", 0, 16, "high", whole, integer=True, doc="r: tokens merged per block"),
     shows_merges=True,
 )

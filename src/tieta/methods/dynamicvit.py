@@ -24,6 +24,7 @@ from tieta import shard
 from tieta.errors import TietaError
 from tieta.methods.blocks import (PassState, TietaBlock, claim_reduction, follow_tokens, pass_state, patch_blocks,
                                   token_state)
+from tieta.methods.knob import Knob, geometric
 from tieta.methods.method import Method
 from tieta.methods.schedules import stage_blocks
 from tieta.methods.state import method_setting, pass_state_named, set_method_setting
@@ -200,4 +201,5 @@ METHOD = Method(
     describe=lambda model: {"block_token_counts": token_counts(model)},
     validate=_validate,
     reduces_tokens=True,
+    knob=Knob("dynamicvit.ratios", 0.05, 1.0, "low", geometric(3), doc="geometric rho over the 3 stages"),
 )

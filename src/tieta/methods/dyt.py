@@ -34,6 +34,7 @@ from tieta.methods import catalog
 from tieta.methods.adapter import Adapter, AdapterConfig, MoEAdapter
 from tieta.methods.blocks import (EveryToken, PassState, TietaBlock, claim_attention_gate, pass_state,
                                   patch_blocks)
+from tieta.methods.knob import Knob
 from tieta.methods.method import MAX_EXPERTS, MAX_WIDTH, Method, bounded
 from tieta.methods.state import attention_gate, method_setting, pass_state_named, set_method_setting
 from tieta.ops.dispatch import (attend_on_active, dispatch_mask, key_mask, run_on_active,  # noqa: F401 (public)
@@ -387,4 +388,5 @@ METHOD = Method(
     token_masks=evaluation_masks,
     picture_note=lambda config: f"{config.dyt.variant} dispatch",
     reduces_tokens=True,
+    knob=Knob("dyt.rho", 0.05, 1.0, "low", doc="target share of active tokens"),
 )

@@ -22,6 +22,7 @@ from torch import nn
 from tieta.errors import TietaError
 from tieta.methods.blocks import (TietaBlock, claim_reduction, follow_tokens, keep_output, patch_blocks, rotated,
                                   take_output, token_state)
+from tieta.methods.knob import Knob
 from tieta.methods.method import Method
 from tieta.methods.schedules import stage_blocks
 from tieta.methods.state import set_method_setting
@@ -151,4 +152,5 @@ METHOD = Method(
     describe=lambda model: {"mlp_token_counts": token_counts(model)},
     validate=_validate,
     reduces_tokens=True,
+    knob=Knob("evit.keep_rate", 0.05, 1.0, "low", doc="share of tokens kept at each location"),
 )

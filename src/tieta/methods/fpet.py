@@ -28,6 +28,7 @@ from torch import nn
 from tieta.errors import TietaError
 from tieta.methods.blocks import (TietaBlock, check_vit, claim_reduction, follow_tokens, keep_output, patch_blocks,
                                   rotated, take_output, token_state)
+from tieta.methods.knob import Knob, one_layer
 from tieta.methods.method import MAX_WIDTH, Method, bounded
 from tieta.methods.tome import size_bias_mask
 from tieta.ops.fpet import Checkerboard, binary_weight, checkerboard, diff_matching, merge, merge_wavg, reference_grid
@@ -237,5 +238,6 @@ METHOD = Method(
     describe=lambda model: {"mlp_token_counts": token_counts(model)},
     validate=_validate,
     reduces_tokens=True,
+    knob=Knob("fpet.layers", 1, 11, "low", one_layer, integer=True, doc="the block of its one merge (halving fixed)"),
     shows_merges=True,
 )

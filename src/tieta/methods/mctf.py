@@ -32,6 +32,7 @@ from tieta import shard
 from tieta.errors import TietaError
 from tieta.methods.blocks import (Branch, PassState, TietaBlock, claim_reduction, pass_state, patch_blocks,
                                   token_state)
+from tieta.methods.knob import Knob, whole
 from tieta.methods.method import Method
 from tieta.methods.tome import size_bias_mask
 from tieta.ops.mctf import (attention_weighted_fusion, bidirectional_matching, consistency_loss, fusion_scores,
@@ -301,5 +302,6 @@ METHOD = Method(
     describe=lambda model: {"block_token_counts": token_counts(model)},
     validate=_validate,
     reduces_tokens=True,
+    knob=Knob("mctf.r", 0, 16, "high", whole, integer=True, doc="r: tokens fused per block"),
     shows_merges=True,
 )

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from tieta.methods.catalog import Flag
+from tieta.methods.knob import Knob
 
 # the run configuration, seen by a method through the sections it declared: ``config.<section>``
 Settings = Any
@@ -65,6 +66,8 @@ class Method:
         reduces_tokens: it lowers the number of tokens some of the model's modules work on (merging,
             pruning, skipping), so a trained run costs fewer GMACs than the unmodified model (which
             ``tests/train/test_registry_methods.py`` checks for every such method).
+        knob: the one scalar that moves its cost monotonically (``tieta.methods.knob.Knob``), for
+            matching FLOPs across methods; None where it has none.
         validate: ``validate(config)`` raises a TietaError for settings that cannot work.
         one_process: ``one_process(config) -> reason or None``: why this configuration's training
             cannot be data-parallel (``torchrun``), or None where it can.
@@ -104,6 +107,7 @@ class Method:
     measure: Optional[Callable[[nn.Module, torch.Tensor], dict[str, Any]]] = None
     data_dependent_cost: bool = False
     reduces_tokens: bool = False
+    knob: Optional[Knob] = None
     validate: Optional[Callable[[Settings], None]] = None
     one_process: Optional[Callable[[Settings], Optional[str]]] = None
     prepare_export: Optional[Callable[[nn.Module], None]] = None

@@ -26,6 +26,7 @@ from tieta.errors import TietaError
 from tieta.files import is_number
 from tieta.methods.blocks import (TietaBlock, claim_reduction, keep_output, patch_blocks, rotated, take_output,
                                   token_state)
+from tieta.methods.knob import Knob
 from tieta.methods.method import Method
 from tieta.methods.tofu import follow_matching
 from tieta.ops.merging import Matching, merge_source, merge_wavg
@@ -140,5 +141,6 @@ METHOD = Method(
     describe=lambda model: {"token_counts": token_counts(model)},
     validate=_validate,
     reduces_tokens=True,
+    knob=Knob("pitome.ratio", 0.5, 1.0, "low", doc="share of tokens each block keeps"),
     shows_merges=True,
 )

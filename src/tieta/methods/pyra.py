@@ -23,6 +23,7 @@ from torch import nn
 
 from tieta.errors import TietaError
 from tieta.methods.blocks import TietaBlock, patch_blocks
+from tieta.methods.knob import Knob, whole
 from tieta.methods.method import Method
 from tieta.methods.schedules import MergeConfig, resolve_schedule, schedule_setting
 from tieta.methods.tome import TokenMerge, attach_merging, describe_merging
@@ -120,4 +121,5 @@ METHOD = Method(
     validate=_check_lr,
     shows_merges=True,
     reduces_tokens=True,
+    knob=Knob("merge.schedule", 0, 16, "high", whole, integer=True, doc="r: tokens merged per block"),
 )

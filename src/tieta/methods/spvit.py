@@ -26,6 +26,7 @@ from tieta import shard
 from tieta.errors import TietaError
 from tieta.methods.blocks import (PassState, TietaBlock, claim_reduction, follow_tokens, pass_state, patch_blocks,
                                   token_state)
+from tieta.methods.knob import Knob, geometric
 from tieta.methods.method import Method
 from tieta.methods.schedules import stage_blocks
 from tieta.ops.dynamicvit import distillation_loss, gather_tokens
@@ -346,4 +347,5 @@ METHOD = Method(
     describe=_describe,
     validate=_validate,
     reduces_tokens=True,
+    knob=Knob("spvit.keep_rate", 0.05, 1.0, "low", geometric(3), doc="geometric rho over the 3 stages"),
 )

@@ -23,6 +23,7 @@ from torch import nn
 from tieta.errors import TietaError
 from tieta.methods.blocks import (TietaBlock, Unchanged, claim_reduction, follow_tokens, keep_output, patch_blocks,
                                   rotated, take_output, token_state)
+from tieta.methods.knob import Knob, whole
 from tieta.methods.method import Method
 from tieta.methods.schedules import MergeConfig, resolve_schedule, schedule_setting, token_counts, validate_merge, vit_shape
 from tieta.ops.merging import Matching, bipartite_soft_matching
@@ -110,4 +111,5 @@ METHOD = Method(
     describe=describe_tofu,
     validate=validate_merge,
     reduces_tokens=True,
+    knob=Knob("merge.schedule", 0, 16, "high", whole, integer=True, doc="r: tokens fused per block"),
 )
