@@ -3,8 +3,10 @@
 ViT-S/16 (224 px, fp32, CPU) in evaluation: each method at the setting of its knob
 (``tieta.methods.knob``) whose FLOPs come closest to 0.50 and to 0.29 of timm's
 (``tieta.measure.matched.setting_for_flops``); a method whose knob cannot reach a ratio is listed
-with the nearest it reaches and left out of that ratio's timing. DyT's dispatchers are calibrated to
-their target rate on the benchmark batch, as in ``benchmarks/baselines.py``. All of a ratio's models
+with the nearest it reaches and left out of that ratio's timing. DyT's cost follows what its
+dispatchers learn, so its rho is searched here with the dispatchers calibrated to the rate (a share
+rho of the tokens active in every layer, on 8 random images, as in ``benchmarks/baselines.py``)
+instead of as attached untrained. All of a ratio's models
 are timed side by side in one interleaved run, at batch 32 and batch 1.
 
     python benchmarks/reducers.py --output benchmarks/results/reducers_cpu
@@ -27,7 +29,7 @@ from tieta.errors import TietaError
 from tieta.measure.bench_suite import calibrate_dispatchers
 from tieta.measure.matched import setting_for_flops, settings_with
 from tieta.methods import registry
-from tieta.report.bench_report import evaluation_sections, section, write_report
+from tieta.report.bench_report import evaluation_sections, write_report
 
 RATIOS = (0.50, 0.29)
 FULL = {"model": "vit_small_patch16_224", "img_size": 224, "settings": [32, 1], "rounds": {32: 5, 1: 15}}
@@ -52,12 +54,36 @@ def find_settings(plan: dict) -> dict[float, dict[str, tuple]]:
             if not method.reduces_tokens or method.knob is None:
                 continue
             try:
-                value, reached = setting_for_flops(name, base, plan["img_size"], ratio)
+                search = _calibrated_setting if method.data_dependent_cost else setting_for_flops
+                value, reached = search(name, base, plan["img_size"], ratio)
                 found[ratio][name] = (value, reached, True)
             except TietaError as error:
                 found[ratio][name] = (str(error), None, False)
             print(f"ratio {ratio}: {name} {found[ratio][name]}", flush=True)
     return found
+
+
+def _calibrated_setting(name: str, base: torch.nn.Module, img_size: int, ratio: float) -> tuple[float, float]:
+    """rho whose calibrated dispatchers (a share rho active in every layer) give the FLOPs ratio,
+    by bisection; one sentence where no rho in (0, 1] reaches it."""
+    from tieta.measure.flops import count_flops
+
+    method = registry.methods()[name]
+    images = torch.randn(8, 3, img_size, img_size, generator=torch.Generator().manual_seed(1))
+    plain = count_flops(copy.deepcopy(base).eval(), images)["gmacs"]
+
+    def ratio_at(rho: float) -> float:
+        model = method.attach(copy.deepcopy(base), settings_with(method, method.knob.key, rho))
+        return count_flops(calibrate_dispatchers(model, images, rho), images)["gmacs"] / plain
+
+    low, high = 0.01, 1.0
+    if ratio_at(low) > ratio:
+        raise TietaError(f"{name} cannot reach a FLOPs ratio of {ratio:.2f}: its nearest is {ratio_at(low):.3f}")
+    for _ in range(12):
+        middle = (low + high) / 2
+        low, high = (middle, high) if ratio_at(middle) < ratio else (low, middle)
+    rho = round((low + high) / 2, 3)
+    return rho, ratio_at(rho)
 
 
 def models_at(plan: dict, settings: dict[str, tuple], batch_size: int) -> dict[str, torch.nn.Module]:

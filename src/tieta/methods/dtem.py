@@ -222,6 +222,6 @@ METHOD = Method(
     describe=describe,
     validate=_validate,
     reduces_tokens=True,
-    knob=Knob("dtem.r", 0, 16, "high", whole, integer=True, doc="r: tokens merged per block"),
+    knob=Knob("dtem.r", 0, 64, "high", whole, integer=True, doc="r: tokens merged per block"),
     shows_merges=True,
 )

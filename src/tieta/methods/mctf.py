@@ -302,6 +302,6 @@ METHOD = Method(
     describe=lambda model: {"block_token_counts": token_counts(model)},
     validate=_validate,
     reduces_tokens=True,
-    knob=Knob("mctf.r", 0, 16, "high", whole, integer=True, doc="r: tokens fused per block"),
+    knob=Knob("mctf.r", 0, 64, "high", whole, integer=True, doc="r: tokens fused per block"),
     shows_merges=True,
 )

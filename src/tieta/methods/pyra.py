@@ -121,5 +121,5 @@ METHOD = Method(
     validate=_check_lr,
     shows_merges=True,
     reduces_tokens=True,
-    knob=Knob("merge.schedule", 0, 16, "high", whole, integer=True, doc="r: tokens merged per block"),
+    knob=Knob("merge.schedule", 0, 64, "high", whole, integer=True, doc="r: tokens merged per block"),
 )

@@ -111,5 +111,5 @@ METHOD = Method(
     describe=describe_tofu,
     validate=validate_merge,
     reduces_tokens=True,
-    knob=Knob("merge.schedule", 0, 16, "high", whole, integer=True, doc="r: tokens fused per block"),
+    knob=Knob("merge.schedule", 0, 64, "high", whole, integer=True, doc="r: tokens fused per block"),
 )

@@ -142,5 +142,5 @@ METHOD = Method(
     validate=validate_merge,  # the section PYRA shares
     shows_merges=True,
     reduces_tokens=True,
-    knob=Knob("merge.schedule", 0, 16, "high", whole, integer=True, doc="r: tokens merged per block"),
+    knob=Knob("merge.schedule", 0, 64, "high", whole, integer=True, doc="r: tokens merged per block"),
 )
