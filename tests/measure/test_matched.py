@@ -29,10 +29,15 @@ def test_a_middle_ratio_is_reached_within_the_knobs_resolution(vit):
     keep, reached = setting_for_flops("evit", vit, 64, 0.8)
     assert reached == pytest.approx(0.8, abs=0.01)
     assert flops_ratio("evit", vit, 64, keep) == pytest.approx(reached)
-    r, reached = setting_for_flops("tome", vit, 64, 0.8)  # whole tokens: the nearest count
+    r, reached = setting_for_flops("dtem", vit, 64, 0.8)  # whole tokens: the nearest count
     assert isinstance(r, int)
-    neighbours = [flops_ratio("tome", vit, 64, other) for other in (r - 1, r + 1) if other >= 0]
+    neighbours = [flops_ratio("dtem", vit, 64, other) for other in (r - 1, r + 1) if other >= 0]
     assert all(abs(reached - 0.8) <= abs(other - 0.8) for other in neighbours)
+
+
+def test_tome_s_knob_is_a_decreasing_schedule_that_reaches_the_ratio(vit):
+    schedule, reached = setting_for_flops("tome", vit, 64, 0.8)
+    assert schedule["inflection"] == -0.9 and reached == pytest.approx(0.8, abs=0.02)
 
 
 def test_an_unreachable_ratio_is_one_sentence_with_the_nearest(vit):

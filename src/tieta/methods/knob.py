@@ -44,3 +44,11 @@ def geometric(stages: int) -> Callable[[float], list[float]]:
 def one_layer(x: float) -> list[int]:
     """A block index -> the one-element layer list of a single-merge method."""
     return [int(round(x))]
+
+
+def decreasing_schedule(r: float) -> dict:
+    """ToMe's r as a schedule of the PYRA paper's "high" shape ({r, inflection -0.9}: more merges in
+    the early blocks): a constant r cannot go below about half the FLOPs (the last blocks run out of
+    tokens), a decreasing one reaches the "high" cost (0.29) too; a fractional r is spread over the
+    blocks by cumulative rounding, so the knob moves in fine steps."""
+    return {"r": float(r), "inflection": -0.9}

@@ -18,7 +18,7 @@ from torch import nn
 
 from tieta.methods.blocks import (TietaBlock, Unchanged, claim_reduction, follow_tokens, keep_output, patch_blocks,
                                   release_output, rotated, take_output, token_state)
-from tieta.methods.knob import Knob, whole
+from tieta.methods.knob import Knob, decreasing_schedule
 from tieta.methods.method import Method
 from tieta.methods.state import method_setting, set_method_setting
 from tieta.methods.schedules import (MergeConfig, resolve_schedule, schedule_setting, token_counts, validate_merge,
@@ -142,5 +142,5 @@ METHOD = Method(
     validate=validate_merge,  # the section PYRA shares
     shows_merges=True,
     reduces_tokens=True,
-    knob=Knob("merge.schedule", 0, 64, "high", whole, integer=True, doc="r: tokens merged per block"),
+    knob=Knob("merge.schedule", 0, 40, "high", decreasing_schedule, doc="r of a decreasing schedule ({r, inflection: -0.9})"),
 )
