@@ -4,7 +4,7 @@ is every method: a new method joins them by its registry entry alone."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Union
 
 from torch import nn
 
@@ -12,12 +12,20 @@ import tieta
 from tieta.methods import registry
 from tests.conftest import randomise_parameters
 
+
+
+def diffrate_counts(model: nn.Module) -> dict[str, Any]:
+    """Fixed DiffRate rates (no search) for the model's token count: 17 on the plain small ViT."""
+    tokens = model.patch_embed.num_patches + model.num_prefix_tokens
+    return {"kept_prune": [tokens, tokens - 3, tokens - 5], "kept_merge": [tokens, tokens - 5, tokens - 7]}
+
+
 # method name -> keyword settings of its add_ verb where its defaults do nothing on the small ViTs
-# (or where a reference schedule of the hand-written cases is matched)
-TINY_SETTINGS: dict[str, dict[str, Any]] = {
+# (or a function of the model giving them)
+TINY_SETTINGS: dict[str, Union[dict[str, Any], Callable[[nn.Module], dict[str, Any]]]] = {
     "evit": {"keep_rate": 0.5},
     "dynamicvit": {"ratios": (0.7, 0.5), "locations": (1, 2)},
-    "diffrate": {"kept_prune": [17, 14, 12], "kept_merge": [17, 12, 10]},  # fixed rates: no search
+    "diffrate": diffrate_counts,
     "tofu": {"r": [3, 2, 1]},
     "pitome": {"ratio": 0.5},
     "mctf": {"r": 2},  # it always keeps 10 tokens: the default 16 fuses none of 17
@@ -43,7 +51,8 @@ def acting_weights(name: str) -> tuple[str, ...]:
 def attach(name: str, model: nn.Module, seed: int = 0) -> nn.Module:
     """``model`` with the registry method ``name`` attached with its tiny settings and trained-looking
     weights, in eval mode."""
-    model = add_verb(name)(model, **TINY_SETTINGS.get(name, {}))
+    settings = TINY_SETTINGS.get(name, {})
+    model = add_verb(name)(model, **(settings(model) if callable(settings) else settings))
     return randomise_parameters(model, acting_weights(name), seed)
 
 
