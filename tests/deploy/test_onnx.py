@@ -14,6 +14,8 @@ from tieta.deploy.onnx import _onnx_translations, check_onnx, export_onnx, onnx_
 from tieta.errors import TietaError
 from tieta.native import tensor_code
 from tests.conftest import make_vit, randomise_parameters
+from tests.registry_cases import attach, names_besides
+from tieta.methods import registry
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -59,6 +61,13 @@ MODELS = {
     "dynamicvit": dynamicvit,
     "diffrate": lambda: tieta.add_diffrate(with_lora(), [17, 14, 12], [17, 12, 10]),
 }
+
+# every other registered token reducer, by its registry entry (tests/registry_cases.py); name -> why not
+COVERED_BY_HAND = {"tome", "pyra", "dyt", "evit", "dynamicvit", "diffrate"}
+EXCLUDED: dict[str, str] = {}
+for _name in names_besides(COVERED_BY_HAND, EXCLUDED):
+    if registry.METHODS[_name].reduces_tokens:
+        MODELS[_name] = lambda name=_name: attach(name, with_lora(), seed=5)
 
 
 def evaluation_model(name: str) -> torch.nn.Module:

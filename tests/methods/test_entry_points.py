@@ -21,6 +21,8 @@ from torch import nn
 
 import tieta
 from tests.conftest import make_vit, randomise_parameters
+from tests.registry_cases import attach, names_besides
+from tieta.methods import registry
 
 MERGE_SCHEDULE = [3, 2, 1]
 PATCH_TOKENS = 16  # 32 px images, 8 px patches
@@ -38,10 +40,22 @@ METHODS: dict[str, Callable[[nn.Module], nn.Module]] = {
 }
 MERGING = ("tome", "pyra")
 DYT = ("dyt_mlp", "dyt_attn")
+# every other registered method, by its registry entry (tests/registry_cases.py); its patch tokens
+# after each block are counted on the blocks' outputs
+COVERED_BY_HAND = {"tome", "pyra", "dyt", "lora", "adapter"}
+EXCLUDED: dict[str, str] = {}  # method name -> why it is not among these cases
+FROM_REGISTRY = names_besides(COVERED_BY_HAND, EXCLUDED)
+for _name in FROM_REGISTRY:
+    METHODS[_name] = lambda m, name=_name: attach(name, m)
+# they run on the plain small ViT only, to keep the file fast (the hand-written cases cover the variants)
+REGISTRY_VARIANTS = ("plain",)
+REDUCING_FROM_REGISTRY = tuple(name for name in FROM_REGISTRY if registry.METHODS[name].reduces_tokens)
 
 
 def build(method: str, variant: str) -> nn.Module:
     """A fresh small ``variant`` ViT with ``method`` attached, in eval mode (deterministic)."""
+    if method in FROM_REGISTRY and variant not in REGISTRY_VARIANTS:
+        pytest.skip(f"{method} runs on the {', '.join(REGISTRY_VARIANTS)} ViT only")
     return METHODS[method](make_vit(variant))
 
 
@@ -50,8 +64,20 @@ def images(batch: int, seed: int) -> torch.Tensor:
     return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
 
 
-def patch_tokens_after_each_block(method: str) -> list[int]:
+@torch.no_grad()
+def counted_patch_tokens(method: str, variant: str) -> list[int]:
+    """Tokens leaving each block of a fresh model in one forward pass, less its prefix tokens."""
+    model, counts = build(method, variant), []
+    for block in model.blocks:
+        block.register_forward_hook(lambda m, args, out: counts.append(out.shape[1] - model.num_prefix_tokens))
+    model(images(2, seed=0))
+    return counts
+
+
+def patch_tokens_after_each_block(method: str, variant: str = "plain") -> list[int]:
     """Patch tokens leaving each block: 16 minus the tokens merged so far (prefix tokens are never merged)."""
+    if method in FROM_REGISTRY:
+        return counted_patch_tokens(method, variant)
     if method not in MERGING:
         return [PATCH_TOKENS] * DEPTH
     counts, left = [], PATCH_TOKENS
@@ -94,7 +120,7 @@ def test_mixed_entry_points_and_batch_sizes_give_what_a_fresh_model_gives(vit_va
         torch.testing.assert_close(logits, first)
     torch.testing.assert_close(final, fresh.forward_features(x))
     torch.testing.assert_close(features2, expected_features2)
-    assert early.shape == (3, patch_tokens_after_each_block(method)[0], model.embed_dim)
+    assert early.shape == (3, patch_tokens_after_each_block(method, vit_variant)[0], model.embed_dim)
 
 
 @torch.no_grad()
@@ -128,12 +154,12 @@ def test_nlc_intermediates_hold_the_tokens_after_merging(vit_variant, method):
     if prefix:  # timm pairs each intermediate with its prefix tokens, and returns bare tensors without any
         assert all(tokens.shape == (2, prefix, model.embed_dim) for _, tokens in intermediates)
         intermediates = [patches for patches, _ in intermediates]
-    assert [patches.shape[1] for patches in intermediates] == patch_tokens_after_each_block(method)
-    assert final.shape[1] == prefix + patch_tokens_after_each_block(method)[-1]
+    assert [patches.shape[1] for patches in intermediates] == patch_tokens_after_each_block(method, vit_variant)
+    assert final.shape[1] == prefix + patch_tokens_after_each_block(method, vit_variant)[-1]
     torch.testing.assert_close(final, model.forward_features(x))
 
 
-@pytest.mark.parametrize("method", MERGING)
+@pytest.mark.parametrize("method", MERGING + REDUCING_FROM_REGISTRY)
 @torch.no_grad()
 def test_nchw_intermediates_are_refused_after_merging(vit_variant, method):
     model = build(method, vit_variant)
@@ -155,7 +181,7 @@ def test_nchw_intermediates_without_merging_equal_timm(vit_variant):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("method", [name for name in METHODS if name not in MERGING])
+@pytest.mark.parametrize("method", [name for name in METHODS if name not in MERGING + REDUCING_FROM_REGISTRY])
 @torch.no_grad()
 def test_nchw_intermediates_are_the_nlc_grid_without_merging(vit_variant, method):
     model = build(method, vit_variant)
@@ -172,7 +198,7 @@ def test_get_intermediate_layers_gives_the_last_block_tokens(vit_variant, method
     x = images(2, seed=0)
     (last,) = model.get_intermediate_layers(x, n=1)
     _, intermediates = model.forward_intermediates(x, output_fmt="NLC")
-    assert last.shape == (2, patch_tokens_after_each_block(method)[-1], model.embed_dim)
+    assert last.shape == (2, patch_tokens_after_each_block(method, vit_variant)[-1], model.embed_dim)
     torch.testing.assert_close(last, intermediates[-1])
 
 

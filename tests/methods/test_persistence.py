@@ -26,6 +26,7 @@ from torch import nn
 
 import tieta
 from tests.conftest import VIT_VARIANTS, make_vit, randomise_parameters
+from tests.registry_cases import acting_weights, attach, names_besides
 
 MERGE_SCHEDULE = [3, 2, 1]
 METHOD_WEIGHTS = ("lora_B", "adapter", "dispatcher", "pyra.token_weight")
@@ -48,10 +49,22 @@ METHODS: dict[str, Callable[[nn.Module], nn.Module]] = {
     "dyt+tome": lambda m: tieta.add_tome(tieta.add_dyt(m, variant="mlp", adapter_dim=4), r=MERGE_SCHEDULE),
 }
 MERGING = ("tome", "pyra", "pyra+lora", "dyt+tome")
+# every other registered method, by its registry entry (tests/registry_cases.py), on the small
+# ViT with registers only (the hand-written cases cover the other variants), to keep the file fast
+COVERED_BY_HAND = {"tome", "pyra", "dyt", "lora", "adapter"}
+EXCLUDED: dict[str, str] = {}  # method name -> why it is not among these cases
+FROM_REGISTRY = names_besides(COVERED_BY_HAND, EXCLUDED)
+REGISTRY_VARIANTS = ("registers",)
+for _name in FROM_REGISTRY:
+    METHODS[_name] = lambda m, name=_name: attach(name, m)
 
 
 def build(method: str, variant: str, seed: int = 0) -> nn.Module:
     """A small ``variant`` ViT with ``method`` attached and acting, backbone and method weights from ``seed``."""
+    if method in FROM_REGISTRY:
+        if variant not in REGISTRY_VARIANTS:
+            pytest.skip(f"{method} runs on the {', '.join(REGISTRY_VARIANTS)} ViT only")
+        return randomise_parameters(METHODS[method](make_vit(variant, seed=seed)), acting_weights(method), seed)
     return randomise(METHODS[method](make_vit(variant, seed=seed)), seed=seed)
 
 
@@ -103,7 +116,7 @@ def test_changing_a_deepcopy_parameter_leaves_the_original(some_variant, method)
     with torch.no_grad():
         twin.blocks[0].attn.qkv.weight.add_(1.0)
         for name, param in twin.named_parameters():
-            if any(word in name for word in METHOD_WEIGHTS):
+            if any(word in name for word in METHOD_WEIGHTS + (acting_weights(method) if method in FROM_REGISTRY else ())):
                 param.add_(1.0)
     assert not torch.allclose(outputs(twin)[0], expected[0])
     assert_same_outputs(model, expected)
@@ -175,7 +188,8 @@ def fresh_process_outputs(tmp_path_factory) -> dict[str, tuple]:
     process that imports only torch; "variant/method" -> (outputs here, outputs there)."""
     root = tmp_path_factory.mktemp("fresh-process")
     x = images(2, seed=3)
-    models = {f"{variant}/{method}": build(method, variant) for variant in VIT_VARIANTS for method in METHODS}
+    models = {f"{variant}/{method}": build(method, variant) for variant in VIT_VARIANTS for method in METHODS
+              if method not in FROM_REGISTRY or variant in REGISTRY_VARIANTS}
     with torch.no_grad():
         expected = {name: (model(x), model.forward_features(x[:1])) for name, model in models.items()}
     torch.save(models, root / "models.pt")
@@ -188,6 +202,8 @@ def fresh_process_outputs(tmp_path_factory) -> dict[str, tuple]:
 
 
 def test_torch_load_in_a_fresh_process_computes_the_same(fresh_process_outputs, vit_variant, method):
+    if method in FROM_REGISTRY and vit_variant not in REGISTRY_VARIANTS:
+        pytest.skip(f"{method} runs on the {', '.join(REGISTRY_VARIANTS)} ViT only")
     expected, got = fresh_process_outputs[f"{vit_variant}/{method}"]
     for actual, wanted in zip(got, expected):
         torch.testing.assert_close(actual, wanted, rtol=0, atol=1e-6)
