@@ -217,3 +217,20 @@ def quick_throughput(monkeypatch):
     real = fit_module.measure_throughput
     monkeypatch.setattr(fit_module, "measure_throughput",
                         lambda *args, **kwargs: real(*args, **{**kwargs, "min_seconds": 0.0, "max_steps": 3}))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Leave out the (method, ViT variant) pairs that a test module does not run, as its
+    ``runs_on(method, variant)`` says, instead of collecting each to report it skipped."""
+    kept, left_out = [], []
+    for item in items:
+        runs_on = getattr(getattr(item, "module", None), "runs_on", None)
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        variant = params.get("vit_variant", params.get("some_variant"))
+        if runs_on is not None and "method" in params and variant is not None and not runs_on(params["method"], variant):
+            left_out.append(item)
+        else:
+            kept.append(item)
+    if left_out:
+        config.hook.pytest_deselected(items=left_out)
+        items[:] = kept

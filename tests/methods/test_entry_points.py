@@ -52,6 +52,10 @@ REGISTRY_VARIANTS = ("plain",)
 REDUCING_FROM_REGISTRY = tuple(name for name in FROM_REGISTRY if registry.METHODS[name].reduces_tokens)
 
 
+def runs_on(method: str, variant: str) -> bool:
+    """Whether the file runs ``method`` on ``variant`` (conftest leaves the other pairs out)."""
+    return method not in FROM_REGISTRY or variant in REGISTRY_VARIANTS
+
 def build(method: str, variant: str) -> nn.Module:
     """A fresh small ``variant`` ViT with ``method`` attached, in eval mode (deterministic)."""
     if method in FROM_REGISTRY and variant not in REGISTRY_VARIANTS:

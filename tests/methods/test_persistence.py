@@ -59,6 +59,10 @@ for _name in FROM_REGISTRY:
     METHODS[_name] = lambda m, name=_name: attach(name, m)
 
 
+def runs_on(method: str, variant: str) -> bool:
+    """Whether the file runs ``method`` on ``variant`` (conftest leaves the other pairs out)."""
+    return method not in FROM_REGISTRY or variant in REGISTRY_VARIANTS
+
 def build(method: str, variant: str, seed: int = 0) -> nn.Module:
     """A small ``variant`` ViT with ``method`` attached and acting, backbone and method weights from ``seed``."""
     if method in FROM_REGISTRY:
