@@ -227,7 +227,8 @@ def pytest_collection_modifyitems(config, items):
         runs_on = getattr(getattr(item, "module", None), "runs_on", None)
         params = getattr(getattr(item, "callspec", None), "params", {})
         variant = params.get("vit_variant", params.get("some_variant"))
-        if runs_on is not None and "method" in params and variant is not None and not runs_on(params["method"], variant):
+        method = params.get("method")
+        if runs_on is not None and method is not None and variant is not None and not runs_on(method, variant):
             left_out.append(item)
         else:
             kept.append(item)
