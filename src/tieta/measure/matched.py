@@ -4,8 +4,8 @@ model's, come closest to a target ratio.
 
 The cost is the executed path of one evaluation forward pass on one seeded random image, counted by
 ``tieta.count_flops`` (deterministic, no timing). Where a method's path depends on the data (DyT's
-dispatchers), that is the path the model takes as attached, untrained: the benchmarks calibrate
-dispatchers to their target rate, which makes the count follow the knob.
+dispatchers), that is the path the model takes as attached, untrained, which barely follows the
+knob: ``benchmarks/reducers.py`` searches DyT's rho with its dispatchers calibrated to the rate.
 """
 
 from __future__ import annotations
@@ -41,12 +41,14 @@ def _images(img_size: int) -> torch.Tensor:
 
 def flops_ratio(method_name: str, model: nn.Module, img_size: int, scalar: float) -> float:
     """FLOPs of ``model`` with the method attached at knob ``scalar``, over the unmodified model's."""
+    return _reduced_flops(method_name, model, img_size, scalar) / count_flops(model, _images(img_size))["flops"]
+
+
+def _reduced_flops(method_name: str, model: nn.Module, img_size: int, scalar: float) -> float:
+    """FLOPs of ``model`` with the method attached at knob ``scalar`` (on a copy)."""
     method = registry.methods()[method_name]
-    images = _images(img_size)
-    base = count_flops(model, images)["flops"]
     config = settings_with(method, method.knob.key, method.knob.to_value(scalar))
-    reduced = method.attach(copy.deepcopy(model), config)
-    return count_flops(reduced, images)["flops"] / base
+    return count_flops(method.attach(copy.deepcopy(model), config), _images(img_size))["flops"]
 
 
 def _valid_edge(knob: Any, measured: Any, bad: float, good: float) -> float:
@@ -97,10 +99,11 @@ def setting_for_flops(method_name: str, model: nn.Module, img_size: int, ratio: 
         raise TietaError(f"{method_name} declares no knob to match FLOPs with")
     cheap, dear = (knob.low, knob.high) if knob.cheaper == "low" else (knob.high, knob.low)
     at = {}
+    base = count_flops(model, _images(img_size))["flops"]  # once: every step divides by it
 
     def measured(scalar: float) -> float:
         if scalar not in at:
-            at[scalar] = flops_ratio(method_name, model, img_size, scalar)
+            at[scalar] = _reduced_flops(method_name, model, img_size, scalar) / base
         return at[scalar]
 
     if not _accepted(measured, dear):
