@@ -4,8 +4,10 @@ import torch
 
 import tieta
 from tieta import TietaError
-from tieta.methods.schedules import (PAPER_SCHEDULES, VIT_B16, flops_ratio, linear_schedule, model_macs,
-                                     resolve_schedule, token_counts, vit_shape)
+from tieta.methods.schedules import (PAPER_SCHEDULES, VIT_B16, FlopsTarget, flops_ratio, linear_schedule,
+                                     model_macs, resolve_schedule, schedule, schedule_setting, token_counts,
+                                     vit_shape)
+from tieta.train.config import load_config
 from tests.conftest import make_vit
 
 
@@ -72,6 +74,38 @@ def test_forms_of_schedule():
     assert resolve_schedule(model, [3]) == [3, 0, 0]
     assert resolve_schedule(model, (2, -1.0)) == linear_schedule(3, 2, -1.0) == [4, 2, 0]
     assert token_counts(vit_shape(model), [3, 2, 1]) == [17, 14, 12, 11]
+
+
+def test_a_flops_target_is_the_clipped_schedule_that_reaches_it_on_the_model():
+    """{flops, inflection} is resolved on the model it goes on, capped per block: ViT-S/16 reaches
+    0.29 (the "high" cost) that an {r, inflection} form cannot give without asking some block for
+    more merges than its tokens allow."""
+    model = _meta("vit_small_patch16_224")
+    r = resolve_schedule(model, {"flops": 0.29, "inflection": -0.9})
+    assert r == schedule(model, 0.29, -0.9)
+    assert flops_ratio(vit_shape(model), r) == pytest.approx(0.29, abs=0.005)
+    assert resolve_schedule(model, {"flops": 0.5}) == schedule(model, 0.5, 0.0)  # constant by default
+    with pytest.raises(TietaError, match="at most"):
+        resolve_schedule(model, {"r": 40, "inflection": -0.9})
+    small = _meta("vit_small_patch14_dinov2", img_size=112)  # one setting, the same cost elsewhere
+    assert flops_ratio(vit_shape(small), resolve_schedule(small, FlopsTarget(0.29, -0.9))) == pytest.approx(0.29, abs=0.01)
+
+
+def test_a_flops_target_from_the_config_and_the_verb():
+    merge = load_config(overrides={"merge.schedule": {"flops": 0.4}}).merge
+    assert schedule_setting(merge) == FlopsTarget(0.4, 0.0)
+    model = tieta.add_tome(make_vit("plain"), r={"flops": 0.6, "inflection": -0.5})
+    assert tieta.count_flops(model, torch.randn(1, 3, 32, 32))["gmacs"] > 0
+
+
+@pytest.mark.parametrize("r,message", [
+    ({"flops": 0}, r"flops is the FLOPs ratio to reach, in \(0, 1\]"), ({"flops": 1.5}, r"in \(0, 1\]"),
+    ({"flops": "half"}, "flops is the FLOPs ratio"), ({"flops": 0.5, "inflection": 2}, r"inflection is a number in \[-1, 1\]"),
+    ({"flops": 0.5, "r": 4}, "or flops and an optional inflection"),
+])
+def test_a_bad_flops_target_is_one_sentence(r, message):
+    with pytest.raises(TietaError, match=message):
+        tieta.add_tome(make_vit("plain"), r=r)
 
 
 @pytest.mark.parametrize("r,message", [

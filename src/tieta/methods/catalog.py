@@ -37,7 +37,7 @@ class Flag:
 
 
 def parse_schedule_flag(text: str) -> Union[int, list, dict, str]:
-    """``--schedule`` text: an int, a list or an {r, inflection} mapping (read as YAML), or a name
+    """``--schedule`` text: an int, a list, an {r, inflection} or {flops, inflection} mapping (read as YAML), or a name
     such as "low"; anything else (a fraction, a boolean, nothing) is refused. The values are
     checked with the rest of the config (``tieta.methods.schedules.check_schedule_form``)."""
     try:
@@ -48,7 +48,7 @@ def parse_schedule_flag(text: str) -> Union[int, list, dict, str]:
         return value
     if isinstance(value, (int, list, dict)) and not isinstance(value, bool):
         return value
-    raise TietaError(f"a merge schedule is low, high, a whole number r, a list of them or {{r: R, inflection: F}}, "
+    raise TietaError(f"a merge schedule is low, high, a whole number r, a list of them, {{r: R, inflection: I}} or {{flops: F}}, "
                      f"got {text!r}")
 
 
@@ -86,4 +86,5 @@ DYT_VARIANTS = ("mlp", "attn", "attn_mlp", "layer")
 
 # ToMe and PYRA share the merge schedule
 SCHEDULE_FLAG = Flag("--schedule", "merge.schedule", parse_schedule_flag,
-                     "merge schedule for tome/pyra: low, high, an int r, or a list like [16,16,8] (default low)")
+                     "merge schedule for tome/pyra/tofu: low, high, an int r, a list like [16,16,8], or "
+                     "{flops: 0.4} for the schedule that reaches that FLOPs ratio (default low)")

@@ -23,7 +23,7 @@ from torch import nn
 
 from tieta.errors import TietaError
 from tieta.methods.blocks import TietaBlock, patch_blocks
-from tieta.methods.knob import Knob, decreasing_schedule
+from tieta.methods.knob import Knob, flops_schedule
 from tieta.methods.method import Method
 from tieta.methods.schedules import MergeConfig, resolve_schedule, schedule_setting
 from tieta.methods.tome import TokenMerge, attach_merging, describe_merging
@@ -121,5 +121,6 @@ METHOD = Method(
     validate=_check_lr,
     shows_merges=True,
     reduces_tokens=True,
-    knob=Knob("merge.schedule", 0, 40, "high", decreasing_schedule, doc="r of a decreasing schedule ({r, inflection: -0.9})"),
+    knob=Knob("merge.schedule", 0.05, 1.0, "low", flops_schedule,
+              doc="FLOPs ratio its decreasing schedule reaches ({flops, inflection: -0.9})"),
 )

@@ -3,6 +3,9 @@
 A schedule is given as
 - an int r: the same r in every block;
 - a tuple (r, inflection): ToMe's linear schedule (inflection -1 decreasing, 0 constant, +1 increasing);
+- a FLOPs target, {flops: F, inflection: I} (a :class:`FlopsTarget`): the schedule of that shape whose
+  FLOPs ratio to the unmerged model is closest to F on the model it is attached to, each block's r
+  capped at what its tokens allow (:func:`schedule`), so one setting means the same cost on any model;
 - a list: r per block (shorter lists are padded with zeros);
 - a name, "low" or "high": the PYRA paper's schedules for ViT-B/16, ViT-L/16 and DeiT-B distilled
   at 224 px; for any other model, the FLOPs ratio that schedule reaches on ViT-B/16 (about 0.50
@@ -21,25 +24,44 @@ from tieta.errors import TietaError
 from tieta.methods.blocks import check_vit
 from tieta.ops.merging import bipartite_starts, max_merges
 
-Schedule = Union[int, tuple, Sequence[int], str]
+
+
+@dataclass(frozen=True)
+class FlopsTarget:
+    """A schedule given by its cost: the FLOPs ratio (merged / unmerged, in (0, 1]) to reach on the
+    model it is attached to, and the shape of the schedule that reaches it (ToMe's inflection)."""
+
+    flops: float
+    inflection: float = 0.0
+
+
+Schedule = Union[int, tuple, Sequence[int], str, FlopsTarget]
 
 @dataclass
 class MergeConfig:
     """Token merging settings (the config section "merge", shared by ToMe and PYRA)."""
 
-    # "low" / "high" (the PYRA paper's), an int r, a per-block list, or {r: R, inflection: F}
+    # "low" / "high" (the PYRA paper's), an int r, a per-block list, {r: R, inflection: I} or
+    # {flops: F, inflection: I} (a FLOPs ratio to reach on the model, inflection optional)
     schedule: Any = field(default="low", metadata={"any_type": True})
     prop_attn: bool = True  # proportional attention, as the PYRA code (training and evaluation)
 
 
 def schedule_setting(merge: MergeConfig) -> Schedule:
-    """The configured schedule in the form add_tome takes ({r, inflection} becomes a tuple)."""
-    schedule = merge.schedule
-    if isinstance(schedule, dict):
-        if set(schedule) != {"r", "inflection"}:
-            raise TietaError("a schedule mapping takes exactly the keys r and inflection")
+    """The configured schedule in the form add_tome takes (a mapping becomes a tuple or a FlopsTarget)."""
+    return from_mapping(merge.schedule)
+
+
+def from_mapping(schedule: Any) -> Schedule:
+    """{r, inflection} -> (r, inflection); {flops[, inflection]} -> FlopsTarget; anything else as given."""
+    if not isinstance(schedule, dict):
+        return schedule
+    if set(schedule) == {"r", "inflection"}:
         return (schedule["r"], schedule["inflection"])
-    return schedule
+    if set(schedule) in ({"flops"}, {"flops", "inflection"}):
+        return FlopsTarget(schedule["flops"], schedule.get("inflection", 0.0))
+    raise TietaError("a schedule mapping takes exactly the keys r and inflection, or flops and an optional "
+                     "inflection")
 
 
 def _is_number(value: Any) -> bool:
@@ -51,7 +73,14 @@ def _is_number(value: Any) -> bool:
 def check_schedule_form(r: Schedule) -> None:
     """Refuse, with one sentence, a schedule that no model could take (what needs no model: the
     form, names, signs); :func:`resolve_schedule` then checks it against a model's blocks and tokens."""
-    if isinstance(r, str):
+    r = from_mapping(r)
+    if isinstance(r, FlopsTarget):
+        if not (_is_number(r.flops) and 0 < r.flops <= 1):
+            raise TietaError(f"a schedule's flops is the FLOPs ratio to reach, in (0, 1], got {r.flops!r}")
+        if not (_is_number(r.inflection) and -1 <= r.inflection <= 1):
+            raise TietaError(f"a schedule's inflection is a number in [-1, 1] (-1 decreasing, 0 constant, "
+                             f"1 increasing), got {r.inflection!r}")
+    elif isinstance(r, str):
         if r not in NAMED_INFLECTION:
             raise TietaError(f"unknown schedule {r!r}; use 'low', 'high', an int, (r, inflection) or a list")
     elif isinstance(r, bool):
@@ -71,8 +100,8 @@ def check_schedule_form(r: Schedule) -> None:
             if not isinstance(merges, int) or isinstance(merges, bool) or merges < 0:
                 raise TietaError(f"block {index} of the schedule asks for {merges!r} merges; use whole numbers >= 0")
     else:
-        raise TietaError(f"cannot read {r!r} as a merge schedule; use 'low', 'high', an int, {{r: R, inflection: F}} "
-                         "or a list")
+        raise TietaError(f"cannot read {r!r} as a merge schedule; use 'low', 'high', an int, "
+                         "{r: R, inflection: I}, {flops: F} or a list")
 
 
 def validate_merge(config: Any) -> None:
@@ -220,8 +249,11 @@ def schedule(model: Union[nn.Module, ViTShape], target_flops: float, inflection:
 def resolve_schedule(model: nn.Module, r: Schedule) -> list[int]:
     """Turn any accepted schedule form into an r per block, refusing what the tokens cannot allow."""
     check_schedule_form(r)
+    r = from_mapping(r)
     shape = vit_shape(model)
     depth = shape.depth
+    if isinstance(r, FlopsTarget):
+        return schedule(shape, float(r.flops), float(r.inflection))
     if isinstance(r, str):
         key = (depth, shape.width, shape.patches, shape.prefix)
         if key in PAPER_SCHEDULES:

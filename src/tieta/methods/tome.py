@@ -18,7 +18,7 @@ from torch import nn
 
 from tieta.methods.blocks import (TietaBlock, Unchanged, claim_reduction, follow_tokens, keep_output, patch_blocks,
                                   release_output, rotated, take_output, token_state)
-from tieta.methods.knob import Knob, decreasing_schedule
+from tieta.methods.knob import Knob, flops_schedule
 from tieta.methods.method import Method
 from tieta.methods.state import method_setting, set_method_setting
 from tieta.methods.schedules import (MergeConfig, resolve_schedule, schedule_setting, token_counts, validate_merge,
@@ -142,5 +142,6 @@ METHOD = Method(
     validate=validate_merge,  # the section PYRA shares
     shows_merges=True,
     reduces_tokens=True,
-    knob=Knob("merge.schedule", 0, 40, "high", decreasing_schedule, doc="r of a decreasing schedule ({r, inflection: -0.9})"),
+    knob=Knob("merge.schedule", 0.05, 1.0, "low", flops_schedule,
+              doc="FLOPs ratio its decreasing schedule reaches ({flops, inflection: -0.9})"),
 )
