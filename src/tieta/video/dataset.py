@@ -13,6 +13,7 @@ of its views, (V, T, 3, S, S); both float32 on the 0-255 scale, normalised per b
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from tieta.data.vtab import Task, _class_folders, _listdir, _read_lines, _shown
+from tieta.data.vtab import Task, _class_folders, _listdir, _shown
 from tieta.errors import TietaError
 from tieta.files import read_regular
 from tieta.video.clips import CLIP_SUFFIXES, MAX_CLIP_PIXELS, clip_path, read_clip
@@ -32,6 +33,8 @@ FOLDER_SPLITS = ("train", "val", "test")
 STYLES = ("k400", "ssv2")
 MAX_FRAMES = 256  # frames a model sees per clip, at most (the papers use 8)
 _HEAD_BYTES = 64 * 1024  # what detection reads of a list file
+MAX_LIST_BYTES = 256 * 2**20  # a list file, at most (Kinetics-400's training list is about 15 MB)
+_LABEL = re.compile(r"[0-9]{1,18}")  # ASCII digits only: str.isdigit() also accepts "²", which int() refuses
 
 
 @dataclass
@@ -106,8 +109,8 @@ def open_video_task(path: str | Path) -> Task:
     """The video task at ``path``: its splits' (clip path, label) pairs, read up front (a Task whose
     layout is "video"; its splits are named train, test and val, test falling back to val).
 
-    Labels of a list file number the classes from 0; the training list has the largest, and every
-    other list's labels are among its classes. Folder names are the classes, sorted, as for images.
+    Labels of a list file number the classes from 0: the training list has a clip of each class up to
+    its largest label, and every other list's labels are among its classes. Folder names are the classes, sorted, as for images.
 
     Raises:
         TietaError: naming the file and line (or folder): a missing folder, no training split, a
@@ -121,7 +124,12 @@ def open_video_task(path: str | Path) -> Task:
     if (root / LIST_FILES["train"]).is_file():
         items = {split: _read_clip_list(root, root / name) for split, name in LIST_FILES.items()
                  if (root / name).is_file()}
-        classes = 1 + max(label for _, label in items["train"])
+        trained = {label for _, label in items["train"]}
+        classes = 1 + max(trained)
+        missing = sorted(set(range(classes)) - trained)
+        if missing:  # a class the model could never learn: more likely a typo in a label
+            raise TietaError(f"{_shown(root / LIST_FILES['train'])} has labels up to {classes - 1} but no clip of "
+                             f"class {missing[0]}: labels must number the classes from 0 without gaps")
         for split, pairs in items.items():
             for clip, label in pairs:
                 if label >= classes:
@@ -141,14 +149,30 @@ def _is_clip(path: Path) -> bool:
 
 
 def _read_clip_list(root: Path, file: Path) -> list[tuple[Path, int]]:
-    """The (clip, label) pairs of a list file, every path checked to stay in ``root`` and name a clip."""
+    """The (clip, label) pairs of a list file ("<clip path> <label>" lines; blank lines skipped), every
+    path checked to stay in ``root`` and name a clip, every label a non-negative integer."""
+    data = read_regular(file, "list file", MAX_LIST_BYTES)
     pairs = []
-    for number, path, label in _read_lines(root, file):  # (the text checks: a relative path, no "..")
+    for number, raw in enumerate(data.splitlines(), start=1):
         where = f"{_shown(file)}:{number}"
-        name = os.path.relpath(path, root)
+        try:  # a BOM (from some Windows editors) would otherwise become part of the first path
+            line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+        except UnicodeDecodeError as error:
+            raise TietaError(f"{where}: not UTF-8 text (byte 0x{raw[error.start]:02x} at column "
+                             f"{error.start + 1})") from error
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) != 2 or not _LABEL.fullmatch(parts[1]):
+            shown = line.strip() if len(line.strip()) <= 80 else line.strip()[:77] + "..."
+            raise TietaError(f"{where}: expected '<clip path> <label>' with a label of 0 or more, got {shown!r}")
+        name, label = parts[0], int(parts[1])
+        if not name.isprintable():
+            raise TietaError(f"{where}: clip path {name!r} has an unprintable character")
+        path = clip_path(root, name, where)
         if not _is_clip(path):
             raise TietaError(f"{where}: {name} is not a clip ({', '.join(CLIP_SUFFIXES)})")
-        pairs.append((clip_path(root, name, where), label))
+        pairs.append((path, label))
     if not pairs:
         raise TietaError(f"list file {_shown(file)} names no clips")
     return pairs
