@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from timm.data.auto_augment import rand_augment_transform
 
 from tieta.errors import TietaError
 
@@ -153,7 +154,6 @@ def clip_rand_augment(frames: torch.Tensor, config: str, draws: Draws) -> torch.
     Returns:
         (T, 3, H, W) uint8.
     """
-    from timm.data.auto_augment import rand_augment_transform
     height, width = frames.shape[-2:]
     hparams = {"translate_const": int(min(height, width) * 0.45), "interpolation": Image.Resampling.BICUBIC}
     transform = rand_augment_transform(config, hparams)
