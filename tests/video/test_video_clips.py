@@ -162,3 +162,10 @@ def test_without_pyav_the_extra_is_named(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "av", None)
     with pytest.raises(TietaError, match=r"pip install 'tieta\[video\]'"):
         read_clip(tmp_path / "any.mp4")
+
+
+def test_a_loop_of_links_is_named(tmp_path):
+    (tmp_path / "a.mp4").symlink_to(tmp_path / "b.mp4")
+    (tmp_path / "b.mp4").symlink_to(tmp_path / "a.mp4")
+    with pytest.raises(TietaError, match="train.txt:2: clip path a.mp4 cannot be followed"):
+        clip_path(tmp_path, "a.mp4", "train.txt:2")

@@ -168,3 +168,15 @@ def test_a_clip_task_is_written_to_a_new_folder_only(tmp_path):
     assert (tmp_path / "taken" / "mine.txt").read_text() == "keep"
     with pytest.raises(TietaError, match="fewer than the 500 clips asked for"):
         make_clip_task(tmp_path / "big", SOURCE, clips_per_class=500)
+
+
+def test_views_are_scored_by_their_mean_logits():
+    from tieta.video.views import mean_over_views
+    views = torch.arange(2 * 3, dtype=torch.float32).view(2, 3, 1, 1, 1, 1).expand(2, 3, 8, 3, 4, 4)
+
+    def model(clips):  # (N, T, 3, S, S) -> (N, 2): each clip's mean, and its negation
+        means = clips.mean(dim=(1, 2, 3, 4))
+        return torch.stack([means, -means], dim=1)
+
+    logits = mean_over_views(model, views)
+    assert torch.equal(logits, torch.tensor([[1.0, -1.0], [4.0, -4.0]]))

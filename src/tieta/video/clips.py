@@ -50,7 +50,11 @@ def clip_path(root: Path, name: str, where: str) -> Path:
     path = root / name
     # Unlike an image task's images/ (often a link to other storage), a clip that resolves outside
     # the task is refused: the task folder is the whole of what a video run may read.
-    if not path.resolve().is_relative_to(root.resolve()):
+    try:
+        inside = path.resolve().is_relative_to(root.resolve())
+    except (OSError, RuntimeError) as error:  # a loop of links (RuntimeError before Python 3.13)
+        raise TietaError(f"{where}: clip path {name} cannot be followed ({error})") from None
+    if not inside:
         raise TietaError(f"{where}: clip path {name} leads out of the task folder through a symbolic link")
     return path
 
@@ -106,7 +110,8 @@ def read_clip(path: Path, max_pixels: int = MAX_CLIP_PIXELS) -> Clip:
                 if pixels > max_pixels:
                     _check_size(path, number + 1, frame.width, frame.height, max_pixels, "it has at least")
                 by_time[frame.pts if frame.pts is not None else number] = frame
-    except av.FFmpegError as error:  # (InvalidDataError: not a container it knows, cut short, damaged)
+    except (av.FFmpegError, ValueError) as error:  # InvalidDataError: not a container it knows, cut short, damaged;
+        # a ValueError (UnicodeDecodeError) from metadata that is not text
         raise TietaError(f"cannot read clip {path}: it is corrupt, truncated or not a video "
                          f"({getattr(error, 'strerror', None) or error})") from error
     if not by_time:
