@@ -180,3 +180,18 @@ def test_views_are_scored_by_their_mean_logits():
 
     logits = mean_over_views(model, views)
     assert torch.equal(logits, torch.tensor([[1.0, -1.0], [4.0, -4.0]]))
+
+
+def test_val_txt_is_the_test_split_where_there_is_no_test_txt(clip_lists, tmp_path):
+    root = tmp_path / "task"
+    shutil.copytree(clip_lists, root)
+    (root / "test.txt").rename(root / "val.txt")
+    task = open_video_task(root)
+    assert task.split("test") == task.split("val") and len(task.split("test")) == 6
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".webm", ".avi", ".mkv", ".MP4"])
+def test_every_clip_suffix_is_detected(tmp_path, suffix):
+    (tmp_path / "train" / "walking").mkdir(parents=True)
+    (tmp_path / "train" / "walking" / f"a{suffix}").write_bytes(b"")
+    assert is_video_task(tmp_path)
