@@ -44,7 +44,8 @@ class VideoDataConfig:
     The defaults are the reference's Kinetics-400 settings; :meth:`preset` gives SSv2's.
     """
 
-    style: str = "k400"  # training augmentation: "k400" (scale jitter, crop, mirror) or "ssv2" (RandAugment, resized crop)
+    # training augmentation: "k400" (scale jitter, crop, mirror) or "ssv2" (RandAugment, resized crop)
+    style: str = "k400"
     frames: int = 8  # T, the frames the model sees per clip
     sampling_rate: int = 16  # the stride between them; 0: one frame per segment (SSv2)
     temporal_views: int = 3  # evaluation: views along time (1 with segments)
@@ -110,7 +111,8 @@ def open_video_task(path: str | Path) -> Task:
     layout is "video"; its splits are named train, test and val, test falling back to val).
 
     Labels of a list file number the classes from 0: the training list has a clip of each class up to
-    its largest label, and every other list's labels are among its classes. Folder names are the classes, sorted, as for images.
+    its largest label, and every other list's labels are among its classes. Folder names are the
+    classes, sorted, as for images.
 
     Raises:
         TietaError: naming the file and line (or folder): a missing folder, no training split, a
