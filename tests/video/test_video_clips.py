@@ -91,7 +91,7 @@ def test_a_clip_cut_short_after_its_index_is_truncated(tmp_path):
     cut = tmp_path / "cut.mp4"
     cut.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
     assert read_clip(path).count == 16
-    with pytest.raises(TietaError, match=r"cut.mp4 is truncated or corrupt: [0-9]+ of the 16 frames its header"):
+    with pytest.raises(TietaError, match=r"cut.mp4 is truncated: its header lists 16 frames, the file holds [0-9]+$"):
         read_clip(cut)
 
 

@@ -82,8 +82,8 @@ def read_clip(path: Path, max_pixels: int = MAX_CLIP_PIXELS) -> Clip:
     Raises:
         TietaError: in one sentence, naming the clip: it is missing or not a regular file, is not a
             video (no container PyAV knows, or no video stream), is corrupt or truncated (decoding
-            fails, or fewer frames decode than its header lists), has no frames, changes its frame
-            size, or has more than ``max_pixels`` frames x pixels.
+            fails, or the file ends before the frames its header lists), has no frames, changes its
+            frame size, or has more than ``max_pixels`` frames x pixels.
     """
     av = need_av()
     try:
@@ -100,25 +100,29 @@ def read_clip(path: Path, max_pixels: int = MAX_CLIP_PIXELS) -> Clip:
             listed = max(int(stream.frames or 0), 0)
             _check_size(path, listed, stream.width, stream.height, max_pixels, "its header lists")
             by_time: dict[int, Any] = {}
-            pixels, size = 0, None
-            for number, frame in enumerate(container.decode(stream)):
-                size = size or (frame.width, frame.height)
-                if (frame.width, frame.height) != size:
-                    raise TietaError(f"clip {path} changes its frame size from {size[0]} x {size[1]} to "
-                                     f"{frame.width} x {frame.height} pixels")
-                pixels += frame.width * frame.height
-                if pixels > max_pixels:
-                    _check_size(path, number + 1, frame.width, frame.height, max_pixels, "it has at least")
-                by_time[frame.pts if frame.pts is not None else number] = frame
+            packets, pixels, size = 0, 0, None
+            for packet in container.demux(stream):
+                packets += packet.size > 0  # (the last, empty, packet only flushes the decoder)
+                for frame in packet.decode():
+                    size = size or (frame.width, frame.height)
+                    if (frame.width, frame.height) != size:
+                        raise TietaError(f"clip {path} changes its frame size from {size[0]} x {size[1]} to "
+                                         f"{frame.width} x {frame.height} pixels")
+                    pixels += frame.width * frame.height
+                    if pixels > max_pixels:
+                        _check_size(path, pixels // (frame.width * frame.height), frame.width, frame.height,
+                                    max_pixels, "it has at least")
+                    by_time[frame.pts if frame.pts is not None else len(by_time)] = frame
     except (av.FFmpegError, ValueError) as error:  # InvalidDataError: not a container it knows, cut short, damaged;
         # a ValueError (UnicodeDecodeError) from metadata that is not text
         raise TietaError(f"cannot read clip {path}: it is corrupt, truncated or not a video "
                          f"({getattr(error, 'strerror', None) or error})") from error
     if not by_time:
         raise TietaError(f"clip {path} has no frames")
-    if len(by_time) < listed:
-        raise TietaError(f"clip {path} is truncated or corrupt: {len(by_time)} of the {listed} frames its header "
-                         "lists decode")
+    # Packets, not decoded frames: a clip cut without re-encoding may list frames that its edit list
+    # hides (they are read, then dropped by the decoder); a truncated file ends before its packets do.
+    if packets < listed:
+        raise TietaError(f"clip {path} is truncated: its header lists {listed} frames, the file holds {packets}")
     return Clip(path, [by_time[key] for key in sorted(by_time)])
 
 
