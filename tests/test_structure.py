@@ -41,6 +41,7 @@ LAZY_IMPORTS = {
     ("hf/export.py", "_transformers"): "transformers is an optional dependency (tieta[transformers])",
     ("train/loggers.py", "_import_tensorboard"): "tensorboard is an optional dependency (tieta[tensorboard])",
     ("train/loggers.py", "_import_wandb"): "wandb is an optional dependency (tieta[wandb])",
+    ("video/clips.py", "need_av"): "PyAV is an optional dependency (tieta[video])",
 }
 LAZY_FILES = {"cli.py"}  # every function of these may import lazily
 
