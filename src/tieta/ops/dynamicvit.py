@@ -100,7 +100,7 @@ class PredictorLG(nn.Module):
         return self.out_conv(torch.cat([local, global_.expand_as(z[..., half:])], dim=-1))
 
 
-def keep_counts(patches: int, ratios: Sequence[float], rounding: Callable[[float], int] = int) -> list[int]:
+def keep_counts(patches: int, ratios: Sequence[float]) -> list[int]:
     """Patch tokens kept at each stage at evaluation.
 
     Plain Python float arithmetic, truncated, as the reference does it: the ratios are fractions of
@@ -109,11 +109,9 @@ def keep_counts(patches: int, ratios: Sequence[float], rounding: Callable[[float
     Args:
         patches: the original number of patch tokens P (196 for 224 px at patch 16).
         ratios: keep ratio of each stage, each in (0, 1].
-        rounding: how ``patches * r`` becomes a count: ``int`` (truncation, DynamicViT's) or
-            ``round`` (SPViT's).
 
     Returns:
-        ``[rounding(patches * r) for r in ratios]``.
+        ``[int(patches * r) for r in ratios]``.
 
     Raises:
         ValueError: a ratio outside (0, 1], or one that keeps no token.
@@ -122,7 +120,7 @@ def keep_counts(patches: int, ratios: Sequence[float], rounding: Callable[[float
     for ratio in ratios:
         if not 0.0 < ratio <= 1.0:
             raise ValueError(f"keep ratio {ratio} is outside (0, 1]")
-        count = rounding(patches * ratio)
+        count = int(patches * ratio)
         if count < 1:
             raise ValueError(f"keep ratio {ratio} keeps no token of {patches}")
         counts.append(count)

@@ -46,8 +46,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tieta.ops import dynamicvit
-
 # Floor of a policy sum in the global mean and of a package's token count: both are 0 or >= 1 for
 # hard decisions, so the floor only turns 0 / 0 into 0.
 _SUM_FLOOR = 1e-6
@@ -139,8 +137,7 @@ class MultiheadPredictorLG(nn.Module):
 
 
 def keep_counts(patches: int, ratios: Sequence[float]) -> list[int]:
-    """Patch tokens kept at each stage at evaluation: ``round(patches * r)`` (Python's round), where
-    DynamicViT truncates; the same checks (``tieta.ops.dynamicvit.keep_counts``).
+    """Patch tokens kept at each stage at evaluation: ``round(patches * r)`` (Python's round).
 
     The ratios are fractions of the original patch count, cumulative over the stages, as the
     reference's ratio targets are: ``keep_counts(196, [0.617, 0.369, 0.137]) == [121, 72, 27]``.
@@ -148,7 +145,15 @@ def keep_counts(patches: int, ratios: Sequence[float]) -> list[int]:
     Raises:
         ValueError: a ratio outside (0, 1], or one that keeps no token.
     """
-    return dynamicvit.keep_counts(patches, ratios, rounding=round)
+    counts = []
+    for ratio in ratios:
+        if not 0.0 < ratio <= 1.0:
+            raise ValueError(f"keep ratio {ratio} is outside (0, 1]")
+        count = round(patches * ratio)
+        if count < 1:
+            raise ValueError(f"keep ratio {ratio} keeps no token of {patches}")
+        counts.append(count)
+    return counts
 
 
 def sample_keep(score: torch.Tensor, previous: torch.Tensor, packages: int) -> torch.Tensor:
