@@ -3,6 +3,7 @@ the methods that merge tokens, ``show-tokens`` the token decisions of the method
 any other method is refused in one sentence that names what can be drawn (never replaced)."""
 
 import pytest
+from PIL import Image
 
 from conftest import refused, write_vtab_task
 from tieta.cli import main
@@ -14,7 +15,9 @@ TINY = ["--model", "test_vit", "--weights", "random", "--img-size", "32", "--lor
 def test_the_methods_declare_what_can_be_drawn():
     merging = [method.name for method in registry.METHODS.values() if method.shows_merges]
     assert merging[:2] == ["tome", "pyra"] and not {"lora", "adapter", "evit", "dyt"} & set(merging)
-    assert [method.name for method in registry.METHODS.values() if method.token_masks is not None] == ["dyt"]
+    drawn = [method.name for method in registry.METHODS.values() if method.token_masks is not None]
+    assert {"dyt", "evit", "dynamicvit", "spvit", "diffrate", "tofu"} <= set(drawn)
+    assert not {"lora", "adapter", "tome", "atc"} & set(drawn)
 
 
 def test_show_merges_refuses_methods_without_merges_instead_of_replacing_them(tmp_path, capsys):
@@ -40,9 +43,25 @@ def test_show_tokens_refuses_a_run_without_token_decisions(tmp_path, capsys):
                  "--warmup-epochs", "0", "--batch-size", "4"]) == 0
     capsys.readouterr()
     message = refused(capsys, "show-tokens", str(run), "--output", str(tmp_path / "pictures"))
+    drawn = [method.name for method in registry.METHODS.values() if method.token_masks is not None]
     assert message == (f"tieta: error: the run {run} (lora) has no token decisions to show; show-tokens draws "
-                       "those of dyt")
+                       f"those of {', '.join(drawn[:-1])} and {drawn[-1]}")
+    assert all(f" {name}," in message or message.endswith(f" {name}")
+               for name in ("dyt", "evit", "dynamicvit", "spvit", "diffrate", "tofu"))
     assert not (tmp_path / "pictures" / "activation_rates.png").exists()
+
+
+def test_show_tokens_draws_the_patches_a_trained_evit_run_keeps(tmp_path, capsys):
+    task, run, pictures = write_vtab_task(tmp_path / "task"), tmp_path / "run", tmp_path / "pictures"
+    assert main(["train", *TINY, "--method", "evit+lora", "--set", "evit.keep_rate=0.5", "--data", str(task),
+                 "--output", str(run), "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "4"]) == 0
+    capsys.readouterr()
+    assert main(["show-tokens", str(run), "--count", "2", "--output", str(pictures)]) == 0
+    assert "tokens are merged" not in capsys.readouterr().out
+    for name in ("activation_rates.png", "active_tokens.png"):
+        with Image.open(pictures / name) as picture:
+            picture.load()  # a whole, readable PNG
+            assert picture.format == "PNG" and min(picture.size) > 100
 
 
 @pytest.mark.parametrize("name", [method.name for method in registry.METHODS.values() if method.shows_merges])
