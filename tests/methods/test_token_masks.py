@@ -14,6 +14,7 @@ import tieta.methods.dynamicvit as dynamicvit
 import tieta.methods.evit as evit
 import tieta.methods.spvit as spvit
 import tieta.methods.tofu as tofu
+from tieta.errors import TietaError
 from tieta.methods import registry
 from tieta.methods.diffrate import mlp_token_counts
 from tieta.methods.state import pass_state_named
@@ -92,21 +93,6 @@ def spvit_case(model, monkeypatch, seen, decision="top_k"):
     return step, ([counts[1], counts[2]] if decision == "top_k" else None)
 
 
-def diffrate_case(model, monkeypatch, seen):
-    tieta.add_diffrate(model, **diffrate_counts(model))  # blocks 1 and 2 prune and merge
-    prefix = model.num_prefix_tokens
-    catch(monkeypatch, diffrate_step, "sort_by_importance", seen, lambda args, out: out[2][:, prefix:] - prefix)
-    counts = mlp_token_counts(model)
-
-    def step(current, index):
-        # block 0 keeps every token but sorts them: the decisions are blocks 1 and 2
-        for block in ([0, 1] if index == 0 else [index + 1]):
-            current = [tokens[:counts[block] - prefix] for tokens in follow(current, seen[block])]
-        return current
-
-    return step, [counts[1], counts[2]]
-
-
 def tofu_case(model, monkeypatch, seen):
     tieta.add_tofu(model, r=[3, 2, 2])  # blocks 0 and 1 prune, block 2 fuses (depth 3)
     prefix = model.num_prefix_tokens
@@ -121,19 +107,25 @@ def tofu_case(model, monkeypatch, seen):
     return lambda current, index: follow(current, seen[index]), counts[1:]
 
 
-CASES = {"evit": evit_case, "dynamicvit": dynamicvit_case, "spvit": spvit_case, "diffrate": diffrate_case,
-         "tofu": tofu_case}
+CASES = {"evit": evit_case, "dynamicvit": dynamicvit_case, "spvit": spvit_case, "tofu": tofu_case}
 
 
 def test_every_pruning_method_declares_its_masks_and_a_caption_note():
     drawn = [method.name for method in registry.METHODS.values() if method.token_masks is not None]
-    assert set(PRUNING) < set(drawn) and "atc" not in drawn
+    assert set(PRUNING) < set(drawn)
     for name in PRUNING:
         assert registry.METHODS[name].picture_note is not None
+    # ToFu prunes in its early blocks, so no merge groups cover the image: show-tokens draws it, not
+    # show-merges; ATC's clusters are not traced to their patches, so neither picture draws them
+    assert not registry.METHODS["tofu"].shows_merges
+    assert not registry.METHODS["atc"].shows_merges and registry.METHODS["atc"].token_masks is None
+    # where a merge greys a patch as a pruning does, the caption says so
+    assert "a merged patch stays with the token it joined" in registry.METHODS["diffrate"].picture_note(None)
+    assert "fused away" in registry.METHODS["tofu"].picture_note(None)
 
 
 @pytest.mark.parametrize("variant", ["plain", "registers"])
-@pytest.mark.parametrize("name", PRUNING)
+@pytest.mark.parametrize("name", list(CASES))
 def test_masks_follow_the_methods_own_kept_indices(monkeypatch, name, variant):
     model, seen = make_vit(variant), []
     step, counts = CASES[name](model, monkeypatch, seen)
@@ -184,3 +176,55 @@ def test_evit_masks_on_a_model_with_rope():
     assert [mask.shape for mask in masks] == [(2, PATCHES)] * 3
     assert [int(mask.sum(dim=1).max()) for mask in masks][0] == 8
     assert pass_state_named(model, "token_state").rope_follows  # its own bookkeeping stays on
+
+
+@pytest.mark.parametrize("variant", ["plain", "registers"])
+def test_diffrate_masks_hold_the_merged_patches_and_drop_the_pruned(monkeypatch, variant):
+    model = make_vit(variant)
+    tieta.add_diffrate(model, **diffrate_counts(model))  # blocks 1 and 2 prune and merge
+    prefix, x = model.num_prefix_tokens, images()
+    sorts, gathers = [], []  # each block's sort order and what prune_merge is given
+    catch(monkeypatch, diffrate_step, "sort_by_importance", sorts, lambda args, out: out[2])
+    catch(monkeypatch, diffrate_step, "prune_merge", gathers, lambda args, out: (args[0], args[2], args[3]))
+    with torch.no_grad():
+        expected = model(x)
+    sorts.clear(), gathers.clear()
+    masks = registry.METHODS["diffrate"].token_masks(model, x)
+    # slow: each image's tokens as the sets of patches they hold, through every block's sort, prune and merge
+    held = [[set() for _ in range(prefix)] + [{patch} for patch in range(PATCHES)] for _ in range(x.shape[0])]
+    stages = []
+    for order, (sorted_x, kept_prune, kept_merge) in zip(sorts, gathers):
+        for image in range(x.shape[0]):
+            tokens = [held[image][i] for i in order[image].tolist()][:kept_prune]
+            if kept_merge < len(tokens):
+                unit = torch.nn.functional.normalize(sorted_x[image, :kept_prune], dim=-1)
+                for source in range(kept_merge, len(tokens)):
+                    similarity = unit[:kept_merge] @ unit[source]
+                    similarity[:prefix] = -float("inf")  # never into a prefix token
+                    tokens[int(similarity.argmax())] = tokens[int(similarity.argmax())] | tokens[source]
+                tokens = tokens[:kept_merge]
+            held[image] = tokens
+        stages.append([list(tokens) for tokens in held])
+    counts = mlp_token_counts(model)
+    deciding = [index for index in range(len(counts)) if counts[index] < ([PATCHES + prefix] + counts)[index]]
+    assert deciding == [1, 2] and len(masks) == 2
+    for mask, index in zip(masks, deciding):
+        slow = torch.zeros(x.shape[0], PATCHES, dtype=torch.bool)
+        for image, tokens in enumerate(stages[index]):
+            assert len(tokens) == counts[index]  # the method's token count, prefix included
+            slow[image, sorted(set().union(*tokens))] = True
+        assert torch.equal(mask, slow)
+    assert (masks[1].sum(dim=1) > counts[2] - prefix).all()  # merged patches are held: more than the tokens
+    assert not (masks[1] & ~masks[0]).any()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+    assert not pass_state_named(model, "token_state").trace_source
+
+
+def test_merge_groups_refuse_a_model_that_prunes_patches():
+    from tieta.report.visualize import merge_groups
+
+    model = make_vit("plain")
+    tieta.add_diffrate(model, **diffrate_counts(model))
+    with pytest.raises(TietaError, match="prunes some patches"):
+        merge_groups(model, images())

@@ -14,6 +14,10 @@ the positions the step leaves:
 A mask is True where the patch is still a token of its own after the step; a patch that was
 pruned, fused into EViT's extra token, folded into an SPViT package or merged into another token
 is False (and stays False: the masks are nested). Prefix tokens are never in a mask.
+
+A method whose steps trace merge sources (``TokenState.source``, DiffRate's) can show instead which
+patches some token still holds, merged ones included (``held_patch_masks``): False only where a
+patch was pruned.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import torch
 from torch import nn
 
 from tieta.errors import TietaError
-from tieta.methods.blocks import token_state_of
+from tieta.methods.blocks import TokenState, token_state_of
 
 # what a step leaves besides positions: (B, m) False for padding among its first m patch tokens
 # (SPViT's argmax decisions pad each image to the batch's largest count), or None
@@ -51,7 +55,6 @@ def patch_mask(positions: Optional[torch.Tensor], patches: int, batch: int, devi
     return mask.scatter(1, index, True)[:, :patches]
 
 
-@torch.inference_mode()
 def kept_patch_masks(model: nn.Module, images: torch.Tensor, steps: Sequence[nn.Module],
                      padding: Optional[Padding] = None) -> list[torch.Tensor]:
     """The patches still carried by a token of their own after each decision step, in evaluation.
@@ -65,24 +68,50 @@ def kept_patch_masks(model: nn.Module, images: torch.Tensor, steps: Sequence[nn.
     Returns:
         One (B, P) bool tensor per step, P the model's patches.
     """
+    patches, batch = model.patch_embed.num_patches, images.shape[0]
+
+    def read(state: TokenState, out: torch.Tensor) -> torch.Tensor:
+        real = padding() if padding is not None else None
+        return patch_mask(state.positions, patches, batch, out.device, real)
+
+    return _after_each_step(model, images, steps, read, "rope_follows")
+
+
+def held_patch_masks(model: nn.Module, images: torch.Tensor, steps: Sequence[nn.Module]) -> list[torch.Tensor]:
+    """The patches some token still holds after each decision step (its own, or one it was merged
+    into), in evaluation: False only where a patch was pruned. For a method whose steps trace merge
+    sources (``TokenState.source``, as DiffRate's do at evaluation).
+
+    Returns:
+        One (B, P) bool tensor per step.
+    """
+    def read(state: TokenState, out: torch.Tensor) -> torch.Tensor:
+        prefix = model.num_prefix_tokens
+        if state.source is None:  # no step has changed the tokens yet
+            return torch.ones(images.shape[0], model.patch_embed.num_patches, dtype=torch.bool, device=out.device)
+        return state.source[:, :, prefix:].amax(dim=1) > 0  # (B, P), over every token, prefix ones hold none
+
+    return _after_each_step(model, images, steps, read, "trace_source")
+
+
+@torch.inference_mode()
+def _after_each_step(model: nn.Module, images: torch.Tensor, steps: Sequence[nn.Module],
+                     read: Callable[[TokenState, torch.Tensor], torch.Tensor], bookkeeping: str) -> list[torch.Tensor]:
+    """One evaluation pass with the token state's ``bookkeeping`` switch on (``rope_follows`` or
+    ``trace_source``: what the steps record, never what the model computes); ``read(state, out)``
+    after each step. The model's mode and the switch are as they were afterwards."""
     state = token_state_of(model)
     if state is None or not steps:
         raise TietaError("this model has no token decisions to show")
-    patches, batch = model.patch_embed.num_patches, images.shape[0]
     masks: list[torch.Tensor] = []
-
-    def record(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
-        real = padding() if padding is not None else None
-        masks.append(patch_mask(state.positions, patches, batch, out.device, real))
-
-    was_training, following = model.training, state.rope_follows
-    handles = [step.register_forward_hook(record) for step in steps]
+    handles = [step.register_forward_hook(lambda module, args, out: masks.append(read(state, out))) for step in steps]
+    was_training, switched = model.training, getattr(state, bookkeeping)
     model.eval()
-    state.rope_follows = True  # the blocks of a ViT without rope never read the positions
+    setattr(state, bookkeeping, True)
     try:
         model(images)
     finally:
-        state.rope_follows = following
+        setattr(state, bookkeeping, switched)
         for handle in handles:
             handle.remove()
         model.train(was_training)

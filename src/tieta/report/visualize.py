@@ -43,6 +43,9 @@ def merge_groups(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     if source is None:
         raise TietaError("no block merged any token at this schedule")
     prefix = model.num_prefix_tokens
+    if not bool(source[:, :, prefix:].amax(dim=1).all()):  # argmax would give a pruned patch to token 0
+        raise TietaError("this model prunes some patches, which no merge group then holds; tieta show-tokens "
+                         "draws its decisions")
     groups = source[:, :, prefix:].argmax(dim=1)  # (B, patches): index of the holding token
     grid_h, grid_w = model.patch_embed.grid_size
     return groups.view(-1, grid_h, grid_w)
