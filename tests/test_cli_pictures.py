@@ -53,6 +53,15 @@ def test_show_tokens_refuses_a_run_without_token_decisions(tmp_path, capsys):
     assert not (tmp_path / "pictures" / "activation_rates.png").exists()
 
 
+@pytest.mark.parametrize("name", [method.name for method in registry.METHODS.values() if method.shows_merges])
+def test_every_method_that_declares_merges_draws_them(tmp_path, capsys, name):
+    task = write_vtab_task(tmp_path / "task")
+    tiny_64 = [*TINY[:4], "--img-size", "64", "--lora-rank", "2"]  # 64 patches: room for every method to merge
+    assert main(["show-merges", *tiny_64, "--method", f"{name}+lora", "--data", str(task), "--count", "2",
+                 "--output", str(tmp_path)]) == 0
+    assert (tmp_path / "merges.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_show_tokens_draws_the_patches_a_trained_evit_run_keeps(tmp_path, capsys, monkeypatch):
     task, run, pictures = write_vtab_task(tmp_path / "task"), tmp_path / "run", tmp_path / "pictures"
     tiny_64 = [*TINY[:4], "--img-size", "64", "--lora-rank", "2"]  # 16 patches
