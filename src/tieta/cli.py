@@ -596,16 +596,29 @@ def cmd_show_tokens(args: argparse.Namespace) -> int:
     rates = [float(mask.float().mean()) for mask in masks]
     note = f" ({method.picture_note(config)})" if method.picture_note is not None else ""
     caption = f"{config.model} + {config.method}{note}, {len(names)} {args.split} images"
-    save_rate_chart(rates, rates_png, caption)
+    words = _decision_words(method)
+    save_rate_chart(rates, rates_png, caption, *words)
     written = [rates_png]
-    if pass_state_named(model, "token_state") is None:
+    grid = tuple(model.patch_embed.grid_size)
+    if pass_state_named(model, "token_state") is None or _over_the_grid(masks, grid):
         layers = sorted({round(i * (len(masks) - 1) / 3) for i in range(4)})
-        save_active_tokens(images, masks, tuple(model.patch_embed.grid_size), tokens_png, layers, caption)
+        save_active_tokens(images, masks, grid, tokens_png, layers, caption, *words)
         written.append(tokens_png)
     else:
         print("tokens are merged in this model, so they no longer map to patches: no active-token picture")
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
+
+
+def _decision_words(method) -> tuple[str, str]:
+    """What show-tokens calls a decision and its tokens: a method whose cost follows the images (DyT's
+    dispatchers) leaves tokens active or idle; a pruning method keeps a share of them at each location."""
+    return ("dispatcher", "active") if method.data_dependent_cost else ("location", "kept")
+
+
+def _over_the_grid(masks, grid: tuple[int, int]) -> bool:
+    """Whether every mask covers the patch grid (a pruning method's do; DyT's after a merge cover fewer tokens)."""
+    return all(mask.shape[1] == grid[0] * grid[1] for mask in masks)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -758,8 +771,8 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--device", help="auto, cpu or cuda[:N] (default: the run's device setting, else auto)")
     show.set_defaults(func=cmd_show_merges)
 
-    tokens = sub.add_parser("show-tokens", help="token decisions: the share of active tokens per layer and the active "
-                            "tokens over images (PNGs)")
+    tokens = sub.add_parser("show-tokens", help="token decisions (DyT's active tokens, a pruning method's kept "
+                            "patches): the share per layer or location, and the tokens over images (PNGs)")
     tokens.add_argument("run", type=Path, help="a trained run folder of a method with token decisions")
     tokens.add_argument("--data", help="task folder for the images (default: the run's)")
     _add_image_sample_arguments(tokens, "replace existing PNGs")

@@ -9,6 +9,7 @@ from tieta.ops.diffrate import (
     merge_training,
     min_ste,
     prune_merge,
+    prune_merge_source,
     search_flops,
     sort_by_importance,
 )
@@ -148,6 +149,26 @@ def test_prune_merge_refuses_to_touch_prefix_tokens():
         prune_merge(x, size, kept_prune=1, kept_merge=1, num_prefix=2)
     with pytest.raises(ValueError):
         prune_merge(x, size, kept_prune=10, kept_merge=2, num_prefix=2)
+
+
+@pytest.mark.parametrize("kept_prune,kept_merge", [(20, 20), (14, 20), (20, 9), (15, 6)])
+def test_prune_merge_source_holds_what_each_token_was_merged_from(kept_prune, kept_merge):
+    x, _ = random_tokens()
+    tokens = x.shape[1]
+    source = torch.eye(tokens)[None].expand(3, -1, -1)
+    out = prune_merge_source(source, x, kept_prune, kept_merge, 1)
+    kept = min(tokens, kept_prune, kept_merge)
+    assert out.shape == (3, kept, tokens)
+    for b in range(3):
+        # slow: every token after kept_merge (among the first kept_prune) joins its most similar kept one
+        want = [{i} for i in range(kept)]
+        metric = x[b] / x[b].norm(dim=-1, keepdim=True)
+        for j in range(kept_merge, min(tokens, kept_prune)):
+            similarity = [float(metric[j] @ metric[i]) if i >= 1 else -float("inf") for i in range(kept_merge)]
+            want[similarity.index(max(similarity))].add(j)
+        assert [set(torch.nonzero(row).flatten().tolist()) for row in out[b]] == want
+    # the pruned tokens are held by no token
+    assert not out[:, :, min(kept_prune, tokens):].any()
 
 
 # --- search-time merge ----------------------------------------------------------------------------

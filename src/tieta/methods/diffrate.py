@@ -51,13 +51,15 @@ Choices where this differs from the reference code (OpenGVLab/DiffRate) or where
   prefix tokens the same numbers of patch tokens are kept.
 - Average pooling weights tokens by size x mask (``TokenState.pool_weights``); in training the
   reference detaches the denominator.
-- Merge sources are not traced (``TokenState.trace_source`` is ignored).
+- Merge sources are traced at evaluation only (``TokenState.trace_source``, for ``tieta show-tokens``);
+  a search ignores it.
 """
 
 from __future__ import annotations
 
 from typing import Any, Optional
 
+import torch
 from torch import nn
 
 from tieta.errors import TietaError
@@ -68,6 +70,7 @@ from tieta.methods.diffrate_search import search_gmacs, search_lr_at, search_rat
 from tieta.methods.diffrate_step import (CRITERIA, SIZE_EPS, DiffRateReduce, diffrate_steps, masked_class_attention,
                                          token_importance)
 from tieta.methods.diffrate_training import DiffRateConfig, describe, epoch_update, objective, one_process, validate
+from tieta.methods.kept_patches import held_patch_masks
 from tieta.methods.method import Method
 from tieta.methods.schedules import vit_shape
 from tieta.methods.state import set_method_setting
@@ -168,6 +171,21 @@ def _refuse_unfinished_search(model: nn.Module) -> None:
                          "ended); fix them first with tieta.methods.diffrate.fix_rates(model)")
 
 
+def evaluation_masks(model: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
+    """DiffRate's evaluation decisions for ``images``: one (B, P) bool tensor per block that lowers
+    the token count, True where a kept token still holds the patch (its own, or the one it was
+    merged into), False where the patch was pruned."""
+    steps, tokens = diffrate_steps(model), model.patch_embed.num_patches + model.num_prefix_tokens
+    deciding = []
+    for step, count in zip(steps, mlp_token_counts(model)):
+        if count < tokens:
+            deciding.append(step)
+        tokens = count
+    if not deciding:
+        raise TietaError("this DiffRate model keeps every token in every block: no token decisions to show")
+    return held_patch_masks(model, images, deciding)
+
+
 METHOD = Method(
     name="diffrate",
     sections={"diffrate": DiffRateConfig},
@@ -181,5 +199,7 @@ METHOD = Method(
     prepare_export=_fix_searched_rates,
     check_traceable=_refuse_unfinished_search,
     reduces_tokens=True,
+    token_masks=evaluation_masks,
+    picture_note=lambda config: "grey: pruned; a merged patch stays with the token it joined",
     knob=None,  # its rates are searched or published per block, not one scalar: matched by its own target
 )

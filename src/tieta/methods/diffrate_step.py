@@ -17,7 +17,7 @@ from tieta.errors import TietaError
 from tieta.methods.blocks import TietaBlock, TokenState, follow_tokens, rotated, take_output
 from tieta.methods.tome import size_bias_mask
 from tieta.ops.attention import class_attention, received_attention
-from tieta.ops.diffrate import RateLogits, merge_training, prune_merge, sort_by_importance
+from tieta.ops.diffrate import RateLogits, merge_training, prune_merge, prune_merge_source, sort_by_importance
 
 # the smallest token size at evaluation, so that log(size) stays finite (see tieta.methods.diffrate)
 SIZE_EPS = 1e-6
@@ -136,6 +136,8 @@ class DiffRateReduce(nn.Module):
         tokens = x.shape[1]
         x, size, order = sort_by_importance(x, _sizes(state, x), scores, prefix)
         merges = kept_merge < min(x.shape[1], kept_prune)
+        if state.trace_source:  # the input patches each token holds, for pictures (nothing computed changes)
+            state.source = prune_merge_source(_sorted_source(state, order), x, kept_prune, kept_merge, prefix)
         x, size = prune_merge(x, size, kept_prune, kept_merge, prefix)
         # the kept tokens (merge destinations among them) keep their positions
         follow_tokens(block, order[:, prefix:x.shape[1]] - prefix, tokens - prefix)
@@ -174,6 +176,15 @@ class DiffRateReduce(nn.Module):
 def _sizes(state: TokenState, x: torch.Tensor) -> torch.Tensor:
     """The tokens' sizes (B, N, 1): the state's, or ones before the first merge."""
     return state.size if state.size is not None else x.new_ones(x.shape[0], x.shape[1], 1)
+
+
+def _sorted_source(state: TokenState, order: torch.Tensor) -> torch.Tensor:
+    """The traced (B, N, N0) membership in the sorted ``order`` (B, N); the identity before any block traced it."""
+    batch, tokens = order.shape
+    source = state.source
+    if source is None:
+        source = torch.eye(tokens, device=order.device)[None].expand(batch, -1, -1)
+    return source.gather(1, order[..., None].expand(-1, -1, source.shape[2]))
 
 
 def _store_sizes(state: TokenState, size: torch.Tensor, x: torch.Tensor, merged: bool) -> None:

@@ -24,6 +24,7 @@ from tieta import shard
 from tieta.errors import TietaError
 from tieta.methods.blocks import (PassState, TietaBlock, claim_reduction, follow_tokens, pass_state, patch_blocks,
                                   token_state)
+from tieta.methods.kept_patches import kept_patch_masks
 from tieta.methods.knob import Knob, geometric
 from tieta.methods.method import Method
 from tieta.methods.schedules import stage_blocks
@@ -192,6 +193,15 @@ def token_counts(model: nn.Module) -> list[int]:
     return counts
 
 
+def evaluation_masks(model: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
+    """DynamicViT's evaluation decisions for ``images`` (each stage keeps its best scored tokens): one
+    (B, P) bool tensor per stage, True where the patch is still kept."""
+    steps = [block.select for block in model.blocks if isinstance(block.select, DynamicViTSelect)]
+    if not steps:
+        raise TietaError("this model has no DynamicViT; call add_dynamicvit first")
+    return kept_patch_masks(model, images, steps)
+
+
 METHOD = Method(
     name="dynamicvit",
     sections={"dynamicvit": DynamicViTConfig},
@@ -201,5 +211,7 @@ METHOD = Method(
     describe=lambda model: {"block_token_counts": token_counts(model)},
     validate=_validate,
     reduces_tokens=True,
+    token_masks=evaluation_masks,
+    picture_note=lambda config: f"keep ratios {list(config.dynamicvit.ratios)}; grey: dropped",
     knob=Knob("dynamicvit.ratios", 0.05, 1.0, "low", geometric(3), doc="geometric rho over the 3 stages"),
 )

@@ -22,6 +22,7 @@ from torch import nn
 from tieta.errors import TietaError
 from tieta.methods.blocks import (TietaBlock, claim_reduction, follow_tokens, keep_output, patch_blocks, rotated,
                                   take_output, token_state)
+from tieta.methods.kept_patches import kept_patch_masks
 from tieta.methods.knob import Knob
 from tieta.methods.method import Method
 from tieta.methods.schedules import stage_blocks
@@ -114,6 +115,15 @@ def token_counts(model: nn.Module) -> list[int]:
     return counts
 
 
+def evaluation_masks(model: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
+    """EViT's evaluation decisions for ``images``: one (B, P) bool tensor per location, True where the
+    patch is still one of the kept tokens (False: fused into the extra token, or dropped)."""
+    steps = [block.reduce for block in model.blocks if isinstance(block.reduce, EViTReduce)]
+    if not steps:
+        raise TietaError("this model has no EViT; call add_evit first")
+    return kept_patch_masks(model, images, steps)
+
+
 @dataclass
 class EViTConfig:
     """EViT settings (the config section "evit")."""
@@ -152,5 +162,7 @@ METHOD = Method(
     describe=lambda model: {"mlp_token_counts": token_counts(model)},
     validate=_validate,
     reduces_tokens=True,
+    token_masks=evaluation_masks,
+    picture_note=lambda config: f"keep rate {config.evit.keep_rate}; grey: fused or dropped",
     knob=Knob("evit.keep_rate", 0.05, 1.0, "low", doc="share of tokens kept at each location"),
 )

@@ -26,9 +26,11 @@ from tieta import shard
 from tieta.errors import TietaError
 from tieta.methods.blocks import (PassState, TietaBlock, claim_reduction, follow_tokens, pass_state, patch_blocks,
                                   token_state)
+from tieta.methods.kept_patches import kept_patch_masks
 from tieta.methods.knob import Knob, geometric
 from tieta.methods.method import Method
 from tieta.methods.schedules import stage_blocks
+from tieta.methods.state import pass_state_named
 from tieta.ops.dynamicvit import distillation_loss, gather_tokens
 from tieta.ops.rope import NO_POSITION
 from tieta.ops.spvit import (MultiheadPredictorLG, argmax_keep, keep_counts, pack_kept, package_token, ratio_loss,
@@ -336,6 +338,17 @@ def _describe(model: nn.Module) -> dict[str, Any]:
     return {"block_token_counts": token_counts(model)}
 
 
+def evaluation_masks(model: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
+    """SPViT's evaluation decisions for ``images``: one (B, P) bool tensor per stage, True where the
+    patch is still a kept token (False: folded into a package token); with argmax decisions each
+    image has its own count, the batch's padding left out."""
+    steps = [block.select for block in model.blocks if isinstance(block.select, SPViTSelect)]
+    if not steps:
+        raise TietaError("this model has no SPViT; call add_spvit first")
+    state = pass_state_named(model, "spvit_state")
+    return kept_patch_masks(model, images, steps, padding=lambda: state.valid)
+
+
 METHOD = Method(
     name="spvit",
     sections={"spvit": SPViTConfig},
@@ -347,5 +360,7 @@ METHOD = Method(
     describe=_describe,
     validate=_validate,
     reduces_tokens=True,
+    token_masks=evaluation_masks,
+    picture_note=lambda config: f"keep rates {list(config.spvit.keep_rate)}; grey: folded into packages",
     knob=Knob("spvit.keep_rate", 0.05, 1.0, "low", geometric(3), doc="geometric rho over the 3 stages"),
 )

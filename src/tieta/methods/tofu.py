@@ -23,6 +23,7 @@ from torch import nn
 from tieta.errors import TietaError
 from tieta.methods.blocks import (TietaBlock, Unchanged, claim_reduction, follow_tokens, keep_output, patch_blocks,
                                   rotated, take_output, token_state)
+from tieta.methods.kept_patches import kept_patch_masks
 from tieta.methods.knob import Knob, flops_schedule
 from tieta.methods.method import Method
 from tieta.methods.schedules import MergeConfig, resolve_schedule, schedule_setting, token_counts, validate_merge, vit_shape
@@ -104,6 +105,19 @@ def describe_tofu(model: nn.Module) -> dict[str, Any]:
             "fusing_blocks": [index for index, fuse in enumerate(strategy_blocks(len(schedule))) if fuse]}
 
 
+def evaluation_masks(model: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
+    """ToFu's decisions for ``images``: one (B, P) bool tensor per block with r > 0, True where the
+    patch is still a token of its own (False: pruned in an early block, or fused into its match in a
+    later one).
+
+    Drawn here, not by ``show-merges``: the early blocks prune, so no merge groups cover the image.
+    """
+    steps = [block.reduce for block in model.blocks if isinstance(block.reduce, TokenFusion)]
+    if not steps:
+        raise TietaError("this model has no ToFu blocks with r > 0; call add_tofu with a schedule that removes tokens")
+    return kept_patch_masks(model, images, steps)
+
+
 METHOD = Method(
     name="tofu",
     sections={"merge": MergeConfig},
@@ -111,6 +125,8 @@ METHOD = Method(
     describe=describe_tofu,
     validate=validate_merge,
     reduces_tokens=True,
+    token_masks=evaluation_masks,
+    picture_note=lambda config: "grey: pruned (early blocks) or fused away (later blocks)",
     knob=Knob("merge.schedule", 0.05, 1.0, "low", flops_schedule,
               doc="FLOPs ratio its decreasing schedule reaches ({flops, inflection: -0.9})"),
 )

@@ -10,6 +10,7 @@ the search the kept numbers are fixed integers and tokens are gathered physicall
 What lives here (pure tensor code, testable on random tensors):
     - :func:`sort_by_importance`: prefix tokens in front, the others by descending importance.
     - :func:`prune_merge`: the evaluation path (prune, then merge; fewer tokens leave than enter).
+    - :func:`prune_merge_source`: which input tokens each token holds after it (for pictures).
     - :func:`merge_training`: the search-time merge (tensor length unchanged, masks do the removal).
     - :class:`RateLogits`: the candidates and logits of one block's prune or merge rate.
     - :func:`ceil_ste`, :func:`min_ste`: the straight-through helpers.
@@ -185,6 +186,29 @@ def prune_merge(
     scaled = size[:, kept_merge:] * similarity[..., None].to(size.dtype)
     merged_size = size[:, :kept_merge].scatter_reduce(1, index, scaled, reduce="sum", include_self=True)
     return merged, merged_size
+
+
+def prune_merge_source(
+    source: torch.Tensor, x: torch.Tensor, kept_prune: int, kept_merge: int, num_prefix: int
+) -> torch.Tensor:
+    """Which input tokens each token holds after :func:`prune_merge` (for pictures, as ToMe's
+    ``merge_source``): the pruned tokens' rows leave, and each merged token's row joins the row of
+    the destination :func:`prune_merge` chooses for it.
+
+    Args:
+        source: (B, N, N0) 0/1 membership of the N0 input tokens, in the same (sorted) order as ``x``.
+        x: (B, N, C) the sorted tokens :func:`prune_merge` is given (their similarity picks the destinations).
+        kept_prune, kept_merge, num_prefix: as for :func:`prune_merge`.
+
+    Returns:
+        (B, N', N0) with ``N' = min(N, kept_prune, kept_merge)``; a pruned input token is in no row.
+    """
+    source, x = source[:, :kept_prune], x[:, :kept_prune]
+    if kept_merge >= x.shape[1]:
+        return source
+    destination, _ = _match_to_kept(x, kept_merge, num_prefix)
+    dst, src = source[:, :kept_merge], source[:, kept_merge:]
+    return dst.scatter_reduce(1, destination[..., None].expand_as(src), src, reduce="amax", include_self=True)
 
 
 def merge_training(

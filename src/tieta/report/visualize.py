@@ -43,6 +43,9 @@ def merge_groups(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     if source is None:
         raise TietaError("no block merged any token at this schedule")
     prefix = model.num_prefix_tokens
+    if not bool(source[:, :, prefix:].amax(dim=1).all()):  # argmax would give a pruned patch to token 0
+        raise TietaError("this model prunes some patches, which no merge group then holds; tieta show-tokens "
+                         "draws its decisions")
     groups = source[:, :, prefix:].argmax(dim=1)  # (B, patches): index of the holding token
     grid_h, grid_w = model.patch_embed.grid_size
     return groups.view(-1, grid_h, grid_w)
@@ -94,23 +97,28 @@ def save_merge_figure(images: torch.Tensor, groups: torch.Tensor, path: Path, ti
     save(figure, path, caption)
 
 
-def save_rate_chart(rates: Sequence[float], path: Path, caption: str = "") -> None:
-    """Bar chart of the share of active tokens per dispatcher (as the DyT paper's Figure 5)."""
+def save_rate_chart(rates: Sequence[float], path: Path, caption: str = "", decision: str = "dispatcher",
+                    state: str = "active") -> None:
+    """Bar chart of the share of active tokens per dispatcher (as the DyT paper's Figure 5), or of
+    another decision's tokens (``decision="location", state="kept"`` for a pruning method)."""
     figure, axis = pyplot().subplots(figsize=(max(4, 0.45 * len(rates) + 1.5), 3))
     axis.bar(range(1, len(rates) + 1), rates, color="#4C72B0")
-    axis.set_xlabel("dispatcher (block order)")
-    axis.set_ylabel("active tokens")
+    axis.set_xlabel(f"{decision} (block order)")
+    axis.set_ylabel(f"{state} tokens")
     axis.set_ylim(0, 1)
     axis.set_xticks(range(1, len(rates) + 1))
     save(figure, path, caption)
 
 
 def save_active_tokens(images: torch.Tensor, masks: list[torch.Tensor], grid: tuple[int, int], path: Path,
-                       layers: Sequence[int], caption: str = "") -> None:
-    """Active tokens over sample images (as the DyT paper's Figure 6): inactive patches greyed out.
+                       layers: Sequence[int], caption: str = "", decision: str = "dispatcher",
+                       state: str = "active") -> None:
+    """Active tokens over sample images (as the DyT paper's Figure 6): inactive patches greyed out;
+    or the patches a pruning method still keeps at each location (EViT's and DynamicViT's figures:
+    ``decision="location", state="kept"``).
 
     Args:
-        images: (B, 3, S, S) uint8; masks: per dispatcher (B, gh * gw) bool; layers: which to show.
+        images: (B, 3, S, S) uint8; masks: per decision (B, gh * gw) bool; layers: which to show.
     """
     count = images.shape[0]
     figure, axes = pyplot().subplots(count, len(layers) + 1, figsize=(2.2 * (len(layers) + 1), 2.2 * count), squeeze=False)
@@ -124,7 +132,7 @@ def save_active_tokens(images: torch.Tensor, masks: list[torch.Tensor], grid: tu
             shown = picture.copy()
             shown[~cells] = shown[~cells] * 0.15 + 255 * 0.25
             axes[row, column].imshow(shown.astype(np.uint8))
-            axes[row, column].set_title(f"dispatcher {layer + 1}: {active.mean():.0%} active", fontsize=8)
+            axes[row, column].set_title(f"{decision} {layer + 1}: {active.mean():.0%} {state}", fontsize=8)
     for axis in axes.flat:
         axis.axis("off")
     save(figure, path, caption, dpi=110)
