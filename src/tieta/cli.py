@@ -771,7 +771,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--device", help="auto, cpu or cuda[:N] (default: the run's device setting, else auto)")
     show.set_defaults(func=cmd_show_merges)
 
-    tokens = sub.add_parser("show-tokens", help="token decisions (DyT's active tokens, a pruning method's kept "
+    tokens = sub.add_parser("show-tokens", help="token decisions (a skipping method's active tokens, a pruning method's kept "
                             "patches): the share per layer or location, and the tokens over images (PNGs)")
     tokens.add_argument("run", type=Path, help="a trained run folder of a method with token decisions")
     tokens.add_argument("--data", help="task folder for the images (default: the run's)")
