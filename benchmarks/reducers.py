@@ -35,10 +35,11 @@ import torch
 
 from tieta.errors import TietaError
 from tieta.measure.bench_suite import calibrate_dispatchers, stage_progress
-from tieta.measure.benchmark import LossFn, benchmark
+from tieta.measure.benchmark import benchmark
 from tieta.measure.matched import setting_for_flops, settings_with
 from tieta.measure.peak_memory import cross_entropy_loss, training_step_peak_bytes
 from tieta.methods import registry
+from tieta.methods.method import LossFn
 from tieta.methods.params import freeze_backbone
 from tieta.report.bench_report import evaluation_sections, section, write_report
 from tieta.report.speed import spread_text

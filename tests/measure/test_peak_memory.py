@@ -1,5 +1,8 @@
+import pytest
 import torch
 from torch import nn
+
+from tieta.errors import TietaError
 
 from tieta.measure.peak_memory import tensor_bytes, training_step_peak_bytes
 
@@ -77,3 +80,8 @@ def test_lora_on_a_frozen_vit_peaks_below_full_fine_tuning():  # no backbone gra
     images, labels = torch.randn(4, 3, 32, 32), torch.zeros(4, dtype=torch.long)
     lora = tieta.freeze_backbone(tieta.add_lora(make_vit("plain"), rank=2))
     assert training_step_peak_bytes(lora, images, labels) < training_step_peak_bytes(make_vit("plain"), images, labels)
+
+
+def test_a_device_other_than_the_cpu_or_cuda_is_refused_in_one_sentence():
+    with pytest.raises(TietaError, match="measured on the CPU or CUDA, not on meta"):
+        training_step_peak_bytes(_chain(), torch.zeros(2, WIDTH, device="meta"), torch.zeros(2, dtype=torch.long))

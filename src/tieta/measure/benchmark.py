@@ -22,11 +22,10 @@ from torch import nn
 
 from tieta.measure.flops import count_flops
 from tieta.measure.throughput import synchronize
+from tieta.methods.method import LossFn
 from tieta.methods.schedules import token_counts, vit_shape
 
 Step = Callable[[], None]
-# one training step's loss: (model, images (B, 3, H, W), labels (B,)) -> scalar
-LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 # (rounds done, rounds, estimated seconds left): called before the first round and after each
 Progress = Callable[[int, int, float], None]
 

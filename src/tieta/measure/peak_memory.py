@@ -23,9 +23,11 @@ from typing import Callable, Iterable, Optional
 
 import torch
 from torch import nn
+from torch.profiler import ProfilerActivity, profile, record_function
 
-# one training step's loss: (model, images (B, 3, H, W), labels (B,)) -> scalar
-LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+from tieta.errors import TietaError
+from tieta.methods.method import LossFn
+
 # the allocator's events in the profiler's records
 MEMORY_EVENT = "[memory]"
 # the name the measured step is recorded under
@@ -78,8 +80,6 @@ def _cpu_peak(make_step: Callable[[], Callable[[], None]]) -> int:
     ``make_step`` makes, for the step (the model's copy, its optimizer) and what it allocates: the
     running sum of the allocator's events in time order, from the copy onwards (the profiler does
     not see the frees of tensors made before it started, so the copy is made inside it)."""
-    from torch.profiler import ProfilerActivity, profile, record_function
-
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as recording:
         step = make_step()
         step()  # AdamW's moments are made in its first step
@@ -129,14 +129,19 @@ def training_step_peak_bytes(model: nn.Module, images: torch.Tensor, labels: tor
 
     Returns:
         bytes.
+
+    Raises:
+        TietaError: ``images`` are on a device other than the CPU or CUDA.
     """
     device = images.device
+    if device.type not in ("cpu", "cuda"):
+        raise TietaError(f"the peak memory of a training step is measured on the CPU or CUDA, not on {device}")
     labels = labels.to(device)
 
     def make_step() -> _TrainingStep:
         return _TrainingStep(model, images, labels, loss_fn, lr)
 
-    if device.type != "cuda":
+    if device.type == "cpu":
         return _cpu_peak(make_step) + tensor_bytes((images, labels))  # the batch was made before the copy
     step = make_step()
     step()  # AdamW's moments are made in its first step
