@@ -181,7 +181,8 @@ def training_section(plan: dict, settings: dict[str, tuple]) -> tuple[str, list[
     title = (f"FLOPs ratio {TRAIN_RATIO:.2f}: {plan['model']}, training step (LoRA rank {LORA_RANK}, AdamW), "
              f"batch {batch}")
     table = format_table(rows, bench_columns(rows, efficiency=False) + list(MEMORY_COLUMNS))
-    text = section(title, table, rounds, time.perf_counter() - started) + "\n" + TRAINING_READING + left_out(settings) + "\n"
+    reading = TRAINING_READING + left_out(settings)
+    text = section(title, table, rounds, time.perf_counter() - started) + "\n" + reading + "\n"
     print(text, flush=True)
     return text, rows
 
@@ -190,8 +191,11 @@ def left_out(settings: dict[str, tuple]) -> str:
     """A sentence naming the token reducers the training table lacks, and why (none: empty)."""
     unreachable = [name for name, (_, _, reachable) in settings.items() if not reachable]
     knobless = [name for name, method in registry.methods().items() if method.reduces_tokens and method.knob is None]
-    reasons = ([f"{', '.join(unreachable)} (the knob cannot reach {TRAIN_RATIO:.2f})"] if unreachable else []) + \
-              ([f"{', '.join(knobless)} (no knob: its rates are searched or published per block)"] if knobless else [])
+    reasons = []
+    if unreachable:
+        reasons.append(f"{', '.join(unreachable)} (the knob cannot reach {TRAIN_RATIO:.2f})")
+    if knobless:
+        reasons.append(f"{', '.join(knobless)} (no knob: its rates are searched or published per block)")
     return f" Not in this table: {'; '.join(reasons)}." if reasons else ""
 
 
