@@ -9,31 +9,62 @@ rho of the tokens active in every layer, on 8 random images, as in ``benchmarks/
 instead of as attached untrained. All of a ratio's models
 are timed side by side in one interleaved run, at batch 32 and batch 1.
 
+Training (at the 0.50 setting): every method as users train it, with LoRA rank 8 on qkv
+("method+lora", the backbone frozen) and its own objective where it has one (``Method.objective``:
+DyT's, DynamicViT's, SPViT's, MCTF's losses), beside LoRA alone (the baseline) and timm fully
+fine-tuned: one optimizer step (forward, loss, backward, AdamW step) at batch 32, timed side by
+side in interleaved rounds, and the peak tensor memory of one step of each
+(``tieta.measure.peak_memory.training_step_peak_bytes``: torch's allocator, not the process's
+memory).
+
     python benchmarks/reducers.py --output benchmarks/results/reducers_cpu
 
-``--quick``: a tiny ViT (64 px), one round, to check that the script runs. Training step time and
-peak memory are not measured here: the training suite (``tieta bench --train``) times LoRA and ToMe
-models only.
+``--quick``: a tiny ViT (64 px), one round, to check that the script runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import timm
 import torch
 
 from tieta.errors import TietaError
-from tieta.measure.bench_suite import calibrate_dispatchers
+from tieta.measure.bench_suite import calibrate_dispatchers, stage_progress
+from tieta.measure.benchmark import benchmark
 from tieta.measure.matched import setting_for_flops, settings_with
+from tieta.measure.peak_memory import cross_entropy_loss, training_step_peak_bytes
 from tieta.methods import registry
-from tieta.report.bench_report import evaluation_sections, write_report
+from tieta.methods.method import LossFn
+from tieta.methods.params import freeze_backbone
+from tieta.report.bench_report import evaluation_sections, section, write_report
+from tieta.report.speed import spread_text
+from tieta.report.tables import bench_columns, format_table
 
 RATIOS = (0.50, 0.29)
-FULL = {"model": "vit_small_patch16_224", "img_size": 224, "settings": [32, 1], "rounds": {32: 5, 1: 15}}
-QUICK = {"model": "vit_tiny_patch16_224", "img_size": 64, "settings": [4, 1], "rounds": {4: 1, 1: 1}}
+FULL = {"model": "vit_small_patch16_224", "img_size": 224, "settings": [32, 1], "rounds": {32: 5, 1: 15},
+        "train_batch": 32, "train_rounds": 5}
+QUICK = {"model": "vit_tiny_patch16_224", "img_size": 64, "settings": [4, 1], "rounds": {4: 1, 1: 1},
+         "train_batch": 4, "train_rounds": 1}
+TRAIN_RATIO = 0.50  # the ratio every method reaches but FPET (and DiffRate, which has no knob)
+LORA_RANK = 8  # on every block's qkv: how the token reducers are trained ("method+lora")
+# the training table: the benchmark's columns (no efficiency: a training step is not the FLOPs'
+# forward pass), then the step's peak memory, alone and over LoRA's
+MEMORY_COLUMNS = (("peak_mib", "peak MiB", ".1f"), ("memory_ratio", "memory / LoRA", ".2f"))
+TRAINING_READING = (
+    "Speedup: median over rounds of (steps/s / LoRA alone's steps/s), measured in turn within each round; "
+    "\"per round\" is its range. Peak MiB: the most tensor bytes alive at once in one step (weights, "
+    "gradients, AdamW's moments, the batch, the activations kept for backward), from torch's allocator, not "
+    "the process's memory. The FLOPs ratio is the evaluation path's, over LoRA's. Methods whose training "
+    "differs from their evaluation do not save in training what they save in evaluation, and that is what "
+    "this table measures: DynamicViT and SPViT train with masks over all tokens (SPViT's objective adds a "
+    "pass of the all-tokens network without gradient), DTEM merges softly (every token stays), DyT trains "
+    "masked (every token through the skipped module, the output masked) and its objective adds a full pass "
+    "with gradient, and MCTF's objective runs the model twice (a teacher with fewer tokens fused).")
 
 
 def _vit(plan: dict) -> torch.nn.Module:
@@ -102,6 +133,72 @@ def models_at(plan: dict, settings: dict[str, tuple], batch_size: int) -> dict[s
     return models
 
 
+def training_models(plan: dict, settings: dict[str, tuple]) -> tuple[dict[str, torch.nn.Module], dict[str, LossFn]]:
+    """LoRA alone first (the baseline), timm fully fine-tuned, then every method that reaches the
+    ratio at its setting, with LoRA on qkv (its default config, rank 8) and the backbone frozen, as
+    ``tieta train --method NAME+lora`` builds it; and the training loss of each method that has its
+    own objective (the others train with cross-entropy)."""
+    base = _vit(plan)
+    images = torch.randn(plan["train_batch"], 3, plan["img_size"], plan["img_size"])
+    lora = registry.methods()["lora"]
+    lora_settings = settings_with(lora, "lora.rank", LORA_RANK)
+    models = {f"lora r={LORA_RANK}": freeze_backbone(lora.attach(copy.deepcopy(base), lora_settings)),
+              "timm, full fine-tuning": copy.deepcopy(base)}
+    losses: dict[str, LossFn] = {}
+    for name, (value, _, reachable) in settings.items():
+        if not reachable:
+            continue
+        method = registry.methods()[name]
+        # one run config: the method's sections and LoRA's
+        config = SimpleNamespace(**vars(settings_with(method, method.knob.key, value)), **vars(lora_settings))
+        model = method.attach(copy.deepcopy(base), config)
+        if name == "dyt":
+            model = calibrate_dispatchers(model, images, value)
+        label = f"{name}+lora {method.knob.key}={_short(value)}"
+        models[label] = freeze_backbone(lora.attach(model, config))
+        if method.objective is not None:
+            losses[label] = method.objective(config)
+    return models, losses
+
+
+def training_section(plan: dict, settings: dict[str, tuple]) -> tuple[str, list[dict]]:
+    """Time one training step of every model of :func:`training_models` side by side, then measure
+    each one's peak memory; prints the section. Returns (Markdown section, rows)."""
+    started = time.perf_counter()
+    models, losses = training_models(plan, settings)
+    batch, rounds = plan["train_batch"], plan["train_rounds"]
+    progress = stage_progress(print, 1, 2, f"timing training steps of {len(models)} models side by side")
+    rows = benchmark(models, batch_size=batch, rounds=rounds, train=True, losses=losses, progress=progress)
+    images = torch.randn(batch, 3, plan["img_size"], plan["img_size"], generator=torch.Generator().manual_seed(2))
+    labels = torch.zeros(batch, dtype=torch.long)
+    for index, row in enumerate(rows):
+        row["speedup_range"] = spread_text(row)
+        print(f"[2/2] peak memory of a training step: {row['name']} ({index + 1} of {len(rows)})", flush=True)
+        row["peak_bytes"] = training_step_peak_bytes(models[row["name"]], images, labels,
+                                                     losses.get(row["name"], cross_entropy_loss))
+        row["peak_mib"] = row["peak_bytes"] / 2**20
+        row["memory_ratio"] = row["peak_bytes"] / rows[0]["peak_bytes"]
+    title = (f"FLOPs ratio {TRAIN_RATIO:.2f}: {plan['model']}, training step (LoRA rank {LORA_RANK}, AdamW), "
+             f"batch {batch}")
+    table = format_table(rows, bench_columns(rows, efficiency=False) + list(MEMORY_COLUMNS))
+    reading = TRAINING_READING + left_out(settings)
+    text = section(title, table, rounds, time.perf_counter() - started) + "\n" + reading + "\n"
+    print(text, flush=True)
+    return text, rows
+
+
+def left_out(settings: dict[str, tuple]) -> str:
+    """A sentence naming the token reducers the training table lacks, and why (none: empty)."""
+    unreachable = [name for name, (_, _, reachable) in settings.items() if not reachable]
+    knobless = [name for name, method in registry.methods().items() if method.reduces_tokens and method.knob is None]
+    reasons = []
+    if unreachable:
+        reasons.append(f"{', '.join(unreachable)} (the knob cannot reach {TRAIN_RATIO:.2f})")
+    if knobless:
+        reasons.append(f"{', '.join(knobless)} (no knob: its rates are searched or published per block)")
+    return f" Not in this table: {'; '.join(reasons)}." if reasons else ""
+
+
 def _short(value) -> str:
     if isinstance(value, list):
         return "[" + ", ".join(_short(v) for v in value) + "]"
@@ -134,6 +231,9 @@ def main() -> None:
         more, rows = evaluation_sections(settings, lambda model, batch: models_at(plan, found[ratio], batch))
         sections += [text.replace("## ", f"## FLOPs ratio {ratio:.2f}: ", 1) for text in more]
         raw.update({f"ratio {ratio:.2f}, {title}": value for title, value in rows.items()})
+    text, rows = training_section(plan, found[TRAIN_RATIO])
+    sections.append(text)
+    raw[f"ratio {TRAIN_RATIO:.2f}, {plan['model']}, training, batch {plan['train_batch']}"] = rows
     write_report(args.output, "Every token-reduction method beside timm at matched FLOPs, fp32, cpu", (
         "Each method at its knob's setting closest to the FLOPs ratio (executed path on one random image). "
         "speedup: median over rounds of (img/s / timm's img/s), measured in turn within each round. "

@@ -23,6 +23,19 @@ def test_training_benchmark_steps_the_trainable_parameters():
     assert not torch.equal(before, model.blocks[0].attn.qkv.lora_B)
 
 
+def test_training_benchmark_steps_each_model_with_its_own_loss():
+    calls = []
+
+    def counted(model, images, labels):  # a method's own objective
+        calls.append(len(images))
+        return torch.nn.functional.cross_entropy(model(images), labels)
+
+    models = {"lora": tieta.freeze_backbone(tieta.add_lora(make_vit("plain"), rank=2)),
+              "tome+lora": tieta.freeze_backbone(tieta.add_lora(tieta.add_tome(make_vit("plain"), r=2), rank=2))}
+    tieta.benchmark(models, batch_size=2, rounds=1, image_size=32, train=True, losses={"tome+lora": counted})
+    assert calls and set(calls) == {2}
+
+
 def test_shape_ceiling_is_the_full_over_the_merged_time_of_a_forward_pass(monkeypatch):
     """The ceiling times the blocks at the schedule's token counts against the full count (what
     each timed step runs is checked here, the timing is given), patch embedding and head added to both."""

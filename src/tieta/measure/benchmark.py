@@ -22,6 +22,7 @@ from torch import nn
 
 from tieta.measure.flops import count_flops
 from tieta.measure.throughput import synchronize
+from tieta.methods.method import LossFn
 from tieta.methods.schedules import token_counts, vit_shape
 
 Step = Callable[[], None]
@@ -81,6 +82,7 @@ def benchmark(
     train: bool = False,
     images: Optional[torch.Tensor] = None,
     progress: Optional[Progress] = None,
+    losses: Optional[dict[str, LossFn]] = None,
 ) -> list[dict]:
     """Throughput of several models side by side; the first is the baseline.
 
@@ -92,6 +94,9 @@ def benchmark(
         images: the batch to time (B, 3, H, W), e.g. real images where a model's path depends on
             them (DyT); default: random images of ``batch_size`` and ``image_size``.
         progress: told (rounds done, rounds, seconds left) as the rounds go (see :data:`Progress`).
+        losses: name -> the training loss ``(model, images, labels) -> scalar`` of that model (a
+            method's own objective, ``Method.objective``); cross-entropy of the logits for the
+            others (training only).
 
     Returns:
         One dict per model: name, gmacs, flops_ratio (to the baseline), images_per_s (median),
@@ -118,7 +123,7 @@ def benchmark(
 
         return step
 
-    def train_step(model: nn.Module) -> Step:
+    def train_step(model: nn.Module, loss_fn: Optional[LossFn] = None) -> Step:
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=1e-6)
@@ -126,16 +131,19 @@ def benchmark(
 
         def step() -> None:
             with autocast:
-                loss = nn.functional.cross_entropy(model(images), labels)
+                if loss_fn is None:
+                    loss = nn.functional.cross_entropy(model(images), labels)
+                else:
+                    loss = loss_fn(model, images, labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
 
         return step
 
-    make_step = train_step if train else eval_step
-    rates = interleaved_rates({name: make_step(model) for name, model in models.items()}, device, rounds,
-                              progress=progress)
+    steps = {name: train_step(model, (losses or {}).get(name)) if train else eval_step(model)
+             for name, model in models.items()}
+    rates = interleaved_rates(steps, device, rounds, progress=progress)
     baseline = next(iter(models))
     rows = []
     for name in models:
