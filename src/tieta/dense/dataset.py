@@ -30,7 +30,7 @@ from tieta.dense.transforms import evaluation_image, training_pair
 from tieta.errors import TietaError
 from tieta.files import read_regular
 
-ADE_SPLITS = {"train": "training", "test": "validation", "val": "validation"}
+ADE_SPLITS = {"train": "training", "val": "validation"}  # the test split falls back to val
 LIST_FILES = {"train": "train.txt", "val": "val.txt", "test": "test.txt"}
 SPLIT_FALLBACK = {"train": ("train",), "test": ("test", "val"), "val": ("val",)}
 CLASSES_FILE = "classes.txt"
@@ -151,11 +151,11 @@ def open_segmentation_task(path: str | Path, reduce_zero_label: bool = True,
     root = root.resolve()
     if (root / "images" / ADE_SPLITS["train"]).is_dir():
         items = {split: _read_ade_split(root, folder) for split, folder in ADE_SPLITS.items()
-                 if split != "val" and (root / "images" / folder).is_dir()}
+                 if (root / "images" / folder).is_dir()}
         layout = "ade20k"
-    elif (root / LIST_FILES["train"]).is_file():
+    elif (root / LIST_FILES["train"]).exists():  # (read_regular refuses a FIFO or a folder in its place)
         items = {split: _read_pair_list(root, root / name) for split, name in LIST_FILES.items()
-                 if (root / name).is_file()}
+                 if (root / name).exists()}
         layout = "lists"
     else:
         raise TietaError(f"{_shown(root)} is not a segmentation task folder: it has neither images/training/ with "
@@ -210,7 +210,7 @@ def _read_ade_split(root: Path, folder: str) -> list[tuple[Path, Path]]:
         if image.suffix.lower() not in IMAGE_SUFFIXES or image.name.startswith("."):
             continue
         mask = root / "annotations" / folder / (image.stem + MASK_SUFFIX)
-        if not mask.is_file():
+        if not mask.exists():  # (anything but a regular file is refused when its header is read)
             raise TietaError(f"image {_shown(image)} has no mask {_shown(mask)}")
         pairs.append((image, mask))
     if not pairs:
