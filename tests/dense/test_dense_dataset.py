@@ -95,6 +95,7 @@ def test_the_made_masks_mark_where_the_shapes_were_pasted(made):
     ("images/a.txt masks/train_0000.png", "images/a.txt is not an image"),
     ("images/train_0000.jpg masks/train_0000.jpg", "mask masks/train_0000.jpg is not a .png label map"),
     ("images/train_0000.jpg masks/missing.png", "mask .*missing.png does not exist"),
+    ("images/train_0000.jpg masks/" + "x" * 300 + ".png", "cannot read mask .*xxx.png: File name too long"),
 ])
 def test_a_list_names_pairs_inside_the_task(task_copy, line, message):
     root = task_copy("lists")
@@ -221,3 +222,13 @@ def test_a_segmentation_task_is_written_to_a_new_folder_only(tmp_path):
         make_segmentation_task(tmp_path / "new", SOURCE, layout="coco")
     with pytest.raises(TietaError, match="fewer than the"):
         make_segmentation_task(tmp_path / "new", SOURCE, train_images=300)
+
+
+def test_a_linked_images_folder_is_followed_as_for_image_tasks(made, tmp_path):
+    root = tmp_path / "linked"
+    root.mkdir()
+    shutil.copytree(made["ade20k"] / "images", tmp_path / "storage")  # images kept on other storage
+    (root / "images").symlink_to(tmp_path / "storage")
+    shutil.copytree(made["ade20k"] / "annotations", root / "annotations")
+    task = open_segmentation_task(root)
+    assert len(task.split("train")) == 6 and task.num_classes == 4  # (4 classes from the masks' labels)

@@ -15,6 +15,7 @@ after the reduction (every mask is then read once, when the task is opened).
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -246,10 +247,22 @@ def _read_pair_list(root: Path, file: Path) -> list[tuple[Path, Path]]:
     return pairs
 
 
+def _check_regular(path: Path, what: str) -> None:
+    """Refuse anything but a regular file (a FIFO would block, a folder is no image), and a path the
+    system cannot look up (a name too long), in one sentence."""
+    try:
+        found = path.stat()
+    except FileNotFoundError:
+        raise TietaError(f"{what} {_shown(path)} does not exist") from None
+    except (OSError, RuntimeError) as error:  # a name too long, a loop of links
+        raise TietaError(f"cannot read {what} {_shown(path)}: {getattr(error, 'strerror', None) or error}") from None
+    if not stat.S_ISREG(found.st_mode):
+        raise TietaError(f"{what} {_shown(path)} is not a regular file")
+
+
 def _header_size(path: Path, what: str) -> tuple[int, int]:
     """(width, height) of an image file as it is shown (an EXIF turn applied), from its header."""
-    if not path.is_file():  # a FIFO would block, a folder is no image
-        raise TietaError(f"{what} {_shown(path)} {'is not a regular file' if path.exists() else 'does not exist'}")
+    _check_regular(path, what)
     try:
         with _open_checked(path) as image:
             width, height = image.size
@@ -280,8 +293,7 @@ def mask_labels(path: Path, reduce_zero_label: bool, ignore_index: int = IGNORE_
     Raises:
         TietaError: the file is missing, corrupt, too large, or not a single-channel label map.
     """
-    if not path.is_file():
-        raise TietaError(f"mask {_shown(path)} {'is not a regular file' if path.exists() else 'does not exist'}")
+    _check_regular(path, "mask")
     try:
         with _open_checked(path) as image:
             if image.mode not in MASK_MODES:
