@@ -152,3 +152,15 @@ def test_the_evaluation_resize_keeps_the_aspect():
     image = np.zeros((375, 500, 3), np.uint8)
     assert transforms.evaluation_image(image, (2048, 512)).shape == (3, 512, 683)
     assert transforms.evaluation_image(np.zeros((100, 3000, 3), np.uint8), (2048, 512)).shape == (3, 68, 2048)
+
+
+def test_a_palette_mask_is_read_as_its_indices(tmp_path):
+    from PIL import Image
+
+    labels = np.array([[0, 1, 2], [3, 2, 1]], dtype=np.uint8)
+    mask = Image.new("P", (3, 2))
+    mask.putdata(labels.flatten().tolist())
+    mask.putpalette([255, 0, 0, 0, 255, 0, 0, 0, 255, 9, 9, 9] + [0] * (252 * 3))  # colours unlike the indices
+    mask.save(tmp_path / "mask.png")
+    assert Image.open(tmp_path / "mask.png").mode == "P"
+    assert np.array_equal(mask_labels(tmp_path / "mask.png", False), labels)
