@@ -164,3 +164,29 @@ def test_a_palette_mask_is_read_as_its_indices(tmp_path):
     mask.save(tmp_path / "mask.png")
     assert Image.open(tmp_path / "mask.png").mode == "P"
     assert np.array_equal(mask_labels(tmp_path / "mask.png", False), labels)
+
+
+def test_against_opencv_where_it_is_installed():
+    """mmseg resizes and converts colours with OpenCV; tieta does not depend on it, so this runs only
+    where it is installed (pip install opencv-python-headless)."""
+    cv2 = pytest.importorskip("cv2")
+    rng = np.random.RandomState(0)
+    for height, width in ((30, 44), (100, 37), (375, 500)):
+        image = rng.randint(0, 256, (height, width, 3)).astype(np.uint8)
+        labels = rng.randint(0, 5, (height, width)).astype(np.uint8)
+        for new_width, new_height in ((20, 15), (57, 83), (88, 60), (683, 512)):
+            ours = transforms.resize_image(image, new_width, new_height).astype(int)
+            theirs = cv2.resize(image, (new_width, new_height), interpolation=cv2.INTER_LINEAR)
+            if new_width <= width and new_height <= height:
+                assert np.array_equal(ours, theirs)
+            else:  # upscaling: a few border pixels one level off
+                assert np.abs(ours - theirs).max() <= 1 and (ours != theirs).mean() < 0.02
+            assert np.array_equal(transforms.resize_labels(labels, new_width, new_height),
+                                  cv2.resize(labels, (new_width, new_height), interpolation=cv2.INTER_NEAREST))
+    colours = rng.randint(0, 256, (300, 300, 3)).astype(np.uint8)
+    assert np.array_equal(transforms.rgb_to_hsv(colours), cv2.cvtColor(colours, cv2.COLOR_RGB2HSV))
+    hsv = colours.copy()
+    hsv[..., 0] %= 180
+    one_by_one = np.stack([cv2.cvtColor(hsv[:1, i:i + 1], cv2.COLOR_HSV2RGB)[0, 0] for i in range(300)])
+    assert np.array_equal(transforms.hsv_to_rgb(hsv[:1])[0], one_by_one)  # OpenCV's per-pixel code
+    assert np.abs(transforms.hsv_to_rgb(hsv).astype(int) - cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)).max() <= 1

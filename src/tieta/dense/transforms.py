@@ -17,17 +17,17 @@ Evaluation: the image rescaled to fit (2048, 512) keeping its aspect; the mask s
 (mmseg scores the prediction resized back to it).
 
 Random draws come from a ``numpy.random.RandomState`` in mmseg's order and with its calls, so the same
-seed gives mmseg's crops, flips and distortions. The image resize is bilinear without antialiasing as
-OpenCV's, computed in floating point and rounded (OpenCV's fixed-point arithmetic may differ by one
-level); the mask's nearest resize picks OpenCV's source pixels exactly. The HSV conversions are
-transcriptions of OpenCV's 8-bit ones (``cvtColor`` BGR2HSV / HSV2BGR, hue range 180).
+seed gives mmseg's crops, flips and distortions. The image resize is OpenCV's bilinear in its 8-bit
+fixed-point arithmetic (one level off in a few border pixels when upscaling); the mask's nearest
+resize picks OpenCV's source pixels exactly. The HSV conversions are transcriptions of OpenCV's 8-bit
+ones (``cvtColor`` BGR2HSV / HSV2BGR, hue range 180): RGB -> HSV integer for integer, HSV -> RGB as its
+per-pixel code (its vectorised code, in some builds, rounds some values one level lower).
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 CROP_TRIES = 10  # mmseg's RandomCrop: draws refused for cat_max_ratio before one is taken as it is
 BRIGHTNESS_DELTA = 32
@@ -35,6 +35,7 @@ CONTRAST_RANGE = (0.5, 1.5)
 SATURATION_RANGE = (0.5, 1.5)
 HUE_DELTA = 18
 _HSV_SHIFT = 12  # OpenCV's fixed-point bits for 8-bit RGB -> HSV
+_RESIZE_SCALE = 2048  # OpenCV's INTER_RESIZE_COEF_SCALE: bilinear weights in 11-bit fixed point
 
 
 def random_scale(scale: tuple[int, int], ratio_range: tuple[float, float], rng: np.random.RandomState
@@ -52,14 +53,37 @@ def rescale_size(width: int, height: int, scale: tuple[int, int]) -> tuple[int, 
     return int(width * float(factor) + 0.5), int(height * float(factor) + 0.5)
 
 
+def _linear_taps(source: int, target: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """OpenCV's INTER_LINEAR taps along one axis: for each output index, the two source indices and
+    their weights in 11-bit fixed point (rounded from float32, summing to about 2048), the centres
+    aligned (half-pixel) and the borders clamped."""
+    scale = 1.0 / (target / source)
+    where = ((np.arange(target) + 0.5) * scale - 0.5).astype(np.float32)
+    first = np.floor(where).astype(np.int64)
+    weight = where - first.astype(np.float32)
+    clamped = (first < 0) | (first >= source - 1)
+    first = np.clip(first, 0, source - 1)
+    weight[clamped] = 0
+    second = np.minimum(first + 1, source - 1)
+    one = np.float32(1.0)
+    return (first, second, np.rint((one - weight) * _RESIZE_SCALE).astype(np.int64),
+            np.rint(weight * _RESIZE_SCALE).astype(np.int64))
+
+
 def resize_image(image: np.ndarray, width: int, height: int) -> np.ndarray:
-    """(H, W, 3) uint8 resized to (height, width, 3) bilinearly, without antialiasing (OpenCV's
-    INTER_LINEAR), rounded to uint8."""
+    """(H, W, 3) uint8 resized to (height, width, 3) bilinearly without antialiasing, in OpenCV's
+    fixed-point arithmetic for 8-bit images (INTER_LINEAR: 11-bit weights, a horizontal pass kept as
+    integers, the vertical pass as its vectorised code rounds). Downscaling gives OpenCV's pixels;
+    upscaling may differ by one level in the first and last rows."""
     if image.shape[:2] == (height, width):
         return image.copy()
-    tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
-    resized = F.interpolate(tensor, size=(height, width), mode="bilinear", align_corners=False, antialias=False)
-    return resized[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
+    x0, x1, left, right = _linear_taps(image.shape[1], width)
+    y0, y1, top, bottom = _linear_taps(image.shape[0], height)
+    pixels = image.astype(np.int64)
+    rows = pixels[:, x0] * left[None, :, None] + pixels[:, x1] * right[None, :, None]  # (H, width, 3), x 2048
+    top, bottom = top[:, None, None], bottom[:, None, None]
+    mixed = (((top * (rows[y0] >> 4)) >> 16) + ((bottom * (rows[y1] >> 4)) >> 16) + 2) >> 2
+    return np.clip(mixed, 0, 255).astype(np.uint8)
 
 
 def resize_labels(labels: np.ndarray, width: int, height: int) -> np.ndarray:
