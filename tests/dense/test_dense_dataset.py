@@ -232,3 +232,20 @@ def test_a_linked_images_folder_is_followed_as_for_image_tasks(made, tmp_path):
     shutil.copytree(made["ade20k"] / "annotations", root / "annotations")
     task = open_segmentation_task(root)
     assert len(task.split("train")) == 6 and task.num_classes == 4  # (4 classes from the masks' labels)
+
+
+def test_the_fingerprint_covers_the_pairs_and_the_classes(made, task_copy):
+    from tieta.dense.dataset import segmentation_fingerprint
+
+    first = segmentation_fingerprint(open_segmentation_task(made["lists"]), ("train", "test"))
+    root = task_copy("lists")
+    assert segmentation_fingerprint(open_segmentation_task(root), ("train", "test")) == first  # moved: the same
+    assert first.startswith("4 classes, 9 images, sha256 ")
+    (root / "train.txt").write_text("\n".join((root / "train.txt").read_text().splitlines()[:-1]) + "\n")
+    assert segmentation_fingerprint(open_segmentation_task(root), ("train", "test")) != first
+    root = task_copy("ade20k")
+    before = segmentation_fingerprint(open_segmentation_task(root), ("train", "test"))
+    (root / "classes.txt").write_text("sky\ndisc\nsquare\ntriangle\n")
+    assert segmentation_fingerprint(open_segmentation_task(root), ("train", "test")) != before
+    assert segmentation_fingerprint(open_segmentation_task(root, reduce_zero_label=False), ("train",)) != \
+        segmentation_fingerprint(open_segmentation_task(root), ("train",))

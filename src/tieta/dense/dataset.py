@@ -14,6 +14,7 @@ after the reduction (every mask is then read once, when the task is opened).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 from dataclasses import dataclass
@@ -111,6 +112,25 @@ class SegmentationTask:
         if found is None:
             raise TietaError(f"{_shown(self.root)} has no {' or '.join(SPLIT_FALLBACK[name])} split")
         return found
+
+
+def segmentation_fingerprint(task: SegmentationTask, splits: tuple[str, ...]) -> str:
+    """A short fingerprint of what a run reads from ``task`` (as tieta.data.vtab.fingerprint for image
+    tasks): per split, every pair's paths relative to the task folder, and the classes, the reduction
+    and the ignore index; it changes when a list, a folder's files or classes.txt change (not when
+    an image or a mask is edited in place)."""
+    digest = hashlib.sha256(f"{task.layout}|{task.num_classes}|{task.reduce_zero_label}|{task.ignore_index}|"
+                            .encode())
+    digest.update("\n".join(task.class_names or []).encode() + b"|")
+    count = 0
+    for name in splits:
+        pairs = task.split(name)
+        count += len(pairs)
+        digest.update(f"{name}|{len(pairs)}|".encode())
+        for image, mask in pairs:
+            digest.update(os.fsencode(os.path.relpath(image, task.root)) + b"|"
+                          + os.fsencode(os.path.relpath(mask, task.root)) + b"|")
+    return f"{task.num_classes} classes, {count} images, sha256 {digest.hexdigest()[:16]}"
 
 
 def is_segmentation_task(path: str | Path) -> bool:
