@@ -249,3 +249,15 @@ def test_the_fingerprint_covers_the_pairs_and_the_classes(made, task_copy):
     assert segmentation_fingerprint(open_segmentation_task(root), ("train", "test")) != before
     assert segmentation_fingerprint(open_segmentation_task(root, reduce_zero_label=False), ("train",)) != \
         segmentation_fingerprint(open_segmentation_task(root), ("train",))
+
+
+def test_the_reduction_marks_with_255_only(made, task_copy):
+    with pytest.raises(TietaError, match="ignore_index must be 255 with reduce_zero_label"):
+        open_segmentation_task(made["ade20k"], ignore_index=0)
+    root = task_copy("ade20k")
+    (root / "classes.txt").write_text("other\nbackground\ndisc\nsquare\ntriangle\n")
+    task = open_segmentation_task(root, reduce_zero_label=False, ignore_index=0)  # 0, "other", ignored
+    assert task.num_classes == 5
+    image, mask = SegmentationDataset(task.split("test"), task, SegmentationDataConfig(
+        reduce_zero_label=False, ignore_index=0, scale=(128, 64)), training=False)[0]
+    assert set(mask.unique().tolist()) == {0, 1, 2, 3, 4} and image.shape == (3, 64, 96)

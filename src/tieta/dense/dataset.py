@@ -80,6 +80,9 @@ class SegmentationDataConfig:
             raise TietaError(f"{prefix}photometric and {prefix}reduce_zero_label must be true or false")
         if not isinstance(self.ignore_index, int) or not 0 <= self.ignore_index <= 255:
             raise TietaError(f"{prefix}ignore_index must be a label value 0-255, got {self.ignore_index!r}")
+        if self.reduce_zero_label and self.ignore_index != IGNORE_INDEX:
+            raise TietaError(f"{prefix}ignore_index must be {IGNORE_INDEX} with {prefix}reduce_zero_label (the "
+                             f"reduction marks label 0 with {IGNORE_INDEX}, as mmseg's), got {self.ignore_index}")
 
 
 @dataclass
@@ -162,9 +165,11 @@ def open_segmentation_task(path: str | Path, reduce_zero_label: bool = True,
     Raises:
         TietaError: naming the file (and line): a missing folder, neither layout, a malformed line, a
             path that leaves the task, an image without its mask, a mask of another size than its
-            image, a mask that is not a single-channel label map, a label beyond classes.txt, or a
-            split with no pairs.
+            image, a mask that is not an image file, a classes.txt that names no classes or too many,
+            or a split with no pairs (a label beyond classes.txt, and a colour mask, are refused when
+            the pair is read: :func:`read_pair`).
     """
+    SegmentationDataConfig(reduce_zero_label=reduce_zero_label, ignore_index=ignore_index).check(prefix="")
     root = Path(path)
     if not root.is_dir():
         raise TietaError(f"segmentation task folder {_shown(path)} "
@@ -306,7 +311,7 @@ def check_sizes(image: Path, mask: Path) -> None:
                          f"{_shown(image)} is {image_size[0]} x {image_size[1]}")
 
 
-def mask_labels(path: Path, reduce_zero_label: bool, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
+def mask_labels(path: Path, reduce_zero_label: bool) -> np.ndarray:
     """The label map of a mask PNG, (H, W) uint8, reduced as mmseg's LoadAnnotations does where
     ``reduce_zero_label`` (0 -> 255, the others minus 1, so 255 stays 255).
 
@@ -328,8 +333,6 @@ def mask_labels(path: Path, reduce_zero_label: bool, ignore_index: int = IGNORE_
         labels[labels == 0] = 255
         labels = labels - 1
         labels[labels == 254] = 255
-    if ignore_index != IGNORE_INDEX and reduce_zero_label:
-        labels[labels == 255] = ignore_index
     return labels
 
 
@@ -341,7 +344,7 @@ def read_pair(image: Path, mask: Path, task: SegmentationTask) -> tuple[np.ndarr
         TietaError: naming the file(s).
     """
     pixels = np.array(load_rgb(image), dtype=np.uint8)
-    labels = mask_labels(mask, task.reduce_zero_label, task.ignore_index)
+    labels = mask_labels(mask, task.reduce_zero_label)
     if pixels.shape[:2] != labels.shape:
         raise TietaError(f"mask {_shown(mask)} is {labels.shape[1]} x {labels.shape[0]} pixels but its image "
                          f"{_shown(image)} is {pixels.shape[1]} x {pixels.shape[0]}")
@@ -354,7 +357,7 @@ def read_pair(image: Path, mask: Path, task: SegmentationTask) -> tuple[np.ndarr
 
 def _largest_label(mask: Path, reduce_zero_label: bool, ignore_index: int) -> int:
     """The largest label of a mask other than the ignore index, or -1 where it has none."""
-    labels = mask_labels(mask, reduce_zero_label, ignore_index)
+    labels = mask_labels(mask, reduce_zero_label)
     labelled = labels[labels != ignore_index]
     return int(labelled.max()) if labelled.size else -1
 
