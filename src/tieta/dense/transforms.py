@@ -79,11 +79,14 @@ def resize_image(image: np.ndarray, width: int, height: int) -> np.ndarray:
         return image.copy()
     x0, x1, left, right = _linear_taps(image.shape[1], width)
     y0, y1, top, bottom = _linear_taps(image.shape[0], height)
-    pixels = image.astype(np.int64)
-    rows = pixels[:, x0] * left[None, :, None] + pixels[:, x1] * right[None, :, None]  # (H, width, 3), x 2048
+    # int32 throughout, as OpenCV's buffers: pixel x weight < 2^19, weight x (row >> 4) < 2^27
+    pixels = torch.from_numpy(np.ascontiguousarray(image)).to(torch.int32)
+    left, right, top, bottom = (torch.from_numpy(w).to(torch.int32) for w in (left, right, top, bottom))
+    x0, x1, y0, y1 = (torch.from_numpy(i) for i in (x0, x1, y0, y1))
+    rows = (pixels[:, x0] * left[None, :, None] + pixels[:, x1] * right[None, :, None]) >> 4  # (H, width, 3)
     top, bottom = top[:, None, None], bottom[:, None, None]
-    mixed = (((top * (rows[y0] >> 4)) >> 16) + ((bottom * (rows[y1] >> 4)) >> 16) + 2) >> 2
-    return np.clip(mixed, 0, 255).astype(np.uint8)
+    mixed = (((top * rows[y0]) >> 16) + ((bottom * rows[y1]) >> 16) + 2) >> 2
+    return mixed.clamp(0, 255).to(torch.uint8).numpy()
 
 
 def resize_labels(labels: np.ndarray, width: int, height: int) -> np.ndarray:
