@@ -261,3 +261,11 @@ def test_the_reduction_marks_with_255_only(made, task_copy):
     image, mask = SegmentationDataset(task.split("test"), task, SegmentationDataConfig(
         reduce_zero_label=False, ignore_index=0, scale=(128, 64)), training=False)[0]
     assert set(mask.unique().tolist()) == {0, 1, 2, 3, 4} and image.shape == (3, 64, 96)
+
+
+def test_images_and_masks_over_the_pixel_limit_are_refused_on_their_header(made, monkeypatch):
+    import tieta.data.transforms
+
+    monkeypatch.setattr(tieta.data.transforms, "MAX_IMAGE_PIXELS", 96 * 64 - 1)  # one pixel below the pictures'
+    with pytest.raises(TietaError, match=r"image .*train_0000.jpg is 96 x 64 pixels, outside the limit"):
+        open_segmentation_task(made["ade20k"])
