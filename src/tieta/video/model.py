@@ -84,6 +84,8 @@ class VideoModel(nn.Module):
         backbone.head = nn.Identity()
         self.backbone = backbone
         self.head = VideoHead(AttentivePooling(width, heads, pool_qkv_bias).to(like.device, like.dtype), fc)
+        # the backbone's input settings (mean, std, size) describe the frames this model takes
+        self.pretrained_cfg = dict(getattr(backbone, "pretrained_cfg", None) or {})
         self.share_state()
 
     def extra_repr(self) -> str:
