@@ -22,6 +22,7 @@ from torch import nn
 
 import tieta
 from tests.conftest import make_vit, randomise_parameters
+from tieta import shard
 from tieta.errors import TietaError
 from tieta.methods.dyt import dyt_forward, dyt_loss, evaluation_masks
 from tieta.methods.params import freeze_backbone, parameter_group
@@ -258,6 +259,8 @@ def test_bad_input_is_one_sentence():
         VideoModel(make_vit("distilled"), FRAMES)
     with pytest.raises(TietaError, match="one clip"):
         frame_token_masks(VideoModel(backbone_with("dyt"), FRAMES), clips())
+    with pytest.raises(TietaError, match="no token decisions to show"):
+        frame_token_masks(VideoModel(backbone_with("tome"), FRAMES), clips()[0])
 
 
 # --- training ---------------------------------------------------------------------------------
@@ -289,6 +292,19 @@ def test_dyt_objective_and_activation_rates_on_clips():
     rates = tieta.activation_rates(model, x)
     assert len(rates) == 3 and all(0 <= rate <= 1 for rate in rates) and 0 < sum(rates) < 3
     assert model.training  # left as it was
+
+
+def test_data_parallel_shards_draw_dyt_s_noise_as_one_process_with_every_clip():
+    model = VideoModel(backbone_with("dyt"), FRAMES).train()
+    for block in model.backbone.blocks:  # the adapters' dropout draws per row too, but from torch's own stream
+        block.adapter.dropout = nn.Identity()
+    x = clips(batch=4)
+    torch.manual_seed(5)
+    whole = dyt_forward(model, x).masks
+    torch.manual_seed(5)
+    with shard.sharded(shard.Shard(global_count=4, start=2, count=2, reduce=lambda tensor: None)):
+        second = dyt_forward(model, x[2:]).masks  # this process holds clips 2 and 3
+    assert all(torch.equal(part, full[2 * FRAMES:]) for part, full in zip(second, whole))
 
 
 def test_frame_token_masks_are_each_frame_s_own_decisions():

@@ -20,16 +20,23 @@ saved in every checkpoint. The backbone's frozen or trainable split stays its me
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+import contextlib
+import dataclasses
+from typing import Callable, ContextManager, Optional
 
 import torch
 from torch import nn
 
+from tieta import shard
 from tieta.errors import TietaError
+from tieta.methods import registry
 from tieta.methods.params import freeze_backbone
 from tieta.methods.state import STATE_ATTRIBUTE, state_of
 from tieta.video.config import is_video
 from tieta.video.pooling import AttentivePooling
+
+# a method's token decisions on a batch: (model, inputs) -> [(B, N_patches) bool, ...]
+TokenMasks = Callable[[nn.Module, torch.Tensor], list[torch.Tensor]]
 
 
 class VideoHead(nn.Module):
@@ -114,7 +121,8 @@ class VideoModel(nn.Module):
         self.share_state()
         batch, frames = clips.shape[:2]
         backbone = self.backbone
-        tokens = backbone.forward_features(clips.flatten(0, 1))  # (B*T, N', C), after the backbone's norm
+        with frames_shard(frames):
+            tokens = backbone.forward_features(clips.flatten(0, 1))  # (B*T, N', C), after the backbone's norm
         tokens = backbone.head_drop(backbone.fc_norm(tokens))
         return tokens.reshape(batch, frames, *tokens.shape[1:])
 
@@ -122,6 +130,17 @@ class VideoModel(nn.Module):
         """Args: clips: (B, T, 3, H, W). Returns: (B, classes) logits."""
         tokens = self.frame_tokens(clips)  # (B, T, N', C)
         return self.head(tokens.flatten(1, 2))  # the frames' tokens joined: (B, T*N', C)
+
+
+def frames_shard(frames: int) -> ContextManager[None]:
+    """In data-parallel training, the backbone's rows are frames: its per-row draws (DyT's Gumbel
+    noise, ``tieta.shard.batch_rand``) are drawn for the global batch's frames, clip by clip, so
+    that the shards together draw what one process with the whole batch draws."""
+    current = shard.current()
+    if current is None:
+        return contextlib.nullcontext()
+    return shard.sharded(dataclasses.replace(current, global_count=current.global_count * frames,
+                                             start=current.start * frames, count=current.count * frames))
 
 
 def frame_backbone(model: nn.Module) -> nn.Module:
@@ -146,21 +165,22 @@ def example_clips(model: VideoModel, batch: int = 1, device=None) -> torch.Tenso
     return torch.zeros(batch, model.frames, 3, side, side, device=device or like.device, dtype=like.dtype)
 
 
-def frame_token_masks(model: VideoModel, clip: torch.Tensor,
-                      token_masks: Optional[Callable[[nn.Module, torch.Tensor], list[torch.Tensor]]] = None
+def frame_token_masks(model: VideoModel, clip: torch.Tensor, token_masks: Optional[TokenMasks] = None
                       ) -> list[torch.Tensor]:
-    """Which patch tokens of each frame stay active, per token decision (DyT: per layer's dispatcher).
+    """Which patch tokens of each frame stay active, per token decision (DyT: per dispatcher, in
+    block order), as ``tieta show-tokens`` draws them on the frames.
 
     Args:
         clip: (T, 3, H, W) one clip, or (1, T, 3, H, W).
-        token_masks: a method's ``token_masks`` (``tieta.methods.method.Method``); None: DyT's
-            evaluation decisions (``tieta.methods.dyt.evaluation_masks``).
+        token_masks: a method's ``token_masks`` (``tieta.methods.method.Method``); None: that of the
+            method attached to the model that has one.
 
     Returns:
-        One (T, N_patches) bool tensor per decision, in block order.
+        One (T, N_patches) bool tensor per decision.
+
+    Raises:
+        TietaError: no attached method makes token decisions, or ``clip`` is not one clip.
     """
-    if token_masks is None:
-        from tieta.methods.dyt import evaluation_masks as token_masks
     if clip.ndim == 5:
         if clip.shape[0] != 1:
             raise TietaError(f"frame_token_masks takes one clip, got a batch of {clip.shape[0]}")
@@ -168,4 +188,18 @@ def frame_token_masks(model: VideoModel, clip: torch.Tensor,
     if clip.ndim != 4:
         raise TietaError(f"frame_token_masks takes a clip shaped (frames, 3, height, width), got a tensor of shape "
                          f"{tuple(clip.shape)}")
+    if token_masks is None:
+        token_masks = _attached_token_masks(model)
     return [mask.reshape(clip.shape[0], -1) for mask in token_masks(model, clip[None])]
+
+
+def _attached_token_masks(model: nn.Module) -> TokenMasks:
+    """The ``token_masks`` of the method on ``model`` that makes token decisions (the methods a
+    model's state records settings for)."""
+    state = state_of(model)
+    attached = set() if state is None else set(state.methods)
+    showing = [method for name, method in registry.methods().items()
+               if name in attached and method.token_masks is not None]
+    if not showing:
+        raise TietaError("this model has no token decisions to show (no attached method makes them)")
+    return showing[0].token_masks
