@@ -308,9 +308,9 @@ def test_data_parallel_shards_draw_dyt_s_noise_as_one_process_with_every_clip():
 
 
 def test_frame_token_masks_are_each_frame_s_own_decisions():
-    model = VideoModel(backbone_with("dyt"), FRAMES)
+    model = tieta.VideoModel(backbone_with("dyt"), frames=FRAMES)  # the public names
     clip = clips()[0]
-    masks = frame_token_masks(model, clip)
+    masks = tieta.frame_token_masks(model, clip)
     alone = evaluation_masks(model.backbone, clip)  # the frames as a batch of images
     assert len(masks) == 3 and all(mask.shape == (FRAMES, PATCHES) and mask.dtype == torch.bool for mask in masks)
     assert all(torch.equal(mine, theirs) for mine, theirs in zip(masks, alone))
