@@ -13,6 +13,7 @@ from tests.conftest import make_vit
 from tests.registry_cases import attach
 from tieta.methods import registry
 from tieta.methods.params import freeze_backbone
+from tieta.train.config import load_config
 from tieta.video.model import VideoModel, frame_backbone
 
 FRAMES = 2
@@ -43,6 +44,10 @@ def test_every_method_runs_trains_and_is_counted_on_clips(name):
     method = registry.METHODS[name]
     if method.describe is not None:  # facts of the per-frame model (tokens per block...)
         assert isinstance(method.describe(frame_backbone(model)), dict)
+    if method.epoch_update is not None:  # as training calls it, on the per-frame model
+        settings = {"diffrate.rates": "vit_b_deit_8.7"} if name == "diffrate" else {}  # it needs rates named
+        config = load_config(overrides={"method": name, **settings})
+        assert isinstance(method.epoch_update(frame_backbone(model), config, 0, 2), dict)
     gmacs = tieta.count_flops(model, x)["gmacs"]
     if method.reduces_tokens:
         assert gmacs < plain_gmacs()
