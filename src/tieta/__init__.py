@@ -30,6 +30,8 @@ _HOMES = {
     "measure_throughput": "tieta.measure.throughput",
     "schedule": "tieta.methods.schedules",
     "trainable_parameters": "tieta.methods.params",
+    "VideoModel": "tieta.video.model",
+    "frame_token_masks": "tieta.video.model",
     **_registry.verbs(),
 }
 

@@ -30,6 +30,7 @@ from tieta.hf import source as hf_source
 from tieta.methods import registry
 from tieta.methods.method import Method
 from tieta.train.record import check_record
+from tieta.video.config import VideoConfig
 
 # numpy's and torch's seeds: 0 <= seed < 2**32
 SEED_LIMIT = 2**32
@@ -122,6 +123,7 @@ class GeneralConfig:
     method: str = "lora"  # methods joined by "+", applied in order, e.g. "lora+adapter"
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    video: VideoConfig = field(default_factory=VideoConfig)  # video.frames set: a video model (tieta.video)
     eval_every: int = 1  # epochs between evaluations on the eval split (the last epoch always)
     eval_batch_size: int = 128
     seed: int = 0
@@ -461,6 +463,7 @@ def validate(config: RunConfig) -> None:
         if not ok:
             raise TietaError(message)
     normalizations.check_setting(data.normalization)
+    config.video.check()
     _check_resolved(config.resolved)
     _check_declared_bounds(config)
     for method in registry.METHODS.values():

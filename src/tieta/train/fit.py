@@ -35,6 +35,7 @@ from tieta.train import loggers
 from tieta.train.loop import (autocast_dtype, check_finite, cross_entropy_step, evaluate, smoothed_cross_entropy_step,
                               train_one_epoch)
 from tieta.train.model import build_model, image_size_of, seed_everything
+from tieta.video.model import frame_backbone
 from tieta.train.run_model import load_run_model
 from tieta.train.optim import build_optimizer, lr_multiplier
 from tieta.train.progress import Progress, load_progress, read_record, save_progress
@@ -98,7 +99,7 @@ def epoch_updates(model: nn.Module, config: RunConfig, epoch: int) -> dict[str, 
     values: dict[str, Any] = {}
     for method in config.method_list:
         if method.epoch_update is not None:
-            values.update(method.epoch_update(model, config, epoch, config.optim.epochs))
+            values.update(method.epoch_update(frame_backbone(model), config, epoch, config.optim.epochs))
     return values
 
 
@@ -107,7 +108,7 @@ def describe_methods(model: nn.Module, config: RunConfig) -> dict[str, Any]:
     facts: dict[str, Any] = {}
     for method in config.method_list:
         if method.describe is not None:
-            facts.update(method.describe(model))
+            facts.update(method.describe(frame_backbone(model)))  # a video model's: its frames'
     return facts
 
 

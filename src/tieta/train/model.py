@@ -12,6 +12,7 @@ from tieta.backbone import load_backbone
 from tieta.methods.params import freeze_backbone
 from tieta.train.config import RunConfig
 from tieta.train.record import check_backbone
+from tieta.video.model import frame_backbone, video_model_for
 
 
 def apply_methods(model: nn.Module, config: RunConfig) -> nn.Module:
@@ -46,8 +47,8 @@ def build_backbone(config: RunConfig, num_classes: int, random_weights: bool = F
 
 def build_model(config: RunConfig, num_classes: int, random_weights: bool = False) -> nn.Module:
     """The configured backbone with its methods attached, backbone frozen (arguments as
-    :func:`build_backbone`)."""
-    return apply_methods(build_backbone(config, num_classes, random_weights), config)
+    :func:`build_backbone`); for a video run (``video.frames``), the video model around it."""
+    return video_model_for(apply_methods(build_backbone(config, num_classes, random_weights), config), config)
 
 
 def seed_everything(seed: int) -> None:
@@ -60,4 +61,4 @@ def seed_everything(seed: int) -> None:
 
 def image_size_of(model: nn.Module) -> int:
     """The image side, in pixels, the model's patch embedding takes."""
-    return int(model.patch_embed.img_size[0])
+    return int(frame_backbone(model).patch_embed.img_size[0])  # a video model's: its frames'

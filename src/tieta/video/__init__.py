@@ -1,0 +1,1 @@
+"""Video tasks: clips of frames, classified by an image backbone applied to every frame."""
