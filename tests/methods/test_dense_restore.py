@@ -248,3 +248,37 @@ def test_a_reduction_that_does_not_report_is_refused_in_one_sentence():
         model.forward_intermediates(images())
     assert token_state_of(model).dense is None
     model.forward_intermediates(images(), output_fmt="NLC")  # the NLC tokens stay available
+
+
+@pytest.mark.parametrize("method", ["tome", "pitome", "dtem", "mctf", "fpet"])
+@torch.no_grad()
+def test_a_merged_position_takes_the_value_of_the_token_its_source_trace_puts_it_in(method):
+    """Each method's own source trace (``TokenState.trace_source``: which input tokens each token
+    holds) is the slow check: a position in a token's trace gets that token's value."""
+    model = attach(method, make_vit("plain")) if method != "tome" else tieta.add_tome(make_vit("plain"), r=[3, 2, 1])
+    state = token_state_of(model)
+    state.trace_source = True
+    finals = []
+    model.norm.register_forward_hook(lambda module, inputs, out: finals.append(out))
+    final, _ = model.forward_intermediates(images())
+    tokens = finals[0]  # timm's final norm, on the tokens as the pass left them (the restore norms after it)
+    prefix = model.num_prefix_tokens
+    source = state.source[:, :, prefix:]  # (B, N', P): input patch p is held by token j
+    held = source.abs().sum(dim=1) > 0  # FPET's tokens merged nowhere are held by none: dropped
+    owner = source.abs().argmax(dim=1)  # (B, P)
+    expected = tokens.gather(1, owner[..., None].expand(-1, -1, tokens.shape[-1]))
+    assert held.sum() > 0 and tokens.shape[1] < prefix + GRID * GRID  # tokens were merged
+    torch.testing.assert_close(final[:, prefix:][held], expected[held], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("variant", ["eva02", "rope_vit"])
+@pytest.mark.parametrize("method", ["tome", "evit", "dynamicvit"])
+@torch.no_grad()
+def test_eva_models_give_full_grids_too(method, variant):
+    model = attach(method, make_vit(variant)) if method != "tome" else tieta.add_tome(make_vit(variant), r=[3, 2, 1])
+    final, grids = model.forward_intermediates(images())
+    grid = model.patch_embed.grid_size
+    assert [tuple(g.shape) for g in grids] == [(2, model.embed_dim, *grid)] * 3
+    assert final.shape == (2, model.num_prefix_tokens + grid[0] * grid[1], model.embed_dim)
+    _, tokens = model.forward_intermediates(images(), output_fmt="NLC")
+    assert tokens[-1].shape[1] < grid[0] * grid[1]  # the tokens were reduced
