@@ -282,3 +282,31 @@ def test_eva_models_give_full_grids_too(method, variant):
     assert final.shape == (2, model.num_prefix_tokens + grid[0] * grid[1], model.embed_dim)
     _, tokens = model.forward_intermediates(images(), output_fmt="NLC")
     assert tokens[-1].shape[1] < grid[0] * grid[1]  # the tokens were reduced
+
+
+@torch.no_grad()
+def test_spvit_argmax_padding_stands_for_no_position(monkeypatch):
+    """SPViT's argmax decisions pad each image's kept tokens to the batch's largest count with
+    tokens the image dropped: a batch's grids are each image's own grids (at batch size 1, no padding)."""
+    import tieta.methods.spvit as spvit_module
+
+    threshold = []
+
+    def uneven_keep(score, patches, valid=None):
+        # the random selector's logits favour one side for every token: keep the tokens above the
+        # batch's median margin instead (fixed at the first call), so the images keep different counts
+        margin = score[:, :patches, 0] - score[:, :patches, 1]
+        threshold.append(threshold[0] if threshold else margin.median())
+        keep = margin > threshold[0]
+        return keep if valid is None else keep & valid
+
+    monkeypatch.setattr(spvit_module, "argmax_keep", uneven_keep)
+    model = tieta.add_spvit(make_vit("plain"), keep_rates=(0.5,), locations=(1,), decision="argmax")
+    model = randomise_parameters(model, ("selector",))
+    x = images(3, seed=1)
+    _, grids = model.forward_intermediates(x)
+    assert not bool(model.spvit_state.valid.all())  # the batch was padded
+    for image in range(3):
+        _, alone = model.forward_intermediates(x[image:image + 1])
+        for batch_grid, own in zip(grids, alone):
+            torch.testing.assert_close(batch_grid[image:image + 1], own, rtol=1e-4, atol=1e-5)
