@@ -343,7 +343,6 @@ class TietaViT(Swappable):
             self._ended_with(out[0])
         return out if output_fmt != "NCHW" else _to_nchw(out, self, x.shape[-2:])
 
-
     def _dense_intermediates(self, x: torch.Tensor, args: tuple, kwargs: dict, method: str) -> Any:
         """forward_intermediates in NCHW on a model that reduces tokens: the pass records where its
         tokens go (hooks on the reduction slots and blocks, for this call only), then every output

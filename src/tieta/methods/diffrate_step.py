@@ -138,7 +138,8 @@ class DiffRateReduce(nn.Module):
         merges = kept_merge < min(x.shape[1], kept_prune)
         into = None
         if state.dense is not None:  # a merged position takes its destination's value on the grid
-            into = torch.empty_like(order).scatter_(1, order, prune_merge_destinations(x, kept_prune, kept_merge, prefix))
+            sorted_into = prune_merge_destinations(x, kept_prune, kept_merge, prefix)  # (B, N) in sorted order
+            into = torch.empty_like(order).scatter_(1, order, sorted_into)
             into = torch.where(into >= 0, into - prefix, -1)[:, prefix:]
         x, size = prune_merge(x, size, kept_prune, kept_merge, prefix)
         # the kept tokens (merge destinations among them) keep their positions

@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from tieta.errors import TietaError
-from tieta.methods.blocks import (PassState, TietaBlock, claim_reduction, follow_matching, keep_output, pass_state, patch_blocks,
-                                  take_output, token_state)
+from tieta.methods.blocks import (PassState, TietaBlock, claim_reduction, follow_matching, keep_output, pass_state,
+                                  patch_blocks, take_output, token_state)
 from tieta.methods.knob import Knob, whole
 from tieta.methods.method import Method
 from tieta.methods.schedules import clip_schedule, token_counts, vit_shape

@@ -24,8 +24,8 @@ from torch import nn
 
 from tieta.errors import TietaError
 from tieta.files import is_number
-from tieta.methods.blocks import (TietaBlock, claim_reduction, follow_matching, keep_output, patch_blocks, rotated, take_output,
-                                  token_state)
+from tieta.methods.blocks import (TietaBlock, claim_reduction, follow_matching, keep_output, patch_blocks, rotated,
+                                  take_output, token_state)
 from tieta.methods.knob import Knob
 from tieta.methods.method import Method
 from tieta.ops.merging import Matching, merge_source, merge_wavg

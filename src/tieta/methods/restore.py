@@ -118,7 +118,9 @@ class DenseRestore:
         """
         x = self.entering
         batch, patches = into.shape
-        held = self.token_of if self.token_of is not None else torch.arange(patches, device=into.device).expand(batch, -1)
+        held = self.token_of  # (B, P) the grid's tokens among those entering the step
+        if held is None:
+            held = torch.arange(patches, device=into.device).expand(batch, -1)
         alive = held >= 0
         now = into.gather(1, held.clamp(min=0)).masked_fill(~alive, -1)
         lost = alive & (now < 0)  # dropped by this step: keep their value as it is now

@@ -26,7 +26,7 @@ from tieta.methods.blocks import (TietaBlock, Unchanged, claim_reduction, follow
 from tieta.methods.knob import Knob, flops_schedule
 from tieta.methods.method import Method
 from tieta.methods.schedules import MergeConfig, resolve_schedule, schedule_setting, token_counts, validate_merge, vit_shape
-from tieta.ops.merging import Matching, bipartite_soft_matching
+from tieta.ops.merging import bipartite_soft_matching
 from tieta.ops.tofu import mlerp_merge, prune, strategy_blocks
 
 
