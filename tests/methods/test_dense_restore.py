@@ -314,3 +314,15 @@ def test_spvit_argmax_padding_stands_for_no_position(monkeypatch):
         _, alone = model.forward_intermediates(x[image:image + 1])
         for batch_grid, own in zip(grids, alone):
             torch.testing.assert_close(batch_grid[image:image + 1], own, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["tome", "evit", "dynamicvit", "spvit"])
+def test_dense_grids_train_a_dense_head(method):
+    """In training mode the grids are complete and pass the gradient back to the backbone (a
+    segmentation head trains through them); DynamicViT and SPViT mask in training, tokens stay."""
+    model = attach(method, make_vit("plain")) if method != "tome" else tieta.add_tome(make_vit("plain"), r=[3, 2, 1])
+    model.train()
+    _, grids = model.forward_intermediates(images(), indices=[1, 2])
+    assert [tuple(grid.shape) for grid in grids] == [(2, model.embed_dim, GRID, GRID)] * 2
+    sum(grid.square().mean() for grid in grids).backward()
+    assert model.patch_embed.proj.weight.grad.abs().sum() > 0
