@@ -326,3 +326,11 @@ def test_dense_grids_train_a_dense_head(method):
     assert [tuple(grid.shape) for grid in grids] == [(2, model.embed_dim, GRID, GRID)] * 2
     sum(grid.square().mean() for grid in grids).backward()
     assert model.patch_embed.proj.weight.grad.abs().sum() > 0
+
+
+def test_dtem_dense_outputs_in_training_are_refused_in_one_sentence():
+    model = attach("dtem", make_vit("plain")).train()
+    with pytest.raises(tieta.TietaError, match="evaluation mode"):
+        model.forward_intermediates(images())
+    assert token_state_of(model).dense is None
+    model.forward_intermediates(images(), output_fmt="NLC")  # training itself goes on
