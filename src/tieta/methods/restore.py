@@ -16,7 +16,7 @@ Rules, per grid position:
   composed over blocks, a position follows its token through every later merge;
 - dropped (EViT, DynamicViT, DiffRate, SPViT, ToFu's pruning blocks): the value the token had at
   the step that dropped it (after the attention residual for steps between attention and MLP,
-  the block input for DynamicViT's step before the block), also where the method fuses the
+  the block input for DynamicViT's and SPViT's steps before the block), also where the method fuses the
   dropped tokens into one token (EViT's fused token, SPViT's package); that token stands for no
   position and is left out of the grid.
 
