@@ -12,13 +12,14 @@ patch of the input grid went, and puts the tokens back on the grid:
 Rules, per grid position:
 - kept (pruning) or a merge destination: the value of the token it still is;
 - merged into another token (ToMe, PYRA, PiToMe, DTEM, MCTF, ATC's clusters, FPET, DiffRate's
-  merge, ToFu's fusing blocks): the value of the token it was merged into, as ToMe's own ``unmerge`` copies a destination back to its sources;
-  composed over blocks, a position follows its token through every later merge;
+  merge, ToFu's fusing blocks): the value of the token it was merged into, as ToMe's own
+  ``unmerge`` copies a destination back to its sources; composed over blocks, a position follows
+  its token through every later merge;
 - dropped (EViT, DynamicViT, DiffRate, SPViT, ToFu's pruning blocks): the value the token had at
   the step that dropped it (after the attention residual for steps between attention and MLP,
   the block input for DynamicViT's and SPViT's steps before the block), also where the method
-  fuses the dropped tokens into one token (EViT's fused token, SPViT's package); that token stands for no
-  position and is left out of the grid.
+  fuses the dropped tokens into one token (EViT's fused token, SPViT's package); that token
+  stands for no position and is left out of the grid.
 
 Why a map and not ToMe's (B, N', P) source matrix: the map "grid position -> current token" is
 (B, P) integers, updated with one gather per reduction, and restoring is one gather per output;
