@@ -62,7 +62,7 @@ def test_timm_entry_points(vit_variant, method):
 
 def test_intermediates(vit_variant):
     test_entry_points.test_nlc_intermediates_hold_the_tokens_after_merging(vit_variant, "tome")
-    test_entry_points.test_nchw_intermediates_are_refused_after_merging(vit_variant, "tome")
+    test_entry_points.test_nchw_intermediates_after_merging_are_the_full_grid(vit_variant, "tome")
     test_entry_points.test_nchw_intermediates_without_merging_equal_timm(vit_variant)
 
 

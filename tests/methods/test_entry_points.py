@@ -7,8 +7,8 @@ Pinned here, on the small random ViTs of ``tests/conftest.py`` in evaluation und
   different batch sizes gives what a fresh model gives (no stale token sizes, masks or decisions);
 - DyT records exactly one mask per dispatcher per pass;
 - ``forward_intermediates(..., output_fmt="NLC")`` returns the tokens as they are after merging,
-  its final features are ``forward_features``; NCHW is refused once tokens are merged and, without
-  merging, equals timm's own; ``get_intermediate_layers`` works on a merging model.
+  its final features are ``forward_features``; NCHW gives the full patch grid once tokens are merged
+  and, without merging, equals timm's own; ``get_intermediate_layers`` works on a merging model.
 """
 
 from __future__ import annotations
@@ -165,10 +165,13 @@ def test_nlc_intermediates_hold_the_tokens_after_merging(vit_variant, method):
 
 @pytest.mark.parametrize("method", MERGING + REDUCING_FROM_REGISTRY)
 @torch.no_grad()
-def test_nchw_intermediates_are_refused_after_merging(vit_variant, method):
+def test_nchw_intermediates_after_merging_are_the_full_grid(vit_variant, method):
+    """Once refused, NCHW now puts merged and pruned tokens back on the patch grid
+    (tieta.methods.restore; its values are pinned in test_dense_restore.py)."""
     model = build(method, vit_variant)
-    with pytest.raises(tieta.TietaError, match="NLC"):
-        model.forward_intermediates(images(2, seed=0))
+    final, intermediates = model.forward_intermediates(images(2, seed=0))
+    assert [grid.shape for grid in intermediates] == [(2, model.embed_dim, 4, 4)] * DEPTH
+    assert final.shape == (2, model.num_prefix_tokens + PATCH_TOKENS, model.embed_dim)
 
 
 @torch.no_grad()

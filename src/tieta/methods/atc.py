@@ -57,6 +57,8 @@ class ATCReduce(nn.Module):
             return x  # every token its own cluster: nothing changes
         state = block.token_state
         labels = agglomerative_labels(cosine_distances(keys.mean(dim=1), prefix), self.clusters, self.linkage)
+        if state.dense is not None:  # a clustered position takes its cluster's value on the grid
+            state.dense.follow(labels, self.clusters)
         # the reference forgets the sizes after each block unless attention is proportional
         x, size = merge_clusters(x, labels, self.clusters, state.size if self.prop_attn else None, prefix)
         if self.prop_attn:

@@ -31,19 +31,23 @@ and weights average pooling by token size. What tieta keeps on the model is one
 from __future__ import annotations
 
 import functools
+import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
+from timm.models._features import feature_take_indices
 from timm.models.eva import Eva, EvaBlock
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from tieta.errors import TietaError
 from tieta.methods.attention import masked_attention, masked_eva_attention
+from tieta.methods.restore import DenseRestore, destinations, matching_destinations
 from tieta.methods.state import (STATE_ATTRIBUTE, ModelState, PassState, attention_gate, reset_pass_states,
                                  state_of)
 from tieta.methods.swap import Swappable, swap_in, swap_out
+from tieta.ops.merging import Matching
 from tieta.ops.rope import follow, rope_at, rotate
 
 Branch = Callable[..., torch.Tensor]
@@ -67,6 +71,9 @@ class TokenState(PassState):
         positions: (B, N - prefix) grid position of each patch token once a reduction has changed
             them (``tieta.ops.rope``), None before.
         rope: the rope rows the current block's attention used, for steps that rank by attention.
+        dense: a :class:`~tieta.methods.restore.DenseRestore` while a dense output is wanted
+            (``forward_intermediates(..., output_fmt="NCHW")``): reductions then record where the
+            tokens go; None otherwise (nothing recorded). Set for a call, not reset per pass.
     """
 
     prop_attn: bool = True
@@ -79,6 +86,11 @@ class TokenState(PassState):
     rope_follows: bool = False
     positions: Optional[torch.Tensor] = None
     rope: Optional[torch.Tensor] = None
+    dense: Optional[DenseRestore] = None
+
+    def follows_tokens(self) -> bool:
+        """Whether reductions must report where the tokens go (rope positions, or a dense output)."""
+        return self.rope_follows or self.dense is not None
 
     def reset(self) -> None:
         self.size, self.attn_bias, self.source, self.policy, self.features = None, None, None, None, None
@@ -223,16 +235,33 @@ class TietaEvaBlock(EvaBlock):
         return self.drop_path2(out)
 
 
-def follow_tokens(block: nn.Module, index: torch.Tensor, patches: int) -> None:
+def follow_tokens(block: nn.Module, index: torch.Tensor, patches: int, into: Optional[torch.Tensor] = None) -> None:
     """Record, after a reduction, which of the ``patches`` patch tokens before it each patch token
     after it continues (its own index, its merge destination's, or ``NO_POSITION``), so that rotary
-    embeddings follow the tokens (tieta.ops.rope); nothing on models without rope.
+    embeddings follow the tokens (tieta.ops.rope), and, while a dense output is wanted, where each
+    token went (tieta.methods.restore); nothing otherwise.
 
-    Args: index: (B, P') indices among the patch tokens (prefix tokens not counted).
+    Args: index: (B, P') indices among the patch tokens (prefix tokens not counted);
+        into: (B, patches) the new patch token each old one continues or was merged into, -1 if
+        dropped; None: each old token that ``index`` names continues, the others are dropped.
     """
     state = block.token_state
     if state is not None and state.rope_follows:
         state.positions = follow(state.positions, index, patches)
+    if state is not None and state.dense is not None:
+        state.dense.follow(destinations(index, patches) if into is None else into, index.shape[1])
+
+
+def follow_matching(block: nn.Module, matching: Matching, batch: int, tokens: int, prefix: int, merged: bool = True
+                    ) -> None:
+    """:func:`follow_tokens` after a bipartite matching (ToMe, PYRA, PiToMe, ToFu, DTEM): a kept token
+    keeps its own position, a merged one its destination's; ``merged`` False: the sources are dropped."""
+    kept = matching.kept_rows.view(batch, -1) - torch.arange(batch, device=matching.kept_rows.device)[:, None] * tokens
+    state = block.token_state
+    into = None
+    if state is not None and state.dense is not None:
+        into = matching_destinations(matching, batch, tokens, prefix, merged)
+    follow_tokens(block, kept[:, prefix:] - prefix, tokens - prefix, into)
 
 
 def rotated(block: nn.Module, t: torch.Tensor) -> torch.Tensor:
@@ -252,8 +281,13 @@ class TietaViT(Swappable):
       ``get_intermediate_layers``) starts a token sequence in ``_pos_embed``; the per-pass states
       (token sizes, masks, decisions) are reset there, so entry points can be used in any order.
     - Average pooling weights each token by its size (and a training policy's mask).
-    - ``forward_intermediates`` gives the tokens as they are after merging or pruning (NLC); the
-      NCHW format needs the full patch grid, so it is refused once a block has changed the tokens.
+    - ``forward_intermediates`` gives the tokens as they are after merging or pruning with
+      ``output_fmt="NLC"``. With ``output_fmt="NCHW"`` (timm's default) on a model that reduces
+      tokens, every intermediate is put back on the full (B, C, H, W) patch grid and the final
+      normed tokens on (B, prefix + H * W, C) (``tieta.methods.restore``): a merged position takes
+      the value of the token it was merged into (ToMe's unmerge), a dropped position keeps the value
+      it had when it was dropped; a fused token (EViT's, SPViT's package) is left out. Only such a
+      call records where the tokens go; the other entry points pay nothing for it.
     """
 
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -299,12 +333,71 @@ class TietaViT(Swappable):
         return (x[:, prefix:] * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1e-6)
 
     def forward_intermediates(self, x: torch.Tensor, *args, output_fmt: str = "NCHW", **kwargs):
+        method = reducing_method(self)
+        if output_fmt == "NCHW" and method is not None:
+            return self._dense_intermediates(x, args, kwargs, method)
         out = super().forward_intermediates(x, *args, output_fmt="NLC", **kwargs)
         if isinstance(out, dict) and "image_features" in out:
             self._ended_with(out["image_features"])
         elif isinstance(out, tuple):
             self._ended_with(out[0])
         return out if output_fmt != "NCHW" else _to_nchw(out, self, x.shape[-2:])
+
+    def _dense_intermediates(self, x: torch.Tensor, args: tuple, kwargs: dict, method: str) -> Any:
+        """forward_intermediates in NCHW on a model that reduces tokens: the pass records where its
+        tokens go (hooks on the reduction slots and blocks, for this call only), then every output
+        is put back on the full patch grid (``tieta.methods.restore``)."""
+        intermediates_of = super().forward_intermediates
+        call = inspect.signature(intermediates_of).bind(x, *args, output_fmt="NLC", **kwargs)
+        call.apply_defaults()
+        taken, _ = feature_take_indices(len(self.blocks), call.arguments.get("indices"))
+        dense = DenseRestore(self.num_prefix_tokens, method)
+        state = token_state(self)
+        hooks = []
+        for index, block in enumerate(self.blocks):
+            for slot in (block.select, block.reduce):
+                hooks.append(slot.register_forward_pre_hook(lambda module, inputs: dense.enter(inputs[0])))
+            hooks.append(block.register_forward_hook(
+                lambda module, inputs, out, index=index: dense.block_done(index, out)))
+        state.dense = dense
+        try:
+            out = intermediates_of(*call.args, **call.kwargs)
+        finally:
+            state.dense = None
+            for hook in hooks:
+                hook.remove()
+        return _to_nchw(_restored(out, self, dense, taken, bool(call.arguments.get("norm"))), self, x.shape[-2:])
+
+
+def _restored(out: Any, model: VisionTransformer, dense: DenseRestore, taken: list[int], norm: bool) -> Any:
+    """forward_intermediates' NLC output (list, (final, list) or dict) with every intermediate's
+    patch tokens and the final tokens on the full patch grid."""
+    blocks = [index for index in sorted(dense.grids) if index in taken]  # timm's order of the intermediates
+    intermediate_norm = model.norm if norm else None
+
+    def grids(items: list) -> list:
+        restored = []
+        for item, index in zip(items, blocks):
+            if isinstance(item, tuple):  # (patch tokens, prefix tokens) with return_prefix_tokens
+                restored.append((dense.restore(item[0], index, intermediate_norm), item[1]))
+            else:
+                restored.append(dense.restore(item, index, intermediate_norm))
+        return restored
+
+    def final(tokens: torch.Tensor) -> torch.Tensor:
+        model._ended_with(tokens)  # pooling weights belong to the tokens as the pass left them
+        prefix = model.num_prefix_tokens
+        patches = dense.restore(tokens[:, prefix:], max(dense.grids), model.norm)
+        return torch.cat([tokens[:, :prefix], patches], dim=1)
+
+    if isinstance(out, dict):
+        out["image_intermediates"] = grids(out["image_intermediates"])
+        if "image_features" in out:
+            out["image_features"] = final(out["image_features"])
+        return out
+    if isinstance(out, tuple):
+        return final(out[0]), grids(out[1])
+    return grids(out)
 
 
 def _to_nchw(out: Any, model: VisionTransformer, image_size: tuple[int, int]) -> Any:

@@ -17,7 +17,8 @@ from tieta.errors import TietaError
 from tieta.methods.blocks import TietaBlock, TokenState, follow_tokens, rotated, take_output
 from tieta.methods.tome import size_bias_mask
 from tieta.ops.attention import class_attention, received_attention
-from tieta.ops.diffrate import RateLogits, merge_training, prune_merge, prune_merge_source, sort_by_importance
+from tieta.ops.diffrate import (RateLogits, merge_training, prune_merge, prune_merge_destinations, prune_merge_source,
+                                sort_by_importance)
 
 # the smallest token size at evaluation, so that log(size) stays finite (see tieta.methods.diffrate)
 SIZE_EPS = 1e-6
@@ -138,9 +139,14 @@ class DiffRateReduce(nn.Module):
         merges = kept_merge < min(x.shape[1], kept_prune)
         if state.trace_source:  # the input patches each token holds, for pictures (nothing computed changes)
             state.source = prune_merge_source(_sorted_source(state, order), x, kept_prune, kept_merge, prefix)
+        into = None
+        if state.dense is not None:  # a merged position takes its destination's value on the grid
+            sorted_into = prune_merge_destinations(x, kept_prune, kept_merge, prefix)  # (B, N) in sorted order
+            into = torch.empty_like(order).scatter_(1, order, sorted_into)
+            into = torch.where(into >= 0, into - prefix, -1)[:, prefix:]
         x, size = prune_merge(x, size, kept_prune, kept_merge, prefix)
         # the kept tokens (merge destinations among them) keep their positions
-        follow_tokens(block, order[:, prefix:x.shape[1]] - prefix, tokens - prefix)
+        follow_tokens(block, order[:, prefix:x.shape[1]] - prefix, tokens - prefix, into)
         if merges:
             size = size.clamp(min=SIZE_EPS)  # keeps log(size) finite (module docstring)
         _store_sizes(state, size, x, merges)

@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from tieta.errors import TietaError
-from tieta.methods.blocks import (PassState, TietaBlock, claim_reduction, keep_output, pass_state, patch_blocks,
-                                  take_output, token_state)
+from tieta.methods.blocks import (PassState, TietaBlock, claim_reduction, follow_matching, keep_output, pass_state,
+                                  patch_blocks, take_output, token_state)
 from tieta.methods.knob import Knob, whole
 from tieta.methods.method import Method
 from tieta.methods.schedules import clip_schedule, token_counts, vit_shape
@@ -110,6 +110,9 @@ class DTEMMerge(nn.Module):
         state = block.token_state
         prefix = block.num_prefix_tokens
         if block.training:  # the block's mode: a step added to a model in eval mode follows it
+            if state.dense is not None:
+                raise TietaError("DTEM's training merge reorders tokens by soft size, which the patch grid cannot "
+                                 "follow; take dense outputs in evaluation mode (model.eval())")
             soft = block.soft_merge_state
             size = torch.ones_like(x[..., :1]) if state.size is None else state.size
             active = x.shape[1] if soft.active is None else soft.active
@@ -121,6 +124,8 @@ class DTEMMerge(nn.Module):
         matching = bipartite_soft_matching(self.dtem_embed(normed), self.r, prefix)
         if state.trace_source:
             state.source = merge_source(matching, state.source, x.shape[1])
+        if state.dense is not None:  # a merged position takes its destination's value on the grid
+            follow_matching(block, matching, x.shape[0], x.shape[1], prefix)
         x, state.size = merge_wavg(matching, x, state.size)
         state.attn_bias = size_bias_mask(state.size, x)
         return x

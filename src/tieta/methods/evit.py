@@ -58,7 +58,7 @@ class EViTReduce(nn.Module):
             return x  # nothing to drop: skip the scoring too
         score = class_attention if self.class_token else received_attention
         scores = score(rotated(block, q), rotated(block, k), block.attn.scale, prefix).to(x.dtype)
-        if block.token_state.rope_follows:  # kept tokens keep their positions; the fused token has none
+        if block.token_state.follows_tokens():  # kept tokens keep their positions; the fused token has none
             order = kept_order(scores, kept)
             if self.fuse:
                 order = torch.cat([order, order.new_full((order.shape[0], 1), NO_POSITION)], dim=1)

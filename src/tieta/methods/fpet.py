@@ -133,6 +133,8 @@ class FPETMerge(nn.Module):
             state.source = merge(matching.detach(), source, split, prefix)
         if state.rope_follows:  # the B tokens keep their own positions
             follow_tokens(block, split.b[None].expand(x.shape[0], -1), patches)
+        if state.dense is not None:  # an A patch takes its B token's value on the grid (none: dropped)
+            state.dense.follow(_destinations(matching.detach(), split, patches), split.b.shape[0])
         x, state.size = merge_wavg(matching, x, state.size, split, prefix)
         if state.prop_attn:
             state.attn_bias = size_bias_mask(state.size, x)
@@ -142,6 +144,18 @@ class FPETMerge(nn.Module):
 def default_layer(depth: int) -> int:
     """The merging block: 6 at depth 12 (the reference's VTAB runs), the same fraction of depth elsewhere."""
     return depth // 2
+
+
+
+def _destinations(matching: torch.Tensor, split: Checkerboard, patches: int) -> torch.Tensor:
+    """(B, P) the B token each patch stays as or merges into, -1 for an A patch merged nowhere
+    (``tieta.methods.restore``). Args: matching: (B, Na, Nb) 0/1 rows."""
+    batch = matching.shape[0]
+    into = torch.full((batch, patches), -1, dtype=torch.long, device=matching.device)
+    into[:, split.b] = torch.arange(split.b.shape[0], device=matching.device)
+    best, target = matching.max(dim=-1)  # (B, Na)
+    into[:, split.a] = target.masked_fill(best <= 0, -1)
+    return into
 
 
 def add_fpet(model: nn.Module, layers: Optional[Sequence[int]] = None, refine_dim: int = 32, refine_bits: int = 1,

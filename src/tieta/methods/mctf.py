@@ -126,6 +126,8 @@ class MultiCriteriaFusion(nn.Module):
             if source is None:
                 source = torch.eye(x.shape[1], device=x.device)[None].expand(x.shape[0], -1, -1)
             state.source = pool(fusion, source)
+        if state.dense is not None:  # a fused position takes its group's value on the grid
+            state.dense.follow(fusion.group[:, prefix:] - prefix, fusion.num_out - prefix)
         x, state.size, self.ahead.attention = attention_weighted_fusion(fusion, x, state.size, probabilities)
         if state.prop_attn:
             state.attn_bias = size_bias_mask(state.size, x)

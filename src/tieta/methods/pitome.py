@@ -24,11 +24,10 @@ from torch import nn
 
 from tieta.errors import TietaError
 from tieta.files import is_number
-from tieta.methods.blocks import (TietaBlock, claim_reduction, keep_output, patch_blocks, rotated, take_output,
-                                  token_state)
+from tieta.methods.blocks import (TietaBlock, claim_reduction, follow_matching, keep_output, patch_blocks, rotated,
+                                  take_output, token_state)
 from tieta.methods.knob import Knob
 from tieta.methods.method import Method
-from tieta.methods.tofu import follow_matching
 from tieta.ops.merging import Matching, merge_source, merge_wavg
 from tieta.ops.pitome import bipartite_blocks, default_margins, merge_count, pitome_matching
 
@@ -64,7 +63,7 @@ class EnergyMerge(nn.Module):
         state = block.token_state
         if state.trace_source:
             state.source = merge_source(matching, state.source, x.shape[1])
-        if state.rope_follows:  # a merged token keeps its destination's position
+        if state.follows_tokens():  # a merged token keeps its destination's position
             follow_matching(block, matching, x.shape[0], x.shape[1], prefix)
         x, state.size = merge_wavg(matching, x, state.size)
         return x

@@ -29,6 +29,7 @@ from tieta.methods.blocks import (PassState, TietaBlock, claim_reduction, follow
 from tieta.methods.kept_patches import kept_patch_masks
 from tieta.methods.knob import Knob, geometric
 from tieta.methods.method import Method
+from tieta.methods.restore import destinations
 from tieta.methods.schedules import stage_blocks
 from tieta.methods.state import pass_state_named
 from tieta.ops.dynamicvit import distillation_loss, gather_tokens
@@ -170,8 +171,13 @@ class SPViTSelect(nn.Module):
         drop = torch.cat([dropped, dropped.new_zeros(batch, packages)], dim=1).unsqueeze(-1)
         package = package_token(rest, prob, drop, self.package == "mean")
         order, state.valid = pack_kept(keep)
-        order = torch.cat([order, torch.arange(patches, count, device=x.device).expand(batch, packages)], dim=1)
-        follow_tokens(block, _with_package(order), count)
+        earlier = torch.arange(patches, count, device=x.device).expand(batch, packages)
+        into = None
+        if tokens.dense is not None:  # padding repeats a token this image drops: it continues none
+            into = destinations(_with_package(torch.cat([order.masked_fill(~state.valid, NO_POSITION), earlier], 1)),
+                                count)
+        order = torch.cat([order, earlier], dim=1)
+        follow_tokens(block, _with_package(order), count, into)
         state.packages += 1
         real = torch.cat([state.valid.new_ones(batch, prefix), state.valid, state.valid.new_ones(batch, packages + 1)],
                          dim=1)  # (B, N')

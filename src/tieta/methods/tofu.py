@@ -21,13 +21,13 @@ import torch
 from torch import nn
 
 from tieta.errors import TietaError
-from tieta.methods.blocks import (TietaBlock, Unchanged, claim_reduction, follow_tokens, keep_output, patch_blocks,
+from tieta.methods.blocks import (TietaBlock, Unchanged, claim_reduction, follow_matching, keep_output, patch_blocks,
                                   rotated, take_output, token_state)
 from tieta.methods.kept_patches import kept_patch_masks
 from tieta.methods.knob import Knob, flops_schedule
 from tieta.methods.method import Method
 from tieta.methods.schedules import MergeConfig, resolve_schedule, schedule_setting, token_counts, validate_merge, vit_shape
-from tieta.ops.merging import Matching, bipartite_soft_matching
+from tieta.ops.merging import bipartite_soft_matching
 from tieta.ops.tofu import mlerp_merge, prune, strategy_blocks
 
 
@@ -55,17 +55,11 @@ class TokenFusion(nn.Module):
         prefix = block.num_prefix_tokens
         # the sum over heads is the reference's mean up to a factor that the cosine similarity ignores
         matching = bipartite_soft_matching(keys.sum(dim=1), self.r, prefix)
-        if block.token_state.rope_follows:
-            follow_matching(block, matching, x.shape[0], x.shape[1], prefix)
+        if block.token_state.follows_tokens():  # pruned sources are dropped, fused ones go into their destinations
+            follow_matching(block, matching, x.shape[0], x.shape[1], prefix, merged=self.fuse)
         if self.fuse:
             return mlerp_merge(x, matching.kept_rows, matching.source_rows, matching.destination_rows)
         return prune(x, matching.kept_rows)
-
-
-def follow_matching(block: TietaBlock, matching: Matching, batch: int, tokens: int, prefix: int) -> None:
-    """Rotary positions after a matching: a kept or fused token keeps its own (a destination's) position."""
-    kept = matching.kept_rows.view(batch, -1) - torch.arange(batch, device=matching.kept_rows.device)[:, None] * tokens
-    follow_tokens(block, kept[:, prefix:] - prefix, tokens - prefix)
 
 
 def add_tofu(model: nn.Module, r: Any = "low") -> nn.Module:

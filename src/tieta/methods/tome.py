@@ -16,7 +16,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from tieta.methods.blocks import (TietaBlock, Unchanged, claim_reduction, follow_tokens, keep_output, patch_blocks,
+from tieta.methods.blocks import (TietaBlock, Unchanged, claim_reduction, follow_matching, keep_output, patch_blocks,
                                   release_output, rotated, take_output, token_state)
 from tieta.methods.knob import Knob, flops_schedule
 from tieta.methods.method import Method
@@ -54,7 +54,7 @@ class TokenMerge(nn.Module):
         # a ctypes call cannot be traced: torch.compile and torch.export (ONNX) take the tensor
         # merge below, which computes the same, and so keep the whole forward pass in one graph;
         # rotary embeddings follow the kept rows, which only the tensor merge gives
-        if (not state.trace_source and not state.rope_follows and not torch.compiler.is_compiling()
+        if (not state.trace_source and not state.follows_tokens() and not torch.compiler.is_compiling()
                 and native_merge_applies(keys, x, modulation)):
             r = min(self.r, max_merges(x.shape[1], prefix))
             merged = native_merge(keys, x, state.size, r, prefix, modulation)
@@ -66,10 +66,8 @@ class TokenMerge(nn.Module):
         matching = bipartite_soft_matching(keys.sum(dim=1), self.r, prefix)
         if state.trace_source:
             state.source = merge_source(matching, state.source, x.shape[1])
-        if state.rope_follows:  # a merged token keeps its destination's position, the others their own
-            batch, tokens = x.shape[0], x.shape[1]
-            kept = matching.kept_rows.view(batch, -1) - torch.arange(batch, device=x.device)[:, None] * tokens
-            follow_tokens(block, kept[:, prefix:] - prefix, tokens - prefix)
+        if state.follows_tokens():  # a merged token keeps its destination's position, the others their own
+            follow_matching(block, matching, x.shape[0], x.shape[1], prefix)
         x, state.size = merge_wavg(matching, x, state.size, modulation)
         if state.prop_attn:
             state.attn_bias = size_bias_mask(state.size, x)

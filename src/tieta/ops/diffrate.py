@@ -211,6 +211,23 @@ def prune_merge_source(
     return dst.scatter_reduce(1, destination[..., None].expand_as(src), src, reduce="amax", include_self=True)
 
 
+def prune_merge_destinations(x: torch.Tensor, kept_prune: int, kept_merge: int, num_prefix: int) -> torch.Tensor:
+    """Where :func:`prune_merge` puts each importance-sorted token (for dense outputs).
+
+    Args: as :func:`prune_merge`, x: (B, N, C) sorted tokens.
+
+    Returns:
+        (B, N) long: the output token each token is or is merged into, -1 where it is pruned.
+    """
+    batch, tokens = x.shape[:2]
+    kept = min(tokens, kept_prune)
+    into = torch.full((batch, tokens), -1, dtype=torch.long, device=x.device)
+    into[:, :kept] = torch.arange(kept, device=x.device)
+    if kept_merge < kept:
+        into[:, kept_merge:kept], _ = _match_to_kept(x[:, :kept], kept_merge, num_prefix)
+    return into
+
+
 def merge_training(
     x: torch.Tensor, size: torch.Tensor, active: int, kept_merge: int, num_prefix: int
 ) -> Tuple[torch.Tensor, torch.Tensor]:
