@@ -1,0 +1,1 @@
+"""Dense prediction: semantic segmentation tasks, their transforms and metrics."""
