@@ -11,7 +11,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 import tieta
-from tieta.dense.model import (SegmentationModel, dispatch_rate_loss, pixel_cross_entropy, segmentation_loss,
+from tieta.dense.model import (SegmentationModel, method_losses, pixel_cross_entropy, segmentation_loss,
                                segmentation_step, slide_inference, whole_inference)
 from tieta.errors import TietaError
 from tieta.train.optim import build_optimizer
@@ -99,13 +99,13 @@ def test_dyt_s_token_loss_is_added_and_the_step_trains_the_heads_and_the_methods
     loss = segmentation_step(model, images(), labels())
     masks = model.backbone.dispatch_state.masks
     rate = torch.cat([mask.reshape(-1) for mask in masks]).mean()
-    torch.testing.assert_close(dispatch_rate_loss(model.backbone), 2.0 * (rate - 0.5) ** 2)
+    torch.testing.assert_close(method_losses(model.backbone), 2.0 * (rate - 0.5) ** 2)
     loss.backward()
     trained = {name for name, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert "head.neck.fpn1.0.weight" in trained and "head.auxiliary_head.conv_seg.weight" in trained
     assert "head.decode_head.conv_seg.weight" in trained and "backbone.blocks.0.dispatcher.weight" in trained
     assert not any(p.requires_grad for name, p in model.named_parameters() if name.endswith("attn.qkv.weight"))
-    assert dispatch_rate_loss(segmenter().backbone) is None  # no DyT, no token loss
+    assert method_losses(segmenter().backbone) is None  # no DyT, no token loss
 
 
 def mmseg_slide_inference(encode_decode, img, num_classes, crop_size, stride):

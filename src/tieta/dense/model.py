@@ -29,13 +29,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from tieta.errors import TietaError
+from tieta.dense.config import is_segmentation
 from tieta.dense.neck import MultiScaleNeck, block_grids, feature_indices
 from tieta.dense.uperhead import POOL_SCALES, FCNHead, UPerHead, resize
-from tieta.methods.state import method_setting, pass_state_named
+from tieta.methods import registry
 
 IGNORE_INDEX = 255  # ADE20K's label for pixels no class is scored on (after reduce_zero_label)
 AUX_WEIGHT = 0.4  # the auxiliary head's share of the loss (DyT's and mmseg's UPerNet configs)
-RATE_WEIGHT = 2.0  # DyT's token loss ratio in its segmentation code
 
 
 class SegmentationHead(nn.Module):
@@ -96,11 +96,18 @@ class SegmentationModel(nn.Module):
         self.align_corners = align_corners
         backbone.reset_classifier(0)
         self.backbone = backbone
+        # the preprocessing the backbone was made with (timm's data config; tieta's normalisation "model")
+        self.pretrained_cfg = dict(getattr(backbone, "pretrained_cfg", None) or {})
         width = backbone.embed_dim
         auxiliary = FCNHead(width, aux_channels, classes, index=2, dropout=dropout) if aux_channels else None
         self.head = SegmentationHead(MultiScaleNeck(width, norm=neck_norm),
                                      UPerHead([width] * 4, channels, classes, pool_scales, dropout, align_corners),
                                      auxiliary)
+
+    @property
+    def patch_embed(self) -> nn.Module:
+        """The backbone's patch embedding (its input size: what the model takes)."""
+        return self.backbone.patch_embed
 
     def scales(self, images: torch.Tensor) -> list[torch.Tensor]:
         """The neck's four scales. Args: images: (B, 3, H, W). Returns: (B, C, 4h, 4w) .. (B, C, h/2, w/2)."""
@@ -142,29 +149,25 @@ def segmentation_loss(outputs: SegmentationOutputs, labels: torch.Tensor, ignore
     return loss
 
 
-def dispatch_rate_loss(backbone: nn.Module, rate_weight: float = RATE_WEIGHT) -> Optional[torch.Tensor]:
-    """DyT's token loss of the last pass: ``rate_weight (mean(mask) - rho)^2`` over every image,
-    dispatcher and patch token (its segmentation code adds it to the heads' losses; the full
-    network and the distillation of its classification objective are not used there); None on a
-    backbone without DyT."""
-    state = pass_state_named(backbone, "dispatch_state")
-    if state is None or not state.masks:
-        return None
-    rho = method_setting(backbone, "dyt", "dyt_rho", 0.5)
-    rate = torch.cat([mask.reshape(-1) for mask in state.masks]).mean()
-    return rate_weight * (rate - rho) ** 2
+def method_losses(backbone: nn.Module) -> Optional[torch.Tensor]:
+    """The attached methods' own terms of a dense task's loss, from the pass just run
+    (``Method.dense_loss``: DyT's token rate, ``2 (mean(mask) - rho)^2`` over every image,
+    dispatcher and patch token, as its segmentation code adds it); None where no method has one."""
+    terms = [term for method in registry.methods().values() if method.dense_loss is not None
+             if (term := method.dense_loss(backbone)) is not None]
+    return sum(terms[1:], terms[0]) if terms else None
 
 
 def segmentation_step(model: SegmentationModel, images: torch.Tensor, labels: torch.Tensor,
                       ignore_index: int = IGNORE_INDEX, aux_weight: float = AUX_WEIGHT) -> torch.Tensor:
     """One training step's loss as DyT's segmentation code computes it: the heads' losses
-    (:func:`segmentation_loss`), plus DyT's token loss where the backbone has DyT.
+    (:func:`segmentation_loss`), plus the attached methods' own terms (:func:`method_losses`).
 
     Args: images: (B, 3, H, W); labels: (B, H, W) int64, ``ignore_index`` where unscored.
     """
     loss = segmentation_loss(model.heads(images), labels, ignore_index, aux_weight, model.align_corners)
-    rate = dispatch_rate_loss(model.backbone)
-    return loss if rate is None else loss + rate
+    own = method_losses(model.backbone)
+    return loss if own is None else loss + own
 
 
 def _window_count(side: int, crop: int, stride: int) -> int:
@@ -220,3 +223,13 @@ def _pair(value: int | tuple[int, int], name: str) -> tuple[int, int]:
         raise TietaError(f"slide_inference's {name} is pixels, a whole number of at least 1 or (height, width), "
                          f"got {value!r}")
     return pair
+
+
+def segmentation_model_for(model: nn.Module, config, num_classes: int) -> nn.Module:
+    """The segmentation model around ``model`` (its methods attached) where the run's settings ask
+    for one (``segmentation.head``), else ``model`` itself."""
+    if not is_segmentation(config):
+        return model
+    section = config.segmentation
+    return SegmentationModel(model, num_classes, channels=section.channels, aux_channels=section.aux_channels,
+                             indices=section.indices, neck_norm=section.neck_norm)
