@@ -187,3 +187,9 @@ def test_flops_show_the_neck_and_heads_and_dyt_s_skipped_tokens():
     skipping = tieta.count_flops(model, x)["gmacs"]
     assert round((every_token - skipping) * 1e9) == 4 * 64 * 2 * 4 * WIDTH * WIDTH
     assert backbone_alone < every_token
+
+
+def test_a_method_s_state_is_read_on_the_segmentation_model():
+    model = segmenter("dyt").eval()
+    rates = tieta.activation_rates(model, images())  # DyT's dispatchers, through the whole model
+    assert len(rates) == 4 and all(0 <= rate <= 1 for rate in rates)

@@ -33,6 +33,7 @@ from tieta.dense.config import is_segmentation
 from tieta.dense.neck import MultiScaleNeck, block_grids, feature_indices
 from tieta.dense.uperhead import POOL_SCALES, FCNHead, UPerHead, resize
 from tieta.methods import registry
+from tieta.methods.state import STATE_ATTRIBUTE, state_of
 
 IGNORE_INDEX = 255  # ADE20K's label for pixels no class is scored on (after reduce_zero_label)
 AUX_WEIGHT = 0.4  # the auxiliary head's share of the loss (DyT's and mmseg's UPerNet configs)
@@ -98,11 +99,18 @@ class SegmentationModel(nn.Module):
         self.backbone = backbone
         # the preprocessing the backbone was made with (timm's data config; tieta's normalisation "model")
         self.pretrained_cfg = dict(getattr(backbone, "pretrained_cfg", None) or {})
+        self.share_state()
         width = backbone.embed_dim
         auxiliary = FCNHead(width, aux_channels, classes, index=2, dropout=dropout) if aux_channels else None
         self.head = SegmentationHead(MultiScaleNeck(width, norm=neck_norm),
                                      UPerHead([width] * 4, channels, classes, pool_scales, dropout, align_corners),
                                      auxiliary)
+
+    def share_state(self) -> None:
+        """Let tieta's accessors of a method's state (``activation_rates``, a method's ``measure``)
+        find the backbone's on this model: both hold the one object (a method attached to the
+        backbone after wrapping is seen from the next forward pass on)."""
+        self.__dict__[STATE_ATTRIBUTE] = state_of(self.backbone)
 
     @property
     def patch_embed(self) -> nn.Module:
@@ -111,6 +119,7 @@ class SegmentationModel(nn.Module):
 
     def scales(self, images: torch.Tensor) -> list[torch.Tensor]:
         """The neck's four scales. Args: images: (B, 3, H, W). Returns: (B, C, 4h, 4w) .. (B, C, h/2, w/2)."""
+        self.share_state()
         return self.head.neck(block_grids(self.backbone, images, self.indices))
 
     def heads(self, images: torch.Tensor) -> SegmentationOutputs:
