@@ -39,9 +39,12 @@ def trained(config):
 
 
 def test_a_config_with_a_segmentation_head_builds_the_segmentation_model():
-    config = load_config(overrides={**TINY, "method": "dyt", "segmentation.indices": [1, 2, 3, 5]})
+    config = load_config(overrides={**TINY, "method": "dyt", "segmentation.indices": [1, 2, 3, 5],
+                                    "segmentation.aux_weight": 0.2, "segmentation.ignore_index": 0})
     model = build_model(config, CLASSES, random_weights=True)
     assert isinstance(model, SegmentationModel) and model.indices == [1, 2, 3, 5] and model.classes == CLASSES
+    assert (model.aux_weight, model.ignore_index) == (0.2, 0)
+    assert "backbone.pos_embed" in model.no_weight_decay()
     assert image_size_of(model) == SIDE
     trainable = {name for name, param in model.named_parameters() if param.requires_grad}
     assert {"head.neck.fpn1.0.weight", "head.decode_head.conv_seg.weight",

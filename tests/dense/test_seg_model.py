@@ -100,6 +100,9 @@ def test_dyt_s_token_loss_is_added_and_the_step_trains_the_heads_and_the_methods
     masks = model.backbone.dispatch_state.masks
     rate = torch.cat([mask.reshape(-1) for mask in masks]).mean()
     torch.testing.assert_close(method_losses(model.backbone), 2.0 * (rate - 0.5) ** 2)
+    torch.manual_seed(5)  # the same pass again: the step is the heads' losses plus DyT's token loss
+    expected = segmentation_loss(model.heads(images()), labels()) + method_losses(model.backbone)
+    torch.testing.assert_close(loss, expected)
     loss.backward()
     trained = {name for name, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert "head.neck.fpn1.0.weight" in trained and "head.auxiliary_head.conv_seg.weight" in trained

@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tieta.errors import TietaError
 from tieta.dense.config import is_segmentation
 from tieta.dense.neck import MultiScaleNeck, block_grids, feature_indices
 from tieta.dense.uperhead import POOL_SCALES, FCNHead, UPerHead, resize
+from tieta.errors import TietaError
 from tieta.methods import registry
 from tieta.methods.state import STATE_ATTRIBUTE, state_of
 
@@ -75,6 +75,7 @@ class SegmentationModel(nn.Module):
             the depth (:func:`tieta.dense.neck.feature_indices`).
         neck_norm: BEiT's BatchNorm in the neck (DyT's code has none).
         pool_scales, dropout, align_corners: UPerNet's (and the heads' resizes).
+        aux_weight, ignore_index: the loss's (:func:`segmentation_step` reads them here).
 
     Attributes:
         backbone: the ViT; head: :class:`SegmentationHead`; indices: the blocks read; classes.
@@ -82,7 +83,8 @@ class SegmentationModel(nn.Module):
 
     def __init__(self, backbone: nn.Module, classes: int, channels: int = 768, aux_channels: int = 256,
                  indices: Optional[Sequence[int]] = None, neck_norm: bool = False,
-                 pool_scales: Sequence[int] = POOL_SCALES, dropout: float = 0.1, align_corners: bool = False) -> None:
+                 pool_scales: Sequence[int] = POOL_SCALES, dropout: float = 0.1, align_corners: bool = False,
+                 aux_weight: float = AUX_WEIGHT, ignore_index: int = IGNORE_INDEX) -> None:
         super().__init__()
         if not hasattr(backbone, "forward_intermediates") or not hasattr(backbone, "blocks"):
             raise TietaError(f"a segmentation model needs a timm ViT with forward_intermediates, got "
@@ -95,6 +97,7 @@ class SegmentationModel(nn.Module):
         self.indices = feature_indices(len(backbone.blocks), indices)
         self.classes = classes
         self.align_corners = align_corners
+        self.aux_weight, self.ignore_index = aux_weight, ignore_index
         backbone.reset_classifier(0)
         self.backbone = backbone
         # the preprocessing the backbone was made with (timm's data config; tieta's normalisation "model")
@@ -111,6 +114,11 @@ class SegmentationModel(nn.Module):
         find the backbone's on this model: both hold the one object (a method attached to the
         backbone after wrapping is seen from the next forward pass on)."""
         self.__dict__[STATE_ATTRIBUTE] = state_of(self.backbone)
+
+    def no_weight_decay(self) -> set[str]:
+        """The backbone's own no-decay names (``pos_embed``, ``cls_token``...), as named here."""
+        skip = getattr(self.backbone, "no_weight_decay", None)
+        return {f"backbone.{name}" for name in skip()} if callable(skip) else set()
 
     @property
     def patch_embed(self) -> nn.Module:
@@ -167,14 +175,13 @@ def method_losses(backbone: nn.Module) -> Optional[torch.Tensor]:
     return sum(terms[1:], terms[0]) if terms else None
 
 
-def segmentation_step(model: SegmentationModel, images: torch.Tensor, labels: torch.Tensor,
-                      ignore_index: int = IGNORE_INDEX, aux_weight: float = AUX_WEIGHT) -> torch.Tensor:
+def segmentation_step(model: SegmentationModel, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """One training step's loss as DyT's segmentation code computes it: the heads' losses
     (:func:`segmentation_loss`), plus the attached methods' own terms (:func:`method_losses`).
 
-    Args: images: (B, 3, H, W); labels: (B, H, W) int64, ``ignore_index`` where unscored.
+    Args: images: (B, 3, H, W); labels: (B, H, W) int64, the model's ``ignore_index`` where unscored.
     """
-    loss = segmentation_loss(model.heads(images), labels, ignore_index, aux_weight, model.align_corners)
+    loss = segmentation_loss(model.heads(images), labels, model.ignore_index, model.aux_weight, model.align_corners)
     own = method_losses(model.backbone)
     return loss if own is None else loss + own
 
@@ -241,4 +248,5 @@ def segmentation_model_for(model: nn.Module, config, num_classes: int) -> nn.Mod
         return model
     section = config.segmentation
     return SegmentationModel(model, num_classes, channels=section.channels, aux_channels=section.aux_channels,
-                             indices=section.indices, neck_norm=section.neck_norm)
+                             indices=section.indices, neck_norm=section.neck_norm, aux_weight=section.aux_weight,
+                             ignore_index=section.ignore_index)
