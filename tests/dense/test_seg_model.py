@@ -13,8 +13,10 @@ from torch import nn
 import tieta
 from tieta.dense.model import (SegmentationModel, method_losses, pixel_cross_entropy, segmentation_loss,
                                segmentation_step, slide_inference, whole_inference)
+from tieta.dense.neck import block_grids
 from tieta.errors import TietaError
 from tieta.train.optim import build_optimizer
+from tests.conftest import make_vit
 
 WIDTH, SIDE, CLASSES = 32, 64, 4
 
@@ -196,3 +198,17 @@ def test_a_method_s_state_is_read_on_the_segmentation_model():
     model = segmenter("dyt").eval()
     rates = tieta.activation_rates(model, images())  # DyT's dispatchers, through the whole model
     assert len(rates) == 4 and all(0 <= rate <= 1 for rate in rates)
+
+
+@pytest.mark.parametrize("variant", ["registers", "distilled", "avg_pool", "eva02", "rope_vit"])
+def test_every_backbone_family_segments_from_its_patch_tokens(variant):
+    vit = make_vit(variant)
+    tieta.add_lora(vit, rank=2)
+    model = SegmentationModel(vit, CLASSES, channels=8, aux_channels=4).eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        assert model(x).shape == (2, CLASSES, 32, 32)
+        tokens = vit.forward_intermediates(x, indices=[0], output_fmt="NLC", intermediates_only=True)[0]
+        grid = block_grids(vit, x, [0])[0]  # the prefix tokens (class, distillation, registers) left out
+    assert tokens.shape[1] == 16
+    torch.testing.assert_close(grid, tokens.reshape(2, 4, 4, -1).permute(0, 3, 1, 2))
