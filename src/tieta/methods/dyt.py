@@ -261,6 +261,17 @@ def dyt_loss(
     return loss + distill_weight * distill
 
 
+def rate_loss(model: nn.Module, rate_weight: float = 2.0) -> Optional[torch.Tensor]:
+    """The rate term alone, ``rate_weight (mean(mask) - rho)^2``, of the pass just run (the whole
+    token loss of DyT's segmentation code: no full network, no distillation there); None on a model
+    without DyT or before a pass."""
+    state = pass_state_named(model, "dispatch_state")
+    if state is None or not state.masks:
+        return None
+    rate = torch.cat([mask.reshape(-1) for mask in state.masks]).mean()
+    return rate_weight * (rate - method_setting(model, "dyt", "dyt_rho", 0.5)) ** 2
+
+
 @torch.inference_mode()
 def evaluation_masks(model: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
     """DyT's evaluation decisions for ``images``: one (B, N_patch) bool tensor per dispatcher, in
@@ -389,4 +400,5 @@ METHOD = Method(
     picture_note=lambda config: f"{config.dyt.variant} dispatch",
     reduces_tokens=True,
     knob=Knob("dyt.rho", 0.05, 1.0, "low", doc="target share of active tokens"),
+    dense_loss=rate_loss,
 )

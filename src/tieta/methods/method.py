@@ -91,6 +91,9 @@ class Method:
             it has no token decisions to show.
         picture_note: ``picture_note(config) -> str``: a few words on its settings for a picture's
             caption (DyT's dispatch variant), or None.
+        dense_loss: ``dense_loss(model) -> tensor or None``: its own term of a dense task's loss,
+            read from the training pass just run (DyT's token rate, as its segmentation code adds
+            it); None where the method is not attached (``tieta.dense.model.segmentation_step``).
     """
 
     name: str
@@ -117,3 +120,4 @@ class Method:
     shows_merges: bool = False
     token_masks: Optional[Callable[[nn.Module, torch.Tensor], list[torch.Tensor]]] = None
     picture_note: Optional[Callable[[Settings], str]] = None
+    dense_loss: Optional[Callable[[nn.Module], Optional[torch.Tensor]]] = None

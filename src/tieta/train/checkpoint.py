@@ -124,16 +124,33 @@ def metadata_count(text: str) -> Optional[int]:
     return int(text) if text.isascii() and text.isdigit() and len(text) < 10 else None
 
 
+def running_statistics(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The running statistics of the batch norms whose weights train (a segmentation head's): the
+    forward passes of training update them and evaluation uses them, so they belong to what trained."""
+    found = {}
+    for prefix, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and weight is not None and weight.requires_grad:
+            for name, buffer in module.named_buffers(recurse=False):
+                found[f"{prefix}.{name}" if prefix else name] = buffer
+    return found
+
+
+def trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What a checkpoint holds of ``model``: its trainable parameters and :func:`running_statistics`."""
+    return {**{name: p for name, p in model.named_parameters() if p.requires_grad}, **running_statistics(model)}
+
+
 def save_checkpoint(model: nn.Module, path: Path, config: dict[str, Any], num_classes: int,
                     extra: Optional[dict[str, str]] = None, tensors: Optional[dict[str, torch.Tensor]] = None) -> None:
-    """Write the trainable parameters of ``model`` and ``config`` to ``path``, atomically.
+    """Write the trainable parameters of ``model`` (:func:`trained_state`) and ``config`` to ``path``, atomically.
 
     Args:
         extra: more metadata, e.g. the epoch of a best checkpoint.
         tensors: these trained tensors instead of the model's own now (an earlier epoch's).
     """
     if tensors is None:
-        tensors = {name: p for name, p in model.named_parameters() if p.requires_grad}
+        tensors = trained_state(model)
     write_tensors(tensors, path, {CONFIG_KEY: json.dumps(config), NUM_CLASSES_KEY: str(num_classes), **(extra or {})})
 
 
@@ -150,8 +167,9 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
 
 
 def load_trained(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Copy checkpoint tensors into ``model``; every tensor must match a parameter by name and shape."""
-    params = dict(model.named_parameters())
+    """Copy checkpoint tensors into ``model``; every tensor must match a parameter (or a trained
+    norm's running statistic) by name and shape."""
+    params = {**dict(model.named_parameters()), **running_statistics(model)}
     for name, tensor in tensors.items():
         if name not in params:
             raise TietaError(f"the checkpoint has {name}, which this model lacks (built with other methods?)")

@@ -25,6 +25,7 @@ from tieta import safe_yaml
 from tieta.backbone import MAX_IMG_SIZE, WEIGHT_SUFFIXES
 from tieta.data import normalization as normalizations
 from tieta.data.vtab import FOLDER_SPLITS, VTAB_SPLITS
+from tieta.dense.config import SegmentationConfig
 from tieta.errors import TietaError
 from tieta.hf import source as hf_source
 from tieta.methods import registry
@@ -131,6 +132,8 @@ class GeneralConfig:
     amp: Optional[str] = None  # autocast: "bf16", or "fp16" with a gradient scaler; None: fp32
     log: list[str] = field(default_factory=list)  # loggers besides metrics.jsonl: csv, tensorboard, wandb
     device: str = "auto"  # "auto": cuda if available, else cpu
+    # segmentation.head set: a segmentation model (tieta.dense)
+    segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
     # written by a run, not set: the numbers data.normalization resolved to and the backbone it was
     # trained on (tieta.train.record), which rebuilding the run uses and checks
     resolved: Any = field(default=None, metadata={"any_type": True})
@@ -466,6 +469,7 @@ def validate(config: RunConfig) -> None:
     config.video.check()
     _check_resolved(config.resolved)
     _check_declared_bounds(config)
+    config.segmentation.check()
     for method in registry.METHODS.values():
         if method.validate is not None:
             method.validate(config)

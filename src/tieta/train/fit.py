@@ -27,7 +27,7 @@ from tieta.measure.flops import count_flops
 from tieta.measure.throughput import measure_throughput
 from tieta.methods.method import LossFn
 from tieta.methods.params import trainable_parameters
-from tieta.train.checkpoint import save_checkpoint
+from tieta.train.checkpoint import save_checkpoint, trained_state
 from tieta.train import distributed
 from tieta.train.config import (RunConfig, comparable, first_difference, group_learning_rates, load_config, validate,
                                 warmup_warning, with_warmup)
@@ -413,7 +413,7 @@ def _train(config: RunConfig, run: Optional[RunDir], output: Path, resume: bool,
 
 def trained_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """A copy of the trained tensors of ``model`` (those a checkpoint holds)."""
-    return {name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.requires_grad}
+    return {name: p.detach().cpu().clone() for name, p in trained_state(model).items()}
 
 
 def _save_epoch(run: Optional[RunDir], record: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,

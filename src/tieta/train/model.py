@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from tieta.backbone import load_backbone
+from tieta.dense.model import segmentation_model_for
 from tieta.methods.params import freeze_backbone
 from tieta.train.config import RunConfig
 from tieta.train.record import check_backbone
@@ -47,8 +48,10 @@ def build_backbone(config: RunConfig, num_classes: int, random_weights: bool = F
 
 def build_model(config: RunConfig, num_classes: int, random_weights: bool = False) -> nn.Module:
     """The configured backbone with its methods attached, backbone frozen (arguments as
-    :func:`build_backbone`); for a video run (``video.frames``), the video model around it."""
-    return video_model_for(apply_methods(build_backbone(config, num_classes, random_weights), config), config)
+    :func:`build_backbone`); for a video run (``video.frames``), the video model around it; for a
+    segmentation run (``segmentation.head``), the segmentation model around it."""
+    model = apply_methods(build_backbone(config, num_classes, random_weights), config)
+    return segmentation_model_for(video_model_for(model, config), config, num_classes)
 
 
 def seed_everything(seed: int) -> None:

@@ -30,7 +30,7 @@ from torch import nn
 
 from tieta.errors import TietaError
 from tieta.files import parse_json
-from tieta.train.checkpoint import load_trained, metadata_count, read_tensors, write_tensors
+from tieta.train.checkpoint import load_trained, metadata_count, read_tensors, trained_state, write_tensors
 from tieta.train.distributed import Processes, gather_tensors
 
 FORMAT = "tieta-progress-1"
@@ -55,8 +55,7 @@ class Progress:
 def save_progress(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, shuffle: torch.Generator,
                   progress: Progress, processes: Processes) -> None:
     """Write the resumable checkpoint (collective: every process calls it; the main one writes)."""
-    tensors: dict[str, torch.Tensor] = {
-        f"model.{name}": p for name, p in model.named_parameters() if p.requires_grad}
+    tensors: dict[str, torch.Tensor] = {f"model.{name}": p for name, p in trained_state(model).items()}
     state = optimizer.state_dict()
     for index, values in state["state"].items():
         for key, value in values.items():
