@@ -153,15 +153,6 @@ def test_composes_with_lora_and_adapter_in_any_order_and_trains():
     assert all(g is not None for n, g in grads.items() if "lora_B" in n)
 
 
-def test_deepcopy_keeps_merging_correct():
-    import copy
-
-    model = tieta.add_tome(make_vit("plain"), r=2)
-    clone = copy.deepcopy(model)
-    x = torch.randn(2, 3, 32, 32)
-    torch.testing.assert_close(clone(x), model(x))
-
-
 def test_bf16_autocast_runs_with_proportional_attention():
     model = tieta.add_tome(make_vit("plain"), r=3)
     with torch.autocast("cpu", dtype=torch.bfloat16):
