@@ -7,9 +7,10 @@ Pinned here, on the small random ViTs of ``tests/conftest.py``:
 - ``model(x)`` is ``forward_head(forward_features(x))`` bit for bit, with prefix tokens (registers)
   and with size-weighted average pooling;
 - it composes with LoRA and the adapter in either order: the same state-dict keys, the same logits
-  with the same weights, and a training pass sends gradient to every LoRA up-projection;
+  with the same weights, and a training pass sends gradient to every LoRA up-projection and to the
+  method's own weights (those of the first block holding any);
 - ``copy.deepcopy`` and ``load_state_dict`` into a model patched the same way (other random weights)
-  give the same logits bit for bit, and the keys it adds are its own modules';
+  give the same logits bit for bit, and the keys it adds are its own (and LoRA's);
 - a method with no parameters of its own (``Method.modules`` empty) adds none, and gives the same
   logits in training and in evaluation.
 
