@@ -1,8 +1,9 @@
 """DTEM as a method: r = 0 is timm's model, the whole model against a transcription of the
 reference's ``DTEM`` forward (training: soft merging; evaluation: hard), token counts and FLOPs,
-composition, copies, compilation, and training, export and ONNX through the command line."""
+compilation, and training, export and ONNX through the command line. What every token reducer
+promises (composition with LoRA and the adapter, training its own weights, copies) is in
+``test_every_method.py``."""
 
-import copy
 import json
 
 import pytest
@@ -139,33 +140,6 @@ def test_cost_and_size_at_the_defaults_as_the_readme_says():
     assert 12 * sum(p.numel() for p in DTEMMerge(768, 64, 16).parameters()) == 590_592
 
 
-def test_composes_with_lora_and_adapter_and_trains_the_embeddings(vit_variant):
-    model = tieta.add_adapter(tieta.add_lora(tieta.add_dtem(make_vit(vit_variant), r=2), rank=2), dim=2)
-    tieta.freeze_backbone(model).train()
-    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    assert any("dtem_embed" in name for name in trainable) and any("lora" in name for name in trainable)
-    model(_images()).sum().backward()
-    # (the last block's merge may not reach a class token's logits: its embedding can get no gradient)
-    grads = [p.grad for name, p in model.named_parameters() if "0.reduce.dtem_embed" in name or "lora_B" in name]
-    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
-    with torch.no_grad():
-        assert model.eval()(_images()).shape == (2, 5)
-
-
-def test_copies_and_state_dicts_give_the_same_logits():
-    model = tieta.add_dtem(make_vit("registers"), r=2)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.01)
-    x = _images()
-    expected = model(x)
-    torch.testing.assert_close(copy.deepcopy(model)(x), expected, rtol=0, atol=0)
-    fresh = tieta.add_dtem(make_vit("registers", seed=1), r=2)
-    fresh.load_state_dict(model.state_dict())
-    torch.testing.assert_close(fresh(x), expected, rtol=0, atol=0)
-    assert "blocks.0.reduce.dtem_embed.weight" in model.state_dict()
-
-
 def test_compiles_without_graph_breaks():
     from tieta.deploy.compiled import compile_model, graph_breaks
 
@@ -176,9 +150,9 @@ def test_compiles_without_graph_breaks():
         torch.testing.assert_close(compiled(_images()), model(_images()), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("mode", ["eval", "train"])
-def test_forward_is_forward_head_of_forward_features(mode):
-    model = tieta.add_dtem(make_vit("avg_pool"), r=2).train(mode == "train")  # pooled by (soft) size
+def test_forward_is_forward_head_of_forward_features_in_training():
+    # pooled by soft size (in evaluation by size, as every reducer's: test_every_method.py)
+    model = tieta.add_dtem(make_vit("avg_pool"), r=2).train()
     with torch.no_grad():
         torch.testing.assert_close(model.forward_head(model.forward_features(_images())), model(_images()))
 

@@ -1,10 +1,8 @@
 """FPET as a method: no merge equals timm, the reference's whole forward pass (a literal
 transcription of its FPETBlock / FPETAttention), its token counts and FLOPs, composition with LoRA
-and adapters, copies, export, ONNX and torch.compile."""
+and adapters training its refinement, export, ONNX and torch.compile (copies: test_every_method.py)."""
 
 from __future__ import annotations
-
-import copy
 
 import pytest
 import torch
@@ -137,19 +135,6 @@ def test_composes_with_lora_and_adapter_and_trains_its_refinement():
         assert grads and all(g is not None and g.abs().sum() > 0 for g in grads), word
     assert not any(p.requires_grad for n, p in model.named_parameters() if "qkv.weight" in n)
     assert sum(p.numel() for n, p in model.named_parameters() if ".fpet." in n) == 2 * 16 * 32
-
-
-def test_copies_and_state_dicts_give_the_same_logits():
-    model = trained_looking(tieta.add_fpet(make_vit("plain"), layers=[1]))
-    x = images()
-    with torch.no_grad():
-        expected = model(x)
-        assert torch.equal(copy.deepcopy(model)(x), expected)
-        fresh = tieta.add_fpet(make_vit("plain", seed=3), layers=[1])
-        assert set(fresh.state_dict()) == set(model.state_dict())
-        fresh.load_state_dict(model.state_dict())
-        assert torch.equal(fresh.eval()(x), expected)
-    assert "blocks.1.fpet.down.weight" in model.state_dict()
 
 
 def test_full_precision_refinement_starts_at_the_identity():

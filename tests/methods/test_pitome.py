@@ -1,10 +1,10 @@
 """PiToMe as a method: ratio 1 is timm, the whole model against a transcription of the
-reference's forward, its token counts and cost, composition with LoRA and adapters, copies, and
-the ways out (export, ONNX, torch.compile)."""
+reference's forward, its token counts and cost, and the ways out (export, ONNX, torch.compile).
+What every token reducer promises (composition, copies, no parameters, the same logits in
+training) is in ``test_every_method.py``."""
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
@@ -14,7 +14,7 @@ from timm.models.vision_transformer import VisionTransformer
 import tieta
 from tieta.cli import main
 from tieta.methods.pitome import EnergyMerge, token_counts
-from tests.conftest import EVA_VARIANTS, VIT_VARIANTS, make_vit, randomise_parameters, tokens_entering
+from tests.conftest import EVA_VARIANTS, VIT_VARIANTS, make_vit, tokens_entering
 from tests.ops.test_pitome_ops import reference_merge_wavg, reference_pitome_vision
 
 
@@ -134,45 +134,6 @@ def test_rope_models_merge_with_positions_following(variant):
     assert positions.shape == (2, token_counts(model)[-1] - model.num_prefix_tokens)
     assert all(row.min() >= 0 and len(set(row.tolist())) == len(row) for row in positions)
     assert torch.isfinite(out).all() and not torch.allclose(out, make_vit(variant)(images()))
-
-
-@pytest.mark.parametrize("variant", ["avg_pool", "registers"])
-def test_forward_is_forward_head_of_forward_features(variant):
-    model = tieta.add_pitome(make_vit(variant), ratio=0.6)
-    x = images()
-    with torch.no_grad():
-        torch.testing.assert_close(model.forward_head(model.forward_features(x)), model(x), rtol=0, atol=0)
-
-
-def test_same_logits_in_training_and_evaluation_and_no_parameters():
-    model = tieta.add_pitome(make_vit("layerscale"), ratio=0.7)
-    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in make_vit("layerscale").parameters())
-    with torch.no_grad():
-        torch.testing.assert_close(model.train()(images()), model.eval()(images()))
-
-
-def test_composes_with_lora_and_adapter_in_any_order_and_trains():
-    x = images()
-    first = tieta.add_pitome(tieta.add_adapter(tieta.add_lora(make_vit("qk_norm"), rank=2), dim=2), ratio=0.7)
-    second = tieta.add_lora(tieta.add_adapter(tieta.add_pitome(make_vit("qk_norm"), ratio=0.7), dim=2), rank=2)
-    torch.testing.assert_close(first(x), second(x))
-    tieta.freeze_backbone(first).train()
-    first(x).sum().backward()
-    lora = [p.grad for n, p in first.named_parameters() if "lora_B" in n]
-    assert lora and all(g is not None and g.abs().sum() > 0 for g in lora)
-
-
-def test_deepcopy_and_state_dict_round_trip():
-    model = randomise_parameters(tieta.add_lora(tieta.add_pitome(make_vit("distilled"), ratio=0.7), rank=2),
-                                 ("lora_B",))
-    x = images()
-    with torch.no_grad():
-        expected = model(x)
-        torch.testing.assert_close(copy.deepcopy(model)(x), expected, rtol=0, atol=0)
-        rebuilt = tieta.add_lora(tieta.add_pitome(make_vit("distilled", seed=1), ratio=0.7), rank=2)
-        rebuilt.load_state_dict(model.state_dict())
-        torch.testing.assert_close(rebuilt.eval()(x), expected, rtol=0, atol=0)
-    assert set(model.state_dict()) == set(tieta.add_lora(make_vit("distilled"), rank=2).state_dict())
 
 
 def test_refusals_are_one_sentence():

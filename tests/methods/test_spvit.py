@@ -1,8 +1,7 @@
 """SPViT as a method: identity when nothing is dropped and no empty package is added, the reference's
 token counts, masked training equal to gathered evaluation for a fixed policy, its objective with
-the unpatched model as teacher, composition with LoRA and the adapter, copies, compile and export."""
-
-import copy
+the unpatched model as teacher, composition with LoRA and the adapter, compile and export (copies:
+test_every_method.py)."""
 
 import pytest
 import torch
@@ -176,18 +175,6 @@ def test_composes_with_lora_and_the_adapter_and_counts_fewer_flops(peft):
     trained = "lora_B" if peft == "lora" else "adapter"
     assert all(p.grad is not None for n, p in model.named_parameters() if trained in n)
     assert all(p.grad is not None for n, p in model.named_parameters() if "selector" in n)
-
-
-def test_copies_and_state_dicts_give_the_same_logits():
-    model = _randomised(tieta.add_spvit(make_vit("plain"), **STAGES)).eval()
-    x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        expected = model(x)
-        torch.testing.assert_close(copy.deepcopy(model)(x), expected)
-        fresh = tieta.add_spvit(make_vit("plain", seed=1), **STAGES).eval()
-        fresh.load_state_dict(model.state_dict())
-        torch.testing.assert_close(fresh(x), expected)
-    assert any(".select.selector.senet." in key for key in model.state_dict())
 
 
 def test_compiles_to_one_graph_with_the_eager_logits():

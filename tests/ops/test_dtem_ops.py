@@ -2,14 +2,13 @@
 ``DTEMBlock._select`` / ``_merge_train`` / ``_merge_eval`` and ``dtem/utils.py``'s ToMe matching),
 written as there: one class token, the training merge keeping every token."""
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from tieta.ops.dtem import default_metric_dim, soft_assignment, soft_merge
 from tieta.ops.merging import bipartite_soft_matching, merge_wavg
+from tests.ops.reference_tome import reference_matching
 
 
 # ---- the reference, transcribed ---------------------------------------------------------------
@@ -60,24 +59,10 @@ def reference_merge_train(x, size, r, n, metric, k2=3, tau1=0.1, tau2=0.1):
 
 def reference_bipartite_soft_matching(metric, r, class_token=True):
     """``dtem/utils.py``'s (ToMe's) matching, with the class token only; returns merge()."""
-    protected = 1 if class_token else 0
-    t = metric.shape[1]
-    r = min(r, (t - protected) // 2)
-    if r <= 0:
+    matching = reference_matching(metric, r, class_token)
+    if matching is None:
         return lambda x, mode=None: x
-    with torch.no_grad():
-        metric = metric / metric.norm(dim=-1, keepdim=True)
-        a, b = metric[..., ::2, :], metric[..., 1::2, :]
-        scores = a @ b.transpose(-1, -2)
-        if class_token:
-            scores[..., 0, :] = -math.inf
-        node_max, node_idx = scores.max(dim=-1)
-        edge_idx = node_max.argsort(dim=-1, descending=True)[..., None]
-        unm_idx = edge_idx[..., r:, :]
-        src_idx = edge_idx[..., :r, :]
-        dst_idx = node_idx[..., None].gather(dim=-2, index=src_idx)
-        if class_token:
-            unm_idx = unm_idx.sort(dim=1)[0]
+    r, unm_idx, src_idx, dst_idx = matching
 
     def merge(x, mode="mean"):
         src, dst = x[..., ::2, :], x[..., 1::2, :]

@@ -3,39 +3,24 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
 from tieta.ops.merging import bipartite_soft_matching
 from tieta.ops.tofu import mlerp_merge, prune, strategy_blocks
+from tests.ops.reference_tome import reference_matching
 
 
 def reference_tofu(x, metric, r, class_token, distill_token, mode):
-    """The reference's matching and merge as written there (its token map left out).
+    """The reference's matching (``reference_tome.py``) and merge as written there (its token map
+    left out).
 
     Args: x (B, N, C), metric (B, N, C') the keys averaged over heads; mode "prune" or "tofu".
     """
-    protected = int(class_token) + int(distill_token)
-    t = metric.shape[1]
-    r = min(r, (t - protected) // 2)
-    if r <= 0:
+    matching = reference_matching(metric, r, class_token, distill_token)
+    if matching is None:
         return x
-    metric = metric / metric.norm(dim=-1, keepdim=True)
-    a, b = metric[..., ::2, :], metric[..., 1::2, :]
-    scores = a @ b.transpose(-1, -2)
-    if class_token:
-        scores[..., 0, :] = -math.inf
-    if distill_token:
-        scores[..., :, 0] = -math.inf
-    node_max, node_idx = scores.max(dim=-1)
-    edge_idx = node_max.argsort(dim=-1, descending=True)[..., None]
-    unm_idx = edge_idx[..., r:, :]
-    src_idx = edge_idx[..., :r, :]
-    dst_idx = node_idx[..., None].gather(dim=-2, index=src_idx)
-    if class_token:
-        unm_idx = unm_idx.sort(dim=1)[0]
+    r, unm_idx, src_idx, dst_idx = matching
 
     src, dst = x[..., ::2, :], x[..., 1::2, :]
     n, t1, c = src.shape
