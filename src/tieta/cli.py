@@ -347,7 +347,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         print(format_table(rows, PREDICT_COLUMNS))
     skipped = f", skipped {len(found.skipped)} (see above)" if found.skipped else ""
     written = f"; wrote {args.output}" if args.output else ""
-    print(f"classified {len(found.rows)} image{'s' if len(found.rows) != 1 else ''}{skipped}{written}", file=sys.stderr)
+    item = "clip" if predictor.video is not None else "image"
+    print(f"classified {len(found.rows)} {item}{'s' if len(found.rows) != 1 else ''}{skipped}{written}", file=sys.stderr)
     return 0
 
 

@@ -31,6 +31,7 @@ from tieta.methods import registry
 from tieta.methods.method import Method
 from tieta.train.record import check_record
 from tieta.video.config import VideoConfig
+from tieta.video.dataset import VideoDataConfig
 
 # numpy's and torch's seeds: 0 <= seed < 2**32
 SEED_LIMIT = 2**32
@@ -54,9 +55,12 @@ class DataConfig:
     # split: a class-per-folder tree, a single list file (tieta.data.sources)
     holdout: Optional[float] = None
     augment: str = "none"  # or "timm": timm's RandAugment training transform (tieta.data.augment)
+    # "image" or "video" (a folder of clips, tieta.video); None: what data.path holds, written resolved
+    kind: Optional[str] = None
 
 
 AUGMENTS = ("none", "timm")
+DATA_KINDS = ("image", "video")
 
 
 @dataclass
@@ -124,6 +128,8 @@ class GeneralConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     video: VideoConfig = field(default_factory=VideoConfig)  # video.frames set: a video model (tieta.video)
+    # how a video task's clips are sampled, augmented and viewed (tieta.video.dataset); video runs only
+    video_data: VideoDataConfig = field(default_factory=VideoDataConfig)
     eval_every: int = 1  # epochs between evaluations on the eval split (the last epoch always)
     eval_batch_size: int = 128
     seed: int = 0
@@ -450,6 +456,8 @@ def validate(config: RunConfig) -> None:
         (data.holdout is None or 0 < data.holdout < 1,
          f"data.holdout, the fraction of images held out for testing, must be between 0 and 1, got {data.holdout}"),
         (data.augment in AUGMENTS, f"data.augment must be one of {', '.join(AUGMENTS)}, got {data.augment!r}"),
+        (data.kind is None or data.kind in DATA_KINDS,
+         f"data.kind must be one of {', '.join(DATA_KINDS)}, got {data.kind!r}"),
     ]
     for name in ("train_split", "eval_split"):
         split = getattr(data, name)
@@ -464,6 +472,7 @@ def validate(config: RunConfig) -> None:
             raise TietaError(message)
     normalizations.check_setting(data.normalization)
     config.video.check()
+    config.video_data.check(prefix="video_data.")
     _check_resolved(config.resolved)
     _check_declared_bounds(config)
     for method in registry.METHODS.values():
