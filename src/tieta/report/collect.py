@@ -328,7 +328,9 @@ def majority_share(task_path: Optional[Path], split: str) -> Optional[float]:
     if task_path is None:
         return None
     try:
-        labels = [label for _, label in open_task(task_path).split(split)]
+        from tieta.video.dataset import is_video_task, open_video_task  # a folder of clips has its own lists
+        opened = open_video_task(task_path) if is_video_task(task_path) else open_task(task_path)
+        labels = [label for _, label in opened.split(split)]
     except TietaError:
         return None
     if not labels:
