@@ -153,3 +153,25 @@ def test_the_video_sweep_files_hold_the_reference_recipe(name, style, views, epo
         assert (config.optim.epochs, config.optim.warmup_epochs, config.optim.lr, config.optim.weight_decay,
                 config.optim.batch_size, config.drop_path, config.dyt.rho, config.data.kind) == (
                     epochs, 2, 1e-3, 0.01, 16, 0.0, 0.5, "video")
+
+
+def test_evaluation_scores_a_clip_by_its_views_mean_logits():
+    import torch
+    from torch import nn
+
+    from tieta.train.loop import evaluate
+
+    class ByBrightness(nn.Module):
+        """Logits (bright - 1, 1 - bright) of a clip's mean pixel: dark views say class 1."""
+
+        def forward(self, clips):
+            bright = clips.mean(dim=(1, 2, 3, 4))
+            return torch.stack([3 * (bright - 1), 1 - bright], dim=-1)
+
+    # one clip, two views: a bright one (class 0 by 8) and a dark one (class 1 by 4): their mean says 0
+    views = torch.stack([torch.full((2, 3, 4, 4), 3.0), torch.zeros(2, 3, 4, 4)])[None]  # (1, V, T, 3, S, S)
+    loader = [(views, torch.tensor([0]))]
+    result = evaluate(ByBrightness(), loader, nn.Identity(), torch.device("cpu"))
+    assert result["acc"] == 100.0
+    assert result["eval_loss"] == pytest.approx(float(nn.functional.cross_entropy(torch.tensor([[1.5, -0.5]]),
+                                                                                   torch.tensor([0]))))
