@@ -175,3 +175,20 @@ def test_evaluation_scores_a_clip_by_its_views_mean_logits():
     assert result["acc"] == 100.0
     assert result["eval_loss"] == pytest.approx(float(nn.functional.cross_entropy(torch.tensor([[1.5, -0.5]]),
                                                                                    torch.tensor([0]))))
+
+
+def test_the_k400_sweep_file_trains_a_clip_task_under_its_root(clip_task, tmp_path, quick_throughput):
+    root = tmp_path / "video-tasks"
+    root.mkdir()
+    (root / "kinetics400").symlink_to(clip_task)
+    tiny = ["model=test_vit", "weights=random", "img_size=48", "video.frames=2", "video_data.frames=2",
+            "video_data.sampling_rate=2", "video_data.temporal_views=1", "optim.epochs=1", "optim.warmup_epochs=0",
+            "optim.batch_size=2", "eval_batch_size=2", "adapter.dim=2", "dyt.adapter_dim=2"]
+    sweep_file = tmp_path / "dyt_k400.yaml"  # the shipped file, for a task of 2 classes
+    sweep_file.write_text((CONFIGS / "dyt_k400.yaml").read_text().replace("classes: 400", "classes: 2"))
+    argv = ["sweep", str(sweep_file), "--root", str(root), "--runs", "dyt", "--output", str(tmp_path / "sweep")]
+    for setting in tiny:
+        argv += ["--set", setting]
+    assert main(argv) == 0
+    summaries = list((tmp_path / "sweep").rglob("summary.json"))
+    assert len(summaries) == 1 and json.loads(summaries[0].read_text())["method"] == "dyt"
