@@ -17,8 +17,10 @@ from tqdm.auto import tqdm
 from tieta.data.transforms import Normalize
 from tieta.device import resolve_device
 from tieta.errors import TietaError
+from tieta.train.config import from_dict
 from tieta.video.clips import CLIP_SUFFIXES
 from tieta.video.dataset import VideoDataConfig, VideoDataset
+from tieta.video.model import VideoModel
 from tieta.video.views import mean_over_views
 
 
@@ -84,9 +86,6 @@ def predict_clips(predictor, paths: list[str | Path], top_k: int, batch_size: in
 def video_settings_of(model, config: Optional[dict]) -> Optional[VideoDataConfig]:
     """A video model's clip settings (the run's ``video_data``; the defaults where an older run has
     none); None for an image model."""
-    from tieta.train.config import from_dict
-    from tieta.video.model import VideoModel
-
     if not isinstance(model, VideoModel):
         return None
     settings = from_dict(VideoDataConfig, dict((config or {}).get("video_data") or {}), "video_data.")

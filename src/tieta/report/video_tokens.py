@@ -10,6 +10,7 @@ import torch
 
 from tieta.data.transforms import Normalize
 from tieta.errors import TietaError
+from tieta.methods.state import pass_state_named
 from tieta.report.visualize import save_active_frames, save_rate_chart
 from tieta.train.video_run import open_run_task
 from tieta.video.dataset import VideoDataset
@@ -30,8 +31,6 @@ def show_video_tokens(model, config, method, clip: Path, normalization: dict, de
                       rates_png: Path, tokens_png: Path, words: tuple[str, str]) -> list[Path]:
     """Write the two pictures for one clip (its first evaluation view, as the model sees it) and
     return the paths written (the strip only where the masks cover the frames' patch grid)."""
-    from tieta.methods.state import pass_state_named
-
     backbone = frame_backbone(model)
     size = int(backbone.patch_embed.img_size[0])
     views = VideoDataset([(clip, 0)], 1, config.video_data, size, training=False)[0][0]  # (V, T, 3, S, S)
