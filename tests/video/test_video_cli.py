@@ -192,3 +192,13 @@ def test_the_k400_sweep_file_trains_a_clip_task_under_its_root(clip_task, tmp_pa
     assert main(argv) == 0
     summaries = list((tmp_path / "sweep").rglob("summary.json"))
     assert len(summaries) == 1 and json.loads(summaries[0].read_text())["method"] == "dyt"
+
+
+def test_an_ssv2_style_run_trains_on_segments_and_spatial_views(clip_task, tmp_path, quick_throughput):
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--method", "dyt", "--data", str(clip_task), "--output", str(run),
+                 "--set", "video_data.style=ssv2", "--set", "video_data.sampling_rate=0",
+                 "--set", "video_data.temporal_views=1", "--set", "video_data.spatial_views=3"]) == 0
+    config = (run / "config.yaml").read_text()
+    assert "style: ssv2" in config and "spatial_views: 3" in config
+    assert json.loads((run / "summary.json").read_text())["num_classes"] == 2
