@@ -501,8 +501,7 @@ def check_unchanged(folder: Path, config: RunConfig) -> None:
             raise TietaError(f"{folder / CONFIG} was changed since the run started ({difference}); a resume continues "
                              "the run as it began: restore the setting, or train a new run into another folder")
     if record.data and config.data.path is not None:
-        now = fingerprint(open_run_task(config),
-                          (config.data.train_split, config.data.eval_split))
+        now = fingerprint(open_run_task(config), (config.data.train_split, config.data.eval_split))
         if now != record.data:
             raise TietaError(f"the task folder {config.data.path} changed since the run started (then {record.data}; "
                              f"now {now}); a resume needs the data it began with")
@@ -525,7 +524,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: Optional[str] = None, spli
     task: Task = open_run_task(config, data)
     split = split or config.data.eval_split
     if task.layout == "video":  # each clip's views, their logits averaged
-        dataset = video_eval_dataset(config, task, split, image_size_of(model))
+        dataset = video_eval_dataset(config, task, split, image_size_of(model), num_classes)
     else:
         dataset = ImageDataset(task.split(split), image_size_of(model), num_classes, config.data.cache,
                                interpolation=interpolation_of(run_normalization(config)))

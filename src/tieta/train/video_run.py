@@ -84,9 +84,10 @@ def video_datasets(config, task: Task, image_size: int) -> tuple[Dataset, Datase
     return train, video_eval_dataset(config, task, config.data.eval_split, image_size)
 
 
-def video_eval_dataset(config, task: Task, split: str, image_size: int) -> Dataset:
-    """A split's clips as their evaluation views, (V, T, 3, S, S) each."""
-    return VideoDataset(task.split(split), task.num_classes, config.video_data, image_size, False)
+def video_eval_dataset(config, task: Task, split: str, image_size: int, num_classes: Optional[int] = None) -> Dataset:
+    """A split's clips as their evaluation views, (V, T, 3, S, S) each; their labels within
+    ``num_classes`` (a model's; default the task's)."""
+    return VideoDataset(task.split(split), num_classes or task.num_classes, config.video_data, image_size, False)
 
 
 def cost_inputs(dataset: Dataset, indices: list[int]) -> torch.Tensor:
