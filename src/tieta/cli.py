@@ -348,7 +348,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     skipped = f", skipped {len(found.skipped)} (see above)" if found.skipped else ""
     written = f"; wrote {args.output}" if args.output else ""
     item = "clip" if predictor.video is not None else "image"
-    print(f"classified {len(found.rows)} {item}{'s' if len(found.rows) != 1 else ''}{skipped}{written}", file=sys.stderr)
+    plural = "s" if len(found.rows) != 1 else ""
+    print(f"classified {len(found.rows)} {item}{plural}{skipped}{written}", file=sys.stderr)
     return 0
 
 

@@ -132,18 +132,21 @@ def test_data_kind_must_match_the_folder(clip_task, tmp_path, capsys):
     assert "data.kind must be one of image, video" in refused(
         capsys, "train", *TINY, "--data", str(clip_task), "--set", "data.kind=audio", "--output", str(tmp_path / "d"))
     assert "video_data.frames must be between 1 and 256" in refused(
-        capsys, "train", *TINY, "--data", str(clip_task), "--set", "video_data.frames=0", "--output", str(tmp_path / "e"))
+        capsys, "train", *TINY, "--data", str(clip_task), "--set", "video_data.frames=0",
+        "--output", str(tmp_path / "e"))
     assert not any((tmp_path / name).exists() for name in "abcde")
 
 
-@pytest.mark.parametrize("name, style, views, epochs", [("dyt_k400.yaml", "k400", 3, 12), ("dyt_ssv2.yaml", "ssv2", 3, 50)])
+@pytest.mark.parametrize("name, style, views, epochs",
+                         [("dyt_k400.yaml", "k400", 3, 12), ("dyt_ssv2.yaml", "ssv2", 3, 50)])
 def test_the_video_sweep_files_hold_the_reference_recipe(name, style, views, epochs):
     from tieta.sweep.plan import read_plan
     from tieta.sweep.runner import cell_config
 
     plan = read_plan(CONFIGS / name)
     # the placeholder root a user replaces with --root
-    assert [str(task.path) for task in plan.tasks] == [f"/path/to/video-tasks/{'kinetics400' if style == 'k400' else 'ssv2'}"]
+    folder = "kinetics400" if style == "k400" else "ssv2"
+    assert [str(task.path) for task in plan.tasks] == [f"/path/to/video-tasks/{folder}"]
     configs = {cell.run.name: cell_config(plan, cell) for cell in plan.cells()}  # every run's settings valid
     assert set(configs) == {"adaptformer", "dyt", "dyt-tome"}
     for config in configs.values():
@@ -177,7 +180,7 @@ def test_evaluation_scores_a_clip_by_its_views_mean_logits():
                                                                                    torch.tensor([0]))))
 
 
-def test_the_k400_sweep_file_trains_a_clip_task_under_its_root(clip_task, tmp_path, quick_throughput):
+def test_the_k400_sweep_file_trains_a_clip_task_under_its_root(clip_task, tmp_path, quick_throughput, capsys):
     root = tmp_path / "video-tasks"
     root.mkdir()
     (root / "kinetics400").symlink_to(clip_task)
@@ -192,6 +195,10 @@ def test_the_k400_sweep_file_trains_a_clip_task_under_its_root(clip_task, tmp_pa
     assert main(argv) == 0
     summaries = list((tmp_path / "sweep").rglob("summary.json"))
     assert len(summaries) == 1 and json.loads(summaries[0].read_text())["method"] == "dyt"
+    written = summaries[0].stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(argv) == 0  # run again: the finished run (its data.kind and frames resolved) is this cell's
+    assert "0 runs to train, 1 finished before" in capsys.readouterr().out and summaries[0].stat().st_mtime_ns == written
 
 
 def test_an_ssv2_style_run_trains_on_segments_and_spatial_views(clip_task, tmp_path, quick_throughput):

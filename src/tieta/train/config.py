@@ -538,6 +538,10 @@ def comparable(config: dict[str, Any]) -> dict[str, Any]:
     data = dict(values.get("data") or {})
     if data.get("path") and not str(data["path"]).startswith("hf:"):  # a hub dataset's name is no path
         data["path"] = str(Path(data["path"]).resolve())
+    data.pop("kind", None)  # resolved from the path's contents (tieta.train.video_run), so the path covers it
+    video = values.get("video")
+    if isinstance(video, dict) and video.get("frames") is None:  # a video run takes video_data's frames
+        values["video"] = {**video, "frames": (values.get("video_data") or {}).get("frames")}
     values["data"] = data
     weights = values.get("weights")
     if isinstance(weights, str) and weights.endswith(WEIGHT_SUFFIXES):  # a weights file: its spelling aside
