@@ -347,7 +347,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         print(format_table(rows, PREDICT_COLUMNS))
     skipped = f", skipped {len(found.skipped)} (see above)" if found.skipped else ""
     written = f"; wrote {args.output}" if args.output else ""
-    print(f"classified {len(found.rows)} image{'s' if len(found.rows) != 1 else ''}{skipped}{written}", file=sys.stderr)
+    item = "clip" if predictor.video is not None else "image"
+    plural = "s" if len(found.rows) != 1 else ""
+    print(f"classified {len(found.rows)} {item}{plural}{skipped}{written}", file=sys.stderr)
     return 0
 
 
@@ -575,6 +577,7 @@ def cmd_show_tokens(args: argparse.Namespace) -> int:
     from tieta.train.model import image_size_of
     from tieta.train.run_model import load_run_model
     from tieta.train.record import normalization_of
+    from tieta.video.config import is_video
 
     _folder_to_write(args.output)
     asked = resolve_device(args.device) if args.device else None  # before any model is built
@@ -589,6 +592,10 @@ def cmd_show_tokens(args: argparse.Namespace) -> int:
         raise TietaError(f"the run {args.run} ({config.method}) has no token decisions to show; show-tokens draws "
                          f"those of {_in_words(drawn, 'and')}")
     method = showing[0]
+    if is_video(config):  # a clip's frames (the named one, or the split's first)
+        return _show_video_tokens(args, model, config, method, asked, rates_png, tokens_png)
+    if args.clip is not None:
+        raise TietaError(f"--clip goes with a video run; the run {args.run} classifies images")
     images, inputs, names = _sample_images(args.data or config.data.path, args.split, args.count,
                                            image_size_of(model), normalization_of(config, model))
     device = asked or resolve_device(config.device)
@@ -605,6 +612,21 @@ def cmd_show_tokens(args: argparse.Namespace) -> int:
         save_active_tokens(images, masks, grid, tokens_png, layers, caption, *words)
         written.append(tokens_png)
     else:
+        print("tokens are merged in this model, so they no longer map to patches: no active-token picture")
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def _show_video_tokens(args: argparse.Namespace, model, config, method, asked, rates_png: Path,
+                       tokens_png: Path) -> int:
+    from tieta.device import resolve_device
+    from tieta.report.video_tokens import first_clip, show_video_tokens
+    from tieta.train.record import normalization_of
+
+    clip = args.clip or first_clip(config, args.data, args.split)
+    written = show_video_tokens(model, config, method, clip, normalization_of(config, model),
+                                asked or resolve_device(config.device), rates_png, tokens_png, _decision_words(method))
+    if len(written) == 1:
         print("tokens are merged in this model, so they no longer map to patches: no active-token picture")
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
@@ -775,6 +797,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "patches): the share per layer or location, and the tokens over images (PNGs)")
     tokens.add_argument("run", type=Path, help="a trained run folder of a method with token decisions")
     tokens.add_argument("--data", help="task folder for the images (default: the run's)")
+    tokens.add_argument("--clip", type=Path, help="a video run's clip to draw (default: the split's first clip)")
     _add_image_sample_arguments(tokens, "replace existing PNGs")
     tokens.add_argument("--output", type=Path, default=Path("."),
                         help="folder for activation_rates.png and active_tokens.png (default .)")

@@ -57,6 +57,7 @@ from tieta.train.run_model import load_run_model
 from tieta.train.model import build_backbone, build_model
 from tieta.train.record import run_normalization
 from tieta.train.rundir import CHECKPOINT, CHECKPOINT_BEST
+from tieta.video.dataset import open_video_task
 
 EXPORT_FORMAT = 2  # raised when an export changes so that an older tieta cannot read it (2: normalization as numbers)
 INFO_FILE = "tieta_export.json"
@@ -88,7 +89,12 @@ def is_export(folder: Path) -> bool:
 def task_class_names(config: RunConfig, num_classes: int) -> Optional[list[str]]:
     """The task's class names (an image folder's class folders), where its data is still there."""
     try:
-        names = open_task(config.data.path, config.data.holdout).class_names if config.data.path else None
+        if config.data.path is None:
+            return None
+        if getattr(config.data, "kind", None) == "video":  # a folder of clips: its class folders' names
+            names = open_video_task(config.data.path).class_names
+        else:
+            names = open_task(config.data.path, config.data.holdout).class_names
     except TietaError:
         return None
     return names if names and len(names) == num_classes else None

@@ -23,6 +23,7 @@ from tieta.data import normalization as normalizations
 from tieta.data.transforms import Normalize, load_resized
 from tieta.data.vtab import IMAGE_SUFFIXES
 from tieta.deploy.export import is_export, load_export, task_class_names
+from tieta.deploy.predict_clips import predict_clips, video_settings_of
 from tieta.errors import TietaError
 from tieta.device import resolve_device
 from tieta.train.model import image_size_of
@@ -38,6 +39,7 @@ class Predictor:
     img_size: int
     normalization: dict[str, Any]  # the numbers and resize filter it was trained with (tieta.data.normalization)
     class_names: Optional[list[str]]
+    video: Any = None  # a video model's clip settings (tieta.video.dataset.VideoDataConfig): it classifies clips
 
     def name(self, index: int) -> str:
         return self.class_names[index] if self.class_names else str(index)
@@ -50,10 +52,11 @@ def open_predictor(source: str | Path) -> Predictor:
         raise TietaError(f"{source} does not exist: give a run folder or an export folder")
     if source.is_dir() and is_export(source):
         model, info = load_export(source)
-        return Predictor(model, info.img_size, normalizations.resolve(info.normalization, model), info.class_names)
+        return Predictor(model, info.img_size, normalizations.resolve(info.normalization, model), info.class_names,
+                         video_settings_of(model, info.config))
     model, config, num_classes = load_run_model(source)
     return Predictor(model.eval(), image_size_of(model), run_normalization(config),
-                     task_class_names(config, num_classes))
+                     task_class_names(config, num_classes), video_settings_of(model, config.to_dict()))
 
 
 @dataclass
@@ -110,6 +113,8 @@ def predict(predictor: Predictor, paths: list[str | Path], top_k: int = 5, batch
         if on_skip is not None:
             on_skip(path, why)
 
+    if predictor.video is not None:  # a video model: clips, each scored by its views' mean logits
+        return predict_clips(predictor, paths, top_k, batch_size, device, skip, result)
     files = image_files(paths, skip)
     if not files:
         raise TietaError("no image files to classify" + (f" ({len(result.skipped)} paths skipped)"

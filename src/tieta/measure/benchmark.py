@@ -106,8 +106,8 @@ def benchmark(
     """
     device = torch.device(device)
     first = next(iter(models.values()))
-    size = image_size or int(first.patch_embed.img_size[0])
     if images is None:
+        size = image_size or int(first.patch_embed.img_size[0])
         images = torch.randn(batch_size, 3, size, size, device=device)
     images = images.to(device)
     batch_size = images.shape[0]

@@ -41,7 +41,8 @@ def measure_throughput(
     if images is None:
         images = torch.randn(batch_size, 3, image_size, image_size, device=device)
     else:
-        images = images.to(device).repeat((batch_size + len(images) - 1) // len(images), 1, 1, 1)[:batch_size]
+        repeats = (batch_size + len(images) - 1) // len(images)  # images (n, 3, S, S) or clips (n, T, 3, S, S)
+        images = images.to(device).repeat(repeats, *[1] * (images.ndim - 1))[:batch_size]
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
     try:
         with autocast:

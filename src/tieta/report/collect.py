@@ -24,6 +24,7 @@ from typing import Any, Optional
 
 from tieta import safe_yaml
 from tieta.data.vtab import open_task
+from tieta.video.dataset import is_video_task, open_video_task
 from tieta.errors import TietaError, shown
 from tieta.files import is_number, read_json
 from tieta.sweep.plan import PLAN_FILE, plan_from_dict
@@ -328,7 +329,8 @@ def majority_share(task_path: Optional[Path], split: str) -> Optional[float]:
     if task_path is None:
         return None
     try:
-        labels = [label for _, label in open_task(task_path).split(split)]
+        opened = open_video_task(task_path) if is_video_task(task_path) else open_task(task_path)
+        labels = [label for _, label in opened.split(split)]
     except TietaError:
         return None
     if not labels:

@@ -25,7 +25,7 @@ import torch
 
 from tieta.data.transforms import Normalize
 from tieta.train.record import normalization_of
-from tieta.data.vtab import ImageDataset, open_task
+from tieta.data.vtab import ImageDataset
 from tieta.errors import TietaError
 from tieta.files import WriteError, is_number, read_json, write_owned
 from tieta.measure.benchmark import benchmark
@@ -35,6 +35,8 @@ from tieta.train.checkpoint import CHECKSUM_KEY, read_metadata
 from tieta.device import resolve_device
 from tieta.train.model import image_size_of
 from tieta.train.run_model import load_run_model
+from tieta.train.video_run import open_run_task
+from tieta.video.dataset import VideoDataset
 from tieta.train.rundir import CHECKPOINT
 
 THROUGHPUT_FILE = "throughput.json"
@@ -163,11 +165,15 @@ def _measure(chosen: list[RunRecord], device: str, batch_size: int, rounds: int,
         raise TietaError(f"the runs take different input sizes ({sorted(sizes)}), so they cannot be timed side by "
                          "side; report them separately (--runs)")
     config = configs[chosen[0].run]
-    task = open_task(config.data.path, config.data.holdout)
+    task = open_run_task(config)
     items = task.split(config.data.eval_split)[:batch_size]
-    dataset = ImageDataset(items, sizes.pop(), task.num_classes, cache=True)
     normalize = Normalize(normalization_of(config, models[chosen[0].run]))  # as the runs were trained
-    images = normalize(torch.stack([dataset[i][0] for i in range(len(dataset))]))
+    if task.layout == "video":  # clips: the first evaluation view of each, (B, T, 3, S, S)
+        clips = VideoDataset(items, task.num_classes, config.video_data, sizes.pop(), training=False)
+        images = normalize(torch.stack([clips[i][0][0] for i in range(len(clips))]))
+    else:
+        dataset = ImageDataset(items, sizes.pop(), task.num_classes, cache=True)
+        images = normalize(torch.stack([dataset[i][0] for i in range(len(dataset))]))
     log(f"throughput: timing {', '.join(models)} side by side, batch {len(images)}, {rounds} interleaved rounds "
         f"on {device}")
     started = time.perf_counter()

@@ -136,3 +136,34 @@ def save_active_tokens(images: torch.Tensor, masks: list[torch.Tensor], grid: tu
     for axis in axes.flat:
         axis.axis("off")
     save(figure, path, caption, dpi=110)
+
+
+def save_active_frames(frames: torch.Tensor, masks: list[torch.Tensor], grid: tuple[int, int], path: Path,
+                       layers: Sequence[int], caption: str = "", decision: str = "dispatcher",
+                       state: str = "active") -> None:
+    """A strip of a clip's frames with the active tokens of a few decisions marked (the DyT paper's
+    Figure 6 for video): the frames along the top row, then one row per decision in ``layers``,
+    inactive patches greyed out.
+
+    Args:
+        frames: (T, 3, S, S) uint8, as the model saw them (not normalised).
+        masks: per decision (T, gh * gw) bool (tieta.video.model.frame_token_masks).
+    """
+    count = frames.shape[0]
+    figure, axes = pyplot().subplots(len(layers) + 1, count, figsize=(1.8 * count + 0.6, 1.9 * (len(layers) + 1)),
+                                     squeeze=False)
+    for column in range(count):
+        picture = frames[column].permute(1, 2, 0).numpy().astype(np.float32)
+        axes[0, column].imshow(picture.astype(np.uint8))
+        axes[0, column].set_title(f"frame {column + 1}", fontsize=8)
+        cell = (picture.shape[0] // grid[0], picture.shape[1] // grid[1])
+        for row, layer in enumerate(layers, start=1):
+            active = masks[layer][column].view(grid).numpy()
+            cells = np.kron(active, np.ones(cell, dtype=bool))
+            shown = picture.copy()
+            shown[~cells] = shown[~cells] * 0.15 + 255 * 0.25
+            axes[row, column].imshow(shown.astype(np.uint8))
+            axes[row, column].set_title(f"{decision} {layer + 1}: {active.mean():.0%} {state}", fontsize=8)
+    for axis in axes.flat:
+        axis.axis("off")
+    save(figure, path, caption, dpi=110)

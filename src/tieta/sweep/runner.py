@@ -37,6 +37,7 @@ from tieta.train.config import RunConfig, comparable, first_difference, load_con
 from tieta.device import resolve_device
 from tieta.train.fit import fit, resume_run
 from tieta.train.rundir import CONFIG, FINISHED, PROGRESS, SUMMARY, read_state
+from tieta.video.dataset import is_video_task, open_video_task
 
 FAILURES_LOG = "failures.log"
 LOGS = "logs"
@@ -129,7 +130,10 @@ def _open_tasks(plan: SweepPlan) -> tuple[dict[str, Task], dict[str, str]]:
     found, problems = {}, {}
     for task in plan.tasks:
         try:
-            found[task.name] = open_task(task.path, plan.base.get("data.holdout"))
+            if plan.base.get("data.kind") == "video" or is_video_task(task.path):  # a folder of clips
+                found[task.name] = open_video_task(task.path)
+            else:
+                found[task.name] = open_task(task.path, plan.base.get("data.holdout"))
         except TietaError as error:
             problems[task.name] = str(error)
             continue

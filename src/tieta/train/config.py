@@ -32,6 +32,7 @@ from tieta.methods import registry
 from tieta.methods.method import Method
 from tieta.train.record import check_record
 from tieta.video.config import VideoConfig
+from tieta.video.dataset import VideoDataConfig
 
 # numpy's and torch's seeds: 0 <= seed < 2**32
 SEED_LIMIT = 2**32
@@ -55,9 +56,12 @@ class DataConfig:
     # split: a class-per-folder tree, a single list file (tieta.data.sources)
     holdout: Optional[float] = None
     augment: str = "none"  # or "timm": timm's RandAugment training transform (tieta.data.augment)
+    # "image" or "video" (a folder of clips, tieta.video); None: what data.path holds, written resolved
+    kind: Optional[str] = None
 
 
 AUGMENTS = ("none", "timm")
+DATA_KINDS = ("image", "video")
 
 
 @dataclass
@@ -125,6 +129,8 @@ class GeneralConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     video: VideoConfig = field(default_factory=VideoConfig)  # video.frames set: a video model (tieta.video)
+    # how a video task's clips are sampled, augmented and viewed (tieta.video.dataset); video runs only
+    video_data: VideoDataConfig = field(default_factory=VideoDataConfig)
     eval_every: int = 1  # epochs between evaluations on the eval split (the last epoch always)
     eval_batch_size: int = 128
     seed: int = 0
@@ -453,6 +459,8 @@ def validate(config: RunConfig) -> None:
         (data.holdout is None or 0 < data.holdout < 1,
          f"data.holdout, the fraction of images held out for testing, must be between 0 and 1, got {data.holdout}"),
         (data.augment in AUGMENTS, f"data.augment must be one of {', '.join(AUGMENTS)}, got {data.augment!r}"),
+        (data.kind is None or data.kind in DATA_KINDS,
+         f"data.kind must be one of {', '.join(DATA_KINDS)}, got {data.kind!r}"),
     ]
     for name in ("train_split", "eval_split"):
         split = getattr(data, name)
@@ -467,6 +475,7 @@ def validate(config: RunConfig) -> None:
             raise TietaError(message)
     normalizations.check_setting(data.normalization)
     config.video.check()
+    config.video_data.check(prefix="video_data.")
     _check_resolved(config.resolved)
     _check_declared_bounds(config)
     config.segmentation.check()
@@ -533,6 +542,10 @@ def comparable(config: dict[str, Any]) -> dict[str, Any]:
     data = dict(values.get("data") or {})
     if data.get("path") and not str(data["path"]).startswith("hf:"):  # a hub dataset's name is no path
         data["path"] = str(Path(data["path"]).resolve())
+    data.pop("kind", None)  # resolved from the path's contents (tieta.train.video_run), so the path covers it
+    video = values.get("video")
+    if isinstance(video, dict) and video.get("frames") is None:  # a video run takes video_data's frames
+        values["video"] = {**video, "frames": (values.get("video_data") or {}).get("frames")}
     values["data"] = data
     weights = values.get("weights")
     if isinstance(weights, str) and weights.endswith(WEIGHT_SUFFIXES):  # a weights file: its spelling aside

@@ -36,6 +36,8 @@ from tieta.train.loop import (autocast_dtype, check_finite, cross_entropy_step, 
                               train_one_epoch)
 from tieta.train.model import build_model, image_size_of, seed_everything
 from tieta.video.model import frame_backbone
+from tieta.train.video_run import (cost_inputs, is_video_run, open_run_task, video_datasets, video_eval_dataset,
+                                   with_data_kind)
 from tieta.train.run_model import load_run_model
 from tieta.train.optim import build_optimizer, lr_multiplier
 from tieta.train.progress import Progress, load_progress, read_record, save_progress
@@ -69,7 +71,7 @@ def measure_cost(model: nn.Module, config: RunConfig, dataset: ImageDataset, nor
     those images."""
     step = max(1, len(dataset) // flops_images)
     indices = list(range(0, len(dataset), step))[:flops_images]
-    sample = normalize(torch.stack([dataset[i][0] for i in indices]).to(device))
+    sample = normalize(cost_inputs(dataset, indices).to(device))  # a video run's: clips, a view of each
     flops = count_flops(model, sample)
     size = image_size_of(model)
     # real images: where a method's path depends on them (DyT), so does the speed
@@ -147,6 +149,7 @@ def fit(config: RunConfig, output: str | Path, overwrite: bool = False, label: O
     one writes.
     """
     validate(config)
+    config = with_data_kind(config)  # images or clips, as data.path holds (tieta.train.video_run)
     config = with_warmup(config)  # a warm-up left unset follows the rule (tieta.train.config)
     if not resume:  # a new run records its own inputs (tieta.train.record)
         config = fresh(config)
@@ -182,7 +185,8 @@ def open_data(config: RunConfig, device: torch.device,
     images, the evaluation images), from data.path or from given torch Datasets; the training images
     augmented as data.augment says, every image resized with the filter of the run's normalisation."""
     if given is None:
-        task: Optional[Task] = open_task(config.data.path, config.data.holdout)
+        task: Optional[Task] = (open_run_task(config) if is_video_run(config) else
+                                open_task(config.data.path, config.data.holdout))
         classes = task.num_classes
     else:
         task, classes = None, count_classes(given[0], given[2])
@@ -197,6 +201,8 @@ def open_data(config: RunConfig, device: torch.device,
         train_set = GivenImages(given[0], "train", size, classes, augment, "decoding train images", interpolation)
         eval_set = GivenImages(given[1], "test", size, classes, None, "decoding eval images", interpolation)
         return config, given_task(train_set, eval_set, classes), model, train_set, eval_set
+    if is_video_run(config):  # clips: sampled and augmented as video_data says
+        return (config, task, model, *video_datasets(config, task, size))
     train_items = task.split(config.data.train_split)
     train_set = AugmentedImages(train_items, size, classes, augment) if augment is not None else \
         ImageDataset(train_items, size, classes, config.data.cache, "decoding train images", interpolation)
@@ -495,8 +501,7 @@ def check_unchanged(folder: Path, config: RunConfig) -> None:
             raise TietaError(f"{folder / CONFIG} was changed since the run started ({difference}); a resume continues "
                              "the run as it began: restore the setting, or train a new run into another folder")
     if record.data and config.data.path is not None:
-        now = fingerprint(open_task(config.data.path, config.data.holdout),
-                          (config.data.train_split, config.data.eval_split))
+        now = fingerprint(open_run_task(config), (config.data.train_split, config.data.eval_split))
         if now != record.data:
             raise TietaError(f"the task folder {config.data.path} changed since the run started (then {record.data}; "
                              f"now {now}); a resume needs the data it began with")
@@ -516,10 +521,13 @@ def evaluate_checkpoint(checkpoint: str | Path, data: Optional[str] = None, spli
         raise TietaError(f"the run {checkpoint} was trained on datasets given to fit in Python: give the data to "
                          "evaluate on (--data)")
     # the run's held-out fraction goes with the run's own data (another source has its own, or refuses)
-    task: Task = open_task(data or config.data.path, config.data.holdout if data in (None, config.data.path) else None)
+    task: Task = open_run_task(config, data)
     split = split or config.data.eval_split
-    dataset = ImageDataset(task.split(split), image_size_of(model), num_classes, config.data.cache,
-                           interpolation=interpolation_of(run_normalization(config)))
+    if task.layout == "video":  # each clip's views, their logits averaged
+        dataset = video_eval_dataset(config, task, split, image_size_of(model), num_classes)
+    else:
+        dataset = ImageDataset(task.split(split), image_size_of(model), num_classes, config.data.cache,
+                               interpolation=interpolation_of(run_normalization(config)))
     normalize = Normalize(run_normalization(config)).to(device)
     loader = make_loader(dataset, batch_size or config.eval_batch_size, False, config.seed, config.data.num_workers)
     result = evaluate(model, loader, normalize, device, config.precision)

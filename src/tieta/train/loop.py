@@ -19,6 +19,7 @@ from tieta.methods.method import LossFn
 from tieta.train import distributed
 from tieta.train.distributed import SINGLE, Processes
 from tieta.train.optim import set_lr
+from tieta.video.views import mean_over_views
 
 
 def cross_entropy_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -178,8 +179,8 @@ def evaluate(
     quiet = None if processes.main else True
     for images, labels in tqdm(loader, desc=description, leave=False, disable=quiet):
         images, labels = normalize(images.to(device)), labels.to(device)
-        with autocast(device, bf16):
-            logits = model(images)
+        with autocast(device, bf16):  # a clip's views (B, V, T, 3, S, S): their mean logits, as the reference
+            logits = mean_over_views(model, images) if images.ndim == 6 else model(images)
         classes = logits.shape[-1]
         total_loss += F.cross_entropy(logits.float(), labels, reduction="sum").item()
         hits = logits.argmax(dim=-1) == labels
