@@ -30,6 +30,7 @@ from tieta.data.transforms import _DECODE_ERRORS, _open_checked, load_rgb
 from tieta.data.vtab import IMAGE_SUFFIXES, _listdir, _shown
 from tieta.dense.transforms import evaluation_image, training_pair
 from tieta.errors import TietaError
+from tieta.data.text_lines import list_lines, shown_line
 from tieta.files import read_regular
 
 ADE_SPLITS = {"train": "training", "val": "validation"}  # the test split falls back to val
@@ -246,21 +247,10 @@ def _read_ade_split(root: Path, folder: str) -> list[tuple[Path, Path]]:
 
 def _read_pair_list(root: Path, file: Path) -> list[tuple[Path, Path]]:
     """The pairs of a list file ("<image path> <mask path>" lines; blank lines skipped)."""
-    data = read_regular(file, "list file", MAX_LIST_BYTES)
     pairs = []
-    for number, raw in enumerate(data.splitlines(), start=1):
-        where = f"{_shown(file)}:{number}"
-        try:  # a BOM (from some Windows editors) would otherwise become part of the first path
-            line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
-        except UnicodeDecodeError as error:
-            raise TietaError(f"{where}: not UTF-8 text (byte 0x{raw[error.start]:02x} at column "
-                             f"{error.start + 1})") from error
-        parts = line.split()
-        if not parts:
-            continue
+    for where, line, parts in list_lines(file, MAX_LIST_BYTES):
         if len(parts) != 2:
-            shown = line.strip() if len(line.strip()) <= 80 else line.strip()[:77] + "..."
-            raise TietaError(f"{where}: expected '<image path> <mask path>', got {shown!r}")
+            raise TietaError(f"{where}: expected '<image path> <mask path>', got {shown_line(line)!r}")
         image, mask = _inside(root, parts[0], where, "image"), _inside(root, parts[1], where, "mask")
         if image.suffix.lower() not in IMAGE_SUFFIXES:
             raise TietaError(f"{where}: {parts[0]} is not an image ({', '.join(sorted(IMAGE_SUFFIXES))})")

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from tieta.data.text_lines import list_lines, shown_line
 from tieta.data.vtab import Task, _class_folders, _listdir, _shown
 from tieta.errors import TietaError
 from tieta.files import read_regular
@@ -153,21 +154,11 @@ def _is_clip(path: Path) -> bool:
 def _read_clip_list(root: Path, file: Path) -> list[tuple[Path, int]]:
     """The (clip, label) pairs of a list file ("<clip path> <label>" lines; blank lines skipped), every
     path checked to stay in ``root`` and name a clip, every label a non-negative integer."""
-    data = read_regular(file, "list file", MAX_LIST_BYTES)
     pairs = []
-    for number, raw in enumerate(data.splitlines(), start=1):
-        where = f"{_shown(file)}:{number}"
-        try:  # a BOM (from some Windows editors) would otherwise become part of the first path
-            line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
-        except UnicodeDecodeError as error:
-            raise TietaError(f"{where}: not UTF-8 text (byte 0x{raw[error.start]:02x} at column "
-                             f"{error.start + 1})") from error
-        parts = line.split()
-        if not parts:
-            continue
+    for where, line, parts in list_lines(file, MAX_LIST_BYTES):
         if len(parts) != 2 or not _LABEL.fullmatch(parts[1]):
-            shown = line.strip() if len(line.strip()) <= 80 else line.strip()[:77] + "..."
-            raise TietaError(f"{where}: expected '<clip path> <label>' with a label of 0 or more, got {shown!r}")
+            raise TietaError(f"{where}: expected '<clip path> <label>' with a label of 0 or more, "
+                             f"got {shown_line(line)!r}")
         name, label = parts[0], int(parts[1])
         if not name.isprintable():
             raise TietaError(f"{where}: clip path {name!r} has an unprintable character")
