@@ -171,6 +171,7 @@ DICT_WRITES = {
     ("methods/blocks.py", "keep_output"): "the q/k norm's kept-output slot",
     ("methods/blocks.py", "release_output"): "the q/k norm's kept-output slot",
     ("methods/state.py", "__getstate__"): "a blank copy of a pass state, reset before pickling",
+    ("methods/state.py", "share_state"): "a wrapper (video, segmentation model) holds its backbone's state",
 }
 # attributes tieta may set on a variable called ``model``: timm's own
 MODEL_ATTRIBUTES = {"pretrained_cfg"}

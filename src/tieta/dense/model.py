@@ -33,7 +33,7 @@ from tieta.dense.neck import MultiScaleNeck, block_grids, feature_indices
 from tieta.dense.uperhead import POOL_SCALES, FCNHead, UPerHead, resize
 from tieta.errors import TietaError
 from tieta.methods import registry
-from tieta.methods.state import STATE_ATTRIBUTE, state_of
+from tieta.methods.state import share_state
 
 IGNORE_INDEX = 255  # ADE20K's label for pixels no class is scored on (after reduce_zero_label)
 AUX_WEIGHT = 0.4  # the auxiliary head's share of the loss (DyT's and mmseg's UPerNet configs)
@@ -113,7 +113,7 @@ class SegmentationModel(nn.Module):
         """Let tieta's accessors of a method's state (``activation_rates``, a method's ``measure``)
         find the backbone's on this model: both hold the one object (a method attached to the
         backbone after wrapping is seen from the next forward pass on)."""
-        self.__dict__[STATE_ATTRIBUTE] = state_of(self.backbone)
+        share_state(self, self.backbone)
 
     def no_weight_decay(self) -> set[str]:
         """The backbone's own no-decay names (``pos_embed``, ``cls_token``...), as named here."""

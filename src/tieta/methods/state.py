@@ -91,6 +91,12 @@ def state_of(model: nn.Module) -> Optional[ModelState]:
     return state if isinstance(state, ModelState) else None
 
 
+def share_state(wrapper: nn.Module, inner: nn.Module) -> None:
+    """Let ``wrapper``, a model built around a patched backbone (the video and segmentation models),
+    hold the backbone's one state object, so that every accessor finds it on either."""
+    wrapper.__dict__[STATE_ATTRIBUTE] = state_of(inner)
+
+
 def attention_gate(model: nn.Module) -> Optional[str]:
     """What lets only some tokens of ``model`` attend (DyT's attention dispatch), if anything."""
     state = state_of(model)

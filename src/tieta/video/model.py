@@ -31,7 +31,7 @@ from tieta import shard
 from tieta.errors import TietaError
 from tieta.methods import registry
 from tieta.methods.params import freeze_backbone
-from tieta.methods.state import STATE_ATTRIBUTE, state_of
+from tieta.methods.state import share_state, state_of
 from tieta.video.config import is_video
 from tieta.video.pooling import AttentivePooling
 
@@ -102,7 +102,7 @@ class VideoModel(nn.Module):
         """Let tieta's accessors (``dyt_forward``, ``activation_rates``...) find the backbone's state
         on this model: both hold the one object (a method attached to the backbone after wrapping
         is seen from the next forward pass on)."""
-        self.__dict__[STATE_ATTRIBUTE] = state_of(self.backbone)
+        share_state(self, self.backbone)
 
     @property
     def num_classes(self) -> int:
