@@ -31,7 +31,7 @@ import shutil
 import stat
 import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Iterable, Optional
 
 from tieta.errors import TietaError
 
@@ -376,3 +376,18 @@ def read_json(path: str | Path, what: str, limit: int = MAX_JSON_BYTES, allow_na
 def remove_folder(path: Path) -> None:
     """Remove a folder tieta made, quietly (what cannot be removed stays)."""
     shutil.rmtree(path, ignore_errors=True)
+
+
+def files_named(paths: list[str | Path], skip: Callable[[Path, str], None], suffixes: Iterable[str]) -> list[Path]:
+    """The files named, and those with one of ``suffixes`` inside the folders named (recursively,
+    sorted); ``skip(path, reason)`` hears of a name that does not exist."""
+    suffixes = set(suffixes)
+    found: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
+        elif path.is_file():
+            found.append(path)
+        else:
+            skip(path, "does not exist")
+    return found

@@ -25,6 +25,7 @@ from tieta.data.vtab import IMAGE_SUFFIXES
 from tieta.deploy.export import is_export, load_export, task_class_names
 from tieta.deploy.predict_clips import predict_clips, video_settings_of
 from tieta.errors import TietaError
+from tieta.files import files_named
 from tieta.device import resolve_device
 from tieta.train.model import image_size_of
 from tieta.train.run_model import load_run_model
@@ -69,15 +70,7 @@ class Predictions:
 
 def image_files(paths: list[str | Path], skip: Callable[[Path, str], None]) -> list[Path]:
     """The image files named, and those inside the folders named (recursively, sorted)."""
-    found: list[Path] = []
-    for path in map(Path, paths):
-        if path.is_dir():
-            found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        elif path.is_file():
-            found.append(path)
-        else:
-            skip(path, "does not exist")
-    return found
+    return files_named(paths, skip, IMAGE_SUFFIXES)
 
 
 def _batches(files: list[Path], size: int, batch_size: int, skip: Callable[[Path, str], None],

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from tieta.data.transforms import Normalize
 from tieta.device import resolve_device
 from tieta.errors import TietaError
+from tieta.files import files_named
 from tieta.train.config import from_dict
 from tieta.video.clips import CLIP_SUFFIXES
 from tieta.video.dataset import VideoDataConfig, VideoDataset
@@ -26,15 +27,7 @@ from tieta.video.views import mean_over_views
 
 def clip_files(paths: list[str | Path], skip: Callable[[Path, str], None]) -> list[Path]:
     """The clip files named, and the clips inside the folders named (recursively, sorted)."""
-    found: list[Path] = []
-    for path in map(Path, paths):
-        if path.is_dir():
-            found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in CLIP_SUFFIXES)
-        elif path.is_file():
-            found.append(path)
-        else:
-            skip(path, "does not exist")
-    return found
+    return files_named(paths, skip, CLIP_SUFFIXES)
 
 
 def clip_views(path: Path, settings: VideoDataConfig, image_size: int) -> torch.Tensor:
