@@ -534,7 +534,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data: Optional[str] = None, spli
     trainable, total = trainable_parameters(model)
     return {"method": config.method, "split": split, "acc": result["acc"], "top5": result["top5"],
             "balanced_acc": result["balanced_acc"], "eval_loss": result["eval_loss"],
-            "images": len(dataset), "majority_acc": majority_accuracy(dataset.labels.tolist()),
+            "images": len(dataset), "input_kind": "clip" if task.layout == "video" else "image",
+            "majority_acc": majority_accuracy(dataset.labels.tolist()),
             "lr_reached_base": lr_reached_base(config.optim.warmup_epochs, config.optim.epochs),
             "trainable_percent": 100.0 * trainable / total,
             **measure_cost(model, config, dataset, normalize, device, min(batch_size or config.eval_batch_size, 32))}
