@@ -498,12 +498,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from tieta.files import write_file
     from tieta.measure.bench_suite import DTYPES, check_sizes
     from tieta.measure.load import busy_note, load_text, watched_load
-    from tieta.measure.plan import plan
+    from tieta.measure.plan import chosen_methods, plan
     from tieta.measure.target import parse_target
     from tieta.report.plan_table import plan_reading, plan_table
     from tieta.sweep.planned import plan_sweep, sweep_text
 
     target = parse_target(args.target)  # every refusal before minutes of timing
+    chosen_methods(args.methods)
     if args.output is not None:
         _file_to_write(args.output)
         if os.path.lexists(args.output) and not args.overwrite:

@@ -121,7 +121,7 @@ def _short(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
-def _chosen_methods(methods: Optional[list[str]]) -> list[str]:
+def chosen_methods(methods: Optional[list[str]]) -> list[str]:
     """The named methods (default: every token-reduction method of the registry), each checked."""
     known = registry.methods()
     reducers = [name for name, method in known.items() if method.reduces_tokens]
@@ -263,7 +263,7 @@ def plan(model: Union[str, nn.Module], target: Union[str, Target], methods: Opti
         TietaError: a bad target, an unknown method or one that does not reduce tokens.
     """
     target = parse_target(target) if isinstance(target, str) else target
-    names = _chosen_methods(methods)
+    names = chosen_methods(methods)
     say = log or (lambda text: None)
     device = resolve_device(str(device))
     if isinstance(model, str):
