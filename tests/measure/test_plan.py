@@ -138,6 +138,18 @@ def test_an_unreachable_target_is_one_sentence_per_method(vit):
     assert rows["evit"]["note"].startswith("evit cannot reach a speedup of 10x at any evit.keep_rate")
 
 
+def test_a_method_without_a_knob_is_left_out_with_a_sentence(vit):
+    row = plan(vit, "gmacs=1", ["diffrate"], rates=by_cost())[1]
+    assert not row["met"] and row["setting"] is None and "declares no knob to search" in row["note"]
+
+
+def test_plan_is_a_public_verb():
+    import tieta
+    import tieta.measure.plan
+
+    assert tieta.plan is tieta.measure.plan.plan
+
+
 def test_dyt_is_timed_at_the_rate_its_training_aims_for(vit):
     half, most = (count_flops(attached_at("dyt", vit, rho, _one()), _one())["gmacs"] for rho in (0.5, 1.0))
     assert half < most  # as attached, untrained, its dispatchers would follow no rate
@@ -173,6 +185,10 @@ def test_the_plan_s_sweep_file_validates_and_trains(tmp_path, capsys, monkeypatc
     assert values["base"] == {"model": "test_vit", "img_size": SIZE}
     # a plan never replaces a file, unless asked to
     assert "already exists" in refused(capsys, "plan", *TINY, "--target", "gmacs=0.0035", "--output", str(output))
+    assert main(["plan", *TINY, "--target", "gmacs=0.0035", "--methods", "evit", "--rounds", "1", "--output",
+                 str(output), "--overwrite"]) == 0
+    assert "--methods evit" in output.read_text() and "fpet" not in output.read_text()
+    capsys.readouterr()
     task = write_vtab_task(tmp_path / "task")
     with pytest.raises(TietaError, match="tasks should be a non-empty list"):
         read_plan(output)

@@ -231,7 +231,7 @@ def _measured_text(found: dict[str, Any], target: Target) -> str:
 
 
 def plan(model: Union[str, nn.Module], target: Union[str, Target], methods: Optional[list[str]] = None,
-         batch_size: int = 1, device: Union[str, torch.device] = "cpu", dtype: Optional[torch.dtype] = None,
+         batch_size: int = 32, device: Union[str, torch.device] = "cpu", dtype: Optional[torch.dtype] = None,
          img_size: Optional[int] = None, rounds: int = 5, steps: int = SPEED_STEPS,
          log: Optional[Callable[[str], None]] = None, rates: Optional[Rates] = None) -> list[dict[str, Any]]:
     """Each method's setting that meets ``target`` on ``device``, measured.
