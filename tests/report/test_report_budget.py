@@ -63,8 +63,8 @@ def timed_report(tmp_path, monkeypatch):
 def test_the_most_accurate_run_within_a_speedup_budget(timed_report):
     text, drawn = timed_report("speedup=1.9")
     assert text.startswith("Budget a speedup of 1.9x on x86_64 CPU, 2 threads (cpu, batch 32, speedup to lora): "
-                           "3 of 5 runs meet it; the most accurate of them is evit-keep_rate0.5 (evit)")
-    assert "More accurate but over the budget: lora (2.00 points higher, 1.00x)" in text
+                           "3 of 5 runs meet it; the most accurate of them is evit-keep_rate0.5 (evit), at accuracy 78.00% and 1.90x.")
+    assert "More accurate but over the budget: lora, 2.00 points higher at 1.00x." in text
     assert "per-round speedups (1.85-1.95x) reach below the budget" in text
     assert drawn["accuracy_vs_throughput.png"] == (pytest.approx(190.0), "budget speedup=1.9")
     assert drawn["accuracy_vs_gmacs.png"] is None
@@ -75,7 +75,7 @@ def test_latency_throughput_and_gmacs_budgets(timed_report):
     assert "1 of 5 runs meet it; the most accurate of them is tome-schedule0.45" in text
     assert drawn["accuracy_vs_throughput.png"][0] == pytest.approx(32 * 1000 / 150)
     text, _ = timed_report("throughput=150")
-    assert "4 of 5 runs meet it; the most accurate of them is dyt-rho0.3 (dyt) (accuracy 79.00%, 160.0 img/s)" in text
+    assert "4 of 5 runs meet it; the most accurate of them is dyt-rho0.3 (dyt), at accuracy 79.00% and 160.0 img/s." in text
     text, drawn = timed_report("gmacs=2.0")
     assert text.startswith("Budget 2 GMACs: 2 of 5 runs meet it; the most accurate of them is tome-schedule0.45")
     assert drawn["accuracy_vs_gmacs.png"] == (2.0, "budget gmacs=2")
@@ -83,7 +83,7 @@ def test_latency_throughput_and_gmacs_budgets(timed_report):
 
 def test_a_budget_no_run_meets_names_the_nearest(timed_report):
     text, _ = timed_report("speedup=3")
-    assert text.endswith("no run meets it; the nearest is tome-schedule0.45 (tome) (2.30x).")
+    assert text.endswith("no run meets it; the nearest is tome-schedule0.45 (tome), at 2.30x.")
 
 
 def test_a_speed_budget_without_a_timing_says_why(tmp_path, capsys):

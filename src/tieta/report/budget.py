@@ -55,23 +55,23 @@ def budget_reading(rows: list[RunRow], throughput: Optional[dict[str, Any]], tar
     meeting = [row for row in known if target.met(measured[row.run])]
     if not meeting:
         nearest = (max if target.higher_meets else min)(known, key=lambda row: measured[row.run][target.key])
-        return (f"Budget {target.text()}{where}: no run meets it; the nearest is {run_label(nearest)} "
-                f"({_value_text(target, measured[nearest.run])}).")
+        return (f"Budget {target.text()}{where}: no run meets it; the nearest is {run_label(nearest)}, at "
+                f"{_value_text(target, measured[nearest.run])}.")
     best = max(meeting, key=lambda row: row.headline.mean)
     text = (f"Budget {target.text()}{where}: {len(meeting)} of {len(known)} runs meet it; the most accurate of "
-            f"them is {run_label(best)} ({headline} {best.headline.text()}%, "
-            f"{_value_text(target, measured[best.run])}).")
-    over = [row for row in known if row not in meeting and row.headline.mean > best.headline.mean]
-    if over:
-        top = max(over, key=lambda row: row.headline.mean)
-        text += (f" More accurate but over the budget: {run_label(top)} ({top.headline.mean - best.headline.mean:.2f} "
-                 f"points higher, {_value_text(target, measured[top.run])}).")
+            f"them is {run_label(best)}, at {headline} {best.headline.text()}% and "
+            f"{_value_text(target, measured[best.run])}.")
     if target.kind == "speedup":
         timed = throughput["rows"][best.run]
         low, high = min(timed["speedup_spread"]), max(timed["speedup_spread"])
         if low < target.value:
             text += (f" Its per-round speedups ({low:.2f}-{high:.2f}x) reach below the budget, so another timing "
                      "may put it just under.")
+    over = [row for row in known if row not in meeting and row.headline.mean > best.headline.mean]
+    if over:
+        top = max(over, key=lambda row: row.headline.mean)
+        text += (f" More accurate but over the budget: {run_label(top)}, {top.headline.mean - best.headline.mean:.2f} "
+                 f"points higher at {_value_text(target, measured[top.run])}.")
     return text
 
 
