@@ -203,3 +203,24 @@ def test_the_plan_s_sweep_file_validates_and_trains(tmp_path, capsys, monkeypatc
 def test_runs_are_named_by_method_and_setting():
     assert run_name({"method": "evit", "knob": "evit.keep_rate", "scalar": 0.4531}) == "evit-keep_rate0.4531"
     assert run_name({"method": "tome", "knob": "merge.schedule", "scalar": 0.5}) == "tome-schedule0.5"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),
+    (["--img-size", "33"], "img_size 33 is not a multiple of test_vit's patch size 16"),
+    (["--model", "resnet18"], "VisionTransformer"),
+    (["--device", "foo"], "'foo' is not a device"),
+    (["--dtype", "fp8"], "argument --dtype: invalid choice"),
+    (["--batch-size", "100000000"], "the batch size must be at most"),
+    (["--rounds", "0"], "argument --rounds: must be at least 1"),
+])
+def test_plan_refuses_before_it_times_anything(capsys, args, message):
+    base = ["plan", "--target", "speedup=2"] + (["--model", "test_vit"] if "--model" not in args else [])
+    assert message in refused(capsys, *base, *args)
+
+
+def test_plan_output_is_checked_before_the_minutes_of_timing(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    command = ["plan", "--model", "test_vit", "--target", "speedup=2", "--output"]
+    assert "is a file, not a folder" in refused(capsys, *command, str(tmp_path / "file" / "plan.yaml"))
+    assert "it is a folder; give a file name" in refused(capsys, *command, str(tmp_path))
