@@ -26,7 +26,7 @@ from pathlib import Path
 
 from tieta.files import write_file
 from tieta.measure.bench_suite import DTYPES
-from tieta.measure.plan import plan
+from tieta.measure.plan import BASELINE, plan
 from tieta.measure.target import parse_target
 from tieta.report.bench_report import write_report
 from tieta.report.plan_table import plan_reading, plan_table, setting_text
@@ -50,7 +50,7 @@ def by_batch(found: dict[tuple[str, str, int], list[dict]], dtype: str, batches:
                   + " | differ |", "|---|" + "---|" * (len(batches) + 1)]
         rows = {batch: {row["method"]: row for row in found[(dtype, target, batch)]} for batch in batches}
         for method in rows[batches[0]]:
-            if method == "unmodified":
+            if method == BASELINE:
                 continue
             cells = []
             for batch in batches:

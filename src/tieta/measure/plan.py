@@ -112,12 +112,12 @@ def rounded(value: Any) -> Any:
     return round(value, DECIMALS) if isinstance(value, float) else value
 
 
-def _short(value: Any) -> str:
+def short_setting(value: Any) -> str:
     """A setting as the table shows it: numbers to 3 significant digits."""
     if isinstance(value, dict):
-        return "{" + ", ".join(f"{key}: {_short(item)}" for key, item in value.items()) + "}"
+        return "{" + ", ".join(f"{key}: {short_setting(item)}" for key, item in value.items()) + "}"
     if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_short(item) for item in value) + "]"
+        return "[" + ", ".join(short_setting(item) for item in value) + "]"
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
@@ -183,11 +183,11 @@ def _method_row(search: _Search, name: str, index: int, count: int, steps: int) 
 
     cheap, dear = accepted_range(knob, gmacs)
     timed: dict[float, dict[str, Any]] = {}
-    most = 2 + (steps if search.target.timed else 0)
+    most = 2 + steps if search.target.timed else 1  # a counted target times its one setting once
 
     def measured(scalar: float) -> dict[str, Any]:
         if scalar not in timed:
-            setting = f"{knob.key}={_short(knob.to_value(scalar))}"
+            setting = f"{knob.key}={short_setting(knob.to_value(scalar))}"
             what = f"[{index}/{count}] {name}: {setting} (probe {len(timed) + 1} of at most {most})"
 
             def progress(done: int, rounds: int, left: float) -> None:
@@ -209,11 +209,11 @@ def _method_row(search: _Search, name: str, index: int, count: int, steps: int) 
                 "probes": len(timed)})
     if chosen is None:
         row["note"] = (f"{name} cannot reach {search.target.text()} at any {knob.key}: its cheapest setting "
-                       f"({_short(knob.to_value(cheap))}) measures {_measured_text(found, search.target)}")
+                       f"({short_setting(knob.to_value(cheap))}) measures {_measured_text(found, search.target)}")
     elif row["simulated"]:
         row["note"] = SIMULATED
     search.log(f"[{index}/{count}] {name}: {'met at' if chosen is not None else 'not reachable; cheapest'} "
-               f"{knob.key}={_short(row['setting'])} ({_measured_text(found, search.target)})")
+               f"{knob.key}={short_setting(row['setting'])} ({_measured_text(found, search.target)})")
     return row
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence
 
+from tieta.measure.plan import BASELINE, short_setting
 from tieta.measure.target import Target
 from tieta.report.tables import format_table
 
@@ -26,15 +27,7 @@ def setting_text(row: dict[str, Any]) -> str:
     """"evit.keep_rate=0.453"; "-" for the unmodified model and a method left out."""
     if row.get("knob") is None or row.get("setting") is None:
         return "-"
-    return f"{row['knob']}={_short(row['setting'])}"
-
-
-def _short(value: Any) -> str:
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{key}: {_short(item)}" for key, item in value.items()) + "}"
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_short(item) for item in value) + "]"
-    return f"{value:.3g}" if isinstance(value, float) else str(value)
+    return f"{row['knob']}={short_setting(row['setting'])}"
 
 
 def _range(values: Optional[Sequence[float]], unit: str, digits: str) -> str:
@@ -45,11 +38,11 @@ def _range(values: Optional[Sequence[float]], unit: str, digits: str) -> str:
 
 def plan_table(rows: list[dict[str, Any]]) -> str:
     """The rows as an aligned table: method, setting, GMACs, FLOPs ratio, speedup and its per-round
-    range, latency (ms per forward pass of the batch) and its range, img/s, met (yes, no, or "*" for a
-    method timed with simulated decisions)."""
+    range, latency (ms per forward pass of the batch) and its range, img/s, met (yes, no, or "left
+    out" for a method without a knob; "*" beside it for a method timed with simulated decisions)."""
     shown = []
     for row in rows:
-        met = "yes" if row.get("met") else ("no" if row.get("setting") is not None or row["method"] == "unmodified"
+        met = "yes" if row.get("met") else ("no" if row.get("setting") is not None or row["method"] == BASELINE
                                            else "left out")
         shown.append({**row, "setting_text": setting_text(row),
                       "speedup_range": _range(row.get("speedup_spread"), "x", ".2f"),
@@ -59,14 +52,14 @@ def plan_table(rows: list[dict[str, Any]]) -> str:
 
 
 def plan_reading(rows: list[dict[str, Any]], target: Target, where: str, rounds: int) -> str:
-    """A few sentences: how many methods meet the target and which is cheapest in GMACs among them;
-    each method that cannot, in its own sentence; the ones left out; how the numbers were measured,
-    and what the asterisk means.
+    """A few sentences: how many methods meet the target and which keeps the most of the model within
+    it (the highest GMACs); each method that cannot, or is left out, in its own sentence; how the
+    numbers were measured, and what the asterisk means.
 
     Args:
         where: the device and batch in words, e.g. "cpu, batch 32, fp32".
     """
-    methods = [row for row in rows if row["method"] != "unmodified"]
+    methods = [row for row in rows if row["method"] != BASELINE]
     met = [row for row in methods if row.get("met")]
     text = f"{len(met)} of {len(methods)} methods meet {target.text()} on {where}"
     if met:
