@@ -535,6 +535,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(f"wrote {args.output} ({met} method{'s' if met != 1 else ''} at {'their settings' if met != 1 else 'its setting'}, "
               f"and LoRA alone); next: tieta sweep {args.output} --data TASK_DIR... --output SWEEP_DIR"
               if met else f"wrote {args.output}: no method met the target, so it holds LoRA alone")
+    elif any(row.get("met") and row.get("knob") for row in rows):
+        print("--output FILE writes these settings as a sweep file, to train them with tieta sweep")
     return 0
 
 
