@@ -15,7 +15,8 @@ from tieta.cli import build_parser, main
 
 TINY = ["--model", "test_vit", "--weights", "random", "--img-size", "32", "--lora-rank", "2"]
 # the subcommands that run a model, each with a --device
-RUNS_A_MODEL = ("train", "sweep", "report", "eval", "predict", "flops", "bench", "show-merges", "show-tokens", "demo")
+RUNS_A_MODEL = ("train", "sweep", "report", "eval", "predict", "flops", "bench", "plan", "show-merges", "show-tokens",
+                "demo")
 
 
 def _subcommands() -> dict[str, argparse.ArgumentParser]:

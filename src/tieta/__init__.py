@@ -28,6 +28,7 @@ _HOMES = {
     "load": "tieta.deploy.export",
     "load_backbone": "tieta.backbone",
     "measure_throughput": "tieta.measure.throughput",
+    "plan": "tieta.measure.plan",
     "schedule": "tieta.methods.schedules",
     "trainable_parameters": "tieta.methods.params",
     "VideoModel": "tieta.video.model",

@@ -210,7 +210,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from tieta.sweep.plan import check_settings, plan_from_flags, read_plan, select
+    from tieta.sweep.plan import check_settings, plan_from_flags, read_plan, select, task_folders
     from tieta.sweep.runner import FAILED, run_sweep
 
     # --method and --data are the grid, not settings (a --set of them is a setting, and refused as one)
@@ -218,10 +218,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     settings = _overrides_from(argparse.Namespace(**{**vars(args), "method": None, "data": None, "device": None}))
     _folder_to_write(args.output)
     if args.sweep_file is not None:
-        if args.data or args.method:
+        if args.method:
             raise TietaError("give either a sweep file or --data and --method, not both (--tasks and --runs "
-                             "choose within a sweep file)")
-        plan = select(read_plan(args.sweep_file, args.root), args.tasks, args.runs)
+                             "choose within a sweep file; --data gives a sweep file its tasks)")
+        if args.data and (args.root or args.tasks):
+            raise TietaError("--data gives the sweep file's tasks; --root and --tasks choose among the file's own")
+        given = task_folders(args.data) if args.data else None
+        plan = select(read_plan(args.sweep_file, args.root, given), args.tasks, args.runs)
         plan.base.update(check_settings(settings, "--set"))
         if args.seeds:
             plan.seeds = list(args.seeds)
@@ -245,10 +248,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from tieta.measure.target import parse_target
     from tieta.report.sweep_report import write_report
 
+    budget = parse_target(args.budget) if args.budget is not None else None  # before any timing
     written = write_report(args.folder, args.output, bench=not args.no_bench, device=args.device,
-                           batch_size=args.batch_size, rounds=args.rounds, rebench=args.rebench)
+                           batch_size=args.batch_size, rounds=args.rounds, rebench=args.rebench, budget=budget)
     print(written["reading"])
     print("wrote " + ", ".join(str(path) for path in written["files"]))
     return 0
@@ -479,6 +484,68 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan_progress(text: str) -> None:
+    print(f"tieta plan: {text}", file=sys.stderr, flush=True)
+
+
+def _plan_command(args: argparse.Namespace, target) -> str:
+    """The ``tieta plan`` command line that made a plan, for the head of its file."""
+    parts = ["tieta plan", f"--model {args.model}", f"--target {target.flag()}", f"--batch-size {args.batch_size}",
+             f"--device {args.device}", f"--dtype {args.dtype}", f"--rounds {args.rounds}"]
+    parts += [f"--weights {args.weights}"] if args.weights else []
+    parts += [f"--img-size {args.img_size}"] if args.img_size else []
+    parts += [f"--methods {' '.join(args.methods)}"] if args.methods else []
+    return " ".join(parts)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from tieta.backbone import load_backbone
+    from tieta.device import resolve_device
+    from tieta.files import write_file
+    from tieta.measure.bench_suite import DTYPES, check_sizes
+    from tieta.measure.load import busy_note, load_text, watched_load
+    from tieta.measure.plan import chosen_methods, plan
+    from tieta.measure.target import parse_target
+    from tieta.report.plan_table import plan_reading, plan_table
+    from tieta.sweep.planned import plan_sweep, sweep_text
+
+    target = parse_target(args.target)  # every refusal before minutes of timing
+    chosen_methods(args.methods)
+    if args.output is not None:
+        _file_to_write(args.output)
+        if os.path.lexists(args.output) and not args.overwrite:
+            raise TietaError(f"{args.output} already exists; pick another path or pass --overwrite")
+    device = str(resolve_device(args.device))
+    check_sizes(args.model, args.img_size, args.batch_size, args.dtype, False, device)
+    if target.timed and args.rounds < RELIABLE_ROUNDS:
+        print(f"tieta: warning: medians over fewer than {RELIABLE_ROUNDS} interleaved rounds are not reliable, "
+              f"so take these settings as a smoke test (--rounds {args.rounds}; the default is 5)", file=sys.stderr)
+    _plan_progress(f"building {args.model} ({args.weights or 'random'} weights) and counting its FLOPs")
+    model = load_backbone(args.model, weights=args.weights or "random", img_size=args.img_size)
+    with watched_load() as load:
+        rows = plan(model, target, args.methods, args.batch_size, device, DTYPES[args.dtype], rounds=args.rounds,
+                    log=_plan_progress)
+    where = f"{device}, batch {args.batch_size}, {args.dtype}"
+    print(f"{args.model}, evaluation, {where}, each setting timed beside the unmodified model in {args.rounds} "
+          f"interleaved rounds; {load_text(load)}")
+    print(plan_table(rows))
+    print()
+    reading = plan_reading(rows, target, where, args.rounds)
+    note = busy_note(load) if target.timed else None
+    print(reading + (f" {note}" if note else ""))
+    if args.output is not None:
+        values = plan_sweep(rows, args.model, args.weights, args.img_size)
+        command = _plan_command(args, target)
+        write_file(args.output, sweep_text(values, target, where, command))
+        met = len(values["runs"]) - 1
+        print(f"wrote {args.output} ({met} method{'s' if met != 1 else ''} at {'their settings' if met != 1 else 'its setting'}, "
+              f"and LoRA alone); next: tieta sweep {args.output} --data TASK_DIR... --output SWEEP_DIR"
+              if met else f"wrote {args.output}: no method met the target, so it holds LoRA alone")
+    elif any(row.get("met") and row.get("knob") for row in rows):
+        print("--output FILE writes these settings as a sweep file, to train them with tieta sweep")
+    return 0
+
+
 def cmd_show_merges(args: argparse.Namespace) -> int:
     from tieta.report.visualize import merge_groups, save_merge_figure
     from tieta.train.record import normalization_of
@@ -696,6 +763,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--rounds", type=_positive_int, default=7,
                         help=f"interleaved timing rounds (default 7; with fewer than {RELIABLE_ROUNDS} the reading "
                         "ranks no speeds)")
+    report.add_argument("--budget", metavar="KIND=VALUE",
+                        help="name the most accurate run within a budget and mark it on the plots: speedup=2 (x the "
+                        "first run), latency=5ms (one pass of the timed batch), throughput=800 (img/s) or gmacs=8.8")
     report.set_defaults(func=cmd_report)
 
     evaluate = sub.add_parser("eval", help="evaluate a trained checkpoint")
@@ -792,6 +862,30 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default="cpu", help="where to time: cpu, cuda or cuda:N (default cpu)")
     bench.add_argument("--output", type=Path, help="also write the rows as JSON here")
     bench.set_defaults(func=cmd_bench)
+
+    planner = sub.add_parser("plan", help="each token-reduction method's setting that meets a speed or cost target "
+                             "on this device, measured; writes a sweep file of those settings",
+                             description="For every token-reduction method (or those named), search its knob for "
+                             "the setting that meets the target: GMACs counted, or speed timed beside the "
+                             "unmodified model in interleaved rounds. Prints each setting with what it measured and "
+                             "writes a sweep file of them for tieta sweep.")
+    planner.add_argument("--model", required=True, help="timm ViT name, e.g. vit_small_patch16_224")
+    planner.add_argument("--weights", help="weights to time with and to train from (as for tieta train; default: "
+                         "random for the timing, and the sweep file leaves timm's published weights)")
+    planner.add_argument("--img-size", type=_positive_int, help="input resolution (default: the model's)")
+    planner.add_argument("--target", required=True, metavar="KIND=VALUE",
+                         help="speedup=2 (x the unmodified model), latency=5ms (one forward pass of the batch), "
+                         "throughput=800 (img/s) or gmacs=8.8 (per image)")
+    planner.add_argument("--batch-size", type=_positive_int, default=32, help="images per timed pass (default 32)")
+    planner.add_argument("--device", default="cpu", help="where to time: cpu, cuda or cuda:N (default cpu)")
+    planner.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="fp32, or bf16 autocast")
+    planner.add_argument("--methods", nargs="+", metavar="NAME",
+                         help="token-reduction methods to plan (default: every one of the registry)")
+    planner.add_argument("--rounds", type=_positive_int, default=5, help="interleaved rounds of each timing "
+                         f"(default 5; fewer than {RELIABLE_ROUNDS} is a smoke test)")
+    planner.add_argument("--output", type=Path, help="write the sweep file (YAML) here")
+    planner.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
+    planner.set_defaults(func=cmd_plan)
 
     show = sub.add_parser("show-merges", help="paint each final token's patch group over a few images (PNG)")
     _add_config_arguments(show, data_required=False)

@@ -166,6 +166,24 @@ def test_the_command_line_grid_and_its_errors(tasks, tmp_path, capsys):
     assert "sweep file" in capsys.readouterr().err
 
 
+def test_data_gives_a_sweep_file_its_tasks(tasks, tmp_path, capsys):
+    """A sweep file without tasks (as tieta plan writes it) takes them from --data; a file's own
+    tasks are replaced by --data's, which --root and --tasks cannot then choose among."""
+    sweep_file = tmp_path / "plan.yaml"
+    sweep_file.write_text(yaml.safe_dump({"base": {k: v for k, v in TINY.items()}, "runs": {"lora": {"method": "lora"}}}))
+    assert read_plan(sweep_file, tasks=[]).tasks == []
+    assert main(["sweep", str(sweep_file), "--data", str(tasks[1]), "--output", str(tmp_path / "s")]) == 0
+    assert (tmp_path / "s" / "b" / "lora" / "seed0" / "summary.json").is_file()
+    assert not (tmp_path / "s" / "a").exists()
+    assert main(["sweep", str(sweep_file), "--output", str(tmp_path / "t")]) == 2
+    assert "tasks should be a non-empty list (or give the task folders with --data)" in capsys.readouterr().err
+    assert main(["sweep", str(sweep_file), "--data", str(tasks[0]), "--method", "lora", "--output",
+                 str(tmp_path / "t")]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert main(["sweep", str(sweep_file), "--data", str(tasks[0]), "--root", "x", "--output", str(tmp_path / "t")]) == 2
+    assert "--data gives the sweep file's tasks" in capsys.readouterr().err
+
+
 def test_several_devices_train_in_their_own_processes(tasks, tmp_path):
     plan = plan_from_flags([str(t) for t in tasks], ["lora"], [0], TINY)
     plan.runs.append(type(plan.runs[0])("broken", {"method": "lora", "weights": str(tmp_path / "absent.safetensors")}))

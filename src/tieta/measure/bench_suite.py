@@ -20,7 +20,7 @@ from tieta.methods.adapter import add_adapter
 from tieta.methods.blocks import check_vit
 from tieta.methods.diffrate import add_diffrate
 from tieta.methods.dynamicvit import add_dynamicvit
-from tieta.methods.dyt import add_dyt
+from tieta.methods.dyt import add_dyt, calibrate_dispatchers  # noqa: F401 (the benchmarks import it from here)
 from tieta.methods.evit import add_evit
 from tieta.methods.lora import add_lora
 from tieta.methods.params import freeze_backbone
@@ -141,21 +141,6 @@ def train_models(name: str, img_size: Optional[int], schedules: list[str], rank:
         models[f"tome+lora {schedule}"] = lora(add_tome(_vit(name, img_size), schedule))
         models[f"pyra+lora {schedule}"] = lora(add_pyra(_vit(name, img_size), schedule))
     return models
-
-
-@torch.inference_mode()
-def calibrate_dispatchers(model: nn.Module, images: torch.Tensor, rho: float) -> nn.Module:
-    """Set each DyT dispatcher's bias so that a share ``rho`` of the patch tokens of ``images`` is
-    active in every layer: random weights then dispatch like a trained model that met its target."""
-    model.eval()
-    for block in model.blocks:
-        inputs = []
-        handle = block.dispatcher.register_forward_hook(lambda module, args, out: inputs.append(out))
-        model(images)
-        handle.remove()
-        logits = inputs[0].flatten() - block.dispatcher.bias
-        block.dispatcher.bias.fill_(-float(torch.quantile(logits, 1 - rho)))
-    return model
 
 
 def dyt_models(name: str, img_size: Optional[int], rho: float = 0.5, adapter_dim: int = 8,

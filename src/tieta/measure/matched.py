@@ -3,9 +3,10 @@
 model's, come closest to a target ratio.
 
 The cost is the executed path of one evaluation forward pass on one seeded random image, counted by
-``tieta.count_flops`` (deterministic, no timing). Where a method's path depends on the data (DyT's
-dispatchers), that is the path the model takes as attached, untrained, which barely follows the
-knob: ``benchmarks/reducers.py`` searches DyT's rho with its dispatchers calibrated to the rate.
+``tieta.count_flops`` (deterministic, no timing). Where a method's path depends on what it learns
+(DyT's dispatchers), its decisions are first set to those its training drives toward
+(``Method.trained_decisions``: a share rho of the tokens active), so that the count follows the knob
+as a trained model's would.
 """
 
 from __future__ import annotations
@@ -44,11 +45,22 @@ def flops_ratio(method_name: str, model: nn.Module, img_size: int, scalar: float
     return _reduced_flops(method_name, model, img_size, scalar) / count_flops(model, _images(img_size))["flops"]
 
 
-def _reduced_flops(method_name: str, model: nn.Module, img_size: int, scalar: float) -> float:
-    """FLOPs of ``model`` with the method attached at knob ``scalar`` (on a copy)."""
+def attached_at(method_name: str, model: nn.Module, scalar: float, images: torch.Tensor) -> nn.Module:
+    """A copy of ``model`` with the method attached at knob ``scalar``; a method whose cost follows
+    what it learns gets the decisions its training drives toward, on ``images`` (B, 3, H, W)
+    (``Method.trained_decisions``)."""
     method = registry.methods()[method_name]
     config = settings_with(method, method.knob.key, method.knob.to_value(scalar))
-    return count_flops(method.attach(copy.deepcopy(model), config), _images(img_size))["flops"]
+    attached = method.attach(copy.deepcopy(model), config)
+    if method.trained_decisions is not None:
+        attached = method.trained_decisions(attached, images, config)
+    return attached
+
+
+def _reduced_flops(method_name: str, model: nn.Module, img_size: int, scalar: float) -> float:
+    """FLOPs of ``model`` with the method attached at knob ``scalar`` (on a copy)."""
+    images = _images(img_size)
+    return count_flops(attached_at(method_name, model, scalar, images), images)["flops"]
 
 
 def _valid_edge(knob: Any, measured: Any, bad: float, good: float) -> float:
@@ -75,6 +87,33 @@ def _accepted(measured: Any, scalar: float) -> bool:
         return False
 
 
+def knob_of(method_name: str) -> Any:
+    """The knob a method declares (``tieta.methods.knob.Knob``).
+
+    Raises:
+        TietaError: an unknown method, or one that declares no knob.
+    """
+    methods = registry.methods()
+    if method_name not in methods:
+        raise TietaError(f"unknown method {method_name!r}")
+    knob = methods[method_name].knob
+    if knob is None:
+        raise TietaError(f"{method_name} declares no knob to match FLOPs with")
+    return knob
+
+
+def accepted_range(knob: Any, measured: Any) -> tuple[float, float]:
+    """(cheapest, dearest) scalar of the knob's declared range that the model accepts, where
+    ``measured(scalar)`` raises a TietaError for a setting the model refuses (the declared range is
+    for ViT-B-sized models; a smaller one refuses an end of it)."""
+    cheap, dear = (knob.low, knob.high) if knob.cheaper == "low" else (knob.high, knob.low)
+    if not _accepted(measured, dear):
+        dear = _valid_edge(knob, measured, dear, cheap)
+    if not _accepted(measured, cheap):
+        cheap = _valid_edge(knob, measured, cheap, dear)
+    return cheap, dear
+
+
 def setting_for_flops(method_name: str, model: nn.Module, img_size: int, ratio: float) -> tuple[Any, float]:
     """The knob value whose FLOPs ratio to the unmodified ``model`` is closest to ``ratio``.
 
@@ -91,13 +130,7 @@ def setting_for_flops(method_name: str, model: nn.Module, img_size: int, ratio: 
         TietaError: the method has no knob, or the knob's range does not reach ``ratio`` (the
             sentence gives the nearest ratio it reaches).
     """
-    methods = registry.methods()
-    if method_name not in methods:
-        raise TietaError(f"unknown method {method_name!r}")
-    knob = methods[method_name].knob
-    if knob is None:
-        raise TietaError(f"{method_name} declares no knob to match FLOPs with")
-    cheap, dear = (knob.low, knob.high) if knob.cheaper == "low" else (knob.high, knob.low)
+    knob = knob_of(method_name)
     at = {}
     base = count_flops(model, _images(img_size))["flops"]  # once: every step divides by it
 
@@ -106,10 +139,7 @@ def setting_for_flops(method_name: str, model: nn.Module, img_size: int, ratio: 
             at[scalar] = _reduced_flops(method_name, model, img_size, scalar) / base
         return at[scalar]
 
-    if not _accepted(measured, dear):
-        dear = _valid_edge(knob, measured, dear, cheap)
-    if not _accepted(measured, cheap):
-        cheap = _valid_edge(knob, measured, cheap, dear)
+    cheap, dear = accepted_range(knob, measured)
     lowest, highest = measured(cheap), measured(dear)
     if not lowest - 1e-9 <= ratio <= highest + 1e-9:
         nearest = lowest if ratio < lowest else highest

@@ -384,6 +384,31 @@ def _skips_on_data(model: nn.Module) -> bool:
     return pass_state_named(model, "dispatch_state") is not None
 
 
+@torch.inference_mode()
+def calibrate_dispatchers(model: nn.Module, images: torch.Tensor, rho: float) -> nn.Module:
+    """Set each DyT dispatcher's bias so that a share ``rho`` of the patch tokens of ``images`` is
+    active in every layer: random weights then dispatch like a trained model that met its target.
+
+    Args:
+        images: (B, 3, H, W) the inputs whose tokens set the rate.
+    """
+    model.eval()
+    for block in model.blocks:
+        inputs = []
+        handle = block.dispatcher.register_forward_hook(lambda module, args, out: inputs.append(out))
+        model(images)
+        handle.remove()
+        logits = inputs[0].flatten() - block.dispatcher.bias
+        block.dispatcher.bias.fill_(-float(torch.quantile(logits, 1 - rho)))
+    return model
+
+
+def _at_target_rate(model: nn.Module, images: torch.Tensor, config: Any) -> nn.Module:
+    """The decisions training drives toward: a share ``dyt.rho`` of the tokens active in every layer
+    (the rate term of its objective), on ``images`` (B, 3, H, W)."""
+    return calibrate_dispatchers(model, images, config.dyt.rho)
+
+
 METHOD = Method(
     name="dyt",
     sections={"dyt": DyTConfig, "adapter": AdapterConfig},
@@ -400,5 +425,6 @@ METHOD = Method(
     picture_note=lambda config: f"{config.dyt.variant} dispatch",
     reduces_tokens=True,
     knob=Knob("dyt.rho", 0.05, 1.0, "low", doc="target share of active tokens"),
+    trained_decisions=_at_target_rate,
     dense_loss=rate_loss,
 )

@@ -68,6 +68,11 @@ class Method:
             ``tests/train/test_registry_methods.py`` checks for every such method).
         knob: the one scalar that moves its cost monotonically (``tieta.methods.knob.Knob``), for
             matching FLOPs across methods; None where it has none.
+        trained_decisions: ``trained_decisions(model, images, config) -> model`` sets, on an untrained
+            model, the token decisions its training drives toward at ``config`` (DyT: each dispatcher
+            calibrated so that a share rho of the tokens of ``images`` is active), so that the cost of a
+            trained model can be counted and timed before training; None where the cost follows from
+            the settings alone.
         validate: ``validate(config)`` raises a TietaError for settings that cannot work.
         one_process: ``one_process(config) -> reason or None``: why this configuration's training
             cannot be data-parallel (``torchrun``), or None where it can.
@@ -111,6 +116,7 @@ class Method:
     data_dependent_cost: bool = False
     reduces_tokens: bool = False
     knob: Optional[Knob] = None
+    trained_decisions: Optional[Callable[[nn.Module, torch.Tensor, Settings], nn.Module]] = None
     validate: Optional[Callable[[Settings], None]] = None
     one_process: Optional[Callable[[Settings], Optional[str]]] = None
     prepare_export: Optional[Callable[[nn.Module], None]] = None

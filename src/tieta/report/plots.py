@@ -18,7 +18,7 @@ COLORS = ("#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA
 
 def save_tradeoff(rows: list[RunRow], x_values: dict[str, float], path: Path, x_label: str, y_label: str,
                   higher_x_better: bool, caption: str = "", baseline: Optional[float] = None,
-                  adopt: bool = False) -> None:
+                  adopt: bool = False, budget: Optional[tuple[float, str]] = None) -> None:
     """Accuracy (y: each row's headline, mean ± std over seeds) against ``x_values[run]``, the
     Pareto front (the runs no other run beats on both plotted axes, :func:`tieta.report.aggregate.pareto_front`)
     ringed, and joined by a dashed step line where it holds several runs.
@@ -27,6 +27,8 @@ def save_tradeoff(rows: list[RunRow], x_values: dict[str, float], path: Path, x_
         baseline: a horizontal reference line (e.g. the majority-class accuracy), if given.
         adopt: a file at ``path`` is known to be an older tieta's figure (see
             :func:`tieta.files.write_owned`, which writes it).
+        budget: (x, label): a vertical line where a budget falls on the x axis (``tieta report
+            --budget``).
     """
     plt = pyplot()
     points = tradeoff_points(rows, x_values)
@@ -54,6 +56,11 @@ def save_tradeoff(rows: list[RunRow], x_values: dict[str, float], path: Path, x_
     if baseline is not None:
         axis.axhline(baseline, color="grey", linestyle=":", linewidth=1, label="majority class")
     axis.margins(x=0.15, y=0.12)  # room for the names beside the outermost markers
+    if budget is not None:
+        axis.axvline(budget[0], color="#C44E52", linestyle="-.", linewidth=1.2, label=budget[1])
+        left, right = axis.get_xlim()
+        pad = 0.05 * (max(right, budget[0]) - min(left, budget[0]))
+        axis.set_xlim(min(left, budget[0] - pad), max(right, budget[0] + pad))  # the line inside the axes
     axis.set_xlabel(x_label + ("  (better →)" if higher_x_better else "  (← better)"))
     axis.set_ylabel(y_label)
     axis.grid(alpha=0.3)

@@ -24,8 +24,10 @@ from typing import Any, Callable, Optional
 from tieta.errors import TietaError
 from tieta.files import MANIFEST, check_owned, read_json, read_regular, write_owned, written_by_tieta
 from tieta.measure.load import busy, busy_note, load_text
+from tieta.measure.target import Target
 from tieta.report.aggregate import (EXTRA_ACCURACIES, RunRow, Spread, headline_name, means_of, pareto_front,
                                     present_groups, run_label, run_rows, tradeoff_points)
+from tieta.report.budget import budget_reading, budget_x
 from tieta.report.collect import SweepResults, collect, majority_share
 from tieta.report.figure import pyplot
 from tieta.report.plots import save_group_bars, save_tradeoff
@@ -258,9 +260,13 @@ def _tasks_text(results: SweepResults) -> str:
 
 def write_report(folder: str | Path, output: Optional[str | Path] = None, bench: bool = True, device: str = "cpu",
                  batch_size: int = 32, rounds: int = 7, rebench: bool = False,
-                 log: Callable[[str], None] = print) -> dict[str, Any]:
+                 log: Callable[[str], None] = print, budget: Optional[Target] = None) -> dict[str, Any]:
     """Write report.md, report.csv and the figures for the runs under ``folder`` into ``output``
     (default: ``folder``); every run missing or left out is logged and listed with why.
+
+    Args:
+        budget: a speed or cost budget: the reading ends with the most accurate run that meets it
+            (:func:`tieta.report.budget.budget_reading`) and the plots mark it.
 
     Returns:
         {"files": paths written, "reading": its sentences, "rows": RunRows (the majority class last),
@@ -293,6 +299,8 @@ def write_report(folder: str | Path, output: Optional[str | Path] = None, bench:
     shown_groups = groups if len(groups) > 1 else []  # one group's mean is the headline itself
     task_mean = headline == "mean of group means"  # otherwise the headline is the mean over tasks (or the task)
     text = reading(rows, throughput, headline)
+    if budget is not None:
+        text += "\n\n" + budget_reading(rows, throughput, budget, headline)
     text += "".join(f"\n\n{note}" for note in sweep_notes(results.records, _majority(results)))  # barely learned
     lines = [_title(folder, results.tasks), "", _setup_line(results) + ".", ""]
     if results.missing:
@@ -340,7 +348,7 @@ def write_report(folder: str | Path, output: Optional[str | Path] = None, bench:
         log(f"no figures: {error}")
         figures = []
     else:
-        figures = _figures(rows, throughput, results, output, majority, headline, groups, adopted)
+        figures = _figures(rows, throughput, results, output, majority, headline, groups, adopted, budget)
     files += figures
     if figures:
         lines += ["## Figures", ""] + [f"![{path.stem}]({path.name})" for path in figures] + [""]
@@ -405,7 +413,8 @@ def _recorded(folder: Path) -> set[str]:
 
 
 def _figures(rows: list[RunRow], throughput: Optional[dict[str, Any]], results: SweepResults, output: Path,
-             majority: Optional[RunRow], headline: str, groups: list[str], adopted: set[str]) -> list[Path]:
+             majority: Optional[RunRow], headline: str, groups: list[str], adopted: set[str],
+             budget: Optional[Target] = None) -> list[Path]:
     """Draw the report's figures into ``output``: each is checked to be tieta's to replace before any
     is drawn (``adopted``: the older tieta's files, see :func:`older_report_files`). An accuracy plot
     for each measured cost (throughput, GMACs), a group chart where there are several groups; a
@@ -414,16 +423,20 @@ def _figures(rows: list[RunRow], throughput: Optional[dict[str, Any]], results: 
     label = f"top-1 accuracy on {tasks[0]} (%)" if len(tasks) == 1 else f"{headline}, top-1 (%)"
     baseline = majority.headline.mean if majority and majority.headline else None
     caption = _setup_line(results)
+    line = budget_x(budget, throughput) if budget is not None else None
+    marks = {line[0]: (line[1], f"budget {budget.flag()}")} if line else {}
     drawings = []
     if throughput:
         speed = {run: values["images_per_s"] for run, values in throughput["rows"].items()}
         x_label = f"images/s on {throughput['machine']}, batch {throughput['batch_size']}"
         drawings.append((FIGURES[0], lambda path, adopt: save_tradeoff(rows, speed, path, x_label, label, True,
-                                                                       caption, baseline, adopt)))
+                                                                       caption, baseline, adopt,
+                                                                       marks.get("throughput"))))
     gmacs = {row.run: row.facts["gmacs"] for row in rows if "gmacs" in row.facts}
     if gmacs:
         drawings.append((FIGURES[1], lambda path, adopt: save_tradeoff(rows, gmacs, path, "GMACs per image (MACs/1e9)",
-                                                                       label, False, caption, baseline, adopt)))
+                                                                       label, False, caption, baseline, adopt,
+                                                                       marks.get("gmacs"))))
     if len(groups) > 1:
         drawings.append((FIGURES[2], lambda path, adopt: save_group_bars(rows, groups, path, caption, adopt)))
     for name, _ in drawings:

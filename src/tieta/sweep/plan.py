@@ -231,24 +231,36 @@ def _read_seeds(seeds: Any, where: str) -> list[int]:
     return list(seeds)
 
 
-def read_plan(path: str | Path, root: Optional[str | Path] = None) -> SweepPlan:
-    """Read a sweep file; ``root`` (if given) replaces the file's task root."""
+def read_plan(path: str | Path, root: Optional[str | Path] = None,
+              tasks: Optional[list[TaskSpec]] = None) -> SweepPlan:
+    """Read a sweep file; ``root`` (if given) replaces the file's task root, ``tasks`` (if given) its
+    tasks (the file may then have none, as ``tieta plan`` writes it)."""
     path = Path(path)
-    return plan_from_dict(safe_yaml.read_file(path, "sweep file"), str(path), root)
+    return plan_from_dict(safe_yaml.read_file(path, "sweep file"), str(path), root, tasks)
 
 
-def plan_from_dict(values: Any, where: str, root: Optional[str | Path] = None) -> SweepPlan:
+def task_folders(data: list[str]) -> list[TaskSpec]:
+    """Tasks from folders (``--data``), each named by its folder; two of one name are refused."""
+    tasks = [task_spec(Path(path).name, Path(path)) for path in data]
+    if len({task.name for task in tasks}) != len(tasks):
+        raise TietaError("two task folders have the same name; a sweep names its runs by task folder")
+    return tasks
+
+
+def plan_from_dict(values: Any, where: str, root: Optional[str | Path] = None,
+                   given_tasks: Optional[list[TaskSpec]] = None) -> SweepPlan:
     """A plan from a sweep file's values, every key checked for its type (one sentence naming the
-    key), and its size checked from the counts before any task is read."""
+    key), and its size checked from the counts before any task is read. ``given_tasks`` replace the
+    file's tasks (which may then be absent)."""
     if not isinstance(values, dict):
         raise TietaError(f"{where} should hold a mapping with tasks and runs")
     unknown = _first_unknown(values, ("root", "tasks", "seeds", "base", "runs"))
     if unknown:
         raise TietaError(f"{where}: unknown key {unknown}; known: root, tasks, seeds, base, runs")
     task_root = _read_root(values.get("root"), where) if root is None else Path(root)
-    tasks = values.get("tasks")
-    if not isinstance(tasks, list) or not tasks:
-        raise TietaError(f"{where}: tasks should be a non-empty list")
+    tasks = values.get("tasks") if given_tasks is None else given_tasks
+    if given_tasks is None and (not isinstance(tasks, list) or not tasks):
+        raise TietaError(f"{where}: tasks should be a non-empty list (or give the task folders with --data)")
     runs = values.get("runs")
     if not isinstance(runs, dict) or not runs:
         raise TietaError(f"{where}: runs should be a mapping of run names to their settings")
@@ -260,7 +272,7 @@ def plan_from_dict(values: Any, where: str, root: Optional[str | Path] = None) -
     if not isinstance(base, dict):
         raise TietaError(f"{where}: base should be a mapping of settings, got {base!r}")
     run_specs = _read_runs(runs, where)
-    task_specs = [_read_task(entry, task_root, where) for entry in tasks]
+    task_specs = [_read_task(entry, task_root, where) for entry in tasks] if given_tasks is None else given_tasks
     names = [task.name for task in task_specs]
     if len(set(names)) != len(names):
         raise TietaError(f"{where}: a task name appears twice")
@@ -270,9 +282,7 @@ def plan_from_dict(values: Any, where: str, root: Optional[str | Path] = None) -
 
 def plan_from_flags(data: list[str], methods: list[str], seeds: list[int], base: dict[str, Any]) -> SweepPlan:
     """A grid from the command line: each task folder x each method (named by itself) x seeds."""
-    tasks = [task_spec(Path(path).name, Path(path)) for path in data]
-    if len({task.name for task in tasks}) != len(tasks):
-        raise TietaError("two task folders have the same name; a sweep names its runs by task folder")
+    tasks = task_folders(data)
     if "method" in base:
         raise TietaError("--set method: a sweep's methods are given with --method, not as a setting")
     runs = [RunSpec(_checked_name(method, "method"), {"method": method}) for method in dict.fromkeys(methods)]
