@@ -179,9 +179,9 @@ def _overrides_from(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _print_summary(rows: list[dict[str, Any]], demo: bool = False) -> None:
-    from tieta.report.tables import DEMO_COLUMNS, SUMMARY_COLUMNS, format_table
+    from tieta.report.tables import DEMO_COLUMNS, format_table, summary_columns
 
-    print(format_table(rows, DEMO_COLUMNS if demo else SUMMARY_COLUMNS))
+    print(format_table(rows, DEMO_COLUMNS if demo else summary_columns(rows)))
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -254,7 +254,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from tieta.report.tables import EVAL_COLUMNS, format_table
+    from tieta.report.tables import format_table, summary_columns
     from tieta.train.fit import evaluate_checkpoint
     from tieta.train.reading import summary_notes
 
@@ -265,7 +265,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return 0
     print(f"{args.run}{' (best epoch)' if args.best else ''}: {result['split']} split, {result['images']} images")
     shown = {**result, "top5": "n/a" if result.get("top5") is None else result["top5"]}  # under 5 classes
-    print(format_table([shown], EVAL_COLUMNS))
+    print(format_table([shown], summary_columns([shown], evaluation=True)))
     for note in result["notes"]:
         print(note)
     return 0

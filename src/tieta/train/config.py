@@ -26,6 +26,7 @@ from tieta.backbone import MAX_IMG_SIZE, WEIGHT_SUFFIXES
 from tieta.data import normalization as normalizations
 from tieta.data.vtab import FOLDER_SPLITS, VTAB_SPLITS
 from tieta.dense.config import SegmentationConfig
+from tieta.dense.dataset import SegmentationDataConfig
 from tieta.errors import TietaError
 from tieta.hf import source as hf_source
 from tieta.methods import registry
@@ -56,12 +57,13 @@ class DataConfig:
     # split: a class-per-folder tree, a single list file (tieta.data.sources)
     holdout: Optional[float] = None
     augment: str = "none"  # or "timm": timm's RandAugment training transform (tieta.data.augment)
-    # "image" or "video" (a folder of clips, tieta.video); None: what data.path holds, written resolved
+    # "image", "video" (a folder of clips, tieta.video) or "segmentation" (images with label masks,
+    # tieta.dense); None: what data.path holds, written resolved
     kind: Optional[str] = None
 
 
 AUGMENTS = ("none", "timm")
-DATA_KINDS = ("image", "video")
+DATA_KINDS = ("image", "video", "segmentation")
 
 
 @dataclass
@@ -140,6 +142,9 @@ class GeneralConfig:
     device: str = "auto"  # "auto": cuda if available, else cpu
     # segmentation.head set: a segmentation model (tieta.dense)
     segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
+    # how a segmentation task's images and masks are resized, cropped and augmented (tieta.dense.dataset);
+    # segmentation runs only
+    segmentation_data: SegmentationDataConfig = field(default_factory=SegmentationDataConfig)
     # written by a run, not set: the numbers data.normalization resolved to and the backbone it was
     # trained on (tieta.train.record), which rebuilding the run uses and checks
     resolved: Any = field(default=None, metadata={"any_type": True})
@@ -479,6 +484,7 @@ def validate(config: RunConfig) -> None:
     _check_resolved(config.resolved)
     _check_declared_bounds(config)
     config.segmentation.check()
+    config.segmentation_data.check(prefix="segmentation_data.")
     for method in registry.METHODS.values():
         if method.validate is not None:
             method.validate(config)
