@@ -413,11 +413,11 @@ def _train(config: RunConfig, run: Optional[RunDir], output: Path, resume: bool,
         "num_classes": task.num_classes,
         "img_size": image_size_of(model),
         "acc": last_eval["acc"],
-        "top5": last_eval.get("top5"),
-        "balanced_acc": last_eval.get("balanced_acc"),
+        # a classifier's top-5 and balanced accuracy; a segmentation run's mIoU, mAcc and aAcc
+        **({"top5": last_eval.get("top5"), "balanced_acc": last_eval.get("balanced_acc")} if not segmentation else
+           score_fields(last_eval)),
         "best_acc": best["acc"],
         "best_epoch": best["epoch"],
-        **score_fields(last_eval),  # a segmentation run's mIoU, mAcc and aAcc
         # always answering the most frequent class (a segmentation run's pixels have no such score)
         "majority_acc": None if segmentation else majority_accuracy(eval_set.labels.tolist()),
         "lr_reached_base": lr_reached_base(optim.warmup_epochs, optim.epochs),

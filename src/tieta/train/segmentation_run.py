@@ -183,11 +183,13 @@ def _percent(value: float) -> Optional[float]:
     return None if math.isnan(value) else 100.0 * value
 
 
-def cost_crops(dataset: Dataset, indices: list[int], crop: int) -> torch.Tensor:
-    """What a segmentation run's cost is counted on: the top-left crop x crop window of at most
-    MAX_COST_IMAGES evaluation images (padded with the mean where smaller: normalised, 0), one
-    window being one pass of the model. Returns (n, 3, crop, crop), 0-255 scale."""
-    chosen = indices[:: max(1, len(indices) // MAX_COST_IMAGES)][:MAX_COST_IMAGES]
+def cost_crops(dataset: Dataset, indices: list[int], crop: int, limit: int = MAX_COST_IMAGES) -> torch.Tensor:
+    """What a segmentation run's cost is counted and timed on: the top-left crop x crop window of
+    at most ``limit`` of the evaluation images at ``indices``, spread over them (padded with the
+    mean where smaller: normalised, 0), one window being one pass of the model.
+
+    Returns: (n, 3, crop, crop), 0-255 scale."""
+    chosen = indices[:: max(1, len(indices) // limit)][:limit]
     crops = []
     for index in chosen:
         image = dataset[index][0][:, :crop, :crop]
