@@ -329,7 +329,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from tieta.report.tables import PREDICT_COLUMNS, format_table
     from tieta.files import write_file
 
-    if args.output is not None:
+    if args.output is not None and not args.output.is_dir():  # a folder: a segmentation model's masks
         _file_to_write(args.output)
         if args.output.exists() and not args.overwrite:
             raise TietaError(f"{args.output} already exists; pick another path or pass --overwrite")
@@ -338,6 +338,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     def report_skip(path: Path, why: str) -> None:
         print(f"tieta: skipped {path}: {why}", file=sys.stderr)
 
+    if predictor.segmentation is not None:
+        return _predict_masks(args, predictor, report_skip)
+    if args.output is not None:
+        _file_to_write(args.output)  # a folder: refused in its sentence
     found = predict(predictor, args.images, args.top_k, args.batch_size, args.device, report_skip)
     if args.output is not None:
         write_file(args.output, predictions_csv(found, min(args.top_k, len(found.rows[0][1]))))
@@ -350,6 +354,26 @@ def cmd_predict(args: argparse.Namespace) -> int:
     item = "clip" if predictor.video is not None else "image"
     plural = "s" if len(found.rows) != 1 else ""
     print(f"classified {len(found.rows)} {item}{plural}{skipped}{written}", file=sys.stderr)
+    return 0
+
+
+def _predict_masks(args: argparse.Namespace, predictor, report_skip) -> int:
+    """``tieta predict`` with a segmentation model: a mask and an overlay per image in --output."""
+    from tieta.deploy.predict import shown_path
+    from tieta.deploy.predict_masks import classes_text, predict_masks
+    from tieta.report.tables import MASK_COLUMNS, format_table
+
+    if args.output is None:
+        raise TietaError(f"{args.source} is a segmentation model, which writes a mask and an overlay per image: give "
+                         "--output DIR")
+    found = predict_masks(predictor, args.images, args.output, args.overwrite, args.device, report_skip)
+    rows = [{"image": shown_path(image), "mask": mask.name, "classes": classes_text(shares, predictor.name)}
+            for image, mask, _, shares in found.rows]
+    print(format_table(rows, MASK_COLUMNS))
+    skipped = f", skipped {len(found.skipped)} (see above)" if found.skipped else ""
+    plural = "s" if len(found.rows) != 1 else ""
+    print(f"segmented {len(found.rows)} image{plural}{skipped}; wrote a mask (*_mask.png) and an overlay "
+          f"(*_overlay.png) of each into {args.output}", file=sys.stderr)
     return 0
 
 
@@ -740,14 +764,17 @@ def build_parser() -> argparse.ArgumentParser:
     predictor = sub.add_parser("predict", help="classify image files or folders with a run or an export",
                                description="Top classes of each image (files, or folders searched recursively), "
                                "prepared as in training, in batches. Files that cannot be read are reported and "
-                               "skipped.")
+                               "skipped. A segmentation model writes a label mask (a palette PNG of class indices, "
+                               "the image's size) and an overlay picture per image into --output DIR.")
     predictor.add_argument("source", type=Path, help="a finished run folder or an export folder")
     predictor.add_argument("images", nargs="+", type=Path, help="image files or folders")
     predictor.add_argument("--top-k", type=_positive_int, default=5, help="classes per image (default 5)")
     predictor.add_argument("--batch-size", type=_positive_int, default=32, help="images per batch (default 32)")
     predictor.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
-    predictor.add_argument("--output", type=Path, help="write a CSV here instead of printing a table")
-    predictor.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
+    predictor.add_argument("--output", type=Path, help="write a CSV here instead of printing a table; for a "
+                           "segmentation model, the folder its masks and overlays go into")
+    predictor.add_argument("--overwrite", action="store_true", help="replace an existing --output file (or a mask or "
+                           "overlay file of the same name that tieta did not write)")
     predictor.set_defaults(func=cmd_predict)
 
     checksum = sub.add_parser("checksum", help="verify the checksum of tieta's safetensors files, or add one",

@@ -69,6 +69,13 @@ PREDICT_COLUMNS = (
     ("next", "next classes", ""),
 )
 
+# `tieta predict` with a segmentation model: each image's mask file and its largest classes
+MASK_COLUMNS = (
+    ("image", "image", ""),
+    ("mask", "mask", ""),
+    ("classes", "largest classes (share of pixels)", ""),
+)
+
 # the one name of the PYRA paper's unit wherever it is shown (GMACs, MACs / 1e9, everywhere else)
 PYRA_UNIT = "MACs/2^30 (PYRA paper's GFLOPs)"
 
