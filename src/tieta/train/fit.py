@@ -38,11 +38,12 @@ from tieta.train.model import build_model, image_size_of, seed_everything
 from tieta.video.model import frame_backbone
 from tieta.train.video_run import (cost_inputs, is_video_run, open_run_task, video_datasets, video_eval_dataset,
                                    with_data_kind)
-from tieta.dense.dataset import SegmentationTask, segmentation_fingerprint
+from tieta.dense.dataset import SegmentationTask
 from tieta.dense.model import segmentation_step
 from tieta.train.segmentation_run import SCORES as SEGMENTATION_SCORES
 from tieta.train.segmentation_run import (cost_crops, evaluate_segmentation, is_segmentation_run, run_backbone,
-                                          score_fields, segmentation_datasets, segmentation_eval_dataset)
+                                          score_fields, segmentation_datasets, segmentation_eval_dataset,
+                                          task_fingerprint)
 from tieta.train.run_model import load_run_model
 from tieta.train.optim import build_optimizer, lr_multiplier
 from tieta.train.progress import Progress, load_progress, read_record, save_progress
@@ -320,7 +321,7 @@ def _train(config: RunConfig, run: Optional[RunDir], output: Path, resume: bool,
     min_ratio = optim.min_lr / optim.lr
 
     def lr_at(step: int) -> float:
-        return lr_multiplier(step, total_steps, warmup_steps, min_ratio)
+        return lr_multiplier(step, total_steps, warmup_steps, min_ratio, optim.schedule)
 
     scaler = torch.amp.GradScaler(device.type) if config.precision == "fp16" else None
     tf32 = use_tf32(device)
@@ -436,11 +437,6 @@ def _train(config: RunConfig, run: Optional[RunDir], output: Path, resume: bool,
     run.finish(summary)
     distributed.barrier(processes)
     return summary
-
-
-def task_fingerprint(task, splits: tuple[str, ...]) -> str:
-    """The fingerprint of what a run reads from its task (a segmentation task's pairs, or images)."""
-    return segmentation_fingerprint(task, splits) if isinstance(task, SegmentationTask) else fingerprint(task, splits)
 
 
 def trained_tensors(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -24,7 +24,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from tieta.dense.config import SegmentationConfig, is_segmentation
-from tieta.dense.dataset import SegmentationDataset, SegmentationTask, open_segmentation_task
+from tieta.data.vtab import fingerprint
+from tieta.dense.dataset import (SegmentationDataConfig, SegmentationDataset, SegmentationTask, open_segmentation_task,
+                                 segmentation_fingerprint)
 from tieta.dense.metrics import SegmentationMeter
 from tieta.dense.model import SegmentationModel, slide_inference
 from tieta.dense.uperhead import resize
@@ -95,6 +97,20 @@ def open_segmentation_run_task(config, path: Optional[str] = None) -> Segmentati
     reduction and ignore index."""
     settings = config.segmentation_data
     return open_segmentation_task(path or config.data.path, settings.reduce_zero_label, settings.ignore_index)
+
+
+def task_fingerprint(task, splits: tuple[str, ...]) -> str:
+    """The fingerprint of what a run reads from its task: a segmentation task's pairs
+    (:func:`tieta.dense.dataset.segmentation_fingerprint`), or an image or video task's."""
+    return segmentation_fingerprint(task, splits) if isinstance(task, SegmentationTask) else fingerprint(task, splits)
+
+
+def open_planned_task(path, base: dict):
+    """A sweep's segmentation task at ``path``, opened with the reduction and ignore index its base
+    settings (dotted keys) give."""
+    defaults = SegmentationDataConfig()
+    return open_segmentation_task(path, base.get("segmentation_data.reduce_zero_label", defaults.reduce_zero_label),
+                                  base.get("segmentation_data.ignore_index", defaults.ignore_index))
 
 
 def check_crop(config, image_size: int) -> None:
