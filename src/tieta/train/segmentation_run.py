@@ -128,6 +128,7 @@ def segmentation_datasets(config, task: SegmentationTask, image_size: int, mean)
         mean: the run's normalisation mean (0-1 scale), the training crops' padding.
     """
     check_crop(config, image_size)
+    config.segmentation.window(image_size)  # an evaluation window the model cannot take: before any training
     train = SegmentationDataset(task.split(config.data.train_split), task, config.segmentation_data, True,
                                 tuple(mean))
     return train, segmentation_eval_dataset(config, task, config.data.eval_split, mean)
