@@ -79,7 +79,7 @@ def with_segmentation_settings(config):
     for method in config.method_list:
         if method.objective is not None and method.dense_loss is None:
             raise TietaError(f"{method.name} trains with its own loss, which has no form for segmentation; a "
-                             "segmentation run trains with the pixel loss (and DyT's rate loss): use another "
+                             "segmentation run trains with the pixel loss (and a method's own dense term): use another "
                              "method")
     return config
 
