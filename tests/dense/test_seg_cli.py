@@ -90,6 +90,7 @@ def test_a_segmentation_task_trains_evaluates_exports_and_predicts(method, runs,
                  "--output", str(tmp_path / "masks")]) == 0
     out, err = capsys.readouterr()
     assert "val_0006_mask.png" in out and "segmented 7 images" in err
+    assert any(name in out for name in ("background", "disc", "square", "triangle"))  # classes.txt's names
     with Image.open(tmp_path / "masks" / "val_0006_mask.png") as mask, Image.open(image) as picture:
         assert mask.mode == "P" and mask.size == picture.size == (80, 64)
         assert np.array(mask).max() < CLASSES  # class indices
@@ -132,11 +133,35 @@ def test_predict_writes_what_the_run_evaluates_and_never_a_user_s_file(runs, seg
 
 def test_a_sweep_of_segmentation_runs_is_reported_by_miou(runs, tmp_path, capsys):
     folder = next(iter(runs.values())).parent
-    assert main(["report", str(folder), "--output", str(tmp_path / "report"), "--no-bench"]) == 0
+    assert main(["report", str(folder), "--output", str(tmp_path / "report"), "--rounds", "1",
+                 "--batch-size", "2"]) == 0  # timed on a window of each of 2 test images
     table = (tmp_path / "report" / "report.md").read_text()
+    assert "batch 2 of its evaluation images" in table
     assert all(method in table for method in METHODS)
     assert "mIoU (final)" in table and "mAcc % (final)" in table and "top-5" not in table.split("## Reading")[0]
     assert "Highest mIoU" in capsys.readouterr().out
+
+
+def test_images_of_one_name_get_their_own_masks(runs, seg_task, tmp_path, capsys):
+    image = seg_task / "images" / "validation" / "val_0006.jpg"
+    (tmp_path / "other").mkdir()
+    shutil.copy(image, tmp_path / "other" / image.name)
+    assert main(["predict", str(runs["evit+lora"]), str(image), str(tmp_path / "other"),
+                 "--output", str(tmp_path / "masks")]) == 0
+    assert sorted(path.name for path in (tmp_path / "masks").glob("*.png")) == [
+        "val_0006-2_mask.png", "val_0006-2_overlay.png", "val_0006_mask.png", "val_0006_overlay.png"]
+
+
+def test_a_segmentation_run_trains_in_one_process(seg_task, tmp_path, capsys, monkeypatch):
+    from tieta.train import fit as fit_module
+    from tieta.train.distributed import Processes
+
+    monkeypatch.setattr(fit_module.distributed, "join", lambda device: (Processes(rank=0, world=2), "cpu"))
+    monkeypatch.setattr(fit_module.distributed, "leave", lambda processes: None)
+    monkeypatch.setattr(fit_module.distributed, "agree", lambda ok, processes: ok)
+    assert "a segmentation run trains in one process" in refused(
+        capsys, "train", *TINY, "--data", str(seg_task), "--output", str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_segmentation_run_resumes_after_an_interruption(seg_task, tmp_path, quick_throughput):
@@ -190,7 +215,14 @@ def test_bad_segmentation_input_is_one_sentence(seg_task, tmp_path, capsys):
         "--set", "segmentation.eval_stride=64", "--output", str(tmp_path / "i"))
     assert "optim.schedule must be one of cosine, poly" in refused(
         capsys, "train", *TINY, "--data", str(seg_task), "--set", "optim.schedule=step", "--output", str(tmp_path / "j"))
-    assert [name for name in "abcdefghij" if (tmp_path / name).exists()] == []
+    assert "segmentation.ignore_index (0) and segmentation_data.ignore_index (255) differ" in refused(
+        capsys, "train", *TINY, "--data", str(seg_task), "--set", "segmentation.ignore_index=0",
+        "--output", str(tmp_path / "k"))
+    assert "data.augment timm is for images" in refused(
+        capsys, "train", *TINY, "--data", str(seg_task), "--set", "data.augment=timm", "--output", str(tmp_path / "l"))
+    assert "data.holdout holds images out of a source without a test split" in refused(
+        capsys, "train", *TINY, "--data", str(seg_task), "--set", "data.holdout=0.2", "--output", str(tmp_path / "m"))
+    assert [name for name in "abcdefghijklm" if (tmp_path / name).exists()] == []
 
 
 def test_the_ade20k_sweep_file_holds_dyt_s_recipe():
@@ -214,3 +246,26 @@ def test_the_ade20k_sweep_file_holds_dyt_s_recipe():
         assert abs(optim.epochs * steps - 160_000) < steps and abs(optim.warmup_epochs * steps - 1_500) < steps
         assert config.segmentation.window(512) == (512, 341) and config.segmentation.eval_mode == "slide"
         assert (data.crop_size, list(data.scale), data.reduce_zero_label) == (512, [2048, 512], True)
+
+
+def test_the_ade20k_sweep_file_trains_a_segmentation_task_under_its_root(seg_task, tmp_path, quick_throughput,
+                                                                          capsys):
+    root = tmp_path / "segmentation-tasks"
+    root.mkdir()
+    (root / "ade20k").symlink_to(seg_task)
+    tiny = ["model=test_vit", "weights=random", "img_size=64", "segmentation.channels=16",
+            "segmentation.aux_channels=8", "segmentation.eval_crop=64", "segmentation.eval_stride=42",
+            "segmentation_data.crop_size=64", "segmentation_data.scale=[128, 64]", "optim.epochs=1",
+            "optim.warmup_epochs=0", "optim.batch_size=2", "adapter.dim=2", "dyt.adapter_dim=2"]
+    sweep_file = tmp_path / "dyt_ade20k.yaml"  # the shipped file, for a task of 4 classes
+    sweep_file.write_text((CONFIGS / "dyt_ade20k.yaml").read_text().replace("classes: 150", f"classes: {CLASSES}"))
+    argv = ["sweep", str(sweep_file), "--root", str(root), "--runs", "dyt", "--output", str(tmp_path / "sweep")]
+    for setting in tiny:
+        argv += ["--set", setting]
+    assert main(argv) == 0
+    summaries = list((tmp_path / "sweep").rglob("summary.json"))
+    assert len(summaries) == 1 and json.loads(summaries[0].read_text())["metric"] == "mIoU"
+    written = summaries[0].stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(argv) == 0  # run again: the finished run is this cell's
+    assert "0 runs to train, 1 finished before" in capsys.readouterr().out and summaries[0].stat().st_mtime_ns == written
