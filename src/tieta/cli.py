@@ -390,10 +390,11 @@ def cmd_checksum(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cost_rows(label: str, plain: dict[str, float], with_method: dict[str, float]) -> list[dict[str, Any]]:
-    """The rows of ``tieta flops``' table: the unmodified timm model, then the model with the method
-    (named ``label``), each with its cost ratio to the unmodified one."""
-    rows = [{"name": "timm (no method)", **plain}, {"name": label, **with_method}]
+def _cost_rows(label: str, plain: dict[str, float], with_method: dict[str, float],
+               plain_label: str = "timm (no method)") -> list[dict[str, Any]]:
+    """The rows of ``tieta flops``' table: the unmodified timm model (named ``plain_label``), then
+    the model with the method (named ``label``), each with its cost ratio to the unmodified one."""
+    rows = [{"name": plain_label, **plain}, {"name": label, **with_method}]
     for row in rows:
         row["ratio"] = row["gmacs"] / plain["gmacs"]
     return rows
@@ -410,15 +411,20 @@ def cmd_flops(args: argparse.Namespace) -> int:
     from tieta.device import resolve_device
     from tieta.train.fit import describe_methods
     from tieta.train.model import build_backbone, build_model, image_size_of
+    from tieta.dense.config import is_segmentation
+    from tieta.dense.model import segmentation_model_for
 
     config = _config_from(args)
     device = resolve_device(args.device or "cpu")  # the count is the same anywhere; a large model is faster on a GPU
     # costs do not depend on the weights, so both start from random ones
     model = build_model(config, args.num_classes, random_weights=True).to(device)
-    plain = build_backbone(config, args.num_classes, random_weights=True).to(device)
+    # a segmentation model's baseline: the same neck and heads on the unmodified backbone
+    plain = segmentation_model_for(build_backbone(config, args.num_classes, random_weights=True), config,
+                                   args.num_classes).to(device)
     size = image_size_of(model)
     images = torch.randn(1, 3, size, size).to(device)
-    rows = _cost_rows(f"{config.model} + {config.method}", count_flops(plain, images), count_flops(model, images))
+    rows = _cost_rows(f"{config.model} + {config.method}", count_flops(plain, images), count_flops(model, images),
+                      "timm + UPerNet (no method)" if is_segmentation(config) else "timm (no method)")
     trainable, total = trainable_parameters(model)
     print(f"{config.model} + {config.method} at {size} px, per image:")
     print(textwrap.indent(format_table(rows, FLOPS_COLUMNS), "  "))

@@ -269,3 +269,12 @@ def test_the_ade20k_sweep_file_trains_a_segmentation_task_under_its_root(seg_tas
     capsys.readouterr()
     assert main(argv) == 0  # run again: the finished run is this cell's
     assert "0 runs to train, 1 finished before" in capsys.readouterr().out and summaries[0].stat().st_mtime_ns == written
+
+
+def test_flops_compares_a_segmentation_model_with_its_heads_on_the_plain_backbone(capsys):
+    assert main(["flops", "--model", "test_vit", "--weights", "random", "--img-size", "64", "--method", "tome",
+                 "--schedule", "2", "--set", "segmentation.head=upernet", "--set", "segmentation.channels=16"]) == 0
+    out = capsys.readouterr().out
+    assert "timm + UPerNet (no method)" in out
+    line = next(line for line in out.splitlines() if "test_vit + tome" in line)
+    assert float(line.split()[-1]) < 1.0  # the merge's saving, against the same heads

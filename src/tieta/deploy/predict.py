@@ -111,7 +111,8 @@ def predict(predictor: Predictor, paths: list[str | Path], top_k: int = 5, batch
             on_skip(path, why)
 
     if predictor.segmentation is not None:
-        raise TietaError("a segmentation model writes a mask per image: give --output DIR (tieta.deploy.predict_masks)")
+        raise TietaError("a segmentation model segments images rather than classifies them: use "
+                         "tieta.deploy.predict_masks.predict_masks (tieta predict ... --output DIR)")
     if predictor.video is not None:  # a video model: clips, each scored by its views' mean logits
         return predict_clips(predictor, paths, top_k, batch_size, device, skip, result)
     files = image_files(paths, skip)
