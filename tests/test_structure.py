@@ -59,6 +59,7 @@ NAMES_METHODS_ON_PURPOSE = {
     "native": "ToMe's merge in C: one method's operations, as ops/ holds them",
     "measure/bench_suite.py": "tieta bench times named methods side by side (the PYRA paper's speed table): "
                               "its line-up is what it measures",
+    "measure/suites.py": "the names of tieta bench's line-ups, and what each times",
     "measure/free_merge.py": "the bench's ToMe whose merges cost nothing, timed beside ToMe",
     "report/speed.py": "the reading of tieta bench's line-up (PYRA's speed against ToMe's)",
     "report/tables.py": "the columns of tieta bench's line-up (PYRA / ToMe)",

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from tieta.errors import TietaError
+from tieta.measure.suites import SUITES, suites_help
 from tieta.methods import catalog, registry  # names and flags only: --help must not load torch
 from tieta.reference import codes  # the reference codes' names, for tieta import's --help
 
@@ -263,7 +264,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    print(f"{args.run}{' (best epoch)' if args.best else ''}: {result['split']} split, {result['images']} images")
+    print(f"{args.run}{' (best epoch)' if args.best else ''}: {result['split']} split, {result['images']} "
+          f"{result['input_kind']}s")
     shown = {**result, "top5": "n/a" if result.get("top5") is None else result["top5"]}  # under 5 classes
     print(format_table([shown], summary_columns([shown], evaluation=True)))
     for note in result["notes"]:
@@ -410,23 +412,23 @@ def cmd_flops(args: argparse.Namespace) -> int:
     from tieta.report.tables import FLOPS_COLUMNS, fact_label, format_table
     from tieta.device import resolve_device
     from tieta.train.fit import describe_methods
-    from tieta.train.model import build_backbone, build_model, image_size_of
+    from tieta.train.model import build_model, build_plain_model, example_input, image_size_of
     from tieta.dense.config import is_segmentation
-    from tieta.dense.model import segmentation_model_for
 
     config = _config_from(args)
     device = resolve_device(args.device or "cpu")  # the count is the same anywhere; a large model is faster on a GPU
     # costs do not depend on the weights, so both start from random ones
     model = build_model(config, args.num_classes, random_weights=True).to(device)
-    # a segmentation model's baseline: the same neck and heads on the unmodified backbone
-    plain = segmentation_model_for(build_backbone(config, args.num_classes, random_weights=True), config,
-                                   args.num_classes).to(device)
+    plain = build_plain_model(config, args.num_classes, random_weights=True).to(device)
     size = image_size_of(model)
-    images = torch.randn(1, 3, size, size).to(device)
-    rows = _cost_rows(f"{config.model} + {config.method}", count_flops(plain, images), count_flops(model, images),
+    inputs = example_input(model, torch.Generator().manual_seed(0))  # an image, or a clip of a video model's frames
+    # a segmentation model's baseline: the same neck and heads on the unmodified backbone
+    rows = _cost_rows(f"{config.model} + {config.method}", count_flops(plain, inputs), count_flops(model, inputs),
                       "timm + UPerNet (no method)" if is_segmentation(config) else "timm (no method)")
     trainable, total = trainable_parameters(model)
-    print(f"{config.model} + {config.method} at {size} px, per image:")
+    frames = getattr(model, "frames", None)
+    unit = "per image" if frames is None else f"per clip of {frames} frames"
+    print(f"{config.model} + {config.method} at {size} px, {unit}:")
     print(textwrap.indent(format_table(rows, FLOPS_COLUMNS), "  "))
     print("  (GMACs: multiply-accumulates / 1e9, the unit tieta shows everywhere; the PYRA paper divides by 2^30)")
     print(f"  parameters: {total:,} ({trainable:,} trainable, {100 * trainable / total:.3f}%)")
@@ -435,7 +437,7 @@ def cmd_flops(args: argparse.Namespace) -> int:
     dependent = [method.name for method in config.method_list if method.data_dependent_cost]
     if dependent:
         print(f"  {', '.join(dependent)}: the cost depends on the images and the trained weights; this is one random "
-              "image with untrained ones; a trained run's summary.json counts the executed path on real test images")
+              f"{'image' if frames is None else 'clip'} with untrained ones; a trained run's summary.json counts the executed path on real test images")
     return 0
 
 
@@ -480,17 +482,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.output is not None:
         _file_to_write(args.output)
     # sizes that could not fit are refused before any model is allocated or timed
-    check_sizes(args.model, args.img_size, args.batch_size, args.dtype, args.train, args.device)
+    check_sizes(args.model, args.img_size, args.batch_size, args.dtype, args.train, args.device, args.frames)
     if args.rounds < RELIABLE_ROUNDS:
         print(f"tieta: warning: medians over fewer than {RELIABLE_ROUNDS} interleaved rounds are not reliable, "
               f"so take these numbers as a smoke test (--rounds {args.rounds}; the default is 7)", file=sys.stderr)
     with watched_load() as load:
         rows = run_suite(args.model, args.img_size, args.batch_size, args.dtype, args.schedules, args.rounds,
-                         args.train, args.device, log=_bench_progress)
+                         args.train, args.device, log=_bench_progress, frames=args.frames, suite=args.suite)
     for row in rows:
         row["speedup_range"] = spread_text(row)
     kind = "training steps" if args.train else "evaluation"
-    print(f"{args.model}, {kind}, batch {args.batch_size}, {args.dtype}, {args.device}, "
+    batch = f"batch {args.batch_size}" if args.frames is None else \
+        f"batch {args.batch_size} clips of {args.frames} frames (img/s counts clips)"
+    print(f"{args.model}, {kind}, {batch}, {args.dtype}, {args.device}, "
           f"median of {args.rounds} interleaved rounds (speedup: per-round ratio to the first row, its range over "
           f"the rounds beside it); {load_text(load)}")
     print(format_table(rows, bench_columns(rows, efficiency=not args.train)))
@@ -812,6 +816,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"interleaved timing rounds (default 7; fewer than {RELIABLE_ROUNDS} are not reliable)")
     bench.add_argument("--train", action="store_true",
                        help="time training steps of LoRA and of each merging method with LoRA")
+    bench.add_argument("--suite", choices=list(SUITES), default=next(iter(SUITES)), help=suites_help())
+    bench.add_argument("--frames", type=_positive_int,
+                       help="time clips of this many frames (each model on every frame, then the attentive pooling "
+                            "of a video model); default: images")
     bench.add_argument("--device", default="cpu", help="where to time: cpu, cuda or cuda:N (default cpu)")
     bench.add_argument("--output", type=Path, help="also write the rows as JSON here")
     bench.set_defaults(func=cmd_bench)

@@ -50,7 +50,7 @@ def test_the_reading_says_what_is_fastest_and_what_is_not_resolved():
 @pytest.fixture
 def fixed_suite(monkeypatch):
     """run_suite answering ROWS, after telling its log what it times round by round."""
-    def run_suite(model, img_size, batch_size, dtype, schedules, rounds, train, device, log=None):
+    def run_suite(model, img_size, batch_size, dtype, schedules, rounds, train, device, log=None, **video):
         progress = bench_suite.stage_progress(log, 1, 2, "timing evaluation of timm, tome low side by side")
         for done in range(rounds + 1):
             progress(done, rounds, 2.0 * (rounds - done))
@@ -94,7 +94,7 @@ def test_bench_flags_have_help_and_the_defaults_time_enough_rounds_to_rank():
 
 
 def test_run_suite_tells_its_log_each_step_and_round(monkeypatch):
-    def benchmark(models, batch_size, dtype, device, rounds, train, progress=None):
+    def benchmark(models, batch_size, dtype, device, rounds, train, images=None, progress=None):
         for done in range(rounds + 1):
             progress(done, rounds, float(rounds - done))
         return [{"name": name, "flops_ratio": 1.0, "round_rates": [1.0] * rounds} for name in models]

@@ -71,6 +71,9 @@ def test_a_clip_task_trains_evaluates_exports_and_predicts(method, runs, clip_ta
     assert main(["eval", str(run), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["acc"] == pytest.approx(summary["acc"]) and result["images"] == 4  # the test clips, views averaged
+    assert result["input_kind"] == "clip"
+    assert main(["eval", str(run)]) == 0
+    assert "test split, 4 clips" in capsys.readouterr().out
 
     assert main(["export", str(run), "--output", str(tmp_path / "export")]) == 0
     model = tieta.load(tmp_path / "export")
@@ -215,3 +218,50 @@ def test_an_ssv2_style_run_trains_on_segments_and_spatial_views(clip_task, tmp_p
     config = (run / "config.yaml").read_text()
     assert "style: ssv2" in config and "spatial_views: 3" in config
     assert json.loads((run / "summary.json").read_text())["num_classes"] == 2
+
+
+def test_flops_counts_a_clip_of_a_video_config(capsys):
+    """``tieta flops`` on a video model's settings: the cost of one clip of its frames, the plain
+    model being the same video model without the method."""
+    import torch
+
+    from tieta.train.config import load_config
+    from tieta.train.model import build_model, build_plain_model
+
+    flags = ["--model", "test_vit", "--img-size", "64", "--method", "tome", "--schedule", "1",
+             "--set", "video.frames=3"]
+    assert main(["flops", *flags, "--num-classes", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "per clip of 3 frames" in out
+    config = load_config(None, {"model": "test_vit", "img_size": 64, "method": "tome", "merge.schedule": 1,
+                                "video.frames": 3})
+    clip = torch.randn(1, 3, 3, 64, 64)
+    merged = tieta.count_flops(build_model(config, 5, random_weights=True), clip)["gmacs"]
+    plain = tieta.count_flops(build_plain_model(config, 5, random_weights=True), clip)["gmacs"]
+    assert isinstance(build_plain_model(config, 5, random_weights=True), VideoModel)
+    assert f"{merged / plain:.3f}" in out and merged < plain
+
+
+@pytest.mark.parametrize("suite", ["merging", "dyt"])
+def test_bench_times_clips_of_the_frames_asked(suite, capsys):
+    """``tieta bench --frames T``: each suite's models on every frame of a clip, pooled; a clip's
+    GMACs are T frames' and the pooling's."""
+    from tieta.measure.bench_suite import run_suite
+
+    rows = run_suite("test_vit", 32, 2, "fp32", ["low"], 1, False, frames=3, suite=suite)
+    names = [row["name"] for row in rows]
+    assert names == (["timm", "tome r=0", "tome low", "pyra low"] if suite == "merging"
+                     else ["adapter", "dyt", "dyt+tome low", "adapter+tome low"])
+    images = run_suite("test_vit", 32, 2, "fp32", ["low"], 1, False, suite=suite)
+    assert rows[0]["gmacs"] > 3 * images[0]["gmacs"]  # three frames, and the pooling
+    assert all("ceiling_speedup" not in row for row in rows)  # the ceiling is timed on images only
+    assert main(["bench", "--model", "test_vit", "--img-size", "32", "--batch-size", "2", "--frames", "3",
+                 "--suite", suite, "--rounds", "1"]) == 0
+    assert "batch 2 clips of 3 frames" in capsys.readouterr().out
+
+
+def test_bench_refuses_a_dyt_training_suite_and_too_many_frames(capsys):
+    assert main(["bench", "--model", "test_vit", "--suite", "dyt", "--train", "--rounds", "1"]) == 2
+    assert "the dyt suite times evaluation" in capsys.readouterr().err
+    assert main(["bench", "--model", "test_vit", "--frames", "100000", "--rounds", "1"]) == 2
+    assert "frames of a clip must be in 1 .. 256" in capsys.readouterr().err

@@ -27,10 +27,14 @@ from tieta.methods.params import freeze_backbone
 from tieta.methods.pyra import add_pyra
 from tieta.methods.schedules import resolve_schedule
 from tieta.methods.tome import add_tome
+from tieta.measure.suites import SUITES
 from tieta.native import tensor_code
 from tieta.train.config import MAX_BATCH_SIZE, MAX_IMG_SIZE
+from tieta.video.config import MAX_FRAMES
+from tieta.video.model import VideoModel
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+CALIBRATION_IMAGES = 64  # images DyT's dispatchers are set on (their quantile), at most
 BYTES_PER_VALUE = {"fp32": 4, "bf16": 2}
 MEMINFO = Path("/proc/meminfo")
 
@@ -74,10 +78,11 @@ def free_bytes(device: str) -> Optional[int]:
     return None
 
 
-def check_sizes(model: str, img_size: Optional[int], batch_size: int, dtype: str, train: bool, device: str) -> None:
+def check_sizes(model: str, img_size: Optional[int], batch_size: int, dtype: str, train: bool, device: str,
+                frames: Optional[int] = None) -> None:
     """Refuse, before any model is timed, an image or batch size beyond the run config's limits
     (MAX_IMG_SIZE, MAX_BATCH_SIZE), and a batch whose activations (:func:`activation_values`, a low
-    estimate) need more memory than ``device`` has free.
+    estimate) need more memory than ``device`` has free (a batch of clips: ``frames`` images each).
 
     Raises:
         TietaError: one sentence naming the size and its limit.
@@ -86,13 +91,16 @@ def check_sizes(model: str, img_size: Optional[int], batch_size: int, dtype: str
         raise TietaError(f"the image size must be at most {MAX_IMG_SIZE} px, got {img_size:,}")
     if batch_size > MAX_BATCH_SIZE:
         raise TietaError(f"the batch size must be at most {MAX_BATCH_SIZE:,}, got {batch_size:,}")
+    if frames is not None and not 1 <= frames <= MAX_FRAMES:
+        raise TietaError(f"the frames of a clip must be in 1 .. {MAX_FRAMES}, got {frames:,}")
     probe = _vit(model, img_size)
     check_vit(probe)  # the estimate reads a ViT's shape
-    need = activation_values(probe, batch_size, train) * BYTES_PER_VALUE[dtype]
+    need = activation_values(probe, batch_size * (frames or 1), train) * BYTES_PER_VALUE[dtype]
     free = free_bytes(device)
     if free is not None and need > free:
         size = int(probe.patch_embed.img_size[0])
-        raise TietaError(f"a batch of {batch_size:,} images of {size} px needs at least {need / 2**30:,.1f} GiB for "
+        what = f"clips of {frames} frames" if frames else "images"
+        raise TietaError(f"a batch of {batch_size:,} {what} of {size} px needs at least {need / 2**30:,.1f} GiB for "
                          f"{model}'s activations (an estimate from its tokens, width and depth), more than the "
                          f"{free / 2**30:,.1f} GiB free on {device}; use a smaller batch size or image size")
 
@@ -193,29 +201,54 @@ def stage_progress(log: Callable[[str], None], step: int, steps: int, what: str)
     return progress
 
 
+def as_clip_models(models: dict[str, nn.Module], frames: int) -> dict[str, nn.Module]:
+    """Each model as a video model: its backbone on every frame of a clip, the attentive pooling
+    and its classifier after (:class:`tieta.video.model.VideoModel`)."""
+    return {name: VideoModel(model, frames).eval() for name, model in models.items()}
+
+
 def run_suite(model: str, img_size: Optional[int], batch_size: int, dtype: str, schedules: list[str],
               rounds: int, train: bool, device: str = "cpu", merge_variants: bool = False,
-              log: Optional[Callable[[str], None]] = None) -> list[dict]:
-    """Rows of the benchmark table, with each merged schedule's shape-limited ceiling (evaluation);
-    ``merge_variants`` adds ToMe with the tensor merge and with a free merge (evaluation).
+              log: Optional[Callable[[str], None]] = None, frames: Optional[int] = None,
+              suite: str = "merging") -> list[dict]:
+    """Rows of the benchmark table, with each merged schedule's shape-limited ceiling (evaluation
+    of images); ``merge_variants`` adds ToMe with the tensor merge and with a free merge (evaluation).
 
     Args:
+        frames: time clips of this many frames (batches of ``batch_size`` clips, (B, T, 3, S, S)),
+            each model as a video model; None: images.
+        suite: "merging" (timm, ToMe and PYRA at ``schedules``) or "dyt" (the adapter, DyT, DyT + ToMe
+            and the adapter + ToMe at "low"; evaluation only).
         log: told what is built and timed, round by round with the time left (None: silent).
     """
+    if suite not in SUITES:
+        raise TietaError(f"the suite must be one of {', '.join(SUITES)}, got {suite!r}")
+    if suite == "dyt" and train:
+        raise TietaError("the dyt suite times evaluation (its skipping is the evaluation path); leave out --train")
     say = log or (lambda text: None)
-    steps = 1 if train else 1 + len(schedules)
-    say(f"building the {model} models to time (random weights; schedules {', '.join(schedules)}) and counting their "
-        "FLOPs")
-    if train:
-        models = train_models(model, img_size, schedules)
+    ceilings_timed = not train and suite == "merging" and frames is None
+    steps = 1 + (len(schedules) if ceilings_timed else 0)
+    on_clips = f" on clips of {frames} frames" if frames else ""
+    if suite == "dyt":
+        say(f"building the {model} models to time (random weights, DyT's dispatchers set to keep half the tokens) "
+            "and counting their FLOPs")
+        models = dyt_models(model, img_size, batch_size=min(CALIBRATION_IMAGES, batch_size * (frames or 1)))
     else:
-        models = eval_models(model, img_size, schedules, merge_variants)
+        say(f"building the {model} models to time (random weights; schedules {', '.join(schedules)}) and counting "
+            "their FLOPs")
+        models = train_models(model, img_size, schedules) if train else \
+            eval_models(model, img_size, schedules, merge_variants)
+    clips = None
+    if frames is not None:
+        models = as_clip_models(models, frames)
+        side = int(next(iter(models.values())).backbone.patch_embed.img_size[0])
+        clips = torch.randn(batch_size, frames, 3, side, side, generator=torch.Generator().manual_seed(0))
     kind = "training steps" if train else "evaluation"
-    timing = stage_progress(say, 1, steps, f"timing {kind} of {', '.join(models)} side by side")
-    rows = benchmark(models, batch_size, DTYPES[dtype], device, rounds=rounds, train=train,
+    timing = stage_progress(say, 1, steps, f"timing {kind} of {', '.join(models)}{on_clips} side by side")
+    rows = benchmark(models, batch_size, DTYPES[dtype], device, rounds=rounds, train=train, images=clips,
                      progress=timing if log else None)
     _paired_ratios(rows)
-    if not train:
+    if ceilings_timed:
         plain = models["timm"]
         ceilings = {}
         for index, s in enumerate(schedules):

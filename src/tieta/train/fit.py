@@ -41,9 +41,8 @@ from tieta.train.video_run import (cost_inputs, is_video_run, open_run_task, vid
 from tieta.dense.dataset import SegmentationTask
 from tieta.dense.model import segmentation_step
 from tieta.train.segmentation_run import SCORES as SEGMENTATION_SCORES
-from tieta.train.segmentation_run import (cost_crops, evaluate_segmentation, is_segmentation_run, run_backbone,
-                                          score_fields, segmentation_datasets, segmentation_eval_dataset,
-                                          task_fingerprint)
+from tieta.train.segmentation_run import (cost_crops, evaluate_segmentation, is_segmentation_run, score_fields,
+                                          segmentation_datasets, segmentation_eval_dataset, task_fingerprint)
 from tieta.train.run_model import load_run_model
 from tieta.train.optim import build_optimizer, lr_multiplier
 from tieta.train.progress import Progress, load_progress, read_record, save_progress
@@ -112,7 +111,7 @@ def epoch_updates(model: nn.Module, config: RunConfig, epoch: int) -> dict[str, 
     values: dict[str, Any] = {}
     for method in config.method_list:
         if method.epoch_update is not None:
-            values.update(method.epoch_update(run_backbone(frame_backbone(model)), config, epoch, config.optim.epochs))
+            values.update(method.epoch_update(frame_backbone(model), config, epoch, config.optim.epochs))
     return values
 
 
@@ -121,7 +120,7 @@ def describe_methods(model: nn.Module, config: RunConfig) -> dict[str, Any]:
     facts: dict[str, Any] = {}
     for method in config.method_list:
         if method.describe is not None:
-            facts.update(method.describe(run_backbone(frame_backbone(model))))  # a video model's: its frames'
+            facts.update(method.describe(frame_backbone(model)))  # a video or segmentation model's: its ViT's
     return facts
 
 
@@ -558,7 +557,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data: Optional[str] = None, spli
     trainable, total = trainable_parameters(model)
     return {"method": config.method, "split": split, "acc": result["acc"], "top5": result["top5"],
             "balanced_acc": result["balanced_acc"], "eval_loss": result["eval_loss"],
-            "images": len(dataset), "majority_acc": majority_accuracy(dataset.labels.tolist()),
+            "images": len(dataset), "input_kind": "clip" if task.layout == "video" else "image",
+            "majority_acc": majority_accuracy(dataset.labels.tolist()),
             "lr_reached_base": lr_reached_base(config.optim.warmup_epochs, config.optim.epochs),
             "trainable_percent": 100.0 * trainable / total,
             **measure_cost(model, config, dataset, normalize, device, min(batch_size or config.eval_batch_size, 32))}
@@ -577,7 +577,7 @@ def _evaluate_segmentation_checkpoint(model: nn.Module, config: RunConfig, task:
     result = evaluate_segmentation(model, loader, normalize, device, config.precision, config.segmentation)
     trainable, total = trainable_parameters(model)
     return {"method": config.method, "split": split, "acc": result["acc"], **score_fields(result),
-            "images": len(dataset), "majority_acc": None,
+            "images": len(dataset), "input_kind": "image", "majority_acc": None,
             "lr_reached_base": lr_reached_base(config.optim.warmup_epochs, config.optim.epochs),
             "trainable_percent": 100.0 * trainable / total,
             **measure_cost(model, config, dataset, normalize, device, min(batch_size or config.eval_batch_size, 32))}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from typing import Optional
 
 import numpy as np
 import torch
@@ -52,6 +53,22 @@ def build_model(config: RunConfig, num_classes: int, random_weights: bool = Fals
     segmentation run (``segmentation.head``), the segmentation model around it."""
     model = apply_methods(build_backbone(config, num_classes, random_weights), config)
     return segmentation_model_for(video_model_for(model, config), config, num_classes)
+
+
+def build_plain_model(config: RunConfig, num_classes: int, random_weights: bool = False) -> nn.Module:
+    """The configured model without any method (the baseline a run's cost is compared with): the
+    backbone alone, or the video or segmentation model around it as the run's settings say."""
+    model = freeze_backbone(build_backbone(config, num_classes, random_weights))
+    return segmentation_model_for(video_model_for(model, config), config, num_classes)
+
+
+def example_input(model: nn.Module, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """One random input of ``model``'s kind on its device: an image (1, 3, S, S), or for a video
+    model a clip (1, T, 3, S, S)."""
+    side = image_size_of(model)
+    frames = getattr(model, "frames", None)
+    shape = (1, 3, side, side) if frames is None else (1, frames, 3, side, side)
+    return torch.randn(shape, generator=generator).to(next(model.parameters()).device)
 
 
 def seed_everything(seed: int) -> None:

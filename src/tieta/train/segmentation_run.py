@@ -28,7 +28,7 @@ from tieta.data.vtab import fingerprint
 from tieta.dense.dataset import (SegmentationDataConfig, SegmentationDataset, SegmentationTask, open_segmentation_task,
                                  segmentation_fingerprint)
 from tieta.dense.metrics import SegmentationMeter
-from tieta.dense.model import SegmentationModel, slide_inference
+from tieta.dense.model import slide_inference
 from tieta.dense.uperhead import resize
 from tieta.errors import TietaError
 from tieta.train import distributed
@@ -139,12 +139,6 @@ def segmentation_eval_dataset(config, task: SegmentationTask, split: str, mean) 
     (3, H', W'), the mask at its own size (H, W); ``mean``: the run's normalisation mean, what a
     window smaller than the crop is padded with where the cost is counted."""
     return SegmentationDataset(task.split(split), task, config.segmentation_data, False, tuple(mean))
-
-
-def run_backbone(model: nn.Module) -> nn.Module:
-    """The backbone a segmentation model wraps (its methods' schedules and facts are the
-    backbone's); any other model itself."""
-    return model.backbone if isinstance(model, SegmentationModel) else model
 
 
 def segment(model: nn.Module, images: torch.Tensor, settings: SegmentationConfig, size: tuple[int, int]

@@ -144,8 +144,11 @@ def frames_shard(frames: int) -> ContextManager[None]:
 
 
 def frame_backbone(model: nn.Module) -> nn.Module:
-    """The per-frame backbone of a video model; any other model itself."""
-    return model.backbone if isinstance(model, VideoModel) else model
+    """The ViT a task model wraps, where the methods are attached: a video model's per-frame
+    backbone, a segmentation model's backbone; a bare ViT itself."""
+    wrapped = getattr(model, "backbone", None)
+    # the task models (VideoModel, SegmentationModel) share their backbone's state (share_state)
+    return wrapped if isinstance(wrapped, nn.Module) and callable(getattr(model, "share_state", None)) else model
 
 
 def video_model_for(backbone: nn.Module, config) -> nn.Module:
