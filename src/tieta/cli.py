@@ -118,7 +118,8 @@ def _add_config_arguments(parser: argparse.ArgumentParser, data_required: bool, 
     if data_required is not None:
         parser.add_argument("--data", required=data_required, nargs="+" if grid else None,
                             help="task: a VTAB-1k or train/<class>/ folder, a folder with train.csv + test.csv, a saved "
-                            "datasets DatasetDict, hf:NAME, or a <class>/ tree or list.csv with --set data.holdout=0.2"
+                            "datasets DatasetDict, hf:NAME, or a <class>/ tree or list.csv with --set data.holdout=0.2; "
+                            "a folder of clips, or a segmentation task (images/ and annotations/ of label masks)"
                             + ("; several" if grid else ""))
 
 

@@ -179,8 +179,11 @@ def test_whole_image_evaluation_and_the_poly_schedule_train(seg_task, tmp_path, 
     run = tmp_path / "run"
     assert main(["train", *TINY, "--method", "evit+lora", "--data", str(seg_task), "--output", str(run),
                  "--set", "segmentation.eval_mode=whole", "--set", "optim.schedule=poly",
-                 "--set", "data.kind=segmentation"]) == 0
-    assert 0 <= json.loads((run / "summary.json").read_text())["mIoU"] <= 100
+                 "--set", "data.kind=segmentation", "--log", "csv"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert 0 <= summary["mIoU"] <= 100
+    header, row = (run / "summary.csv").read_text().splitlines()
+    assert float(row.split(",")[header.split(",").index("eval_top1")]) == pytest.approx(summary["mIoU"])
 
 
 def test_bad_segmentation_input_is_one_sentence(seg_task, tmp_path, capsys):
