@@ -592,13 +592,18 @@ def _merge_picture(output: Path) -> tuple[Path, Optional[str]]:
 
 
 def _sample_images(task_dir: str, split: str, count: int, image_size: int, normalization: dict):
-    """A few evenly spaced images of a split: (uint8 images, normalised images, their paths)."""
+    """A few evenly spaced images of a split (a segmentation task's: its images, without their
+    masks): (uint8 images, normalised images, their paths)."""
     import torch
 
     from tieta.data.transforms import Normalize
     from tieta.data.vtab import ImageDataset, open_task
+    from tieta.dense.dataset import is_segmentation_task, open_segmentation_task
 
-    items = open_task(task_dir).split(split)
+    if is_segmentation_task(task_dir):
+        items = [(image, 0) for image, _ in open_segmentation_task(task_dir).split(split)]
+    else:
+        items = open_task(task_dir).split(split)
     chosen = items[:: max(1, len(items) // count)][:count]
     dataset = ImageDataset(chosen, image_size, max(label for _, label in chosen) + 1, cache=True)
     images = torch.stack([dataset[i][0] for i in range(len(dataset))])
@@ -613,6 +618,7 @@ def cmd_show_tokens(args: argparse.Namespace) -> int:
     from tieta.train.run_model import load_run_model
     from tieta.train.record import normalization_of
     from tieta.video.config import is_video
+    from tieta.video.model import frame_backbone
 
     _folder_to_write(args.output)
     asked = resolve_device(args.device) if args.device else None  # before any model is built
@@ -634,7 +640,8 @@ def cmd_show_tokens(args: argparse.Namespace) -> int:
     images, inputs, names = _sample_images(args.data or config.data.path, args.split, args.count,
                                            image_size_of(model), normalization_of(config, model))
     device = asked or resolve_device(config.device)
-    masks = [mask.cpu() for mask in method.token_masks(model.to(device), inputs.to(device))]
+    # a segmentation model's decisions are its backbone's, on the images resized to its input
+    masks = [mask.cpu() for mask in method.token_masks(frame_backbone(model.to(device)), inputs.to(device))]
     rates = [float(mask.float().mean()) for mask in masks]
     note = f" ({method.picture_note(config)})" if method.picture_note is not None else ""
     caption = f"{config.model} + {config.method}{note}, {len(names)} {args.split} images"

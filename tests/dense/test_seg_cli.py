@@ -281,3 +281,12 @@ def test_flops_compares_a_segmentation_model_with_its_heads_on_the_plain_backbon
     assert "timm + UPerNet (no method)" in out
     line = [line for line in out.splitlines() if "test_vit + tome" in line][-1]  # its row, after the title
     assert float(line.split()[-1]) < 1.0  # the merge's saving, against the same heads
+
+
+@pytest.mark.parametrize("method", ["dyt", "evit+lora"])
+def test_show_tokens_draws_a_segmentation_run_s_decisions_on_its_test_images(method, runs, tmp_path):
+    assert main(["show-tokens", str(runs[method]), "--output", str(tmp_path / "tokens"), "--count", "2"]) == 0
+    for name in ("activation_rates.png", "active_tokens.png"):
+        with Image.open(tmp_path / "tokens" / name) as picture:
+            picture.verify()
+            assert picture.format == "PNG"
