@@ -175,9 +175,13 @@ def test_a_segmentation_run_resumes_after_an_interruption(seg_task, tmp_path, qu
     assert [line["epoch"] for line in lines] == [1, 2] and all("mIoU" in line for line in lines)
 
 
-def test_whole_image_evaluation_and_the_poly_schedule_train(seg_task, tmp_path, quick_throughput):
+def test_a_list_task_trains_with_whole_image_evaluation_and_the_poly_schedule(seg_task, tmp_path, quick_throughput):
+    from tieta.dense.testdata import make_segmentation_task
+
+    lists = make_segmentation_task(tmp_path / "lists", SOURCE, width=80, height=64, layout="lists",
+                                   classes_file=False)  # train.txt and val.txt; the classes from the masks
     run = tmp_path / "run"
-    assert main(["train", *TINY, "--method", "evit+lora", "--data", str(seg_task), "--output", str(run),
+    assert main(["train", *TINY, "--method", "evit+lora", "--data", str(lists), "--output", str(run),
                  "--set", "segmentation.eval_mode=whole", "--set", "optim.schedule=poly",
                  "--set", "data.kind=segmentation", "--log", "csv"]) == 0
     summary = json.loads((run / "summary.json").read_text())
