@@ -131,8 +131,13 @@ def test_predict_writes_what_the_run_evaluates_and_never_a_user_s_file(runs, seg
     assert (tmp_path / "file").read_text() == "x"
 
 
-def test_a_sweep_of_segmentation_runs_is_reported_by_miou(runs, tmp_path, capsys):
+def test_a_sweep_of_segmentation_runs_is_reported_by_miou(runs, tmp_path, capsys, monkeypatch):
+    from tieta.report import sweep_report
+
     folder = next(iter(runs.values())).parent
+    labels, real = [], sweep_report.save_tradeoff
+    monkeypatch.setattr(sweep_report, "save_tradeoff", lambda rows, xs, path, x_label, y_label, *rest: (
+        labels.append(y_label), real(rows, xs, path, x_label, y_label, *rest))[1])
     assert main(["report", str(folder), "--output", str(tmp_path / "report"), "--rounds", "1",
                  "--batch-size", "2"]) == 0  # timed on a window of each of 2 test images
     table = (tmp_path / "report" / "report.md").read_text()
@@ -140,6 +145,7 @@ def test_a_sweep_of_segmentation_runs_is_reported_by_miou(runs, tmp_path, capsys
     assert all(method in table for method in METHODS)
     assert "mIoU (final)" in table and "mAcc % (final)" in table and "top-5" not in table.split("## Reading")[0]
     assert "Highest mIoU" in capsys.readouterr().out
+    assert labels == ["mIoU on task (%)"] * 2  # both plots' y axis (the task: its folder, task/)
 
 
 def test_images_of_one_name_get_their_own_masks(runs, seg_task, tmp_path, capsys):
