@@ -118,7 +118,8 @@ def _add_config_arguments(parser: argparse.ArgumentParser, data_required: bool, 
     if data_required is not None:
         parser.add_argument("--data", required=data_required, nargs="+" if grid else None,
                             help="task: a VTAB-1k or train/<class>/ folder, a folder with train.csv + test.csv, a saved "
-                            "datasets DatasetDict, hf:NAME, or a <class>/ tree or list.csv with --set data.holdout=0.2"
+                            "datasets DatasetDict, hf:NAME, or a <class>/ tree or list.csv with --set data.holdout=0.2; "
+                            "a folder of clips, or a segmentation task (images/ and annotations/ of label masks)"
                             + ("; several" if grid else ""))
 
 
@@ -180,9 +181,9 @@ def _overrides_from(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _print_summary(rows: list[dict[str, Any]], demo: bool = False) -> None:
-    from tieta.report.tables import DEMO_COLUMNS, SUMMARY_COLUMNS, format_table
+    from tieta.report.tables import DEMO_COLUMNS, format_table, summary_columns
 
-    print(format_table(rows, DEMO_COLUMNS if demo else SUMMARY_COLUMNS))
+    print(format_table(rows, DEMO_COLUMNS if demo else summary_columns(rows)))
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -260,7 +261,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from tieta.report.tables import EVAL_COLUMNS, format_table
+    from tieta.report.tables import format_table, summary_columns
     from tieta.train.fit import evaluate_checkpoint
     from tieta.train.reading import summary_notes
 
@@ -272,7 +273,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"{args.run}{' (best epoch)' if args.best else ''}: {result['split']} split, {result['images']} "
           f"{result['input_kind']}s")
     shown = {**result, "top5": "n/a" if result.get("top5") is None else result["top5"]}  # under 5 classes
-    print(format_table([shown], EVAL_COLUMNS))
+    print(format_table([shown], summary_columns([shown], evaluation=True)))
     for note in result["notes"]:
         print(note)
     return 0
@@ -336,7 +337,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from tieta.report.tables import PREDICT_COLUMNS, format_table
     from tieta.files import write_file
 
-    if args.output is not None:
+    if args.output is not None and not args.output.is_dir():  # a folder: a segmentation model's masks
         _file_to_write(args.output)
         if args.output.exists() and not args.overwrite:
             raise TietaError(f"{args.output} already exists; pick another path or pass --overwrite")
@@ -345,6 +346,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     def report_skip(path: Path, why: str) -> None:
         print(f"tieta: skipped {path}: {why}", file=sys.stderr)
 
+    if predictor.segmentation is not None:
+        return _predict_masks(args, predictor, report_skip)
+    if args.output is not None:
+        _file_to_write(args.output)  # a folder: refused in its sentence
     found = predict(predictor, args.images, args.top_k, args.batch_size, args.device, report_skip)
     if args.output is not None:
         write_file(args.output, predictions_csv(found, min(args.top_k, len(found.rows[0][1]))))
@@ -357,6 +362,26 @@ def cmd_predict(args: argparse.Namespace) -> int:
     item = "clip" if predictor.video is not None else "image"
     plural = "s" if len(found.rows) != 1 else ""
     print(f"classified {len(found.rows)} {item}{plural}{skipped}{written}", file=sys.stderr)
+    return 0
+
+
+def _predict_masks(args: argparse.Namespace, predictor, report_skip) -> int:
+    """``tieta predict`` with a segmentation model: a mask and an overlay per image in --output."""
+    from tieta.deploy.predict import shown_path
+    from tieta.deploy.predict_masks import classes_text, predict_masks
+    from tieta.report.tables import MASK_COLUMNS, format_table
+
+    if args.output is None:
+        raise TietaError(f"{args.source} is a segmentation model, which writes a mask and an overlay per image: give "
+                         "--output DIR")
+    found = predict_masks(predictor, args.images, args.output, args.overwrite, args.device, report_skip)
+    rows = [{"image": shown_path(image), "mask": mask.name, "classes": classes_text(shares, predictor.name)}
+            for image, mask, _, shares in found.rows]
+    print(format_table(rows, MASK_COLUMNS))
+    skipped = f", skipped {len(found.skipped)} (see above)" if found.skipped else ""
+    plural = "s" if len(found.rows) != 1 else ""
+    print(f"segmented {len(found.rows)} image{plural}{skipped}; wrote a mask (*_mask.png) and an overlay "
+          f"(*_overlay.png) of each into {args.output}", file=sys.stderr)
     return 0
 
 
@@ -373,10 +398,11 @@ def cmd_checksum(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cost_rows(label: str, plain: dict[str, float], with_method: dict[str, float]) -> list[dict[str, Any]]:
-    """The rows of ``tieta flops``' table: the unmodified timm model, then the model with the method
-    (named ``label``), each with its cost ratio to the unmodified one."""
-    rows = [{"name": "timm (no method)", **plain}, {"name": label, **with_method}]
+def _cost_rows(label: str, plain: dict[str, float], with_method: dict[str, float],
+               plain_label: str = "timm (no method)") -> list[dict[str, Any]]:
+    """The rows of ``tieta flops``' table: the unmodified timm model (named ``plain_label``), then
+    the model with the method (named ``label``), each with its cost ratio to the unmodified one."""
+    rows = [{"name": plain_label, **plain}, {"name": label, **with_method}]
     for row in rows:
         row["ratio"] = row["gmacs"] / plain["gmacs"]
     return rows
@@ -393,6 +419,7 @@ def cmd_flops(args: argparse.Namespace) -> int:
     from tieta.device import resolve_device
     from tieta.train.fit import describe_methods
     from tieta.train.model import build_model, build_plain_model, example_input, image_size_of
+    from tieta.dense.config import is_segmentation
 
     config = _config_from(args)
     device = resolve_device(args.device or "cpu")  # the count is the same anywhere; a large model is faster on a GPU
@@ -401,7 +428,9 @@ def cmd_flops(args: argparse.Namespace) -> int:
     plain = build_plain_model(config, args.num_classes, random_weights=True).to(device)
     size = image_size_of(model)
     inputs = example_input(model, torch.Generator().manual_seed(0))  # an image, or a clip of a video model's frames
-    rows = _cost_rows(f"{config.model} + {config.method}", count_flops(plain, inputs), count_flops(model, inputs))
+    # a segmentation model's baseline: the same neck and heads on the unmodified backbone
+    rows = _cost_rows(f"{config.model} + {config.method}", count_flops(plain, inputs), count_flops(model, inputs),
+                      "timm + UPerNet (no method)" if is_segmentation(config) else "timm (no method)")
     trainable, total = trainable_parameters(model)
     frames = getattr(model, "frames", None)
     unit = "per image" if frames is None else f"per clip of {frames} frames"
@@ -630,13 +659,18 @@ def _merge_picture(output: Path) -> tuple[Path, Optional[str]]:
 
 
 def _sample_images(task_dir: str, split: str, count: int, image_size: int, normalization: dict):
-    """A few evenly spaced images of a split: (uint8 images, normalised images, their paths)."""
+    """A few evenly spaced images of a split (a segmentation task's: its images, without their
+    masks): (uint8 images, normalised images, their paths)."""
     import torch
 
     from tieta.data.transforms import Normalize
     from tieta.data.vtab import ImageDataset, open_task
+    from tieta.dense.dataset import is_segmentation_task, open_segmentation_task
 
-    items = open_task(task_dir).split(split)
+    if is_segmentation_task(task_dir):
+        items = [(image, 0) for image, _ in open_segmentation_task(task_dir).split(split)]
+    else:
+        items = open_task(task_dir).split(split)
     chosen = items[:: max(1, len(items) // count)][:count]
     dataset = ImageDataset(chosen, image_size, max(label for _, label in chosen) + 1, cache=True)
     images = torch.stack([dataset[i][0] for i in range(len(dataset))])
@@ -651,6 +685,7 @@ def cmd_show_tokens(args: argparse.Namespace) -> int:
     from tieta.train.run_model import load_run_model
     from tieta.train.record import normalization_of
     from tieta.video.config import is_video
+    from tieta.video.model import frame_backbone
 
     _folder_to_write(args.output)
     asked = resolve_device(args.device) if args.device else None  # before any model is built
@@ -672,7 +707,8 @@ def cmd_show_tokens(args: argparse.Namespace) -> int:
     images, inputs, names = _sample_images(args.data or config.data.path, args.split, args.count,
                                            image_size_of(model), normalization_of(config, model))
     device = asked or resolve_device(config.device)
-    masks = [mask.cpu() for mask in method.token_masks(model.to(device), inputs.to(device))]
+    # a segmentation model's decisions are its backbone's, on the images resized to its input
+    masks = [mask.cpu() for mask in method.token_masks(frame_backbone(model.to(device)), inputs.to(device))]
     rates = [float(mask.float().mean()) for mask in masks]
     note = f" ({method.picture_note(config)})" if method.picture_note is not None else ""
     caption = f"{config.model} + {config.method}{note}, {len(names)} {args.split} images"
@@ -816,14 +852,17 @@ def build_parser() -> argparse.ArgumentParser:
     predictor = sub.add_parser("predict", help="classify image files or folders with a run or an export",
                                description="Top classes of each image (files, or folders searched recursively), "
                                "prepared as in training, in batches. Files that cannot be read are reported and "
-                               "skipped.")
+                               "skipped. A segmentation model writes a label mask (a palette PNG of class indices, "
+                               "the image's size) and an overlay picture per image into --output DIR.")
     predictor.add_argument("source", type=Path, help="a finished run folder or an export folder")
     predictor.add_argument("images", nargs="+", type=Path, help="image files or folders")
     predictor.add_argument("--top-k", type=_positive_int, default=5, help="classes per image (default 5)")
     predictor.add_argument("--batch-size", type=_positive_int, default=32, help="images per batch (default 32)")
     predictor.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
-    predictor.add_argument("--output", type=Path, help="write a CSV here instead of printing a table")
-    predictor.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
+    predictor.add_argument("--output", type=Path, help="write a CSV here instead of printing a table; for a "
+                           "segmentation model, the folder its masks and overlays go into")
+    predictor.add_argument("--overwrite", action="store_true", help="replace an existing --output file (or a mask or "
+                           "overlay file of the same name that tieta did not write)")
     predictor.set_defaults(func=cmd_predict)
 
     checksum = sub.add_parser("checksum", help="verify the checksum of tieta's safetensors files, or add one",

@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -48,12 +48,13 @@ _ORIENTATION_TURNS = {5, 6, 7, 8}  # EXIF orientations that swap width and heigh
 
 @dataclass
 class SegmentationDataConfig:
-    """How segmentation images are resized, cropped and augmented (the ``segmentation:`` section of a
-    run's config). The defaults are mmseg's ADE20K pipeline, which DyT's dense-task configs use."""
+    """How segmentation images are resized, cropped and augmented (the ``segmentation_data:`` section
+    of a run's config). The defaults are mmseg's ADE20K pipeline, which DyT's dense-task configs use."""
 
     crop_size: int = 512  # training crops are crop_size x crop_size (padded where the image is smaller)
-    scale: tuple[int, int] = (2048, 512)  # (long, short) edge limits of the resize, before the ratio
-    ratio_range: tuple[float, float] = (0.5, 2.0)  # training: the scale times a ratio drawn from this
+    # (long, short) edge limits of the resize, before the ratio (lists: a run's config.yaml holds them)
+    scale: list[int] = field(default_factory=lambda: [2048, 512])
+    ratio_range: list[float] = field(default_factory=lambda: [0.5, 2.0])  # training: the scale times a ratio
     cat_max_ratio: float = 0.75  # a training crop's largest class may cover at most this share (1: off)
     flip_prob: float = 0.5  # training: horizontal flips
     photometric: bool = True  # training: mmseg's PhotoMetricDistortion

@@ -57,6 +57,7 @@ from tieta.train.run_model import load_run_model
 from tieta.train.model import build_backbone, build_model
 from tieta.train.record import run_normalization
 from tieta.train.rundir import CHECKPOINT, CHECKPOINT_BEST
+from tieta.train.segmentation_run import open_segmentation_run_task
 from tieta.video.dataset import open_video_task
 
 EXPORT_FORMAT = 2  # raised when an export changes so that an older tieta cannot read it (2: normalization as numbers)
@@ -87,12 +88,15 @@ def is_export(folder: Path) -> bool:
 
 
 def task_class_names(config: RunConfig, num_classes: int) -> Optional[list[str]]:
-    """The task's class names (an image folder's class folders), where its data is still there."""
+    """The task's class names (an image folder's class folders, a segmentation task's classes.txt),
+    where its data is still there."""
     try:
         if config.data.path is None:
             return None
         if getattr(config.data, "kind", None) == "video":  # a folder of clips: its class folders' names
             names = open_video_task(config.data.path).class_names
+        elif getattr(config.data, "kind", None) == "segmentation":  # its classes.txt, if it has one
+            names = open_segmentation_run_task(config).class_names
         else:
             names = open_task(config.data.path, config.data.holdout).class_names
     except TietaError:

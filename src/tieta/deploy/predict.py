@@ -24,6 +24,7 @@ from tieta.data.transforms import Normalize, load_resized
 from tieta.data.vtab import IMAGE_SUFFIXES
 from tieta.deploy.export import is_export, load_export, task_class_names
 from tieta.deploy.predict_clips import predict_clips, video_settings_of
+from tieta.deploy.predict_masks import segmentation_settings_of
 from tieta.errors import TietaError
 from tieta.files import files_named
 from tieta.device import resolve_device
@@ -41,6 +42,8 @@ class Predictor:
     normalization: dict[str, Any]  # the numbers and resize filter it was trained with (tieta.data.normalization)
     class_names: Optional[list[str]]
     video: Any = None  # a video model's clip settings (tieta.video.dataset.VideoDataConfig): it classifies clips
+    # a segmentation model's settings (tieta.deploy.predict_masks.SegmentationSettings): it writes masks
+    segmentation: Any = None
 
     def name(self, index: int) -> str:
         return self.class_names[index] if self.class_names else str(index)
@@ -54,10 +57,11 @@ def open_predictor(source: str | Path) -> Predictor:
     if source.is_dir() and is_export(source):
         model, info = load_export(source)
         return Predictor(model, info.img_size, normalizations.resolve(info.normalization, model), info.class_names,
-                         video_settings_of(model, info.config))
+                         video_settings_of(model, info.config), segmentation_settings_of(model, info.config))
     model, config, num_classes = load_run_model(source)
     return Predictor(model.eval(), image_size_of(model), run_normalization(config),
-                     task_class_names(config, num_classes), video_settings_of(model, config.to_dict()))
+                     task_class_names(config, num_classes), video_settings_of(model, config.to_dict()),
+                     segmentation_settings_of(model, config.to_dict()))
 
 
 @dataclass
@@ -106,6 +110,9 @@ def predict(predictor: Predictor, paths: list[str | Path], top_k: int = 5, batch
         if on_skip is not None:
             on_skip(path, why)
 
+    if predictor.segmentation is not None:
+        raise TietaError("a segmentation model segments images rather than classifies them: use "
+                         "tieta.deploy.predict_masks.predict_masks (tieta predict ... --output DIR)")
     if predictor.video is not None:  # a video model: clips, each scored by its views' mean logits
         return predict_clips(predictor, paths, top_k, batch_size, device, skip, result)
     files = image_files(paths, skip)

@@ -44,13 +44,15 @@ class RunRow:
     task_mean: Optional[Spread] = None  # mean over tasks
     complete: bool = True  # every task has every seed
     facts: dict[str, Any] = field(default_factory=dict)  # trainable_percent, gmacs, pyra_gflops (means)
-    # top5, balanced_acc: final, mean over every task and seed; None (n/a) where a run lacks one (a
-    # task of fewer than 5 classes has no top-5); absent where no run recorded them (an older tieta)
+    # top5, balanced_acc (mAcc, aAcc of segmentation runs): final, mean over every task and seed; None
+    # (n/a) where a run lacks one (a task of fewer than 5 classes has no top-5); absent where no run
+    # recorded them (an older tieta)
     extra_accuracies: dict[str, Optional[float]] = field(default_factory=dict)
 
 
-# the accuracies beside top-1 that a run's summary records
-EXTRA_ACCURACIES = ("top5", "balanced_acc")
+# the accuracies beside the headline score that a run's summary records: a classifier's top-5 and
+# balanced accuracy, a segmentation run's mean class accuracy and pixel accuracy
+EXTRA_ACCURACIES = ("top5", "balanced_acc", "mAcc", "aAcc")
 
 
 def present_groups(results: SweepResults) -> list[str]:
@@ -59,11 +61,19 @@ def present_groups(results: SweepResults) -> list[str]:
     return [g for g in GROUPS if g in named] + sorted(set(named) - set(GROUPS))
 
 
+def score_name(results: SweepResults) -> str:
+    """What each run's score is: "mIoU" where every run is a segmentation run (its summary's
+    ``metric``), else "top-1"."""
+    segmentation = results.records and all(record.summary.get("metric") == "mIoU" for record in results.records)
+    return "mIoU" if segmentation else "top-1"
+
+
 def headline_name(results: SweepResults) -> str:
-    """What the headline number is: "accuracy" (one task), "mean of group means" (tasks of several
-    groups, or of one group and none: the papers' headline), else "mean over tasks"."""
+    """What the headline number is: "accuracy" (one task; "mIoU" for segmentation runs), "mean of
+    group means" (tasks of several groups, or of one group and none: the papers' headline), else
+    "mean over tasks"."""
     if len(results.tasks) == 1:
-        return "accuracy"
+        return "mIoU" if score_name(results) == "mIoU" else "accuracy"
     groups = present_groups(results)
     if len(groups) > 1 or (groups and any(not results.groups.get(task) for task in results.tasks)):
         return "mean of group means"

@@ -24,6 +24,7 @@ from typing import Any, Optional
 
 from tieta import safe_yaml
 from tieta.data.vtab import open_task
+from tieta.dense.dataset import is_segmentation_task
 from tieta.video.dataset import is_video_task, open_video_task
 from tieta.errors import TietaError, shown
 from tieta.files import is_number, read_json
@@ -325,8 +326,8 @@ def _one_recipe(records: list[RunRecord], left_out: list[str]) -> list[RunRecord
 
 def majority_share(task_path: Optional[Path], split: str) -> Optional[float]:
     """Top-1 (%) of always answering the split's most frequent class; None where the data is gone
-    (or was never recorded)."""
-    if task_path is None:
+    (or was never recorded; and for a segmentation task, whose pixels have no such score)."""
+    if task_path is None or is_segmentation_task(task_path):
         return None
     try:
         opened = open_video_task(task_path) if is_video_task(task_path) else open_task(task_path)

@@ -35,6 +35,7 @@ from tieta.train.checkpoint import CHECKSUM_KEY, read_metadata
 from tieta.device import resolve_device
 from tieta.train.model import image_size_of
 from tieta.train.run_model import load_run_model
+from tieta.train.segmentation_run import cost_crops, is_segmentation_run, segmentation_eval_dataset
 from tieta.train.video_run import open_run_task
 from tieta.video.dataset import VideoDataset
 from tieta.train.rundir import CHECKPOINT
@@ -168,7 +169,11 @@ def _measure(chosen: list[RunRecord], device: str, batch_size: int, rounds: int,
     task = open_run_task(config)
     items = task.split(config.data.eval_split)[:batch_size]
     normalize = Normalize(normalization_of(config, models[chosen[0].run]))  # as the runs were trained
-    if task.layout == "video":  # clips: the first evaluation view of each, (B, T, 3, S, S)
+    if is_segmentation_run(config):  # one window (the model's input) of each evaluation image
+        size = sizes.pop()
+        pairs = segmentation_eval_dataset(config, task, config.data.eval_split, normalization_of(config)["mean"])
+        images = normalize(cost_crops(pairs, list(range(min(batch_size, len(pairs)))), size, limit=batch_size))
+    elif task.layout == "video":  # clips: the first evaluation view of each, (B, T, 3, S, S)
         clips = VideoDataset(items, task.num_classes, config.video_data, sizes.pop(), training=False)
         images = normalize(torch.stack([clips[i][0][0] for i in range(len(clips))]))
     else:

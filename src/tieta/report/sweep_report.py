@@ -26,7 +26,7 @@ from tieta.files import MANIFEST, check_owned, read_json, read_regular, write_ow
 from tieta.measure.load import busy, busy_note, load_text
 from tieta.measure.target import Target
 from tieta.report.aggregate import (EXTRA_ACCURACIES, RunRow, Spread, headline_name, means_of, pareto_front,
-                                    present_groups, run_label, run_rows, tradeoff_points)
+                                    present_groups, run_label, run_rows, score_name, tradeoff_points)
 from tieta.report.budget import budget_reading, budget_x
 from tieta.report.collect import SweepResults, collect, majority_share
 from tieta.report.figure import pyplot
@@ -73,12 +73,13 @@ def _majority_row(results: SweepResults, shares: dict[str, float]) -> Optional[R
     return row
 
 
-def reading(rows: list[RunRow], throughput: Optional[dict[str, Any]], headline: str) -> str:
+def reading(rows: list[RunRow], throughput: Optional[dict[str, Any]], headline: str, score: str = "accuracy") -> str:
     """A few sentences: the most accurate run; the fastest (the highest throughput, named only where
     the per-round speedups resolve it; without a measurement, the cheapest in GMACs) and the trade
     between the two; what the seed spread does not resolve; the Pareto front of each plot's axes;
     and a busy machine. Runs are named by their run names, as in the table, with the method beside
-    a name the first time where the two differ (:func:`tieta.report.aggregate.run_label`)."""
+    a name the first time where the two differ (:func:`tieta.report.aggregate.run_label`). ``score``:
+    what the runs are ranked by ("accuracy", or a segmentation run's "mIoU")."""
     rated = [row for row in rows if row.headline is not None]
     if not rated:
         return "No run has every task finished, so no run can be ranked yet."
@@ -94,7 +95,8 @@ def reading(rows: list[RunRow], throughput: Optional[dict[str, Any]], headline: 
 
     timed = (throughput or {}).get("rows", {})
     speed = {run: values for run, values in timed.items() if run in by_run}
-    text = f"Most accurate: {name(best.run)} ({headline} {best.headline.text()}%)."
+    most = "Most accurate" if score == "accuracy" else f"Highest {score}"
+    text = f"{most}: {name(best.run)} ({headline} {best.headline.text()}%)."
     found = fastest_text(speed, int((throughput or {}).get("rounds", 0)), next(iter(timed), ""), name) \
         if speed else None
     if found is not None:
@@ -126,7 +128,8 @@ def reading(rows: list[RunRow], throughput: Optional[dict[str, Any]], headline: 
         points = tradeoff_points(rated, x_values)
         if len(points) > 1:
             front = pareto_front(points, higher)
-            text += (f" Pareto front of accuracy vs {axis} (no other run is both more accurate and {better}): "
+            higher_score = "more accurate" if score == "accuracy" else f"of a higher {score}"
+            text += (f" Pareto front of {score} vs {axis} (no other run is both {higher_score} and {better}): "
                      f"{', '.join(name(run) for run in front)}.")
     note = busy_note((throughput or {}).get("load")) if speed else None
     return text + (f" {note}" if note else "")
@@ -171,7 +174,8 @@ def _summary_table(rows: list[RunRow], best_rows: dict[str, RunRow], groups: lis
 
 
 # the accuracies beside top-1 (tieta.report.aggregate.EXTRA_ACCURACIES), shown where a run records them
-EXTRA_HEADERS = {"top5": "top-5 % (final)", "balanced_acc": "balanced % (final)"}
+EXTRA_HEADERS = {"top5": "top-5 % (final)", "balanced_acc": "balanced % (final)", "mAcc": "mAcc % (final)",
+                 "aAcc": "aAcc % (final)"}
 
 
 def extra_accuracy_keys(rows: list[RunRow]) -> list[str]:
@@ -298,7 +302,7 @@ def write_report(folder: str | Path, output: Optional[str | Path] = None, bench:
     shown = rows + ([majority] if majority else [])
     shown_groups = groups if len(groups) > 1 else []  # one group's mean is the headline itself
     task_mean = headline == "mean of group means"  # otherwise the headline is the mean over tasks (or the task)
-    text = reading(rows, throughput, headline)
+    text = reading(rows, throughput, headline, "mIoU" if score_name(results) == "mIoU" else "accuracy")
     if budget is not None:
         text += "\n\n" + budget_reading(rows, throughput, budget, headline)
     text += "".join(f"\n\n{note}" for note in sweep_notes(results.records, _majority(results)))  # barely learned
@@ -311,16 +315,20 @@ def write_report(folder: str | Path, output: Optional[str | Path] = None, bench:
         lines += [f"**Left out:** {len(results.left_out)} run{'s' if len(results.left_out) != 1 else ''} "
                   "with results that are not part of this comparison, each with why:", ""]
         lines += _listed(results.left_out)
+    score = _score_text(results)
     if len(results.tasks) == 1:
-        about = f"## Summary: {results.tasks[0]}", f"Top-1 accuracy (%) on {results.tasks[0]}" + \
+        about = f"## Summary: {results.tasks[0]}", f"{score} on {results.tasks[0]}" + \
             (", mean ± standard deviation over seeds" if len(results.seeds) > 1 else "")
     else:
-        about = "## Summary", (f"Top-1 accuracy (%), mean ± standard deviation over seeds. The headline is the "
+        about = "## Summary", (f"{score}, mean ± standard deviation over seeds. The headline is the "
                                f"{headline}" + (" (the papers' number; the mean over tasks is beside it)"
                                                 if task_mean else ""))
     extra_note = (" Top-5 and balanced accuracy (the mean over classes of each class's recall): final, the mean "
                   "over every task and seed; n/a where a run lacks one (top-5 needs at least 5 classes)."
-                  if extra_accuracy_keys(rows) else "")
+                  if set(extra_accuracy_keys(rows)) & {"top5", "balanced_acc"} else "")
+    if set(extra_accuracy_keys(rows)) & {"mAcc", "aAcc"}:
+        extra_note += (" mAcc (the mean over classes of each class's pixel accuracy) and aAcc (the share of test "
+                       "pixels labelled right): final, the mean over every task and seed.")
     lines += [about[0], "", about[1] + ". Final: after the last epoch; best: the best evaluated epoch (what the "
               "papers report). GMACs: multiply-accumulates per image / 1e9." + extra_note, ""]
     lines += [_summary_table(shown, best_rows, shown_groups, headline, throughput, task_mean), ""]
@@ -338,9 +346,9 @@ def write_report(folder: str | Path, output: Optional[str | Path] = None, bench:
         lines += ["Throughput: not measured (the GMACs column is the cost measure).", ""]
     lines += ["## Reading", "", text, ""]
     if len(results.tasks) > 1:  # one task's numbers are all in the summary
-        lines += ["## Per task: final top-1 (%)", "", _task_table(shown, results.tasks, results.groups, best=False),
-                  ""]
-        lines += ["## Per task: best top-1 (%)", "", _task_table(rows, results.tasks, results.groups, best=True), ""]
+        lines += [f"## Per task: final {score_name(results)} (%)", "",
+                  _task_table(shown, results.tasks, results.groups, best=False), ""]
+        lines += [f"## Per task: best {score_name(results)} (%)", "", _task_table(rows, results.tasks, results.groups, best=True), ""]
     files = [output / REPORT_FILE, output / CSV_FILE]
     try:
         pyplot()
@@ -357,6 +365,14 @@ def write_report(folder: str | Path, output: Optional[str | Path] = None, bench:
     return {"files": files, "reading": text, "rows": shown, "best_rows": best_rows, "missing": results.missing,
             "left_out": results.left_out, "records": results.records,
             "throughput": throughput, "headline": headline, "groups": groups}
+
+
+def _score_text(results: SweepResults) -> str:
+    """How the summary names the runs' score: top-1 accuracy, or a segmentation run's mIoU (with
+    its meaning)."""
+    if score_name(results) == "mIoU":
+        return "mIoU (%: the mean over classes of each class's intersection over union on the test pixels)"
+    return "Top-1 accuracy (%)"
 
 
 def _title(folder: Path, tasks: Optional[list[str]] = None) -> str:
@@ -420,7 +436,8 @@ def _figures(rows: list[RunRow], throughput: Optional[dict[str, Any]], results: 
     for each measured cost (throughput, GMACs), a group chart where there are several groups; a
     figure of tieta's that this report does not draw is removed (:func:`_remove_stale`)."""
     tasks = results.tasks
-    label = f"top-1 accuracy on {tasks[0]} (%)" if len(tasks) == 1 else f"{headline}, top-1 (%)"
+    score = "mIoU" if score_name(results) == "mIoU" else "top-1 accuracy"
+    label = f"{score} on {tasks[0]} (%)" if len(tasks) == 1 else f"{headline}, {score_name(results)} (%)"
     baseline = majority.headline.mean if majority and majority.headline else None
     caption = _setup_line(results)
     line = budget_x(budget, throughput) if budget is not None else None

@@ -42,12 +42,38 @@ DEMO_COLUMNS = SUMMARY_COLUMNS + (("speedup", "speedup", ".2f"), ("activation_ra
 EVAL_COLUMNS = tuple(column for column in SUMMARY_COLUMNS if column[0] != "best_acc")
 EVAL_COLUMNS = EVAL_COLUMNS[:2] + (("top5", "top-5 %", ".2f"), ("balanced_acc", "balanced %", ".2f")) + EVAL_COLUMNS[2:]
 
+# a segmentation run's (summary "metric": "mIoU"): its headline "acc" is the mIoU, beside mAcc and aAcc
+SEGMENTATION_COLUMNS = SUMMARY_COLUMNS[:1] + (("acc", "mIoU %", ".2f"), ("best_acc", "best mIoU %", ".2f"),
+                                              ("mAcc", "mAcc %", ".2f"), ("aAcc", "aAcc %", ".2f")) + SUMMARY_COLUMNS[3:]
+SEGMENTATION_EVAL_COLUMNS = tuple(column for column in SEGMENTATION_COLUMNS if column[0] != "best_acc")
+
+
+def is_segmentation_result(row: dict[str, Any]) -> bool:
+    """Whether a run's summary (or evaluation) scores segmentation: its headline is the mIoU."""
+    return row.get("metric") == "mIoU"
+
+
+def summary_columns(rows: Sequence[dict[str, Any]], evaluation: bool = False) -> tuple[tuple[str, str, str], ...]:
+    """The columns of a run's table: a classifier's (top-1), or a segmentation run's (mIoU, mAcc,
+    aAcc) where every row is one; ``evaluation``: without the best epoch (and with top-5)."""
+    if rows and all(is_segmentation_result(row) for row in rows):
+        return SEGMENTATION_EVAL_COLUMNS if evaluation else SEGMENTATION_COLUMNS
+    return EVAL_COLUMNS if evaluation else SUMMARY_COLUMNS
+
+
 # `tieta predict`: the best class of each image, its probability, and the next ones
 PREDICT_COLUMNS = (
     ("image", "image", ""),
     ("class", "class", ""),
     ("probability", "p", ".3f"),
     ("next", "next classes", ""),
+)
+
+# `tieta predict` with a segmentation model: each image's mask file and its largest classes
+MASK_COLUMNS = (
+    ("image", "image", ""),
+    ("mask", "mask", ""),
+    ("classes", "largest classes (share of pixels)", ""),
 )
 
 # the one name of the PYRA paper's unit wherever it is shown (GMACs, MACs / 1e9, everywhere else)

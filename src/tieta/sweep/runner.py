@@ -30,13 +30,15 @@ import yaml
 
 from tieta import files, safe_yaml
 from tieta.backbone import RANDOM, builtin_weights, missing_weights
-from tieta.data.vtab import Task, fingerprint, open_task
+from tieta.data.vtab import Task, open_task
 from tieta.errors import TietaError, listing
 from tieta.sweep.plan import PLAN_FILE, Cell, SweepPlan, check_size, plan_from_dict
 from tieta.train.config import RunConfig, comparable, first_difference, load_config
 from tieta.device import resolve_device
 from tieta.train.fit import fit, resume_run
 from tieta.train.rundir import CONFIG, FINISHED, PROGRESS, SUMMARY, read_state
+from tieta.dense.dataset import is_segmentation_task
+from tieta.train.segmentation_run import open_planned_task, task_fingerprint
 from tieta.video.dataset import is_video_task, open_video_task
 
 FAILURES_LOG = "failures.log"
@@ -132,6 +134,8 @@ def _open_tasks(plan: SweepPlan) -> tuple[dict[str, Task], dict[str, str]]:
         try:
             if plan.base.get("data.kind") == "video" or is_video_task(task.path):  # a folder of clips
                 found[task.name] = open_video_task(task.path)
+            elif plan.base.get("data.kind") == "segmentation" or is_segmentation_task(task.path):  # images, masks
+                found[task.name] = open_planned_task(task.path, plan.base)
             else:
                 found[task.name] = open_task(task.path, plan.base.get("data.holdout"))
         except TietaError as error:
@@ -170,7 +174,7 @@ class _DataPrints:
         splits = (config.data.train_split, config.data.eval_split)
         if (task, splits) not in self.known:
             try:
-                self.known[task, splits] = fingerprint(self.tasks[task], splits)
+                self.known[task, splits] = task_fingerprint(self.tasks[task], splits)
             except TietaError as error:
                 self.known[task, splits] = f"unreadable: {error}"
         return self.known[task, splits]

@@ -26,10 +26,12 @@ from tieta.backbone import MAX_IMG_SIZE, WEIGHT_SUFFIXES
 from tieta.data import normalization as normalizations
 from tieta.data.vtab import FOLDER_SPLITS, VTAB_SPLITS
 from tieta.dense.config import SegmentationConfig
+from tieta.dense.dataset import SegmentationDataConfig
 from tieta.errors import TietaError
 from tieta.hf import source as hf_source
 from tieta.methods import registry
 from tieta.methods.method import Method
+from tieta.train.optim import SCHEDULES
 from tieta.train.record import check_record
 from tieta.video.config import VideoConfig
 from tieta.video.dataset import VideoDataConfig
@@ -56,12 +58,13 @@ class DataConfig:
     # split: a class-per-folder tree, a single list file (tieta.data.sources)
     holdout: Optional[float] = None
     augment: str = "none"  # or "timm": timm's RandAugment training transform (tieta.data.augment)
-    # "image" or "video" (a folder of clips, tieta.video); None: what data.path holds, written resolved
+    # "image", "video" (a folder of clips, tieta.video) or "segmentation" (images with label masks,
+    # tieta.dense); None: what data.path holds, written resolved
     kind: Optional[str] = None
 
 
 AUGMENTS = ("none", "timm")
-DATA_KINDS = ("image", "video")
+DATA_KINDS = ("image", "video", "segmentation")
 
 
 @dataclass
@@ -77,6 +80,9 @@ class OptimConfig:
     grad_accum_steps: int = 1
     label_smoothing: float = 0.0  # of the cross-entropy's targets, as timm's --smoothing
     lr_groups: dict[str, float] = field(default_factory=dict)  # e.g. {"head": 1e-3, "adapter": 5e-4}
+    # after the warm-up: "cosine" down to min_lr, or "poly" (linear decay to min_lr, mmseg's
+    # segmentation schedule; tieta.train.optim.lr_multiplier)
+    schedule: str = "cosine"
 
 
 # The warm-up rule. A run warms up for a tenth of its epochs, rounded down, and at most 10 (the
@@ -140,6 +146,9 @@ class GeneralConfig:
     device: str = "auto"  # "auto": cuda if available, else cpu
     # segmentation.head set: a segmentation model (tieta.dense)
     segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
+    # how a segmentation task's images and masks are resized, cropped and augmented (tieta.dense.dataset);
+    # segmentation runs only
+    segmentation_data: SegmentationDataConfig = field(default_factory=SegmentationDataConfig)
     # written by a run, not set: the numbers data.normalization resolved to and the backbone it was
     # trained on (tieta.train.record), which rebuilding the run uses and checks
     resolved: Any = field(default=None, metadata={"any_type": True})
@@ -441,6 +450,7 @@ def validate(config: RunConfig) -> None:
          f"optim.warmup_epochs cannot be negative, got {optim.warmup_epochs}"),
         (optim.batch_size >= 1, f"optim.batch_size must be at least 1, got {optim.batch_size}"),
         (optim.lr > 0, f"optim.lr must be positive, got {optim.lr}"),
+        (optim.schedule in SCHEDULES, f"optim.schedule must be one of {', '.join(SCHEDULES)}, got {optim.schedule!r}"),
         (optim.min_lr >= 0, f"optim.min_lr cannot be negative, got {optim.min_lr}"),
         (optim.weight_decay >= 0, f"optim.weight_decay cannot be negative, got {optim.weight_decay}"),
         (optim.clip_grad is None or optim.clip_grad > 0,
@@ -479,6 +489,7 @@ def validate(config: RunConfig) -> None:
     _check_resolved(config.resolved)
     _check_declared_bounds(config)
     config.segmentation.check()
+    config.segmentation_data.check(prefix="segmentation_data.")
     for method in registry.METHODS.values():
         if method.validate is not None:
             method.validate(config)
@@ -543,6 +554,9 @@ def comparable(config: dict[str, Any]) -> dict[str, Any]:
     if data.get("path") and not str(data["path"]).startswith("hf:"):  # a hub dataset's name is no path
         data["path"] = str(Path(data["path"]).resolve())
     data.pop("kind", None)  # resolved from the path's contents (tieta.train.video_run), so the path covers it
+    segmentation = values.get("segmentation")
+    if isinstance(segmentation, dict):  # its one head, resolved from the path's contents as data.kind is
+        values["segmentation"] = {key: value for key, value in segmentation.items() if key != "head"}
     video = values.get("video")
     if isinstance(video, dict) and video.get("frames") is None:  # a video run takes video_data's frames
         values["video"] = {**video, "frames": (values.get("video_data") or {}).get("frames")}

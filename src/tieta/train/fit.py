@@ -38,6 +38,11 @@ from tieta.train.model import build_model, image_size_of, seed_everything
 from tieta.video.model import frame_backbone
 from tieta.train.video_run import (cost_inputs, is_video_run, open_run_task, video_datasets, video_eval_dataset,
                                    with_data_kind)
+from tieta.dense.dataset import SegmentationTask
+from tieta.dense.model import segmentation_step
+from tieta.train.segmentation_run import SCORES as SEGMENTATION_SCORES
+from tieta.train.segmentation_run import (cost_crops, evaluate_segmentation, is_segmentation_run, score_fields,
+                                          segmentation_datasets, segmentation_eval_dataset, task_fingerprint)
 from tieta.train.run_model import load_run_model
 from tieta.train.optim import build_optimizer, lr_multiplier
 from tieta.train.progress import Progress, load_progress, read_record, save_progress
@@ -71,9 +76,11 @@ def measure_cost(model: nn.Module, config: RunConfig, dataset: ImageDataset, nor
     those images."""
     step = max(1, len(dataset) // flops_images)
     indices = list(range(0, len(dataset), step))[:flops_images]
-    sample = normalize(cost_inputs(dataset, indices).to(device))  # a video run's: clips, a view of each
-    flops = count_flops(model, sample)
     size = image_size_of(model)
+    # a video run's: clips, a view of each; a segmentation run's: one window of each image
+    inputs = cost_crops(dataset, indices, size) if is_segmentation_run(config) else cost_inputs(dataset, indices)
+    sample = normalize(inputs.to(device))
+    flops = count_flops(model, sample)
     # real images: where a method's path depends on them (DyT), so does the speed
     throughput = measure_throughput(model, size, batch_size, device, autocast_dtype(config.precision),
                                     images=sample[:batch_size])
@@ -87,7 +94,10 @@ def measure_cost(model: nn.Module, config: RunConfig, dataset: ImageDataset, nor
 
 def training_objective(config: RunConfig) -> LossFn:
     """Cross-entropy (with ``optim.label_smoothing``), or the loss of the method that brings its own
-    (validate allows one, and no smoothing with it)."""
+    (validate allows one, and no smoothing with it); a segmentation run's: the pixel loss and the
+    methods' dense terms (DyT's rate loss)."""
+    if is_segmentation_run(config):
+        return segmentation_step
     for method in config.method_list:
         if method.objective is not None:
             return method.objective(config)
@@ -110,7 +120,7 @@ def describe_methods(model: nn.Module, config: RunConfig) -> dict[str, Any]:
     facts: dict[str, Any] = {}
     for method in config.method_list:
         if method.describe is not None:
-            facts.update(method.describe(frame_backbone(model)))  # a video model's: its frames'
+            facts.update(method.describe(frame_backbone(model)))  # a video or segmentation model's: its ViT's
     return facts
 
 
@@ -185,7 +195,7 @@ def open_data(config: RunConfig, device: torch.device,
     images, the evaluation images), from data.path or from given torch Datasets; the training images
     augmented as data.augment says, every image resized with the filter of the run's normalisation."""
     if given is None:
-        task: Optional[Task] = (open_run_task(config) if is_video_run(config) else
+        task: Optional[Task] = (open_run_task(config) if is_video_run(config) or is_segmentation_run(config) else
                                 open_task(config.data.path, config.data.holdout))
         classes = task.num_classes
     else:
@@ -203,6 +213,8 @@ def open_data(config: RunConfig, device: torch.device,
         return config, given_task(train_set, eval_set, classes), model, train_set, eval_set
     if is_video_run(config):  # clips: sampled and augmented as video_data says
         return (config, task, model, *video_datasets(config, task, size))
+    if is_segmentation_run(config):  # image and mask pairs: mmseg's pipeline, as segmentation_data says
+        return (config, task, model, *segmentation_datasets(config, task, size, normalization["mean"]))
     train_items = task.split(config.data.train_split)
     train_set = AugmentedImages(train_items, size, classes, augment) if augment is not None else \
         ImageDataset(train_items, size, classes, config.data.cache, "decoding train images", interpolation)
@@ -219,6 +231,8 @@ def _fit(config: RunConfig, output: Path, overwrite: bool, label: Optional[str],
     try:  # everything that can refuse the run, before the folder is touched
         loggers.check_available(config.log)  # a logger's missing package, before the folder is touched
         reasons = [method.one_process(config) for method in config.method_list if method.one_process]
+        if is_segmentation_run(config):  # its pixel loss is a mean over one process's pixels (no shard.batch_mean)
+            reasons.append("a segmentation run trains in one process; start it without torchrun")
         if processes.parallel and any(reasons):
             raise TietaError(next(reason for reason in reasons if reason))
         if processes.main:
@@ -294,8 +308,10 @@ def _train(config: RunConfig, run: Optional[RunDir], output: Path, resume: bool,
     shuffle = torch.Generator().manual_seed(config.seed)
     train_loader = make_loader(train_set, optim.batch_size, True, shuffle, config.data.num_workers, processes)
     eval_part = Subset(eval_set, distributed.eval_indices(len(eval_set), processes))
-    eval_loader = make_loader(eval_part, config.eval_batch_size, False, torch.Generator().manual_seed(config.seed),
-                              config.data.num_workers)
+    segmentation = is_segmentation_run(config)
+    # a segmentation run's evaluation images keep their own sizes: one a batch
+    eval_loader = make_loader(eval_part, 1 if segmentation else config.eval_batch_size, False,
+                              torch.Generator().manual_seed(config.seed), config.data.num_workers)
     optimizer = build_optimizer(model, optim.lr, optim.weight_decay, group_learning_rates(config))
     global_sizes = distributed.global_batch_sizes(len(train_set), optim.batch_size)
     # the schedule counts optimizer steps: one per optim.grad_accum_steps batches (the last may have fewer)
@@ -304,21 +320,21 @@ def _train(config: RunConfig, run: Optional[RunDir], output: Path, resume: bool,
     min_ratio = optim.min_lr / optim.lr
 
     def lr_at(step: int) -> float:
-        return lr_multiplier(step, total_steps, warmup_steps, min_ratio)
+        return lr_multiplier(step, total_steps, warmup_steps, min_ratio, optim.schedule)
 
     scaler = torch.amp.GradScaler(device.type) if config.precision == "fp16" else None
     tf32 = use_tf32(device)
     resolved = config.to_dict()
-    resolved["data"]["path"] = None if task.source == GIVEN else task.data_path
-    data_print = fingerprint(task, ("train", "test") if task.source == GIVEN else
-                             (config.data.train_split, config.data.eval_split))
+    resolved["data"]["path"] = None if getattr(task, "source", None) == GIVEN else task.data_path
+    data_print = task_fingerprint(task, ("train", "test") if getattr(task, "source", None) == GIVEN else
+                                  (config.data.train_split, config.data.eval_split))
     progress = Progress(0, None)
     # the first process decides whether there is an epoch to resume from; all load it (a run folder
     # that several machines train into must be on a filesystem they all see)
     found = resume and processes.main and (output / PROGRESS).is_file()
     if resume and distributed.sum_over_processes([float(found)], processes)[0] > 0:
         progress = load_progress(output / PROGRESS, model, optimizer, shuffle, processes)
-        if task.source == GIVEN and progress.data and progress.data != data_print:  # (a folder: resume_run checks)
+        if getattr(task, "source", None) == GIVEN and progress.data and progress.data != data_print:  # (a folder: resume_run checks)
             raise TietaError(f"the datasets given changed since the run in {output} started (then {progress.data}; "
                              f"now {data_print}); a resume needs the data it began with")
         if scaler is not None and progress.scaler is not None:
@@ -342,7 +358,7 @@ def _train(config: RunConfig, run: Optional[RunDir], output: Path, resume: bool,
     best = progress.best
     # the best epoch's trained tensors: in every progress checkpoint, written as checkpoint_best at the end
     best_tensors = progress.best_tensors
-    last_eval = next(({key: r.get(key) for key in ("acc", "top5", "balanced_acc", "eval_loss")}
+    last_eval = next(({key: r.get(key) for key in ("acc", "top5", "balanced_acc", "eval_loss", *SEGMENTATION_SCORES)}
                       for r in reversed(last) if "acc" in r), None)
     logs = loggers.open_loggers(run.path if run is not None else None, config.log, progress.epoch, resolved)
     objective = training_objective(config)
@@ -359,9 +375,11 @@ def _train(config: RunConfig, run: Optional[RunDir], output: Path, resume: bool,
                                           f"epoch {epoch + 1}", processes, global_sizes, optim.grad_accum_steps,
                                           scaler))
             if (epoch + 1) % config.eval_every == 0 or epoch + 1 == optim.epochs:
-                last_eval = evaluate(model, eval_loader, normalize, device, config.precision, processes=processes)
+                last_eval = (evaluate_segmentation(model, eval_loader, normalize, device, config.precision,
+                                                   config.segmentation, processes=processes) if segmentation else
+                             evaluate(model, eval_loader, normalize, device, config.precision, processes=processes))
                 record.update(last_eval)
-                if best is None or last_eval["acc"] > best["acc"]:
+                if best is None or (last_eval["acc"] or 0.0) > (best["acc"] or 0.0):
                     best = {"acc": last_eval["acc"], "epoch": epoch + 1}
                     best_tensors = trained_tensors(model)
             last.append(strict_json(record))
@@ -373,7 +391,8 @@ def _train(config: RunConfig, run: Optional[RunDir], output: Path, resume: bool,
                 logs.log(last)
             shown = (f"{prefix}epoch {epoch + 1}/{optim.epochs}: loss {record['loss']:.4f}, "
                      f"{record['train_images_per_s']:.1f} img/s")
-            shown += f", {config.data.eval_split} acc {record['acc']:.2f}%" if "acc" in record else ""
+            if record.get("acc") is not None:
+                shown += f", {config.data.eval_split} {'mIoU' if segmentation else 'acc'} {record['acc']:.2f}%"
             left = _estimate_seconds(training_started, epoch + 1, progress.epoch, optim.epochs)
             if processes.main:
                 tqdm.write(shown + (f", about {left:.0f} s left" if left else ""))
@@ -394,11 +413,13 @@ def _train(config: RunConfig, run: Optional[RunDir], output: Path, resume: bool,
         "num_classes": task.num_classes,
         "img_size": image_size_of(model),
         "acc": last_eval["acc"],
-        "top5": last_eval.get("top5"),
-        "balanced_acc": last_eval.get("balanced_acc"),
+        # a classifier's top-5 and balanced accuracy; a segmentation run's mIoU, mAcc and aAcc
+        **({"top5": last_eval.get("top5"), "balanced_acc": last_eval.get("balanced_acc")} if not segmentation else
+           score_fields(last_eval)),
         "best_acc": best["acc"],
         "best_epoch": best["epoch"],
-        "majority_acc": majority_accuracy(eval_set.labels.tolist()),  # always answering the most frequent class
+        # always answering the most frequent class (a segmentation run's pixels have no such score)
+        "majority_acc": None if segmentation else majority_accuracy(eval_set.labels.tolist()),
         "lr_reached_base": lr_reached_base(optim.warmup_epochs, optim.epochs),
         "trainable_params": trainable,
         "total_params": total,
@@ -501,7 +522,7 @@ def check_unchanged(folder: Path, config: RunConfig) -> None:
             raise TietaError(f"{folder / CONFIG} was changed since the run started ({difference}); a resume continues "
                              "the run as it began: restore the setting, or train a new run into another folder")
     if record.data and config.data.path is not None:
-        now = fingerprint(open_run_task(config), (config.data.train_split, config.data.eval_split))
+        now = task_fingerprint(open_run_task(config), (config.data.train_split, config.data.eval_split))
         if now != record.data:
             raise TietaError(f"the task folder {config.data.path} changed since the run started (then {record.data}; "
                              f"now {now}); a resume needs the data it began with")
@@ -523,6 +544,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data: Optional[str] = None, spli
     # the run's held-out fraction goes with the run's own data (another source has its own, or refuses)
     task: Task = open_run_task(config, data)
     split = split or config.data.eval_split
+    if is_segmentation_run(config):
+        return _evaluate_segmentation_checkpoint(model, config, task, split, num_classes, device, batch_size)
     if task.layout == "video":  # each clip's views, their logits averaged
         dataset = video_eval_dataset(config, task, split, image_size_of(model), num_classes)
     else:
@@ -536,6 +559,25 @@ def evaluate_checkpoint(checkpoint: str | Path, data: Optional[str] = None, spli
             "balanced_acc": result["balanced_acc"], "eval_loss": result["eval_loss"],
             "images": len(dataset), "input_kind": "clip" if task.layout == "video" else "image",
             "majority_acc": majority_accuracy(dataset.labels.tolist()),
+            "lr_reached_base": lr_reached_base(config.optim.warmup_epochs, config.optim.epochs),
+            "trainable_percent": 100.0 * trainable / total,
+            **measure_cost(model, config, dataset, normalize, device, min(batch_size or config.eval_batch_size, 32))}
+
+
+def _evaluate_segmentation_checkpoint(model: nn.Module, config: RunConfig, task: SegmentationTask, split: str,
+                                      num_classes: int, device: torch.device, batch_size: Optional[int]
+                                      ) -> dict[str, Any]:
+    """mIoU, mAcc and aAcc (%) of a segmentation run's model on a split, and its cost."""
+    if task.num_classes > num_classes:
+        raise TietaError(f"{task.data_path} has {task.num_classes} classes but the model scores {num_classes}; "
+                         "evaluate it on a task of its own classes")
+    dataset = segmentation_eval_dataset(config, task, split, run_normalization(config)["mean"])
+    normalize = Normalize(run_normalization(config)).to(device)
+    loader = make_loader(dataset, 1, False, config.seed, config.data.num_workers)
+    result = evaluate_segmentation(model, loader, normalize, device, config.precision, config.segmentation)
+    trainable, total = trainable_parameters(model)
+    return {"method": config.method, "split": split, "acc": result["acc"], **score_fields(result),
+            "images": len(dataset), "input_kind": "image", "majority_acc": None,
             "lr_reached_base": lr_reached_base(config.optim.warmup_epochs, config.optim.epochs),
             "trainable_percent": 100.0 * trainable / total,
             **measure_cost(model, config, dataset, normalize, device, min(batch_size or config.eval_batch_size, 32))}

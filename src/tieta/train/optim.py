@@ -1,4 +1,4 @@
-"""AdamW with per-method parameter groups and a warm-up + cosine learning-rate schedule."""
+"""AdamW with per-method parameter groups and a warm-up + cosine (or poly) learning-rate schedule."""
 
 from __future__ import annotations
 
@@ -47,8 +47,22 @@ def build_optimizer(
     return torch.optim.AdamW(param_groups, lr=lr, weight_decay=weight_decay)
 
 
-def lr_multiplier(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
-    """Linear warm-up from ~0 to 1 over ``warmup_steps``, then cosine from 1 down to ``min_ratio``."""
+SCHEDULES = ("cosine", "poly")
+
+
+def lr_multiplier(step: int, total_steps: int, warmup_steps: int, min_ratio: float, schedule: str = "cosine"
+                  ) -> float:
+    """The learning rate at ``step`` as a share of the base.
+
+    "cosine": linear warm-up from ~0 to 1 over ``warmup_steps``, then cosine from 1 down to
+    ``min_ratio``. "poly": mmcv's ``PolyLrUpdaterHook`` with power 1 (mmseg's segmentation
+    schedules), ``min_ratio + (1 - min_ratio) (1 - step / total_steps)``, counted from the first
+    step, and during the warm-up that value times the linear ramp (as mmcv's linear warm-up scales
+    the regular rate).
+    """
+    if schedule == "poly":
+        decayed = min_ratio + (1 - min_ratio) * (1 - min(step, total_steps) / max(1, total_steps))
+        return decayed * (step + 1) / warmup_steps if step < warmup_steps else decayed
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)

@@ -1,8 +1,9 @@
 """A run on a video task: which kind of data a run's folder holds, and its clips as datasets.
 
-``data.kind`` says "image" or "video"; left out, it is what ``data.path`` holds (a folder of clips,
-:func:`tieta.video.dataset.is_video_task`, is a video task), and the run's config.yaml records what
-it resolved to. A video run's model is the image backbone on every frame (``video.frames``, taken
+``data.kind`` says "image", "video" or "segmentation"; left out, it is what ``data.path`` holds (a
+folder of clips, :func:`tieta.video.dataset.is_video_task`, is a video task; images with label
+masks, :func:`tieta.dense.dataset.is_segmentation_task`, a segmentation task:
+:mod:`tieta.train.segmentation_run`), and the run's config.yaml records what it resolved to. A video run's model is the image backbone on every frame (``video.frames``, taken
 from ``video_data.frames`` where unset); its clips are sampled, augmented and viewed as
 ``video_data`` says (:class:`tieta.video.dataset.VideoDataConfig`).
 """
@@ -16,12 +17,20 @@ import torch
 from torch.utils.data import Dataset
 
 from tieta.data.vtab import Task, open_task
+from tieta.dense.dataset import is_segmentation_task
 from tieta.errors import TietaError
+from tieta.train.segmentation_run import (SEGMENTATION, is_segmentation_run, open_segmentation_run_task,
+                                          refuse_head_on_images, with_segmentation_settings)
 from tieta.video.config import is_video
 from tieta.video.dataset import VideoDataset, is_video_task, open_video_task
 
 VIDEO = "video"
 IMAGE = "image"
+# what a folder holds, for the sentence that refuses another kind: found -> asked -> words
+HOLDS = {VIDEO: "is a folder of clips", SEGMENTATION: "is a segmentation task (images with label masks)"}
+HOLDS_NO = {VIDEO: "holds no clips (a video task has train.txt naming clips, or train/<class>/ folders of them)",
+            SEGMENTATION: "holds no label masks (a segmentation task has images/training/ beside "
+                          "annotations/training/, or train.txt of '<image> <mask>' lines)"}
 MAX_COST_CLIPS = 8  # clips FLOPs are counted on: each is T backbone passes
 
 
@@ -30,19 +39,26 @@ def with_data_kind(config):
     ``video.frames`` from ``video_data.frames`` (a copy where anything changes).
 
     Raises:
-        TietaError: in one sentence, data.kind "video" on a folder that is not one of clips, "image"
-            on a folder of clips, frames that disagree, or image-only settings on clips.
+        TietaError: in one sentence, a data.kind other than what the folder holds (clips, a
+            segmentation task, images), frames that disagree, or image-only settings on clips or a
+            segmentation task.
     """
     data = config.data
     if data.path is None:  # datasets given to fit in Python: images
-        if data.kind == VIDEO:
-            raise TietaError("data.kind video needs data.path, a folder of clips; datasets given to fit are images")
+        if data.kind in (VIDEO, SEGMENTATION):
+            raise TietaError(f"data.kind {data.kind} needs data.path, a task folder; datasets given to fit are "
+                             "images")
+        refuse_head_on_images(config)
         return config
-    found = VIDEO if is_video_task(data.path) else IMAGE
+    found = VIDEO if is_video_task(data.path) else SEGMENTATION if is_segmentation_task(data.path) else IMAGE
     if data.kind is not None and data.kind != found:
-        holds = "is a folder of clips" if found == VIDEO else "holds no clips (a video task has train.txt naming " \
-                                                             "clips, or train/<class>/ folders of them)"
+        holds = HOLDS[found] if found != IMAGE else HOLDS_NO[data.kind]
         raise TietaError(f"data.kind is {data.kind} but {data.path} {holds}; set data.kind: {found}, or leave it out")
+    if found == SEGMENTATION:
+        config = with_segmentation_settings(config)
+        config.data.kind = found
+        return config
+    refuse_head_on_images(config)
     config = copy.deepcopy(config)
     config.data.kind = found
     if found == IMAGE:
@@ -71,8 +87,11 @@ def is_video_run(config) -> bool:
 
 
 def open_run_task(config, path: Optional[str] = None) -> Task:
-    """The task of a run (``path``, or its data.path): clips for a video run, else images (with the
-    run's held-out fraction where the data is its own)."""
+    """The task of a run (``path``, or its data.path): clips for a video run, image and mask pairs
+    for a segmentation run, else images (with the run's held-out fraction where the data is its
+    own)."""
+    if is_segmentation_run(config):
+        return open_segmentation_run_task(config, path)
     if is_video_run(config) or is_video(config):
         return open_video_task(path or config.data.path)
     return open_task(path or config.data.path, config.data.holdout if path in (None, config.data.path) else None)
