@@ -20,7 +20,7 @@ from tieta.data.augment import AugmentedImages, training_transform
 from tieta.data.given import GIVEN, GivenImages, count_classes, given_task
 from tieta.data.normalization import described, interpolation_of
 from tieta.data.transforms import Normalize
-from tieta.data.vtab import ImageDataset, Task, fingerprint, open_task
+from tieta.data.vtab import ImageDataset, Task, open_task
 from tieta.device import resolve_device
 from tieta.errors import TietaError
 from tieta.measure.flops import count_flops
