@@ -219,6 +219,25 @@ def quick_throughput(monkeypatch):
                         lambda *args, **kwargs: real(*args, **{**kwargs, "min_seconds": 0.0, "max_steps": 3}))
 
 
+def train_side_by_side(task: Path, folder: Path, common: list[str], flags_by_method: dict[str, list[str]]
+                       ) -> dict[str, Path]:
+    """One finished ``tieta train`` run per method on ``task``, side by side in ``folder`` (a sweep's
+    layout: the method's name, "+" as "-"), their throughput timed over 2 batches (a path is checked,
+    not the speed)."""
+    from tieta.cli import main
+    from tieta.train import fit as fit_module
+
+    real = fit_module.measure_throughput
+    runs = {method: folder / method.replace("+", "-") for method in flags_by_method}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fit_module, "measure_throughput",
+                      lambda *args, **kwargs: real(*args, **{**kwargs, "min_seconds": 0.0, "max_steps": 2}))
+        for method, flags in flags_by_method.items():
+            assert main(["train", *common, "--method", method, *flags, "--data", str(task),
+                         "--output", str(runs[method])]) == 0
+    return runs
+
+
 def pytest_collection_modifyitems(config, items):
     """Leave out the (method, ViT variant) pairs that a test module does not run, as its
     ``runs_on(method, variant)`` says, instead of collecting each to report it skipped."""

@@ -15,7 +15,7 @@ from PIL import Image
 import tieta
 from tieta.cli import main
 from tieta.dense.model import SegmentationModel
-from tests.conftest import VTAB_MINI, fail_in_epoch, refused
+from tests.conftest import VTAB_MINI, fail_in_epoch, refused, train_side_by_side
 
 SOURCE = VTAB_MINI / "dtd10"
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -41,18 +41,7 @@ def seg_task(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def runs(seg_task, tmp_path_factory) -> dict[str, Path]:
     """One finished run per method family, side by side in one folder (a sweep's layout)."""
-    from tieta.train import fit as fit_module
-
-    folder = tmp_path_factory.mktemp("sweep")
-    real = fit_module.measure_throughput
-    with pytest.MonkeyPatch.context() as patch:  # a path is checked here, not the speed
-        patch.setattr(fit_module, "measure_throughput",
-                      lambda *args, **kwargs: real(*args, **{**kwargs, "min_seconds": 0.0, "max_steps": 2}))
-        for method, flags in METHODS.items():
-            run = folder / method.replace("+", "-")
-            assert main(["train", *TINY, "--method", method, *flags, "--data", str(seg_task),
-                         "--output", str(run)]) == 0
-    return {method: folder / method.replace("+", "-") for method in METHODS}
+    return train_side_by_side(seg_task, tmp_path_factory.mktemp("sweep"), TINY, METHODS)
 
 
 @pytest.mark.parametrize("method", list(METHODS))

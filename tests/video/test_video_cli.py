@@ -12,7 +12,7 @@ from PIL import Image
 import tieta
 from tieta.cli import main
 from tieta.video.model import VideoModel
-from tests.conftest import fail_in_epoch, refused
+from tests.conftest import fail_in_epoch, refused, train_side_by_side
 from tests.video.clipdata import SOURCE
 
 pytest.importorskip("av")
@@ -39,18 +39,7 @@ def clip_task(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def runs(clip_task, tmp_path_factory) -> dict[str, Path]:
     """One finished run per method family, side by side in one folder (a sweep's layout)."""
-    from tieta.train import fit as fit_module
-
-    folder = tmp_path_factory.mktemp("sweep")
-    real = fit_module.measure_throughput
-    with pytest.MonkeyPatch.context() as patch:  # a path is checked here, not the speed
-        patch.setattr(fit_module, "measure_throughput",
-                      lambda *args, **kwargs: real(*args, **{**kwargs, "min_seconds": 0.0, "max_steps": 2}))
-        for method, flags in METHODS.items():
-            run = folder / method.replace("+", "-")
-            assert main(["train", *TINY, "--method", method, *flags, "--data", str(clip_task),
-                         "--output", str(run)]) == 0
-    return {method: folder / method.replace("+", "-") for method in METHODS}
+    return train_side_by_side(clip_task, tmp_path_factory.mktemp("sweep"), TINY, METHODS)
 
 
 @pytest.mark.parametrize("method", list(METHODS))
