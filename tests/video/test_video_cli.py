@@ -85,6 +85,9 @@ def test_a_sweep_of_video_runs_is_reported(runs, tmp_path, capsys):
                  "--batch-size", "2"]) == 0
     table = (tmp_path / "report" / "report.md").read_text()
     assert all(method in table for method in METHODS)
+    # a clip is the unit of cost and of speed: the columns, notes and reading say so
+    assert "| clips/s |" in table and "per clip / 1e9" in table and "evaluation clips" in table
+    assert "img/s" not in table and "per image" not in table
 
 
 def test_show_tokens_draws_a_video_run_s_rates_and_frames(runs, clip_task, tmp_path, capsys):
@@ -254,3 +257,12 @@ def test_bench_refuses_a_dyt_training_suite_and_too_many_frames(capsys):
     assert "the dyt suite times evaluation" in capsys.readouterr().err
     assert main(["bench", "--model", "test_vit", "--frames", "100000", "--rounds", "1"]) == 2
     assert "frames of a clip must be in 1 .. 256" in capsys.readouterr().err
+
+
+def test_the_frame_strip_shows_the_layers_that_skip_the_most():
+    from tieta.report.video_tokens import shown_layers
+    late = [0.99, 1, 1, 1, 1, 1, 1, 0.93, 0.05, 0.15, 0.0, 0.99]  # the paper's K400 shape: late layers skip
+    assert shown_layers(late) == [7, 8, 9, 10]
+    assert shown_layers([1.0] * 12) == [0, 4, 7, 11]  # nothing skipped: evenly spread
+    assert shown_layers([1.0, 0.5] + [1.0] * 10) == [0, 1, 4, 7]  # one skips: it, then the spread
+    assert shown_layers([0.5, 0.2]) == [0, 1]  # fewer layers than rows

@@ -2,7 +2,6 @@
 checks, and the (clip, label) items a run trains and is evaluated on."""
 
 import shutil
-from pathlib import Path
 
 import pytest
 import torch

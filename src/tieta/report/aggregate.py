@@ -68,6 +68,19 @@ def score_name(results: SweepResults) -> str:
     return "mIoU" if segmentation else "top-1"
 
 
+def input_unit(results: SweepResults) -> str:
+    """What one input of the runs is: "clip" where every run is a video run (its config's
+    ``data.kind``), else "image"; throughput and GMACs are per that unit."""
+    video = results.records and all(isinstance(record.config.get("data"), dict)
+                                    and record.config["data"].get("kind") == "video" for record in results.records)
+    return "clip" if video else "image"
+
+
+def rate_unit(unit: str) -> str:
+    """The throughput column's unit for inputs of ``unit``: "img/s" or "clips/s"."""
+    return "clips/s" if unit == "clip" else "img/s"
+
+
 def headline_name(results: SweepResults) -> str:
     """What the headline number is: "accuracy" (one task; "mIoU" for segmentation runs), "mean of
     group means" (tasks of several groups, or of one group and none: the papers' headline), else

@@ -30,9 +30,10 @@ def measured_of(row: RunRow, throughput: Optional[dict[str, Any]]) -> dict[str, 
     return found
 
 
-def _value_text(target: Target, measured: dict[str, float]) -> str:
+def _value_text(target: Target, measured: dict[str, float], throughput: Optional[dict[str, Any]] = None) -> str:
     value = measured[target.key]
-    return {"speedup": f"{value:.2f}x", "latency": f"{value:.3g} ms", "throughput": f"{value:.1f} img/s",
+    per_s = "clips/s" if (throughput or {}).get("unit") == "clip" else "img/s"
+    return {"speedup": f"{value:.2f}x", "latency": f"{value:.3g} ms", "throughput": f"{value:.1f} {per_s}",
             "gmacs": f"{value:.3f} GMACs"}[target.kind]
 
 
@@ -56,11 +57,11 @@ def budget_reading(rows: list[RunRow], throughput: Optional[dict[str, Any]], tar
     if not meeting:
         nearest = (max if target.higher_meets else min)(known, key=lambda row: measured[row.run][target.key])
         return (f"Budget {target.text()}{where}: no run meets it; the nearest is {run_label(nearest)}, at "
-                f"{_value_text(target, measured[nearest.run])}.")
+                f"{_value_text(target, measured[nearest.run], throughput)}.")
     best = max(meeting, key=lambda row: row.headline.mean)
     text = (f"Budget {target.text()}{where}: {len(meeting)} of {len(known)} runs meet it; the most accurate of "
             f"them is {run_label(best)}, at {headline} {best.headline.text()}% and "
-            f"{_value_text(target, measured[best.run])}.")
+            f"{_value_text(target, measured[best.run], throughput)}.")
     if target.kind == "speedup":
         timed = throughput["rows"][best.run]
         low, high = min(timed["speedup_spread"]), max(timed["speedup_spread"])
@@ -71,7 +72,7 @@ def budget_reading(rows: list[RunRow], throughput: Optional[dict[str, Any]], tar
     if over:
         top = max(over, key=lambda row: row.headline.mean)
         text += (f" More accurate but over the budget: {run_label(top)}, {top.headline.mean - best.headline.mean:.2f} "
-                 f"points higher at {_value_text(target, measured[top.run])}.")
+                 f"points higher at {_value_text(target, measured[top.run], throughput)}.")
     return text
 
 

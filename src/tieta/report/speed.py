@@ -71,11 +71,11 @@ def rank(rows: Mapping[str, Mapping[str, Any]], rounds: int) -> Optional[Ranking
 
 
 def fastest_text(rows: Mapping[str, Mapping[str, Any]], rounds: int, baseline: str,
-                 label: Callable[[str], str] = str) -> Optional[tuple[Optional[str], str]]:
+                 label: Callable[[str], str] = str, per_s: str = "img/s") -> Optional[tuple[Optional[str], str]]:
     """(the fastest row, or None where it is not resolved; what to say of it), e.g.
     ("pyra low", "pyra low (512.3 img/s, 1.84x timm; per-round speedups 1.79-1.90x, clear of every
     other row's)"); None where fewer than two rows were timed. ``label`` names a row as the reading
-    does."""
+    does; ``per_s``: the throughput's unit ("clips/s" for video runs)."""
     ranking = rank(rows, rounds)
     if ranking is None:
         return None
@@ -84,12 +84,12 @@ def fastest_text(rows: Mapping[str, Mapping[str, Any]], rounds: int, baseline: s
                       f"{MIN_ROUNDS} are needed to tell speeds apart by their spread (--rounds)")
     top = rows[ranking.fastest]
     if not ranking.unresolved:
-        return ranking.fastest, (f"{label(ranking.fastest)} ({top['images_per_s']:.1f} img/s, {top['speedup']:.2f}x "
+        return ranking.fastest, (f"{label(ranking.fastest)} ({top['images_per_s']:.1f} {per_s}, {top['speedup']:.2f}x "
                                  f"{label(baseline)}; per-round speedups {spread_text(top)}, clear of every "
                                  "other's)")
     contenders = [ranking.fastest] + ranking.unresolved
     names = ", ".join(label(name) for name in contenders[:-1]) + f" and {label(contenders[-1])}"
-    shown = "; ".join(f"{label(name)} {rows[name]['images_per_s']:.1f} img/s, per round {spread_text(rows[name])}"
+    shown = "; ".join(f"{label(name)} {rows[name]['images_per_s']:.1f} {per_s}, per round {spread_text(rows[name])}"
                       for name in contenders)
     return None, f"not resolved between {names}: their per-round speedups overlap ({shown})"
 

@@ -25,8 +25,9 @@ from tieta.errors import TietaError
 from tieta.files import MANIFEST, check_owned, read_json, read_regular, write_owned, written_by_tieta
 from tieta.measure.load import busy, busy_note, load_text
 from tieta.measure.target import Target
-from tieta.report.aggregate import (EXTRA_ACCURACIES, RunRow, Spread, headline_name, means_of, pareto_front,
-                                    present_groups, run_label, run_rows, score_name, tradeoff_points)
+from tieta.report.aggregate import (EXTRA_ACCURACIES, RunRow, Spread, headline_name, input_unit, means_of,
+                                    pareto_front, present_groups, rate_unit, run_label, run_rows, score_name,
+                                    tradeoff_points)
 from tieta.report.budget import budget_reading, budget_x
 from tieta.report.collect import SweepResults, collect, majority_share
 from tieta.report.figure import pyplot
@@ -97,7 +98,8 @@ def reading(rows: list[RunRow], throughput: Optional[dict[str, Any]], headline: 
     speed = {run: values for run, values in timed.items() if run in by_run}
     most = "Most accurate" if score == "accuracy" else f"Highest {score}"
     text = f"{most}: {name(best.run)} ({headline} {best.headline.text()}%)."
-    found = fastest_text(speed, int((throughput or {}).get("rounds", 0)), next(iter(timed), ""), name) \
+    per_s = rate_unit((throughput or {}).get("unit", "image"))
+    found = fastest_text(speed, int((throughput or {}).get("rounds", 0)), next(iter(timed), ""), name, per_s) \
         if speed else None
     if found is not None:
         fastest, said = found
@@ -157,7 +159,8 @@ def _summary_table(rows: list[RunRow], best_rows: dict[str, RunRow], groups: lis
     extra = extra_accuracy_keys(rows)
     header = ["run", "method", f"{headline} (final)", f"{headline} (best)"] + [f"{g} (final)" for g in groups] + \
         (["mean over tasks (final)"] if task_mean else []) + [EXTRA_HEADERS[key] for key in extra] + \
-        ["trainable %", "GMACs", PYRA_UNIT] + (["img/s", "speedup", "speedup per round"] if speed else [])
+        ["trainable %", "GMACs", PYRA_UNIT] + ([rate_unit(throughput.get("unit", "image")), "speedup",
+                                                "speedup per round"] if speed else [])
     lines = []
     for row in rows:
         best, timed = best_rows.get(row.run), speed.get(row.run, {})
@@ -297,6 +300,9 @@ def write_report(folder: str | Path, output: Optional[str | Path] = None, bench:
     best_rows = {row.run: row for row in run_rows(results, "best_acc")}
     throughput = sweep_throughput(results, folder, [row.run for row in rows], device, batch_size, rounds,
                                   rebench, log) if bench else None
+    unit = input_unit(results)
+    if throughput:
+        throughput["unit"] = unit  # per clip for video runs: the table, reading and plots say so
     majority = _majority_row(results, _majority(results))
     groups, headline = present_groups(results), headline_name(results)
     shown = rows + ([majority] if majority else [])
@@ -330,15 +336,15 @@ def write_report(folder: str | Path, output: Optional[str | Path] = None, bench:
         extra_note += (" mAcc (the mean over classes of each class's pixel accuracy) and aAcc (the share of test "
                        "pixels labelled right): final, the mean over every task and seed.")
     lines += [about[0], "", about[1] + ". Final: after the last epoch; best: the best evaluated epoch (what the "
-              "papers report). GMACs: multiply-accumulates per image / 1e9." + extra_note, ""]
+              f"papers report). GMACs: multiply-accumulates per {unit} / 1e9." + extra_note, ""]
     lines += [_summary_table(shown, best_rows, shown_groups, headline, throughput, task_mean), ""]
     if throughput:
         first = next(iter(throughput["rows"]), rows[0].run)
         lines += [f"Throughput: the trained models of task {throughput['task']} timed side by side on "
                   f"{throughput['machine']} ({throughput['device']}), batch {throughput['batch_size']} of its "
-                  f"evaluation images, median of {throughput['rounds']} interleaved rounds; speedup is the median "
+                  f"evaluation {unit}s, median of {throughput['rounds']} interleaved rounds; speedup is the median "
                   f"per-round ratio to {first}, and 'speedup per round' the range of those ratios: runs whose "
-                  f"ranges overlap are not told apart by this timing. Ratios hold; absolute img/s hold for that "
+                  f"ranges overlap are not told apart by this timing. Ratios hold; absolute {rate_unit(unit)} hold for that "
                   f"device only. Machine: {load_text(throughput.get('load'))}"
                   + ("; **busy: more than its cores, so these speeds are unreliable**." if busy(throughput.get("load"))
                      else "."), ""]
@@ -435,7 +441,7 @@ def _figures(rows: list[RunRow], throughput: Optional[dict[str, Any]], results: 
     is drawn (``adopted``: the older tieta's files, see :func:`older_report_files`). An accuracy plot
     for each measured cost (throughput, GMACs), a group chart where there are several groups; a
     figure of tieta's that this report does not draw is removed (:func:`_remove_stale`)."""
-    tasks = results.tasks
+    tasks, unit = results.tasks, input_unit(results)
     score = "mIoU" if score_name(results) == "mIoU" else "top-1 accuracy"
     label = f"{score} on {tasks[0]} (%)" if len(tasks) == 1 else f"{headline}, {score_name(results)} (%)"
     baseline = majority.headline.mean if majority and majority.headline else None
@@ -445,13 +451,13 @@ def _figures(rows: list[RunRow], throughput: Optional[dict[str, Any]], results: 
     drawings = []
     if throughput:
         speed = {run: values["images_per_s"] for run, values in throughput["rows"].items()}
-        x_label = f"images/s on {throughput['machine']}, batch {throughput['batch_size']}"
+        x_label = f"{'clips' if unit == 'clip' else 'images'}/s on {throughput['machine']}, batch {throughput['batch_size']}"
         drawings.append((FIGURES[0], lambda path, adopt: save_tradeoff(rows, speed, path, x_label, label, True,
                                                                        caption, baseline, adopt,
                                                                        marks.get("throughput"))))
     gmacs = {row.run: row.facts["gmacs"] for row in rows if "gmacs" in row.facts}
     if gmacs:
-        drawings.append((FIGURES[1], lambda path, adopt: save_tradeoff(rows, gmacs, path, "GMACs per image (MACs/1e9)",
+        drawings.append((FIGURES[1], lambda path, adopt: save_tradeoff(rows, gmacs, path, f"GMACs per {unit} (MACs/1e9)",
                                                                        label, False, caption, baseline, adopt,
                                                                        marks.get("gmacs"))))
     if len(groups) > 1:

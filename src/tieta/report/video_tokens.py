@@ -16,7 +16,17 @@ from tieta.train.video_run import open_run_task
 from tieta.video.dataset import VideoDataset
 from tieta.video.model import frame_backbone, frame_token_masks
 
-LAYERS_SHOWN = 4  # rows of decisions in the strip, evenly spread from the first to the last
+LAYERS_SHOWN = 4  # rows of decisions in the strip
+
+
+def shown_layers(rates: list[float], count: int = LAYERS_SHOWN) -> list[int]:
+    """The strip's rows, in layer order: the ``count`` decisions that skip the most of the clip's
+    tokens (where DyT's picture has something to show: the paper's video figure is about what is
+    skipped), the earlier first among equals; where fewer than ``count`` skip any, evenly spread
+    ones from the first to the last fill the rest."""
+    skipping = sorted((i for i, rate in enumerate(rates) if rate < 1.0), key=lambda i: (rates[i], i))
+    spread = [round(i * (len(rates) - 1) / max(count - 1, 1)) for i in range(count)]
+    return sorted(list(dict.fromkeys(skipping[:count] + spread))[:count])
 
 
 def first_clip(config, data: Optional[str], split: str) -> Path:
@@ -45,7 +55,7 @@ def show_video_tokens(model, config, method, clip: Path, normalization: dict, de
     grid = tuple(backbone.patch_embed.grid_size)
     over_grid = all(mask.shape[1] == grid[0] * grid[1] for mask in masks)
     if over_grid or pass_state_named(backbone, "token_state") is None:
-        layers = sorted({round(i * (len(masks) - 1) / (LAYERS_SHOWN - 1)) for i in range(LAYERS_SHOWN)})
+        layers = shown_layers(rates)
         shown = frames.round().clamp(0, 255).to(torch.uint8)
         save_active_frames(shown, masks, grid, tokens_png, layers, caption, *words)
         written.append(tokens_png)
