@@ -62,6 +62,22 @@ def test_lora_update_formula():
     torch.testing.assert_close(layer(x), expected)
 
 
+
+@pytest.mark.parametrize("targets,alpha", [("qkv", None), ("qv", 4)])
+def test_output_rows_are_those_rows_of_the_whole_output(targets, alpha):
+    """What MCTF asks of a fused qkv: q and k alone, or v alone, as the whole layer gives them."""
+    torch.manual_seed(0)
+    model = make_vit("plain")
+    tieta.add_lora(model, rank=2, targets=targets, alpha=alpha, dropout=0.0)
+    layer = model.blocks[0].attn.qkv
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(2, 5, layer.in_features)
+    third = layer.out_features // 3
+    for start, stop in ((0, 2 * third), (2 * third, 3 * third), (third, third + 1)):
+        torch.testing.assert_close(layer.output_rows(x, start, stop), layer(x)[..., start:stop])
+
+
 def test_noah_parameter_count_on_vit_b_shape():
     """Rank 8 on the fused qkv of ViT-B: 0.29M LoRA parameters (PYRA/NOAH budget)."""
     model = tieta.load_backbone("vit_base_patch16_224", weights="random", num_classes=10)

@@ -165,6 +165,21 @@ def test_lora_before_or_after_gives_the_same_model():
     torch.testing.assert_close(merged, second(images), rtol=1e-4, atol=1e-5)
 
 
+
+def test_with_lora_it_projects_only_the_rows_it_uses():
+    """LoRA's qkv gives MCTF q and k, then v, each alone as a plain layer does: MCTF + LoRA costs
+    MCTF's FLOPs plus LoRA's own small update, not a second qkv projection in every fusing block."""
+    plain, images = _vit(), _images(1)
+
+    def gmacs(model):
+        return tieta.count_flops(model, images)["gmacs"]
+
+    mctf = gmacs(tieta.add_mctf(copy.deepcopy(plain), r=8))
+    lora_update = gmacs(tieta.add_lora(copy.deepcopy(plain), rank=2)) - gmacs(plain)
+    both = gmacs(tieta.add_mctf(tieta.add_lora(copy.deepcopy(plain), rank=2), r=8))
+    assert mctf < both < mctf + 2 * lora_update  # the down projection runs for q, k and for v
+
+
 def test_deepcopy_and_state_dict_round_trip():
     model = tieta.add_mctf(_vit(), r=8)
     images = _images()

@@ -68,6 +68,17 @@ class LoRALinear(nn.Linear):
         down = F.linear(self.lora_dropout(x), self.lora_A)
         return F.linear(x, self.weight, self.bias) + F.linear(down, self.lora_up_matrix()) * self.lora_scale
 
+    def output_rows(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Output features ``start:stop`` of :meth:`forward` alone, their rows of the weight and of the
+        update (a caller that needs only q and k, or only v, of a fused qkv skips the rest).
+
+        Args: x: (..., in_features). Returns: (..., stop - start).
+        """
+        down = F.linear(self.lora_dropout(x), self.lora_A)
+        bias = None if self.bias is None else self.bias[start:stop]
+        return (F.linear(x, self.weight[start:stop], bias)
+                + F.linear(down, self.lora_up_matrix()[start:stop]) * self.lora_scale)
+
     def extra_repr(self) -> str:
         num_targets, _, rank = self.lora_B.shape
         return f"{super().extra_repr()}, lora_rank={rank}, lora_targets={num_targets}, lora_scale={self.lora_scale:g}"

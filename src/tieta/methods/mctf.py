@@ -50,12 +50,15 @@ class AheadState(PassState):
 
 
 def _linear_rows(layer: nn.Module, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-    """Output features ``start:stop`` of a linear layer: only those rows of a plain ``nn.Linear``
-    are computed (the reference computes q and k, then v, each on its own tokens); any other layer
-    (LoRA's) runs whole and is sliced."""
+    """Output features ``start:stop`` of a linear layer: only those rows are computed (the reference
+    computes q and k, then v, each on its own tokens) of a plain ``nn.Linear`` and of a layer that
+    offers ``output_rows`` (LoRA's: run whole, it would cost MCTF a second qkv projection per
+    fusing block); any other layer runs whole and is sliced."""
     if type(layer) is nn.Linear:
         bias = None if layer.bias is None else layer.bias[start:stop]
         return F.linear(x, layer.weight[start:stop], bias)
+    if hasattr(layer, "output_rows"):
+        return layer.output_rows(x, start, stop)
     return layer(x)[..., start:stop]
 
 
