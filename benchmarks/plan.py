@@ -6,7 +6,8 @@ Each (dtype, batch, target) is one ``tieta.plan`` run: every method's knob bisec
 taken beside the unmodified model in interleaved rounds (batch 32: 5 rounds; batch 1: 15 shorter
 ones, for a steady median), the table and its reading printed as each is done. The last section
 sets the two batch sizes' settings side by side. The plan for speedup 2 at batch 32 is also written
-as a sweep file (``OUTPUT_speedup2_b32.yaml``) for the vtab-mini training of the README's example:
+as a sweep file (``OUTPUT_speedup2_b32.yaml``; it trains from timm's published weights, so where
+the hub is reachable; the README's worked example plans the built-in backbone instead):
 
     python benchmarks/plan.py --output benchmarks/results/plan_cpu            # about an hour on 2 cores
     python benchmarks/plan.py --device cuda --dtypes fp32 bf16 --output benchmarks/results/plan_gpu
