@@ -146,6 +146,21 @@ def test_images_of_one_name_get_their_own_masks(runs, seg_task, tmp_path, capsys
     assert sorted(path.name for path in (tmp_path / "masks").glob("*.png")) == [
         "val_0006-2_mask.png", "val_0006-2_overlay.png", "val_0006_mask.png", "val_0006_overlay.png"]
 
+    # an image already named like a numbered one keeps its name; the repeat takes the next free number
+    from tieta.deploy.predict_masks import output_names
+    named = output_names([Path("a/x.png"), Path("b/x.png"), Path("a/x-2.png")], tmp_path)
+    assert [mask.name for mask, _ in named] == ["x_mask.png", "x-3_mask.png", "x-2_mask.png"]
+
+
+def test_an_output_folder_inside_the_input_folder_is_not_segmented_again(runs, seg_task, tmp_path, capsys):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    shutil.copy(seg_task / "images" / "validation" / "val_0006.jpg", photos / "val_0006.jpg")
+    for _ in range(2):
+        assert main(["predict", str(runs["evit+lora"]), str(photos), "--output", str(photos / "masks")]) == 0
+    assert sorted(path.name for path in (photos / "masks").iterdir() if path.suffix == ".png") == [
+        "val_0006_mask.png", "val_0006_overlay.png"]
+
 
 def test_a_segmentation_run_trains_in_one_process(seg_task, tmp_path, capsys, monkeypatch):
     from tieta.train import fit as fit_module

@@ -1,6 +1,8 @@
 """tieta plan: the budget's forms, the knob search on counted FLOPs and on timings (a deterministic
 rate function, then one real smoke run), a target out of reach, and the sweep file it writes."""
 
+import copy
+
 import pytest
 import torch
 import yaml
@@ -104,6 +106,18 @@ def test_a_gmacs_target_is_met_exactly_at_the_knob_s_resolution(vit):
     assert fewer > target
     assert evit["speedup"] == pytest.approx(base / evit["gmacs"], rel=1e-6)  # timed once, beside the model
 
+
+
+def test_the_user_s_model_is_left_as_it_was(vit):
+    """Planned on a copy: the model keeps its training mode, its tensors and its modules."""
+    mine = copy.deepcopy(vit).train()
+    before = {name: tensor.clone() for name, tensor in mine.state_dict().items()}
+    modules = [type(module) for module in mine.modules()]
+    plan(mine, "gmacs=0.001", ["evit"], batch_size=2, rates=by_cost())
+    assert all(module.training for module in mine.modules())
+    assert [type(module) for module in mine.modules()] == modules
+    assert mine.state_dict().keys() == before.keys()
+    assert all(torch.equal(before[name], tensor) for name, tensor in mine.state_dict().items())
 
 def test_a_speed_target_is_met_by_the_dearest_setting_whose_median_meets_it(vit):
     rows = {row["method"]: row for row in plan(vit, "speedup=1.4", ["evit", "tome"], batch_size=2,

@@ -23,14 +23,15 @@ RUNS = {
 }
 
 
-def _sweep(folder):
+def _sweep(folder, kind="image"):
     plan = plan_from_dict({"tasks": [{"name": "task", "path": str(folder / "data")}],
                            "runs": {run: {"method": run.split("-")[0]} for run in RUNS}}, "test")
     write_plan(plan, folder)
     for run, (acc, gmacs, _, _) in RUNS.items():
         run_folder = folder / "task" / run / "seed0"
         run_folder.mkdir(parents=True)
-        (run_folder / "config.yaml").write_text(yaml.safe_dump({"seed": 0, "method": run.split("-")[0]}))
+        (run_folder / "config.yaml").write_text(yaml.safe_dump({"seed": 0, "method": run.split("-")[0],
+                                                                "data": {"kind": kind}}))
         (run_folder / "summary.json").write_text(json.dumps({"acc": acc, "best_acc": acc, "gmacs": gmacs,
                                                              "method": run.split("-")[0]}))
     return folder
@@ -45,15 +46,20 @@ def _timed(*args, **kwargs):
 
 @pytest.fixture
 def timed_report(tmp_path, monkeypatch):
-    """write_report with the hand-made timing above, and the budget each plot was drawn with."""
+    """write_report with the hand-made timing above, and the budget each plot was drawn with
+    (``timed_batch``: the task had fewer evaluation items than the asked batch of 32; ``kind``:
+    the runs' data kind)."""
     drawn = {}
-    monkeypatch.setattr(sweep_report, "sweep_throughput", _timed)
     monkeypatch.setattr(sweep_report, "save_tradeoff", lambda rows, x_values, path, *args, **kwargs:
                         drawn.setdefault(path.name, args[-1] if len(args) == 7 else kwargs.get("budget")))
-    folder = _sweep(tmp_path / "sweep")
 
-    def report(budget):
+    def report(budget, timed_batch=None, kind="image"):
         drawn.clear()
+        timing = _timed() if timed_batch is None else {**_timed(), "timed_batch": timed_batch}
+        monkeypatch.setattr(sweep_report, "sweep_throughput", lambda *args, **kwargs: timing)
+        folder = tmp_path / f"sweep-{kind}"
+        if not folder.exists():
+            _sweep(folder, kind)
         written = sweep_report.write_report(folder, log=lambda text: None, budget=parse_target(budget))
         return written["reading"].split("\n\n")[-1], dict(drawn)
 
@@ -79,6 +85,20 @@ def test_latency_throughput_and_gmacs_budgets(timed_report):
     text, drawn = timed_report("gmacs=2.0")
     assert text.startswith("Budget 2 GMACs: 2 of 5 runs meet it; the most accurate of them is tome-schedule0.45")
     assert drawn["accuracy_vs_gmacs.png"] == (2.0, "budget gmacs=2")
+
+
+def test_a_latency_is_a_pass_of_the_batch_that_was_timed(timed_report):
+    # a task of 8 evaluation images is timed at batch 8, whatever --batch-size asked: 40 ms is 200 img/s
+    text, drawn = timed_report("latency=40ms", timed_batch=8)
+    assert "(cpu, batch 8)" in text and "2 of 5 runs meet it" in text
+    assert drawn["accuracy_vs_throughput.png"][0] == pytest.approx(8 * 1000 / 40)
+
+
+def test_a_video_sweep_s_budget_is_in_clips(timed_report):
+    text, _ = timed_report("throughput=150", kind="video")
+    assert text.startswith("Budget a throughput of 150 clips/s") and "at accuracy 79.00% and 160.0 clips/s." in text
+    text, _ = timed_report("gmacs=2.0", kind="video")
+    assert text.startswith("Budget 2 GMACs per clip:")
 
 
 def test_a_budget_no_run_meets_names_the_nearest(timed_report):

@@ -105,16 +105,25 @@ def overlay_png(image: np.ndarray, labels: np.ndarray, colours: np.ndarray) -> b
     return buffer.getvalue()
 
 
+def _earlier_output(path: Path, output: Path) -> bool:
+    """Whether ``path`` is one of the masks and overlays in ``output`` (an output folder inside an
+    input folder holds the last run's)."""
+    return path.name.endswith((MASK_SUFFIX, OVERLAY_SUFFIX)) and path.parent.resolve() == output.resolve()
+
+
 def output_names(files: list[Path], output: Path) -> list[tuple[Path, Path]]:
     """(mask, overlay) paths in ``output`` for each image, named by the image's name without its
-    suffix; a name that repeats (images of one name in several folders) gets -2, -3..."""
-    taken: dict[str, int] = {}
+    suffix; a name that repeats (images of one name in several folders) gets -2, -3..., the first
+    number no other image's name has taken (``x.png`` twice beside ``x-2.png``: x, x-3, x-2)."""
+    stems = {path.stem for path in files}  # an image's own name is its own, before any numbered one
+    used: set[str] = set()
     names = []
     for path in files:
-        stem = path.stem
-        taken[stem] = taken.get(stem, 0) + 1
-        if taken[stem] > 1:
-            stem = f"{stem}-{taken[stem]}"
+        stem, number = path.stem, 1
+        while stem in used or (number > 1 and stem in stems):
+            number += 1
+            stem = f"{path.stem}-{number}"
+        used.add(stem)
         names.append((output / f"{stem}{MASK_SUFFIX}", output / f"{stem}{OVERLAY_SUFFIX}"))
     return names
 
@@ -139,7 +148,12 @@ def predict_masks(predictor, paths: list[str | Path], output: Path, overwrite: b
     if output.exists() and not output.is_dir():
         raise TietaError(f"{output} is a file; a segmentation model writes a mask and an overlay per image into a "
                          "folder: give --output DIR")
-    files = files_named(paths, skip, IMAGE_SUFFIXES)
+    files = []
+    for path in files_named(paths, skip, IMAGE_SUFFIXES):
+        if _earlier_output(path, output):  # segmenting it again would write x_mask_mask.png
+            skip(path, "a mask or overlay that predict wrote into --output before")
+        else:
+            files.append(path)
     if not files:
         raise TietaError("no image files to segment" + (f" ({len(result.skipped)} paths skipped)"
                                                         if result.skipped else ""))

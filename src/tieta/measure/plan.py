@@ -269,6 +269,8 @@ def plan(model: Union[str, nn.Module], target: Union[str, Target], methods: Opti
     if isinstance(model, str):
         torch.manual_seed(0)
         model = load_backbone(model, weights="random", img_size=img_size)
+    else:  # the user's model stays as it was (its device, its training mode); methods attach on the CPU
+        model = copy.deepcopy(model).cpu()
     search = _Search(model, target, batch_size, device, rates or model_rates_for(model, batch_size, device, dtype,
                                                                                  rounds), say)
     rows = [_method_row(search, name, index + 1, len(names), steps) for index, name in enumerate(names)]

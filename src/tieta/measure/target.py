@@ -71,16 +71,18 @@ class Target:
             return False
         return found >= self.value if self.higher_meets else found <= self.value
 
-    def text(self) -> str:
-        """The budget in words, e.g. "a speedup of 2x", "a latency of 5 ms"."""
+    def text(self, unit: str = "image") -> str:
+        """The budget in words, e.g. "a speedup of 2x", "a latency of 5 ms"; ``unit``: what one input
+        is ("image", or "clip" for video runs: "a throughput of 20 clips/s")."""
+        per_s = "clips/s" if unit == "clip" else "img/s"
         return {"speedup": f"a speedup of {self.value:g}x", "latency": f"a latency of {self.value:g} ms",
-                "throughput": f"a throughput of {self.value:g} img/s",
-                "gmacs": f"{self.value:g} GMACs"}[self.kind]
+                "throughput": f"a throughput of {self.value:g} {per_s}",
+                "gmacs": f"{self.value:g} GMACs" + (" per clip" if unit == "clip" else "")}[self.kind]
 
     def flag(self) -> str:
         """The budget as it is written on the command line, e.g. "speedup=2"."""
         unit = {"latency": "ms"}.get(self.kind, "")
-        return f"{self.kind}={self.value:g}{unit}"
+        return f"{self.kind}={self.value:.12g}{unit}"
 
 
 def parse_target(text: str) -> Target:

@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 from tieta.measure.target import Target
 from tieta.report.aggregate import RunRow, run_label
+from tieta.report.speed import timed_batch
 
 
 def measured_of(row: RunRow, throughput: Optional[dict[str, Any]]) -> dict[str, float]:
@@ -26,20 +27,22 @@ def measured_of(row: RunRow, throughput: Optional[dict[str, Any]]) -> dict[str, 
     if timed:
         found["speedup"] = timed["speedup"]
         found["images_per_s"] = timed["images_per_s"]
-        found["latency_ms"] = 1000.0 * throughput["batch_size"] / timed["images_per_s"]
+        found["latency_ms"] = 1000.0 * timed_batch(throughput) / timed["images_per_s"]
     return found
 
 
-def _value_text(target: Target, measured: dict[str, float], throughput: Optional[dict[str, Any]] = None) -> str:
+def _value_text(target: Target, measured: dict[str, float], unit: str = "image") -> str:
     value = measured[target.key]
-    per_s = "clips/s" if (throughput or {}).get("unit") == "clip" else "img/s"
+    per_s = "clips/s" if unit == "clip" else "img/s"
     return {"speedup": f"{value:.2f}x", "latency": f"{value:.3g} ms", "throughput": f"{value:.1f} {per_s}",
             "gmacs": f"{value:.3f} GMACs"}[target.kind]
 
 
-def budget_reading(rows: list[RunRow], throughput: Optional[dict[str, Any]], target: Target, headline: str) -> str:
+def budget_reading(rows: list[RunRow], throughput: Optional[dict[str, Any]], target: Target, headline: str,
+                   unit: str = "image") -> str:
     """One paragraph: the most accurate run that meets ``target`` (with how many do), or why none is
-    named: the budget needs a timing the report did not make, or no run meets it (the nearest named)."""
+    named: the budget needs a timing the report did not make, or no run meets it (the nearest named).
+    ``unit``: what one input of the runs is ("image", or "clip": clips/s, GMACs per clip)."""
     rated = [row for row in rows if row.headline is not None]
     if target.timed and not (throughput or {}).get("rows"):
         return (f"Budget {target.flag()}: not read, since throughput was not measured (the report was made with "
@@ -51,17 +54,17 @@ def budget_reading(rows: list[RunRow], throughput: Optional[dict[str, Any]], tar
     where = ""
     if target.timed:
         first = next(iter(throughput["rows"]))
-        where = (f" on {throughput['machine']} ({throughput['device']}, batch {throughput['batch_size']}"
+        where = (f" on {throughput['machine']} ({throughput['device']}, batch {timed_batch(throughput)}"
                  + (f", speedup to {first}" if target.kind == "speedup" else "") + ")")
     meeting = [row for row in known if target.met(measured[row.run])]
     if not meeting:
         nearest = (max if target.higher_meets else min)(known, key=lambda row: measured[row.run][target.key])
-        return (f"Budget {target.text()}{where}: no run meets it; the nearest is {run_label(nearest)}, at "
-                f"{_value_text(target, measured[nearest.run], throughput)}.")
+        return (f"Budget {target.text(unit)}{where}: no run meets it; the nearest is {run_label(nearest)}, at "
+                f"{_value_text(target, measured[nearest.run], unit)}.")
     best = max(meeting, key=lambda row: row.headline.mean)
-    text = (f"Budget {target.text()}{where}: {len(meeting)} of {len(known)} runs meet it; the most accurate of "
+    text = (f"Budget {target.text(unit)}{where}: {len(meeting)} of {len(known)} runs meet it; the most accurate of "
             f"them is {run_label(best)}, at {headline} {best.headline.text()}% and "
-            f"{_value_text(target, measured[best.run], throughput)}.")
+            f"{_value_text(target, measured[best.run], unit)}.")
     if target.kind == "speedup":
         timed = throughput["rows"][best.run]
         low, high = min(timed["speedup_spread"]), max(timed["speedup_spread"])
@@ -72,7 +75,7 @@ def budget_reading(rows: list[RunRow], throughput: Optional[dict[str, Any]], tar
     if over:
         top = max(over, key=lambda row: row.headline.mean)
         text += (f" More accurate but over the budget: {run_label(top)}, {top.headline.mean - best.headline.mean:.2f} "
-                 f"points higher at {_value_text(target, measured[top.run], throughput)}.")
+                 f"points higher at {_value_text(target, measured[top.run], unit)}.")
     return text
 
 
@@ -87,6 +90,6 @@ def budget_x(target: Target, throughput: Optional[dict[str, Any]]) -> Optional[t
     if target.kind == "throughput":
         return "throughput", target.value
     if target.kind == "latency":
-        return "throughput", 1000.0 * throughput["batch_size"] / target.value
+        return "throughput", 1000.0 * timed_batch(throughput) / target.value
     first = next(iter(rows.values()))
     return "throughput", target.value * first["images_per_s"]

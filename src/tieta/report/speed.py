@@ -132,3 +132,9 @@ def bench_reading(rows: list[dict[str, Any]], rounds: int, load: Optional[Mappin
     if note:
         lines.append(note)
     return lines
+
+
+def timed_batch(throughput: Mapping[str, Any]) -> int:
+    """The batch the runs were timed at: the asked ``batch_size``, or fewer where the task has fewer
+    evaluation images (a latency is a pass of this batch)."""
+    return int(throughput.get("timed_batch", throughput["batch_size"]))

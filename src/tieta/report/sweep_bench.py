@@ -189,6 +189,7 @@ def _measure(chosen: list[RunRecord], device: str, batch_size: int, rounds: int,
 
     rows = benchmark(models, device=device, rounds=rounds, images=images, progress=progress)
     log(f"throughput: timed in {time.perf_counter() - started:.0f} s")
-    return {"rows": {row["name"]: {"images_per_s": row["images_per_s"], "speedup": row["speedup"],
+    return {"timed_batch": len(images),
+            "rows": {row["name"]: {"images_per_s": row["images_per_s"], "speedup": row["speedup"],
                                    "round_speedups": list(row["round_speedups"]),
                                    "speedup_spread": list(row["speedup_spread"])} for row in rows}}

@@ -32,7 +32,7 @@ from tieta.report.budget import budget_reading, budget_x
 from tieta.report.collect import SweepResults, collect, majority_share
 from tieta.report.figure import pyplot
 from tieta.report.plots import save_group_bars, save_tradeoff
-from tieta.report.speed import fastest_text, spread
+from tieta.report.speed import fastest_text, spread, timed_batch
 from tieta.report.sweep_bench import sweep_throughput
 from tieta.report.tables import PYRA_UNIT
 from tieta.train.reading import sweep_notes
@@ -310,7 +310,7 @@ def write_report(folder: str | Path, output: Optional[str | Path] = None, bench:
     task_mean = headline == "mean of group means"  # otherwise the headline is the mean over tasks (or the task)
     text = reading(rows, throughput, headline, "mIoU" if score_name(results) == "mIoU" else "accuracy")
     if budget is not None:
-        text += "\n\n" + budget_reading(rows, throughput, budget, headline)
+        text += "\n\n" + budget_reading(rows, throughput, budget, headline, unit)
     text += "".join(f"\n\n{note}" for note in sweep_notes(results.records, _majority(results)))  # barely learned
     lines = [_title(folder, results.tasks), "", _setup_line(results) + ".", ""]
     if results.missing:
@@ -341,7 +341,7 @@ def write_report(folder: str | Path, output: Optional[str | Path] = None, bench:
     if throughput:
         first = next(iter(throughput["rows"]), rows[0].run)
         lines += [f"Throughput: the trained models of task {throughput['task']} timed side by side on "
-                  f"{throughput['machine']} ({throughput['device']}), batch {throughput['batch_size']} of its "
+                  f"{throughput['machine']} ({throughput['device']}), batch {timed_batch(throughput)} of its "
                   f"evaluation {unit}s, median of {throughput['rounds']} interleaved rounds; speedup is the median "
                   f"per-round ratio to {first}, and 'speedup per round' the range of those ratios: runs whose "
                   f"ranges overlap are not told apart by this timing. Ratios hold; absolute {rate_unit(unit)} hold for that "
@@ -451,7 +451,7 @@ def _figures(rows: list[RunRow], throughput: Optional[dict[str, Any]], results: 
     drawings = []
     if throughput:
         speed = {run: values["images_per_s"] for run, values in throughput["rows"].items()}
-        x_label = f"{'clips' if unit == 'clip' else 'images'}/s on {throughput['machine']}, batch {throughput['batch_size']}"
+        x_label = f"{'clips' if unit == 'clip' else 'images'}/s on {throughput['machine']}, batch {timed_batch(throughput)}"
         drawings.append((FIGURES[0], lambda path, adopt: save_tradeoff(rows, speed, path, x_label, label, True,
                                                                        caption, baseline, adopt,
                                                                        marks.get("throughput"))))
