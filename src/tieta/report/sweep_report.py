@@ -344,8 +344,8 @@ def write_report(folder: str | Path, output: Optional[str | Path] = None, bench:
                   f"{throughput['machine']} ({throughput['device']}), batch {timed_batch(throughput)} of its "
                   f"evaluation {unit}s, median of {throughput['rounds']} interleaved rounds; speedup is the median "
                   f"per-round ratio to {first}, and 'speedup per round' the range of those ratios: runs whose "
-                  f"ranges overlap are not told apart by this timing. Ratios hold; absolute {rate_unit(unit)} hold for that "
-                  f"device only. Machine: {load_text(throughput.get('load'))}"
+                  f"ranges overlap are not told apart by this timing. Ratios hold; absolute {rate_unit(unit)} hold "
+                  f"for that device only. Machine: {load_text(throughput.get('load'))}"
                   + ("; **busy: more than its cores, so these speeds are unreliable**." if busy(throughput.get("load"))
                      else "."), ""]
     else:
@@ -354,7 +354,8 @@ def write_report(folder: str | Path, output: Optional[str | Path] = None, bench:
     if len(results.tasks) > 1:  # one task's numbers are all in the summary
         lines += [f"## Per task: final {score_name(results)} (%)", "",
                   _task_table(shown, results.tasks, results.groups, best=False), ""]
-        lines += [f"## Per task: best {score_name(results)} (%)", "", _task_table(rows, results.tasks, results.groups, best=True), ""]
+        lines += [f"## Per task: best {score_name(results)} (%)", "",
+                  _task_table(rows, results.tasks, results.groups, best=True), ""]
     files = [output / REPORT_FILE, output / CSV_FILE]
     try:
         pyplot()
@@ -451,13 +452,15 @@ def _figures(rows: list[RunRow], throughput: Optional[dict[str, Any]], results: 
     drawings = []
     if throughput:
         speed = {run: values["images_per_s"] for run, values in throughput["rows"].items()}
-        x_label = f"{'clips' if unit == 'clip' else 'images'}/s on {throughput['machine']}, batch {timed_batch(throughput)}"
+        x_label = (f"{'clips' if unit == 'clip' else 'images'}/s on {throughput['machine']}, "
+                   f"batch {timed_batch(throughput)}")
         drawings.append((FIGURES[0], lambda path, adopt: save_tradeoff(rows, speed, path, x_label, label, True,
                                                                        caption, baseline, adopt,
                                                                        marks.get("throughput"))))
     gmacs = {row.run: row.facts["gmacs"] for row in rows if "gmacs" in row.facts}
     if gmacs:
-        drawings.append((FIGURES[1], lambda path, adopt: save_tradeoff(rows, gmacs, path, f"GMACs per {unit} (MACs/1e9)",
+        gmacs_label = f"GMACs per {unit} (MACs/1e9)"
+        drawings.append((FIGURES[1], lambda path, adopt: save_tradeoff(rows, gmacs, path, gmacs_label,
                                                                        label, False, caption, baseline, adopt,
                                                                        marks.get("gmacs"))))
     if len(groups) > 1:
