@@ -74,15 +74,20 @@ class Target:
     def text(self, unit: str = "image") -> str:
         """The budget in words, e.g. "a speedup of 2x", "a latency of 5 ms"; ``unit``: what one input
         is ("image", or "clip" for video runs: "a throughput of 20 clips/s")."""
-        per_s = "clips/s" if unit == "clip" else "img/s"
         return {"speedup": f"a speedup of {self.value:g}x", "latency": f"a latency of {self.value:g} ms",
-                "throughput": f"a throughput of {self.value:g} {per_s}",
+                "throughput": f"a throughput of {self.value:g} {rate_unit(unit)}",
                 "gmacs": f"{self.value:g} GMACs" + (" per clip" if unit == "clip" else "")}[self.kind]
 
     def flag(self) -> str:
         """The budget as it is written on the command line, e.g. "speedup=2"."""
         unit = {"latency": "ms"}.get(self.kind, "")
         return f"{self.kind}={self.value:.12g}{unit}"
+
+
+def rate_unit(unit: str = "image") -> str:
+    """Throughput's unit for inputs of ``unit`` ("image", or "clip" for video runs): "img/s" or
+    "clips/s"."""
+    return "clips/s" if unit == "clip" else "img/s"
 
 
 def parse_target(text: str) -> Target:

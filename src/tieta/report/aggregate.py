@@ -76,11 +76,6 @@ def input_unit(results: SweepResults) -> str:
     return "clip" if video else "image"
 
 
-def rate_unit(unit: str) -> str:
-    """The throughput column's unit for inputs of ``unit``: "img/s" or "clips/s"."""
-    return "clips/s" if unit == "clip" else "img/s"
-
-
 def headline_name(results: SweepResults) -> str:
     """What the headline number is: "accuracy" (one task; "mIoU" for segmentation runs), "mean of
     group means" (tasks of several groups, or of one group and none: the papers' headline), else

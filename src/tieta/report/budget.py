@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from tieta.measure.target import Target
+from tieta.measure.target import Target, rate_unit
 from tieta.report.aggregate import RunRow, run_label
 from tieta.report.speed import timed_batch
 
@@ -33,8 +33,7 @@ def measured_of(row: RunRow, throughput: Optional[dict[str, Any]]) -> dict[str, 
 
 def _value_text(target: Target, measured: dict[str, float], unit: str = "image") -> str:
     value = measured[target.key]
-    per_s = "clips/s" if unit == "clip" else "img/s"
-    return {"speedup": f"{value:.2f}x", "latency": f"{value:.3g} ms", "throughput": f"{value:.1f} {per_s}",
+    return {"speedup": f"{value:.2f}x", "latency": f"{value:.3g} ms", "throughput": f"{value:.1f} {rate_unit(unit)}",
             "gmacs": f"{value:.3f} GMACs"}[target.kind]
 
 

@@ -24,10 +24,9 @@ from typing import Any, Callable, Optional
 from tieta.errors import TietaError
 from tieta.files import MANIFEST, check_owned, read_json, read_regular, write_owned, written_by_tieta
 from tieta.measure.load import busy, busy_note, load_text
-from tieta.measure.target import Target
+from tieta.measure.target import Target, rate_unit
 from tieta.report.aggregate import (EXTRA_ACCURACIES, RunRow, Spread, headline_name, input_unit, means_of,
-                                    pareto_front, present_groups, rate_unit, run_label, run_rows, score_name,
-                                    tradeoff_points)
+                                    pareto_front, present_groups, run_label, run_rows, score_name, tradeoff_points)
 from tieta.report.budget import budget_reading, budget_x
 from tieta.report.collect import SweepResults, collect, majority_share
 from tieta.report.figure import pyplot
@@ -74,13 +73,15 @@ def _majority_row(results: SweepResults, shares: dict[str, float]) -> Optional[R
     return row
 
 
-def reading(rows: list[RunRow], throughput: Optional[dict[str, Any]], headline: str, score: str = "accuracy") -> str:
+def reading(rows: list[RunRow], throughput: Optional[dict[str, Any]], headline: str, score: str = "accuracy",
+            unit: str = "image") -> str:
     """A few sentences: the most accurate run; the fastest (the highest throughput, named only where
     the per-round speedups resolve it; without a measurement, the cheapest in GMACs) and the trade
     between the two; what the seed spread does not resolve; the Pareto front of each plot's axes;
     and a busy machine. Runs are named by their run names, as in the table, with the method beside
     a name the first time where the two differ (:func:`tieta.report.aggregate.run_label`). ``score``:
-    what the runs are ranked by ("accuracy", or a segmentation run's "mIoU")."""
+    what the runs are ranked by ("accuracy", or a segmentation run's "mIoU"); ``unit``: what one input
+    is ("image", or "clip": speeds in clips/s)."""
     rated = [row for row in rows if row.headline is not None]
     if not rated:
         return "No run has every task finished, so no run can be ranked yet."
@@ -98,8 +99,8 @@ def reading(rows: list[RunRow], throughput: Optional[dict[str, Any]], headline: 
     speed = {run: values for run, values in timed.items() if run in by_run}
     most = "Most accurate" if score == "accuracy" else f"Highest {score}"
     text = f"{most}: {name(best.run)} ({headline} {best.headline.text()}%)."
-    per_s = rate_unit((throughput or {}).get("unit", "image"))
-    found = fastest_text(speed, int((throughput or {}).get("rounds", 0)), next(iter(timed), ""), name, per_s) \
+    found = fastest_text(speed, int((throughput or {}).get("rounds", 0)), next(iter(timed), ""), name,
+                         rate_unit(unit)) \
         if speed else None
     if found is not None:
         fastest, said = found
@@ -151,7 +152,7 @@ def _plotted_axes(rows: list[RunRow], speed: dict[str, Any]) -> list[tuple[str, 
 
 
 def _summary_table(rows: list[RunRow], best_rows: dict[str, RunRow], groups: list[str], headline: str,
-                   throughput: Optional[dict[str, Any]], task_mean: bool = True) -> str:
+                   throughput: Optional[dict[str, Any]], task_mean: bool = True, unit: str = "image") -> str:
     """The summary: one row per run, each number in one column only (``groups``: the group columns
     to show, none where one group's mean is the headline; ``task_mean``: whether the mean over tasks
     differs from the headline by its definition); speed columns only where speed was measured."""
@@ -159,8 +160,7 @@ def _summary_table(rows: list[RunRow], best_rows: dict[str, RunRow], groups: lis
     extra = extra_accuracy_keys(rows)
     header = ["run", "method", f"{headline} (final)", f"{headline} (best)"] + [f"{g} (final)" for g in groups] + \
         (["mean over tasks (final)"] if task_mean else []) + [EXTRA_HEADERS[key] for key in extra] + \
-        ["trainable %", "GMACs", PYRA_UNIT] + ([rate_unit(throughput.get("unit", "image")), "speedup",
-                                                "speedup per round"] if speed else [])
+        ["trainable %", "GMACs", PYRA_UNIT] + ([rate_unit(unit), "speedup", "speedup per round"] if speed else [])
     lines = []
     for row in rows:
         best, timed = best_rows.get(row.run), speed.get(row.run, {})
@@ -300,15 +300,13 @@ def write_report(folder: str | Path, output: Optional[str | Path] = None, bench:
     best_rows = {row.run: row for row in run_rows(results, "best_acc")}
     throughput = sweep_throughput(results, folder, [row.run for row in rows], device, batch_size, rounds,
                                   rebench, log) if bench else None
-    unit = input_unit(results)
-    if throughput:
-        throughput["unit"] = unit  # per clip for video runs: the table, reading and plots say so
+    unit = input_unit(results)  # per clip for video runs: the table, reading and plots say so
     majority = _majority_row(results, _majority(results))
     groups, headline = present_groups(results), headline_name(results)
     shown = rows + ([majority] if majority else [])
     shown_groups = groups if len(groups) > 1 else []  # one group's mean is the headline itself
     task_mean = headline == "mean of group means"  # otherwise the headline is the mean over tasks (or the task)
-    text = reading(rows, throughput, headline, "mIoU" if score_name(results) == "mIoU" else "accuracy")
+    text = reading(rows, throughput, headline, "mIoU" if score_name(results) == "mIoU" else "accuracy", unit)
     if budget is not None:
         text += "\n\n" + budget_reading(rows, throughput, budget, headline, unit)
     text += "".join(f"\n\n{note}" for note in sweep_notes(results.records, _majority(results)))  # barely learned
@@ -337,7 +335,7 @@ def write_report(folder: str | Path, output: Optional[str | Path] = None, bench:
                        "pixels labelled right): final, the mean over every task and seed.")
     lines += [about[0], "", about[1] + ". Final: after the last epoch; best: the best evaluated epoch (what the "
               f"papers report). GMACs: multiply-accumulates per {unit} / 1e9." + extra_note, ""]
-    lines += [_summary_table(shown, best_rows, shown_groups, headline, throughput, task_mean), ""]
+    lines += [_summary_table(shown, best_rows, shown_groups, headline, throughput, task_mean, unit), ""]
     if throughput:
         first = next(iter(throughput["rows"]), rows[0].run)
         lines += [f"Throughput: the trained models of task {throughput['task']} timed side by side on "
@@ -363,7 +361,7 @@ def write_report(folder: str | Path, output: Optional[str | Path] = None, bench:
         log(f"no figures: {error}")
         figures = []
     else:
-        figures = _figures(rows, throughput, results, output, majority, headline, groups, adopted, budget)
+        figures = _figures(rows, throughput, results, output, majority, headline, groups, adopted, budget, unit)
     files += figures
     if figures:
         lines += ["## Figures", ""] + [f"![{path.stem}]({path.name})" for path in figures] + [""]
@@ -437,12 +435,13 @@ def _recorded(folder: Path) -> set[str]:
 
 def _figures(rows: list[RunRow], throughput: Optional[dict[str, Any]], results: SweepResults, output: Path,
              majority: Optional[RunRow], headline: str, groups: list[str], adopted: set[str],
-             budget: Optional[Target] = None) -> list[Path]:
-    """Draw the report's figures into ``output``: each is checked to be tieta's to replace before any
-    is drawn (``adopted``: the older tieta's files, see :func:`older_report_files`). An accuracy plot
+             budget: Optional[Target] = None, unit: str = "image") -> list[Path]:
+    """Draw the report's figures into ``output`` (``unit``: what one input is, for the axes' names):
+    each is checked to be tieta's to replace before any is drawn (``adopted``: the older tieta's
+    files, see :func:`older_report_files`). An accuracy plot
     for each measured cost (throughput, GMACs), a group chart where there are several groups; a
     figure of tieta's that this report does not draw is removed (:func:`_remove_stale`)."""
-    tasks, unit = results.tasks, input_unit(results)
+    tasks = results.tasks
     score = "mIoU" if score_name(results) == "mIoU" else "top-1 accuracy"
     label = f"{score} on {tasks[0]} (%)" if len(tasks) == 1 else f"{headline}, {score_name(results)} (%)"
     baseline = majority.headline.mean if majority and majority.headline else None
@@ -452,8 +451,7 @@ def _figures(rows: list[RunRow], throughput: Optional[dict[str, Any]], results: 
     drawings = []
     if throughput:
         speed = {run: values["images_per_s"] for run, values in throughput["rows"].items()}
-        x_label = (f"{'clips' if unit == 'clip' else 'images'}/s on {throughput['machine']}, "
-                   f"batch {timed_batch(throughput)}")
+        x_label = f"{unit}s/s on {throughput['machine']}, batch {timed_batch(throughput)}"
         drawings.append((FIGURES[0], lambda path, adopt: save_tradeoff(rows, speed, path, x_label, label, True,
                                                                        caption, baseline, adopt,
                                                                        marks.get("throughput"))))
